@@ -1,0 +1,79 @@
+"""Small tensor helpers shared by the modules: alias grouping and device/dtype buckets."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+T = TypeVar("T")
+
+
+def alias_key(t: torch.Tensor) -> tuple | None:
+    """What makes two tensors the same tensor: same memory, same view. None if unknowable."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, t.dtype, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def named_tensor_groups(source: nn.Module | Mapping[str, torch.Tensor]) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+    """Each distinct tensor once, in order of first appearance, with every name it has.
+
+    For a module these are its parameters, reached by ``named_parameters(remove_duplicate=False)``
+    so a shared (tied) parameter lists all of its names. For a state dict the keys are grouped
+    by the memory they view, because ``state_dict()`` returns a new detached tensor per key.
+    """
+    if isinstance(source, nn.Module):
+        by_id: dict[int, list[str]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        for name, p in source.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(name)
+            tensors[id(p)] = p
+        return [(tuple(names), tensors[i]) for i, names in by_id.items()]
+    groups: dict[object, list[str]] = {}
+    first: dict[object, torch.Tensor] = {}
+    for name, t in source.items():
+        key = alias_key(t) if isinstance(t, torch.Tensor) else None
+        key = key if key is not None else ("unique", name)
+        groups.setdefault(key, []).append(name)
+        first.setdefault(key, t)
+    return [(tuple(names), first[k]) for k, names in groups.items()]
+
+
+def buckets(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), the unit a fused foreach kernel takes."""
+    out: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        out[(t.device, t.dtype)].append(i)
+    return out
+
+
+def pick(items: Sequence[T], indices: Iterable[int]) -> list[T]:
+    return [items[i] for i in indices]
+
+
+def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
+    """torch's own rule (as in ``clip_grad_norm_``): fused by default where supported, always when asked."""
+    if foreach is None:
+        return _has_foreach_support(list(tensors), device)
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(f"foreach=True was passed, but {device.type} tensors have no foreach kernels")
+    return foreach
+
+
+def human_int(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

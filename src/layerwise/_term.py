@@ -1,0 +1,32 @@
+"""The one rendering path: rich consoles and progress bars."""
+
+from __future__ import annotations
+
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+# Tables of layer names are wide; a pipe or a file gets room instead of rich's 80 columns.
+_PIPE_WIDTH = 160
+
+
+def console(file: IO[str] | None = None, *, stderr: bool = False, quiet: bool = False) -> Console:
+    out = Console(file=file, stderr=stderr, quiet=quiet, highlight=False)
+    if not out.is_terminal:
+        out.width = max(out.width, _PIPE_WIDTH)
+    return out
+
+
+def progress(out: Console | None = None, *extra_columns) -> Progress:
+    """A progress bar: description, bar, count, extra columns (e.g. a loss), elapsed and remaining time."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *extra_columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=out or console(stderr=True),
+        transient=False,
+    )

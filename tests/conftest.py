@@ -1,0 +1,159 @@
+"""Tiny models shared by the tests, and a hypothesis strategy for random models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from torch import nn
+
+settings.register_profile("ci", deadline=None, max_examples=40)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+torch.set_num_threads(1)
+
+
+class Interleaved(nn.Module):
+    """The mission's interleaved model: lstm1 and linear train, lstm2 may be frozen in between."""
+
+    def __init__(self, hidden: int = 6):
+        super().__init__()
+        self.lstm1 = nn.LSTM(4, hidden, batch_first=True)
+        self.lstm2 = nn.LSTM(hidden, hidden, batch_first=True)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.linear = nn.Linear(hidden, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm1(x)
+        h, _ = self.lstm2(h)
+        return self.linear(self.norm(h[:, -1]))
+
+
+class TiedLM(nn.Module):
+    """A language-model shape: the decoder's weight is the embedding's."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.decoder = nn.Linear(dim, vocab)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.ln(torch.relu(self.body(self.embed(tokens)))))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm(x))
+        return x + self.mlp(x)
+
+
+class TinyViT(nn.Module):
+    """ViT-shaped toy: cls token and patch embedding, numbered blocks, final norm and head."""
+
+    def __init__(self, dim: int = 8, depth: int = 4, classes: int = 3):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.patch_embed = nn.Linear(12, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(patches)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x[:, 0]))
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                      nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU())
+        self.classifier = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+@pytest.fixture
+def interleaved() -> Interleaved:
+    torch.manual_seed(0)
+    return Interleaved()
+
+
+@pytest.fixture
+def tied_lm() -> TiedLM:
+    torch.manual_seed(0)
+    return TiedLM()
+
+
+@pytest.fixture
+def vit() -> TinyViT:
+    torch.manual_seed(0)
+    return TinyViT()
+
+
+@pytest.fixture
+def convbn() -> ConvBN:
+    torch.manual_seed(0)
+    return ConvBN()
+
+
+@pytest.fixture
+def siamese():
+    from layerwise.demo import SiameseLSTM
+
+    torch.manual_seed(0)
+    return SiameseLSTM(hidden=5)
+
+
+# --------------------------------------------------------------------------- random models
+
+_NAMES = st.sampled_from(["enc", "dec", "head", "blocks", "attn", "mlp", "proj", "x"])
+
+
+@st.composite
+def random_models(draw, max_depth: int = 3) -> nn.Module:
+    """A random tree of Linear / LayerNorm / Embedding leaves and ModuleList / ModuleDict nodes, some tied."""
+
+    def node(depth: int) -> nn.Module:
+        kind = draw(st.sampled_from(["linear", "norm", "embedding", "list", "dict"] if depth < max_depth else ["linear", "norm", "embedding"]))
+        dim = draw(st.sampled_from([2, 3]))
+        if kind == "linear":
+            return nn.Linear(dim, dim, bias=draw(st.booleans()))
+        if kind == "norm":
+            return nn.LayerNorm(dim)
+        if kind == "embedding":
+            return nn.Embedding(4, dim)
+        if kind == "list":
+            return nn.ModuleList(node(depth + 1) for _ in range(draw(st.integers(1, 3))))
+        names = draw(st.lists(_NAMES, min_size=1, max_size=3, unique=True))
+        return nn.ModuleDict({n: node(depth + 1) for n in names})
+
+    root = nn.ModuleDict({n: node(1) for n in draw(st.lists(_NAMES, min_size=1, max_size=3, unique=True))})
+    params = list(root.named_parameters())
+    if len(params) >= 2 and draw(st.booleans()):
+        # Tie a random parameter to an earlier one of the same shape.
+        target = draw(st.integers(1, len(params) - 1))
+        for source in range(target):
+            if params[source][1].shape == params[target][1].shape:
+                owner, _, leaf = params[target][0].rpartition(".")
+                setattr(root.get_submodule(owner), leaf, params[source][1])
+                break
+    return root

@@ -1,0 +1,49 @@
+import io
+
+import torch
+
+import layerwise as lw
+
+
+def test_rows_have_every_column_and_totals_count_shared_once(tied_lm):
+    out = io.StringIO()
+    rows = lw.show(tied_lm, file=out)
+    assert [r["name"] for r in rows] == ["embed.weight", "body.weight", "body.bias", "ln.weight", "ln.bias", "decoder.bias"]
+    embed = rows[0]
+    assert embed["shared_with"] == ["decoder.weight"]
+    assert embed["shape"] == (11, 6) and embed["numel"] == 66 and embed["dtype"] == "float32" and embed["trainable"]
+    distinct = sum(p.numel() for p in tied_lm.parameters())
+    assert rows.total == distinct == rows.trainable
+    text = out.getvalue()
+    assert "decoder.weight" in text and f"total {distinct:,}" in text
+
+
+def test_optimizer_columns_and_a_forgotten_parameter(interleaved):
+    interleaved.lstm2.requires_grad_(False)
+    opt = torch.optim.SGD([{"params": interleaved.lstm1.parameters(), "lr": 0.5},
+                           {"params": [interleaved.linear.weight], "lr": 0.1, "weight_decay": 0.01}], lr=1.0)
+    out = io.StringIO()
+    rows = {r["name"]: r for r in lw.show(interleaved, opt, file=out)}
+    assert rows["lstm1.weight_ih_l0"]["group"] == 0 and rows["lstm1.weight_ih_l0"]["lr"] == 0.5
+    assert rows["linear.weight"]["group"] == 1 and rows["linear.weight"]["weight_decay"] == 0.01
+    assert rows["lstm2.bias_hh_l0"]["group"] is None and not rows["lstm2.bias_hh_l0"]["trainable"]
+    # linear.bias trains but no optimizer holds it: the table says so.
+    assert rows["linear.bias"]["group"] is None
+    assert "not in optimizer" in out.getvalue()
+
+
+def test_inputs_count_calls_of_a_module_used_by_two_branches(siamese):
+    siamese.train()
+    running = siamese.norm.running_mean.clone()
+    a = b = torch.randn(3, 8, 8)
+    rows = {r["name"]: r for r in lw.show(siamese, None, inputs=(a, b), quiet=True)}
+    assert rows["lstm1.weight_ih_l0"]["calls"] == 2 and rows["norm.weight"]["calls"] == 2
+    assert rows["linear.weight"]["calls"] == 1
+    # Counting calls leaves the model as it was.
+    assert siamese.training and torch.equal(siamese.norm.running_mean, running)
+
+
+def test_selectors_restrict_rows_not_totals(interleaved):
+    rows = lw.show(interleaved, None, "linear", quiet=True)
+    assert [r["name"] for r in rows] == ["linear.weight", "linear.bias"]
+    assert rows.total == sum(p.numel() for p in interleaved.parameters())
