@@ -157,3 +157,35 @@ def random_models(draw, max_depth: int = 3) -> nn.Module:
                 setattr(root.get_submodule(owner), leaf, params[source][1])
                 break
     return root
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def _rank_entry(rank: int, world_size: int, store: str, out: str, fn, args) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        torch.save(fn(rank, world_size, *args), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def run_ranks(tmp_path):
+    """``run_ranks(fn, *args, world_size=2)`` runs ``fn(rank, world_size, *args)`` in that many processes
+    joined by a gloo process group on localhost, and returns each rank's return value (by rank).
+
+    ``fn`` must be a module-level function of a test module (processes are spawned, not forked).
+    """
+    import torch.multiprocessing as mp
+
+    def run(fn, *args, world_size: int = 2):
+        store = tmp_path / f"store-{fn.__name__}"
+        mp.start_processes(_rank_entry, args=(world_size, str(store), str(tmp_path), fn, args),
+                           nprocs=world_size, start_method="spawn")
+        return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+    return run
