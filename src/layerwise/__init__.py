@@ -10,6 +10,8 @@ their own optimizer options, average and merge models, inspect and reshape gradi
 """
 
 from .errors import LayerwiseError
+from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
+from .groups import add_param_group, param_groups
 from .inspect import show
 from .select import Selection, SelectionError, select
 from .share import shared, tie
@@ -17,11 +19,17 @@ from .share import shared, tie
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradualUnfreeze",
     "LayerwiseError",
     "Selection",
     "SelectionError",
+    "add_param_group",
+    "freeze",
+    "frozen",
+    "param_groups",
     "select",
     "shared",
     "show",
     "tie",
+    "unfreeze",
 ]

@@ -38,7 +38,7 @@ from torch import nn
 from ._tensors import named_tensor_groups
 from .errors import LayerwiseError
 
-__all__ = ["FAMILIES", "Selection", "SelectionError", "Selector", "select"]
+__all__ = ["FAMILIES", "Selection", "SelectionError", "Selector", "select", "select_modules"]
 
 Selector = Union[str, type[nn.Module], Callable[[str, torch.Tensor], bool]]
 
@@ -239,13 +239,16 @@ class _Context:
             self._modules = dict(self.source.named_modules(remove_duplicate=False))
         return self._modules
 
-    def owners(self, name: str) -> Iterator[nn.Module]:
-        """The module that holds ``name`` and every module above it."""
-        parts = name.split(".")[:-1]
+    def chain(self, parts: Sequence[str]) -> Iterator[nn.Module]:
+        """The module at path ``parts`` and every module above it."""
         for k in range(len(parts) + 1):
             module = self.modules.get(".".join(parts[:k]))
             if module is not None:
                 yield module
+
+    def owners(self, name: str) -> Iterator[nn.Module]:
+        """The module that holds parameter ``name`` and every module above it."""
+        return self.chain(name.split(".")[:-1])
 
     def names(self) -> list[str]:
         return [n for names, _ in self.groups for n in names]
@@ -260,19 +263,20 @@ def _class_names(module: nn.Module) -> set[str]:
     return {c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object)}
 
 
-def _type_predicate(parsed: ParsedSelector, ctx: _Context) -> Callable[[str, torch.Tensor], bool]:
+def _module_test(parsed: ParsedSelector, ctx: _Context) -> Callable[[nn.Module], bool]:
+    """For a ``type:`` selector: does one module (not its parents) belong to the type or family?"""
     name = parsed.type_name
     family = FAMILIES.get(name)
-    if family is None:
-        present = sorted({n for m in ctx.modules.values() for n in _class_names(m)})
-        if name not in present:
-            close = difflib.get_close_matches(name, present + list(FAMILIES), n=1, cutoff=0.6)
-            hint = f"did you mean type:{close[0]}? " if close else ""
-            start = len(parsed.text) - len(name)
-            raise _fail(parsed.text, start, len(parsed.text), f"unknown module type {name!r}",
-                        f"{hint}Families: {', '.join(FAMILIES)}. Classes in {ctx.what}: {', '.join(present)}.")
-        return lambda n, _: any(name in _class_names(m) for m in ctx.owners(n))
-    return lambda n, _: any(family(m) for m in ctx.owners(n))
+    if family is not None:
+        return family
+    present = sorted({n for m in ctx.modules.values() for n in _class_names(m)})
+    if name not in present:
+        close = difflib.get_close_matches(name, present + list(FAMILIES), n=1, cutoff=0.6)
+        hint = f"did you mean type:{close[0]}? " if close else ""
+        start = len(parsed.text) - len(name)
+        raise _fail(parsed.text, start, len(parsed.text), f"unknown module type {name!r}",
+                    f"{hint}Families: {', '.join(FAMILIES)}. Classes in {ctx.what}: {', '.join(present)}.")
+    return lambda m: name in _class_names(m)
 
 
 def _predicate(selector: Selector, ctx: _Context) -> tuple[bool, Callable[[str, torch.Tensor], bool]]:
@@ -283,7 +287,8 @@ def _predicate(selector: Selector, ctx: _Context) -> tuple[bool, Callable[[str, 
             return parsed.negate, lambda n, _: _prefix_match_len(parsed.segments, n.split(".")) is not None
         if parsed.kind == "re":
             return parsed.negate, lambda n, _: parsed.regex.fullmatch(n) is not None
-        return parsed.negate, _type_predicate(parsed, ctx)
+        test = _module_test(parsed, ctx)
+        return parsed.negate, lambda n, _: any(test(m) for m in ctx.owners(n))
     if isinstance(selector, type) and issubclass(selector, nn.Module):
         return False, lambda n, _: any(isinstance(m, selector) for m in ctx.owners(n))
     if callable(selector):
@@ -291,6 +296,42 @@ def _predicate(selector: Selector, ctx: _Context) -> tuple[bool, Callable[[str, 
     raise SelectionError(
         f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
         "an nn.Module subclass, or a callable (name, param) -> bool")
+
+
+def select_modules(model: nn.Module, *selectors: Selector) -> list[tuple[str, nn.Module]]:
+    """The modules the selectors reach, in model order: the module at a matched path and everything
+    below it, modules of a selected type and everything below them. Callables reach no module.
+
+    Freezing uses this to find normalization layers without parameters (``affine=False``).
+    """
+    ctx = _Context(model)
+    tests = []
+    for selector in selectors:
+        negate, test = False, None
+        if isinstance(selector, str):
+            parsed = parse(selector)
+            negate = parsed.negate
+            if parsed.kind == "path":
+                test = lambda parts, s=parsed.segments: _prefix_match_len(s, parts) is not None
+            elif parsed.kind == "re":
+                test = lambda parts, r=parsed.regex: any(r.fullmatch(".".join(parts[:k])) for k in range(1, len(parts) + 1))
+            else:
+                is_type = _module_test(parsed, ctx)
+                test = lambda parts, t=is_type: any(t(m) for m in ctx.chain(parts))
+        elif isinstance(selector, type) and issubclass(selector, nn.Module):
+            test = lambda parts, c=selector: any(isinstance(m, c) for m in ctx.chain(parts))
+        if test is not None:
+            tests.append((negate, test))
+    positive = [t for neg, t in tests if not neg]
+    negative = [t for neg, t in tests if neg]
+    only_negations = all(isinstance(s, str) and parse(s).negate for s in selectors)
+    out = []
+    for path, module in ctx.modules.items():
+        parts = path.split(".") if path else []
+        wanted = only_negations or any(t(parts) for t in positive)
+        if wanted and not any(t(parts) for t in negative):
+            out.append((path, module))
+    return out
 
 
 def describe(selector: Selector) -> str:

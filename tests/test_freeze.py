@@ -1,0 +1,207 @@
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layerwise as lw
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_steps(model, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        x = torch.randn(8, 5, 4, generator=gen)
+        y = torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad(set_to_none=False)  # keep zero grads around: the stale-gradient trap
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1),
+])
+def test_frozen_tensors_are_bit_identical_after_training(interleaved, make_opt):
+    opt = make_opt(interleaved.parameters())
+    train_steps(interleaved, opt, 3)  # momentum, Adam moments and gradients now exist
+    lw.freeze(interleaved, "lstm2", "norm")
+    before = snapshot(interleaved)
+    train_steps(interleaved, opt, 5, seed=1)
+    after = snapshot(interleaved)
+    frozen = [k for k in before if k.startswith(("lstm2.", "norm."))]
+    assert "norm.running_mean" in frozen and "norm.num_batches_tracked" in frozen
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), f"{k} moved while frozen"
+    for k in ("lstm1.weight_ih_l0", "linear.weight", "linear.bias"):
+        assert not torch.equal(before[k], after[k]), f"{k} should train"
+
+
+def test_requires_grad_alone_lets_weight_decay_move_a_frozen_weight(interleaved):
+    """The trap freeze() avoids: a stale gradient plus AdamW keeps moving the weight."""
+    opt = torch.optim.AdamW(interleaved.parameters(), lr=1e-2, weight_decay=0.1)
+    train_steps(interleaved, opt, 3)
+    interleaved.lstm2.requires_grad_(False)  # the hand-written freeze
+    before = interleaved.lstm2.weight_hh_l0.detach().clone()
+    train_steps(interleaved, opt, 2, seed=1)
+    assert not torch.equal(before, interleaved.lstm2.weight_hh_l0)
+
+
+def test_freeze_clears_gradients_and_returns_the_selection(interleaved):
+    interleaved(torch.randn(2, 3, 4)).sum().backward()
+    sel = lw.freeze(interleaved, "lstm2")
+    assert sel.names() == ["lstm2.weight_ih_l0", "lstm2.weight_hh_l0", "lstm2.bias_ih_l0", "lstm2.bias_hh_l0"]
+    assert all(p.grad is None and not p.requires_grad for p in interleaved.lstm2.parameters())
+    assert interleaved.lstm1.weight_ih_l0.grad is not None
+    assert lw.frozen(interleaved) == sel.names()
+
+
+def test_interleaved_layers_get_no_gradient_and_the_others_do(interleaved):
+    lw.freeze(interleaved, "lstm2")
+    interleaved(torch.randn(2, 3, 4)).sum().backward()
+    assert all(p.grad is None for p in interleaved.lstm2.parameters())
+    assert all(p.grad is not None for p in [*interleaved.lstm1.parameters(), *interleaved.linear.parameters()])
+
+
+def test_norm_statistics_stay_fixed_through_train_mode(convbn):
+    lw.freeze(convbn, "features")
+    stats = {k: v.clone() for k, v in convbn.state_dict().items() if "running" in k or "num_batches" in k}
+    assert len(stats) == 6  # two BatchNorms, one of them affine=False
+    convbn.train()
+    for _ in range(3):
+        convbn(torch.randn(4, 1, 8, 8))
+    for k, v in convbn.state_dict().items():
+        if k in stats:
+            assert torch.equal(v, stats[k]), k
+    assert not convbn.features[1].training and not convbn.features[4].training
+    assert convbn.classifier.training
+
+
+def test_a_norm_whose_parameters_are_all_frozen_is_frozen(convbn):
+    lw.freeze(convbn, "features.1.weight", "features.1.bias")
+    assert not convbn.train().features[1].training
+    # The affine=False norm has no parameters and its enclosing module still trains.
+    assert convbn.features[4].training
+
+
+def test_type_norm_and_a_parameterless_norm_path_can_be_frozen(convbn):
+    lw.freeze(convbn, "features.4")  # BatchNorm2d(affine=False): no parameter, no error
+    assert not convbn.train().features[4].training and convbn.features[1].training
+    lw.unfreeze(convbn)
+    lw.freeze(convbn, "type:norm")
+    assert not convbn.train().features[1].training and not convbn.features[4].training
+
+
+def test_norm_stats_train_opts_out(convbn):
+    lw.freeze(convbn, "features", norm_stats="train")
+    convbn.train()
+    before = convbn.features[1].running_mean.clone()
+    convbn(torch.randn(4, 1, 8, 8))
+    assert not torch.equal(before, convbn.features[1].running_mean)
+    with pytest.raises(ValueError, match="norm_stats"):
+        lw.freeze(convbn, norm_stats="keep")
+
+
+def test_unfreeze_restores_training_and_statistics(convbn):
+    reference = copy.deepcopy(convbn)
+    lw.freeze(convbn, "features")
+    convbn.eval()
+    lw.unfreeze(convbn, "features")
+    assert lw.frozen(convbn) == []
+    assert all(p.requires_grad for p in convbn.parameters())
+    convbn.train()
+    reference.train()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(convbn(x), reference(x))
+    assert torch.equal(convbn.features[1].running_mean, reference.features[1].running_mean)
+    assert "train" not in convbn.features[1].__dict__
+
+
+def test_unfreeze_follows_the_parent_mode():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    lw.freeze(net)
+    net.train()
+    lw.unfreeze(net)
+    assert net[1].training
+
+
+def test_frozen_prefix_skips_its_backward(interleaved):
+    seen = []
+    interleaved.lstm1.register_forward_hook(lambda m, i, out: seen.append(out[0].requires_grad))
+    lw.freeze(interleaved, "lstm1")
+    interleaved(torch.randn(2, 3, 4)).sum().backward()
+    # Nothing before lstm2 needs a gradient, so autograd records no graph for lstm1 at all.
+    assert seen == [False]
+
+
+def test_frozen_model_deep_copies_and_pickles(convbn):
+    lw.freeze(convbn, "features")
+    for clone in (copy.deepcopy(convbn), pickle.loads(pickle.dumps(convbn))):
+        assert not clone.train().features[1].training
+        lw.unfreeze(clone)
+        assert clone.train().features[1].training
+    assert not convbn.train().features[1].training  # the original is untouched
+
+
+def test_missing_selector_is_an_error_unless_missing_ok(interleaved):
+    with pytest.raises(lw.SelectionError, match="lstm3"):
+        lw.freeze(interleaved, "lstm3")
+    assert lw.frozen(interleaved) == []
+    assert len(lw.freeze(interleaved, "lstm3", missing_ok=True)) == 0
+
+
+def test_freeze_everything_but(interleaved):
+    lw.freeze(interleaved, "!linear")
+    assert [n for n, p in interleaved.named_parameters() if p.requires_grad] == ["linear.weight", "linear.bias"]
+
+
+# --------------------------------------------------------------------------- gradual unfreezing
+
+
+def test_gradual_unfreeze_adds_each_layer_once_with_its_options(interleaved):
+    lw.freeze(interleaved, "lstm1", "lstm2")
+    opt = torch.optim.SGD(lw.param_groups(interleaved), lr=0.1, momentum=0.9)
+    schedule = lw.GradualUnfreeze(interleaved, opt, {1: "lstm2", 3: ["lstm1"]}, lr=0.01)
+    assert schedule.step(0) == []
+    assert schedule.step(1) == lw.select(interleaved, "lstm2").names()
+    assert schedule.step(1) == [] and schedule.step(2) == []
+    assert opt.param_groups[-1]["lr"] == 0.01 and opt.param_groups[-1]["momentum"] == 0.9  # given, inherited
+    assert schedule.step(5) == lw.select(interleaved, "lstm1").names()
+    held = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(held) == len(set(held)) == len(list(interleaved.parameters()))
+    assert lw.frozen(interleaved) == []
+    train_steps(interleaved, opt, 1)
+
+
+def test_gradual_unfreeze_does_not_re_add_what_the_optimizer_holds(interleaved):
+    opt = torch.optim.SGD(interleaved.parameters(), lr=0.1)
+    lw.freeze(interleaved, "lstm2")
+    schedule = lw.GradualUnfreeze(interleaved, opt, {2: "lstm2"})
+    assert schedule.step(2) == [] and len(opt.param_groups) == 1
+    assert lw.frozen(interleaved) == []
+
+
+def test_gradual_unfreeze_checks_selectors_up_front_and_resumes(interleaved):
+    opt = torch.optim.SGD(interleaved.linear.parameters(), lr=0.1)
+    with pytest.raises(lw.SelectionError, match="lstm9"):
+        lw.GradualUnfreeze(interleaved, opt, {1: "lstm9"})
+    lw.freeze(interleaved, "lstm1", "lstm2")
+    schedule = lw.GradualUnfreeze(interleaved, opt, {1: "lstm2", 2: "lstm1"})
+    schedule.step(1)
+    state = schedule.state_dict()
+
+    torch.manual_seed(0)
+    fresh = type(interleaved)()
+    lw.freeze(fresh, "lstm1", "lstm2")
+    fresh_opt = torch.optim.SGD(fresh.linear.parameters(), lr=0.1)
+    resumed = lw.GradualUnfreeze(fresh, fresh_opt, {1: "lstm2", 2: "lstm1"})
+    resumed.load_state_dict(state)
+    assert lw.frozen(fresh) == lw.frozen(interleaved)
+    assert [g.get("names") for g in fresh_opt.param_groups] == [g.get("names") for g in opt.param_groups]
