@@ -9,6 +9,8 @@ their own optimizer options, average and merge models, inspect and reshape gradi
     ['0.weight', '0.bias']
 """
 
+from .average import EMA, MergeError, average, greedy_soup, merge
+from .distributed import PeriodicAverager, average_parameters
 from .errors import LayerwiseError
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
 from .groups import add_param_group, param_groups
@@ -19,13 +21,20 @@ from .share import shared, tie
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "GradualUnfreeze",
     "LayerwiseError",
+    "MergeError",
+    "PeriodicAverager",
     "Selection",
     "SelectionError",
     "add_param_group",
+    "average",
+    "average_parameters",
     "freeze",
     "frozen",
+    "greedy_soup",
+    "merge",
     "param_groups",
     "select",
     "shared",

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from .average import EMA, average
 from .freeze import freeze
 from .groups import param_groups
 from .inspect import show
@@ -341,6 +342,75 @@ def section_learning_rates(run: Run, base: nn.Module) -> None:
     run.results["per_layer_lr_accuracy"] = accuracy(model, run.test)
 
 
+def section_averaging(run: Run, base: nn.Module) -> None:
+    run.report.section(
+        "4. Averaging two fine-tuned models into a third",
+        "Two copies of the trained model are fine-tuned on different halves of the data, then averaged "
+        "parameter by parameter into a new model. `lw.average` averages floating tensors in float32, "
+        "copies integer buffers (BatchNorm's `num_batches_tracked`) instead of averaging them, reports "
+        "every key, shape or dtype difference at once, and loads the result strictly. `lw.EMA` keeps a "
+        "fused exponential moving average of one run.")
+    run.report.code("average = lw.average([model_a, model_b], into=SiameseLSTM())\n"
+                    "ema = lw.EMA(model_a, decay=0.95, warmup=20)   # ema.update() after each step\n"
+                    "with ema.swapped(model_a):\n    evaluate(model_a)")
+    halves = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(run.seed)).chunk(2)
+    epochs = max(1, run.epochs // 2)
+    tuned, emas = [], []
+    for label, half in zip("ab", halves):
+        model = _clone(base)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        ema = EMA(model, decay=0.95, warmup=20)
+        run.curves[f"fine-tune {label}"] = train(model, optimizer, run.train.subset(half), epochs,
+                                                 seed=run.seed + 10 + len(tuned), bar=run.bar,
+                                                 label=f"4. fine-tuning copy {label} on half {label}",
+                                                 after_step=lambda _, ema=ema: ema.update())
+        tuned.append(model)
+        emas.append(ema)
+    a, b = tuned
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in tuned]
+    merged = SiameseLSTM(hidden=base.linear.in_features // 4).to(run.device)
+    average([a, b], into=merged)
+    with emas[0].swapped(a):
+        ema_accuracy = accuracy(a, run.test)
+    scores = {"model a": accuracy(a, run.test), "model b": accuracy(b, run.test),
+              "average of a and b": accuracy(merged, run.test), "EMA of run a": ema_accuracy}
+    table = Table(title="test accuracy", title_justify="left")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    for name, acc in scores.items():
+        table.add_row(name, f"{acc:.1%}")
+    run.report.table(table)
+    run.results["average_accuracies"] = scores
+
+    sd_a, sd_b, sd_m = a.state_dict(), b.state_dict(), merged.state_dict()
+    run.report.check("every floating tensor of the average is the mean of the two",
+                     all(torch.allclose(sd_m[k], (sd_a[k] + sd_b[k]) / 2, atol=1e-6)
+                         for k in sd_m if sd_m[k].is_floating_point()))
+    run.report.check("the integer BatchNorm counter is copied, not averaged",
+                     torch.equal(sd_m["norm.num_batches_tracked"], sd_a["norm.num_batches_tracked"]))
+    run.report.check("the two parents are unchanged", all(torch.equal(before[i][k], m.state_dict()[k])
+                                                           for i, m in enumerate(tuned) for k in before[i]))
+    distances = {name: ((sd_a[name] - sd_m[name]).norm() / sd_m[name].norm()).item()
+                 for name, _ in merged.named_parameters()}
+    _plot_distances(run.report.figure("average_distances.png", "Per-layer relative distance of each parent to "
+                                      "the average"), distances)
+    run.report.say(f"Largest per-layer relative distance of a parent to the average: "
+                   f"{max(distances.values()):.2%} ({max(distances, key=distances.get)}).")
+
+
+def _plot_distances(path: Path, distances: dict[str, float]) -> None:
+    plt = _optional("matplotlib.pyplot")
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(distances)
+    ax.barh(range(len(names)), [distances[n] for n in names])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("‖parent − average‖ / ‖average‖  (both parents: equal by symmetry)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(out: str | Path = "layerwise-demo", *, seed: int = 0, epochs: int = 3, device: str = "cpu",
         console: Console | None = None) -> dict[str, Any]:
     """Run every section, write ``out/report.md`` and the figures, and return the measured results.
@@ -359,6 +429,7 @@ def run(out: str | Path = "layerwise-demo", *, seed: int = 0, epochs: int = 3, d
         base = section_sharing(state)
         section_freezing(state, base)
         section_learning_rates(state, base)
+        section_averaging(state, base)
     _plot_curves(report.figure("training_curves.png", "Training loss of every run"), state.curves)
     path = report.write()
     failed = [label for label, ok in report.checks if not ok]

@@ -1,0 +1,313 @@
+import hashlib
+import math
+
+import pytest
+import torch
+from conftest import TiedLM
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import layerwise as lw
+from layerwise.average import merge_tensors
+
+
+def digest(sd) -> str:
+    h = hashlib.sha256()
+    for k, t in sd.items():
+        h.update(k.encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def models(n=3, seed=0, factory=lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))):
+    torch.manual_seed(seed)
+    out = [factory() for _ in range(n)]
+    for i, m in enumerate(out):
+        for b in m.buffers():
+            if not b.is_floating_point():
+                b.fill_(10 * (i + 1))
+    return out
+
+
+# --------------------------------------------------------------------------- average
+
+
+def test_mean_equals_hand_computation_and_int_buffers_are_copied():
+    a, b, c = models()
+    avg = lw.average([a, b, c])
+    for k, t in a.state_dict().items():
+        if t.is_floating_point():
+            assert torch.allclose(avg[k], (t + b.state_dict()[k] + c.state_dict()[k]) / 3, atol=1e-7), k
+    assert avg["1.num_batches_tracked"].item() == 10  # the first model's counter, not 20
+    assert avg["1.num_batches_tracked"].dtype == torch.long
+
+
+def test_weights_are_normalized():
+    a, b = models(2)
+    avg = lw.average([a, b], weights=[3, 1])
+    assert torch.allclose(avg["0.weight"], 0.75 * a[0].weight + 0.25 * b[0].weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulates_in_float32(dtype):
+    gen = torch.Generator().manual_seed(0)
+    sds = [{"w": (1 + torch.rand(4096, generator=gen)).to(dtype)} for _ in range(7)]
+    avg = lw.average(sds)["w"]
+    reference = (sum(sd["w"].float() for sd in sds) / 7).to(dtype)
+    naive = sds[0]["w"] / 7
+    for sd in sds[1:]:
+        naive = naive + sd["w"] / 7
+    assert avg.dtype == dtype and torch.equal(avg, reference)
+    assert not torch.equal(naive, reference), "naive half-precision accumulation rounds differently"
+
+
+def test_into_loads_strictly_and_keeps_tied_weights_tied():
+    torch.manual_seed(0)
+    a, b, target = TiedLM(), TiedLM(), TiedLM()
+    avg = lw.average([a, b], into=target)
+    assert avg["decoder.weight"] is avg["embed.weight"]
+    assert target.decoder.weight is target.embed.weight
+    assert torch.allclose(target.embed.weight, (a.embed.weight + b.embed.weight) / 2)
+
+
+def test_inputs_are_never_modified():
+    a, b, c = models()
+    before = [digest(m.state_dict()) for m in (a, b, c)]
+    for method, kw in [("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.5}), ("dare", {"density": 0.5})]:
+        out = lw.merge(a, [b, c], method, **kw)
+        for t in out.values():
+            t.add_(1)  # results own their memory: this must not reach the inputs
+    lw.merge(None, [b, c], "slerp")
+    assert [digest(m.state_dict()) for m in (a, b, c)] == before
+
+
+# --------------------------------------------------------------------------- merge methods, by hand
+
+
+def test_task_arithmetic_by_hand():
+    base, a, b = {"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([1.5, 3.0])}
+    out = lw.merge(base, [a, b], "task_arithmetic", weights=[1.0, 2.0], scale=0.5)["w"]
+    # base + 0.5 * (1*(a-base) + 2*(b-base)) = [1,1] + 0.5*([1,-1] + [1,4])
+    assert torch.allclose(out, torch.tensor([2.0, 2.5]))
+
+
+def test_ties_trims_elects_and_takes_the_disjoint_mean():
+    base = {"w": torch.zeros(5)}
+    t1 = {"w": torch.tensor([4.0, -1.0, 0.5, 3.0, -2.0])}
+    t2 = {"w": torch.tensor([2.0, 3.0, -6.0, -1.0, 0.1])}
+    t3 = {"w": torch.tensor([-1.0, 2.0, -1.0, 2.0, 0.2])}
+    out = lw.merge(base, [t1, t2, t3], "ties", density=0.6)["w"]
+    # Trim to the top 3 of 5 magnitudes per task:
+    #   t1 -> [4, 0, 0, 3, -2]; t2 -> [2, 3, -6, 0, 0]; t3 -> [-1, 2, -1, 2, 0] (ties at 1 kept)
+    # Elected signs of the sums [5, 5, -7, 5, -2]: [+, +, -, +, -]
+    # Disjoint means: [(4+2)/2, (3+2)/2, (-6-1)/2, (3+2)/2, -2]
+    assert torch.allclose(out, torch.tensor([3.0, 2.5, -3.5, 2.5, -2.0]))
+
+
+def test_slerp_by_hand_and_colinear_fallback():
+    a, b = {"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}
+    assert torch.allclose(lw.merge(None, [a, b], "slerp", t=0.5)["w"], torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    assert torch.allclose(lw.merge(None, [a, b], "slerp", t=1 / 3)["w"],
+                          torch.tensor([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
+    c = {"w": torch.tensor([2.0, 0.0])}  # colinear: plain interpolation
+    assert torch.equal(lw.merge(None, [a, c], "slerp", t=0.25)["w"], torch.tensor([1.25, 0.0]))
+
+
+def test_dare_is_seeded_and_rescales_the_kept_entries():
+    base = {"w": torch.zeros(10000)}
+    a = {"w": torch.ones(10000)}
+    one = lw.merge(base, [a], "dare", density=0.25, seed=3)["w"]
+    assert torch.equal(one, lw.merge(base, [a], "dare", density=0.25, seed=3)["w"])
+    assert not torch.equal(one, lw.merge(base, [a], "dare", density=0.25, seed=4)["w"])
+    assert set(one.unique().tolist()) == {0.0, 4.0}
+    assert abs((one != 0).float().mean().item() - 0.25) < 0.02
+    assert torch.equal(lw.merge(base, [a], "dare", density=1.0)["w"], a["w"])
+
+
+def test_options_per_layer_and_select():
+    a = {"attn.w": torch.zeros(2), "mlp.w": torch.zeros(2), "head.w": torch.zeros(2)}
+    b = {"attn.w": torch.ones(2), "mlp.w": torch.ones(2), "head.w": torch.ones(2)}
+    out = lw.merge(None, [a, b], "slerp", t={"attn": 0.25, "mlp": 0.75})
+    assert out["attn.w"].tolist() == [0.25, 0.25] and out["mlp.w"].tolist() == [0.75, 0.75]
+    assert out["head.w"].tolist() == [0.5, 0.5]  # the default t
+    base = {k: torch.full((2,), 5.0) for k in a}
+    out = lw.merge(base, [a, b], "linear", select="attn")
+    assert out["attn.w"].tolist() == [0.5, 0.5] and out["mlp.w"].tolist() == [5.0, 5.0]
+
+
+def test_merge_tensors_casts_to_an_output_dtype():
+    out = merge_tensors("linear", [torch.ones(3), torch.zeros(3)], None, [0.5, 0.5], {}, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.tolist() == [0.5, 0.5, 0.5]
+
+
+@given(st.integers(1, 4), st.floats(0.05, 1.0))
+def test_ties_with_one_model_keeps_its_top_entries(seed, density):
+    gen = torch.Generator().manual_seed(seed)
+    base, task = {"w": torch.randn(50, generator=gen)}, {"w": torch.randn(50, generator=gen)}
+    out = lw.merge(base, [task], "ties", density=density)["w"]
+    tau = task["w"] - base["w"]
+    kept = (out - base["w"]).abs() > 1e-6
+    assert kept.sum() >= int(50 * density)
+    assert torch.allclose((out - base["w"])[kept], tau[kept], atol=1e-6)
+    if kept.any() and (~kept).any():
+        assert tau.abs()[kept].min() >= tau.abs()[~kept].max() - 1e-6
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_every_difference_is_listed_at_once():
+    a = {"x": torch.zeros(2), "y": torch.zeros(3), "z": torch.zeros(1), "gone": torch.zeros(1)}
+    b = {"x": torch.zeros(2), "y": torch.zeros(4), "z": torch.zeros(1, dtype=torch.float64), "new": torch.zeros(1)}
+    with pytest.raises(lw.MergeError) as e:
+        lw.average([a, b])
+    message = str(e.value)
+    for part in ("lacks 1 key(s) of model 0: gone", "has 1 key(s) model 0 lacks: new", "y: shape (3,)", "(4,)",
+                 "z: dtype torch.float32", "torch.float64", "4 differences"):
+        assert part in message, part
+
+
+@pytest.mark.parametrize("weights, match", [([1.0], "2 models"), ([1.0, -1.0], "non-negative"),
+                                            ([0.0, 0.0], "sum to zero"), ([1.0, float("nan")], "finite")])
+def test_bad_weights(weights, match):
+    with pytest.raises(lw.MergeError, match=match):
+        lw.average(models(2), weights=weights)
+
+
+def test_bad_methods_and_options():
+    a, b, c = models()
+    with pytest.raises(lw.MergeError, match="exactly two"):
+        lw.merge(None, [a, b, c], "slerp")
+    with pytest.raises(lw.MergeError, match="pass base="):
+        lw.merge(None, [a, b], "ties")
+    with pytest.raises(lw.MergeError, match=r"density=1.5 .* must be in \(0, 1\]"):
+        lw.merge(a, [b, c], "ties", density=1.5)
+    with pytest.raises(lw.MergeError, match=r"density=0 "):
+        lw.merge(a, [b, c], "dare", density={"0": 0})
+    with pytest.raises(lw.MergeError, match="choose one of linear"):
+        lw.merge(a, [b], "avg")
+    with pytest.raises(lw.MergeError, match="takes no option 'density'"):
+        lw.merge(a, [b], "task_arithmetic", density=0.5)
+    with pytest.raises(lw.SelectionError, match="'attn'"):
+        lw.merge(None, [a, b], "slerp", t={"attn": 0.3})
+
+
+# --------------------------------------------------------------------------- EMA
+
+
+def test_ema_equals_the_closed_form_recursion():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema = lw.EMA(net, decay=0.8)
+    expected = net.weight.detach().clone()
+    for step in range(5):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        ema.update()
+        expected = 0.8 * expected + 0.2 * net.weight.detach()
+    with ema.swapped(net):
+        assert torch.allclose(net.weight, expected, atol=1e-6)
+
+
+def test_ema_warmup_every_and_buffers():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = lw.EMA(net, decay=0.999, warmup=3, every=2, buffers="ema")
+    decays = []
+    for _ in range(10):
+        decays.append(ema.current_decay())
+        ema.update()
+    assert ema.num_updates == 5
+    assert decays[:2] == [0.1, 0.1] and decays[2] == 2 / 11 and decays[4] == 3 / 12 and decays[6] == 0.999
+    with torch.no_grad():
+        net[1].running_mean.fill_(1.0)
+    ema.update(), ema.update()
+    assert torch.allclose(ema.shadow_buffers[0], torch.full((2,), 0.001))
+    copy_ema = lw.EMA(net, decay=0.999)
+    with torch.no_grad():
+        net[1].running_mean.fill_(2.0)
+    copy_ema.update()
+    assert torch.equal(copy_ema.shadow_buffers[0], torch.full((2,), 2.0))
+
+
+def test_swapped_restores_training_weights_bit_identically(interleaved):
+    ema = lw.EMA(interleaved, decay=0.5)
+    with torch.no_grad():
+        for p in interleaved.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in interleaved.state_dict().items()}
+    ema.update()
+    with ema.swapped(interleaved):
+        assert not torch.equal(interleaved.linear.weight, before["linear.weight"])
+    for k, v in interleaved.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ema_resumes_from_its_state_dict():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 3)
+    steps = [torch.randn(3, 3) for _ in range(6)]
+    ema = lw.EMA(net, decay=0.7, warmup=2)
+    resumed = None
+    for i, delta in enumerate(steps):
+        with torch.no_grad():
+            net.weight.add_(delta)
+        ema.update()
+        if i == 2:
+            state = ema.state_dict()
+            resumed = lw.EMA(net, decay=0.7, warmup=2)
+            resumed.load_state_dict(state)
+        elif resumed is not None:
+            resumed.update()
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, resumed.shadow))
+    assert resumed.num_updates == ema.num_updates
+
+
+def test_ema_averages_tied_parameters_once(tied_lm):
+    ema = lw.EMA(tied_lm)
+    assert ema.names.count("embed.weight") == 1 and "decoder.weight" not in ema.names
+    with ema.swapped(tied_lm):
+        assert tied_lm.decoder.weight is tied_lm.embed.weight
+
+
+def test_ema_swap_into_another_model_checks_names(interleaved, tied_lm):
+    ema = lw.EMA(interleaved)
+    with pytest.raises(lw.LayerwiseError, match="not the model this EMA tracks"):
+        with ema.swapped(tied_lm):
+            pass
+
+
+def test_ema_plain_loop_equals_fused():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    fused, loop = lw.EMA(a, decay=0.9, foreach=True), lw.EMA(b, decay=0.9, foreach=False)
+    with torch.no_grad():
+        a.weight.add_(1.0), b.weight.add_(1.0)
+    fused.update(), loop.update()
+    assert all(torch.equal(x, y) for x, y in zip(fused.shadow, loop.shadow))
+
+
+# --------------------------------------------------------------------------- greedy soup
+
+
+def test_greedy_soup_keeps_candidates_while_the_score_does_not_drop():
+    weights = [4.0, 0.0, 2.0, 9.0]
+    nets = []
+    for w in weights:
+        net = nn.Linear(1, 1, bias=False)
+        nn.init.constant_(net.weight, w)
+        nets.append(net)
+    calls = []
+
+    def evaluate(model):  # the best weight is 2.5
+        calls.append(model.weight.item())
+        return -abs(model.weight.item() - 2.5)
+
+    vessel = nn.Linear(1, 1, bias=False)
+    soup, chosen = lw.greedy_soup(nets, evaluate, vessel)
+    # Alone: 2.0 (0.5 off) > 4.0 (1.5) > 0.0 (2.5) > 9.0 (6.5).
+    # {2, 4} = 3.0 (0.5 off, no drop: kept); {2, 4, 0} = 2.0 (0.5 off: kept); {2, 4, 0, 9} = 3.75: dropped.
+    assert chosen == [2, 0, 1]
+    assert soup["weight"].item() == 2.0 and vessel.weight.item() == 2.0
+    assert len(calls) == 4 + 3

@@ -1,0 +1,58 @@
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import layerwise as lw
+
+
+def make_model(rank: int) -> nn.Module:
+    torch.manual_seed(rank)  # different weights on each rank
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2).double())
+
+
+def average_all(rank, world_size):
+    model = make_model(rank)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.all_reduce(torch.zeros(1))
+    lw.average_parameters(model, "!1.bias")
+    return before, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_average_parameters_makes_parameters_equal_to_the_mean(run_ranks):
+    (b0, a0), (b1, a1) = run_ranks(average_all)
+    for k in b0:
+        if k == "1.bias":  # not selected: stays local
+            assert torch.equal(a0[k], b0[k]) and torch.equal(a1[k], b1[k])
+        else:
+            assert torch.allclose(a0[k], (b0[k] + b1[k]) / 2) and torch.equal(a0[k], a1[k]), k
+            assert a0[k].dtype == b0[k].dtype
+
+
+def periodic(rank, world_size):
+    model = make_model(rank)
+    averager = lw.PeriodicAverager(model, period=3, warmup_steps=2, select="0")
+    log = []
+    for _ in range(9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(rank + 1.0)  # the ranks drift apart every step
+        model.zero_grad(set_to_none=True)  # no gradients: torch's own averager would skip everything
+        due = averager.step()
+        total = model[0].weight.detach().clone()
+        dist.all_reduce(total)
+        log.append((due, torch.allclose(total / world_size, model[0].weight)))
+    return log, averager.state_dict()
+
+
+def test_periodic_averager_averages_only_on_its_period(run_ranks):
+    (steps, state), (other, _) = run_ranks(periodic)
+    assert [due for due, _ in steps] == [False, False, True, False, False, True, False, False, True]
+    assert [equal for _, equal in steps] == [due for due, _ in steps]
+    assert state == {"steps": 9} and other == steps
+
+
+def test_averaging_without_a_process_group_says_what_to_do():
+    assert not dist.is_initialized()
+    with pytest.raises(lw.LayerwiseError, match="init_process_group"):
+        lw.average_parameters(nn.Linear(2, 2))
