@@ -10,10 +10,11 @@ Targets: lw <= 1.2x the limit; lw >= 1.5x faster than AveragedModel(multi_avg_fn
 from __future__ import annotations
 
 import torch
-from _timing import compare, encoder, ms
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import layerwise as lw
+
+from _timing import compare, encoder, ms
 
 
 def main() -> None:

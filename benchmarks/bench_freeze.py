@@ -10,9 +10,10 @@ Target: 1.00 ± 0.05.
 from __future__ import annotations
 
 import torch
-from _timing import compare, encoder, ms
 
 import layerwise as lw
+
+from _timing import compare, encoder, ms
 
 
 def step_fn(model, x):

@@ -1,6 +1,11 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
+import layerwise as lw
 from layerwise.cli import main
 
 
@@ -32,3 +37,89 @@ def test_bad_epochs_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["demo", "--epochs", "0"])
     assert e.value.code == 2 and "--epochs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- checkpoint commands
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    paths = []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+        paths.append(tmp_path / f"m{i}.safetensors")
+        lw.save(model, paths[-1])
+    return paths
+
+
+def test_show_lists_tensors_and_totals(ckpts, capsys):
+    assert main(["show", str(ckpts[0])]) == 0
+    out = capsys.readouterr().out
+    assert "0.weight" in out and "float32" in out and "4×3" in out and "num_batches_tracked" in out
+    assert "9 tensors, 43 elements" in out
+    assert main(["show", str(ckpts[0]), "**.bias"]) == 0
+    out = capsys.readouterr().out
+    assert "0.bias" in out and "0.weight" not in out
+
+
+def test_average_merge_and_diff_end_to_end(ckpts, tmp_path, capsys):
+    out = tmp_path / "avg.safetensors"
+    assert main(["average", str(ckpts[1]), str(ckpts[2]), "-o", str(out), "--weights", "1", "3", "--quiet"]) == 0
+    expected = lw.average([lw.load(ckpts[1]), lw.load(ckpts[2])], weights=[1, 3])
+    assert all(torch.equal(lw.load(out)[k], v) for k, v in expected.items())
+
+    ties = tmp_path / "ties.safetensors"
+    assert main(["merge", "--method", "ties", "--base", str(ckpts[0]), str(ckpts[1]), str(ckpts[2]),
+                 "-o", str(ties), "--density", "0.5", "--dtype", "bf16", "--quiet"]) == 0
+    expected = lw.merge(lw.load(ckpts[0]), [lw.load(ckpts[1]), lw.load(ckpts[2])], "ties", density=0.5)
+    assert torch.equal(lw.load(ties)["0.weight"], expected["0.weight"].bfloat16())
+
+    capsys.readouterr()
+    assert main(["diff", str(ckpts[1]), str(out), "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "0.weight" in printed and "cosine" in printed and "2.weight" not in printed
+
+
+def test_progress_goes_to_stderr(ckpts, tmp_path, capsys):
+    assert main(["average", str(ckpts[0]), str(ckpts[1]), "-o", str(tmp_path / "a.safetensors")]) == 0
+    captured = capsys.readouterr()
+    assert "bytes" in captured.err and "wrote" in captured.out
+
+
+@pytest.mark.parametrize("make_bad, argv_tail, fragments", [
+    (lambda p: p.write_bytes(b"12345678"), ["-o", "{out}"], ["bad.safetensors"]),
+    (lambda p: lw.save({"0.weight": torch.zeros(5, 3)}, p), ["-o", "{out}"], ["bad.safetensors", "0.weight"]),
+])
+def test_bad_input_exits_2_with_one_line(ckpts, tmp_path, capsys, make_bad, argv_tail, fragments):
+    bad = tmp_path / "bad.safetensors"
+    make_bad(bad)
+    argv = ["average", str(ckpts[0]), str(bad)] + [a.format(out=tmp_path / "o.safetensors") for a in argv_tail]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("layerwise average: error:")
+    for fragment in fragments:
+        assert fragment in err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_existing_output_needs_force(ckpts, tmp_path, capsys):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"keep me")
+    assert main(["average", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert main(["average", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--quiet", "--force"]) == 0
+    assert "0.weight" in lw.load(out)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(lw.CheckpointError):
+        main(["--debug", "show", str(tmp_path / "missing.safetensors")])
+
+
+def test_the_console_script(ckpts):
+    script = Path(sys.executable).parent / "layerwise"
+    ok = subprocess.run([str(script), "show", str(ckpts[0])], capture_output=True, text=True)
+    assert ok.returncode == 0 and "0.weight" in ok.stdout
+    bad = subprocess.run([str(script), "show", str(ckpts[0].with_name("nope.safetensors"))], capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope.safetensors" in bad.stderr and "Traceback" not in bad.stderr

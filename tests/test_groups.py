@@ -3,12 +3,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_models
 from hypothesis import given
 from hypothesis import strategies as st
-from torch import nn
 
 import layerwise as lw
+
+from conftest import random_models
 
 
 def options_of(groups, name):

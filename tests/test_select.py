@@ -1,14 +1,14 @@
 import re
 
 import pytest
-import torch
-from conftest import random_models
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
 from layerwise.select import path_prefix
+
+from conftest import random_models
 
 
 def all_names(model: nn.Module) -> list[str]:

@@ -10,6 +10,7 @@ their own optimizer options, average and merge models, inspect and reshape gradi
 """
 
 from .average import EMA, MergeError, average, greedy_soup, merge
+from .checkpoint import CheckpointError, Diff, diff_files, load, merge_files, save
 from .distributed import PeriodicAverager, average_parameters
 from .errors import LayerwiseError
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
@@ -21,6 +22,8 @@ from .share import shared, tie
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "Diff",
     "EMA",
     "GradualUnfreeze",
     "LayerwiseError",
@@ -31,11 +34,15 @@ __all__ = [
     "add_param_group",
     "average",
     "average_parameters",
+    "diff_files",
     "freeze",
     "frozen",
     "greedy_soup",
+    "load",
     "merge",
+    "merge_files",
     "param_groups",
+    "save",
     "select",
     "shared",
     "show",

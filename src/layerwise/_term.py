@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import IO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 # Tables of layer names are wide; a pipe or a file gets room instead of rich's 80 columns.
 _PIPE_WIDTH = 160

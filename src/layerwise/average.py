@@ -8,10 +8,11 @@ The per-tensor math lives in :func:`merge_tensors` and the checks and option res
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from .select import select as _select
 __all__ = ["EMA", "MergeError", "average", "greedy_soup", "merge"]
 
 StateDict = Mapping[str, torch.Tensor]
-ModelLike = Union[nn.Module, StateDict]
+ModelLike = nn.Module | StateDict
 
 #: Each method's options and their defaults (``None``: required).
 METHODS: dict[str, dict[str, float | None]] = {
@@ -180,42 +181,53 @@ def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
 
 
-def merge_tensors(method: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None,
+def merge_tensors(method: str, tensors: Iterable[torch.Tensor], base: torch.Tensor | None,
                   weights: Sequence[float], options: Mapping[str, float], *, key: str = "",
                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Combine one tensor from each model into a new tensor (the math of ``merge`` and ``merge_files``).
 
     Floating tensors are combined in float32 (float64 for float64 inputs) and cast to ``dtype``
     (default: the input dtype); integer and bool tensors are copied from ``base``, else from the
-    first model. ``weights`` come from :func:`method_weights`, ``options`` from :func:`resolve_options`.
+    first model. ``weights`` come from :func:`method_weights`, ``options`` from
+    :func:`resolve_options`. ``tensors`` is consumed one at a time by the summing methods
+    (linear, task arithmetic, DARE), so a streaming caller holds one input tensor at a time;
+    TIES and SLERP need them all. Input tensors are never written to.
     """
-    first = tensors[0]
+    inputs = iter(tensors)
+    first = next(inputs)
     out_dtype = dtype or first.dtype
     if not (first.is_floating_point() or first.is_complex()):
         return (base if base is not None else first).clone()
     acc = _acc_dtype(first.dtype)
-    xs = [t.to(acc) for t in tensors]
     if method == "linear":
-        out = torch.zeros_like(xs[0])
-        for w, x in zip(weights, xs):
+        out = first.to(acc) * weights[0]
+        del first
+        for w, x in zip(weights[1:], inputs):
             out.add_(x, alpha=w)
-    elif method == "slerp":
-        out = _slerp(xs[0], xs[1], options["t"])
-    else:
+            del x  # before the next read: one input alive at a time
+    elif method in ("task_arithmetic", "dare"):
         b = base.to(acc)
-        taus = [x - b for x in xs]
-        if method == "task_arithmetic":
-            merged = sum(w * tau for w, tau in zip(weights, taus))
-        elif method == "dare":
-            merged = sum(w * _dare(tau, options["density"], int(options["seed"]), key, i)
-                         for i, (w, tau) in enumerate(zip(weights, taus)))
-        else:  # ties: trim, elect a sign per entry, average the agreeing entries
-            trimmed = torch.stack([_trim(tau, options["density"]) for tau in taus])
-            w = torch.tensor(weights, dtype=acc, device=b.device).view(-1, *([1] * b.ndim))
-            sign = torch.sign((w * trimmed).sum(0))
-            agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-            mass = (w * agree).sum(0)
-            merged = torch.where(mass > 0, (w * agree * trimmed).sum(0) / mass.clamp_min(torch.finfo(acc).tiny), 0.0)
+        out = torch.zeros_like(b)
+        everything = itertools.chain([first], inputs)
+        del first
+        for i, (w, x) in enumerate(zip(weights, everything)):
+            tau = x.to(acc, copy=True).sub_(b)
+            del x
+            if method == "dare":
+                tau = _dare(tau, options["density"], int(options["seed"]), key, i)
+            out.add_(tau, alpha=w)
+            del tau
+        out.mul_(options["scale"]).add_(b)
+    elif method == "slerp":
+        out = _slerp(first.to(acc), next(inputs).to(acc), options["t"])
+    else:  # ties: trim each task vector, elect a sign per entry, average the agreeing entries
+        b = base.to(acc)
+        trimmed = torch.stack([_trim(x.to(acc) - b, options["density"]) for x in itertools.chain([first], inputs)])
+        w = torch.tensor(weights, dtype=acc, device=b.device).view(-1, *([1] * b.ndim))
+        sign = torch.sign((w * trimmed).sum(0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        mass = (w * agree).sum(0)
+        merged = torch.where(mass > 0, (w * agree * trimmed).sum(0) / mass.clamp_min(torch.finfo(acc).tiny), 0.0)
         out = b + options["scale"] * merged
     return out.to(out_dtype)
 
@@ -340,15 +352,16 @@ class EMA:
 
     Example:
         >>> import layerwise as lw, torch
-        >>> net = torch.nn.Linear(2, 1)
+        >>> net = torch.nn.Linear(2, 1, bias=False)
+        >>> _ = torch.nn.init.zeros_(net.weight)
         >>> ema = lw.EMA(net, decay=0.9)
-        >>> with torch.no_grad():
-        ...     _ = net.weight.add_(1.0)
+        >>> _ = torch.nn.init.ones_(net.weight)   # a training step moved the weights
         >>> ema.update()
         >>> with ema.swapped(net):
-        ...     moved = net.weight.clone()
-        >>> torch.allclose(moved, net.weight - 0.9)   # 10 % of the way to the new weights
-        True
+        ...     print(net.weight.data)             # 10 % of the way from 0 to 1
+        tensor([[0.1000, 0.1000]])
+        >>> net.weight.data                        # the training weights are back
+        tensor([[1., 1.]])
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,

@@ -29,6 +29,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(args: argparse.Namespace) -> int:
+    from .checkpoint import describe_file
+
+    console().print(describe_file(args.file, *args.selectors, key=args.key))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .checkpoint import merge_files
+
+    options = {name: getattr(args, name) for name in ("density", "scale", "t", "seed")
+               if getattr(args, name, None) is not None}
+    out = merge_files(args.inputs, args.output, getattr(args, "method", "linear"), weights=args.weights,
+                      base=getattr(args, "base", None), dtype=args.dtype, select=args.select or None, key=args.key,
+                      max_shard_size=args.max_shard_size, overwrite=args.force, progress=not args.quiet, **options)
+    console(quiet=args.quiet).print(f"wrote {out}")
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .checkpoint import diff_files
+
+    result = diff_files(args.a, args.b, *args.selectors, key=args.key)
+    console().print(result)
+    return 0
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", required=True, help="output .safetensors file (a folder with --max-shard-size)")
+    p.add_argument("--dtype", help="cast floating tensors of the output: bf16, fp16, fp32")
+    p.add_argument("--select", action="append", metavar="SELECTOR", help="merge only these keys; the rest come "
+                   "from the base (or the first input); repeatable")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="write a Hugging Face sharded folder, e.g. 5GB")
+    p.add_argument("--key", help="the state dict inside nested .pt checkpoints, e.g. state_dict")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerwise", description="Per-layer control of PyTorch training.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -41,6 +79,37 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="cpu", help="cpu, or cuda where present (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.set_defaults(run=_demo)
+
+    show = sub.add_parser("show", help="list a checkpoint's tensors: name, dtype, shape, numel, bytes, totals")
+    show.add_argument("file", help="a .safetensors/.pt/.bin file or a Hugging Face folder")
+    show.add_argument("selectors", nargs="*", metavar="SELECTOR", help="only these tensors (e.g. 'encoder.**' '!**.bias')")
+    show.add_argument("--key", help="the state dict inside a nested .pt checkpoint")
+    show.set_defaults(run=_show)
+
+    average = sub.add_parser("average", help="average checkpoints tensor by tensor, in bounded memory")
+    average.add_argument("inputs", nargs="+", metavar="CHECKPOINT")
+    average.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per input (normalized)")
+    _output_options(average)
+    average.set_defaults(run=_merge)
+
+    merge = sub.add_parser("merge", help="merge checkpoints: task arithmetic, TIES, DARE, SLERP, linear")
+    merge.add_argument("inputs", nargs="+", metavar="CHECKPOINT")
+    merge.add_argument("--method", required=True, choices=["linear", "task_arithmetic", "ties", "dare", "slerp"])
+    merge.add_argument("--base", help="the common ancestor (task_arithmetic, ties, dare)")
+    merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per input")
+    merge.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept")
+    merge.add_argument("--scale", type=float, help="task_arithmetic/ties/dare: scale of the merged task vector")
+    merge.add_argument("--t", type=float, help="slerp: interpolation position in [0, 1]")
+    merge.add_argument("--seed", type=int, help="dare: seed of the random drop")
+    _output_options(merge)
+    merge.set_defaults(run=_merge)
+
+    diff = sub.add_parser("diff", help="compare two checkpoints: max |a-b|, relative L2, cosine per tensor")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("selectors", nargs="*", metavar="SELECTOR")
+    diff.add_argument("--key", help="the state dict inside nested .pt checkpoints")
+    diff.set_defaults(run=_diff)
     return parser
 
 
@@ -60,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LayerwiseError, ValueError, OSError) as e:
         if args.debug:
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"layerwise {args.command}: error: {message} (run with --debug for the traceback)", file=sys.stderr)
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"layerwise {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

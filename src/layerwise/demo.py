@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from ._term import console as make_console
+from ._term import progress
 from .average import EMA, average
 from .freeze import freeze
 from .groups import param_groups
 from .inspect import show
-from ._term import console as make_console
-from ._term import progress
 
 __all__ = ["SiameseLSTM", "digit_pairs", "run"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LayerwiseError"]
+__all__ = ["CheckpointError", "LayerwiseError"]
 
 
 class LayerwiseError(Exception):
@@ -19,4 +19,16 @@ class LayerwiseError(Exception):
         ... except lw.LayerwiseError as e:
         ...     print(type(e).__name__)
         SelectionError
+    """
+
+
+class CheckpointError(LayerwiseError, ValueError):
+    """A checkpoint that cannot be read or written as asked; the message names the file and key.
+
+    Example:
+        >>> import layerwise as lw
+        >>> lw.load("missing.safetensors")
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.CheckpointError: missing.safetensors: no such file or folder
     """

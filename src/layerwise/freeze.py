@@ -10,7 +10,14 @@ import torch
 from torch import nn
 
 from .groups import add_param_group
-from .select import FAMILIES, Selection, SelectionError, Selector, select, select_modules
+from .select import (
+    FAMILIES,
+    Selection,
+    SelectionError,
+    Selector,
+    select,
+    select_modules,
+)
 
 __all__ = ["GradualUnfreeze", "freeze", "frozen", "unfreeze"]
 

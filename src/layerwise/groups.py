@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from rich.table import Table
 from torch import nn
 
 from ._term import console
-from .select import SelectionError, Selector, describe, parse, path_prefix, select, select_modules
+from .select import (
+    SelectionError,
+    Selector,
+    describe,
+    parse,
+    path_prefix,
+    select,
+    select_modules,
+)
 
 __all__ = ["add_param_group", "param_groups"]
 
-Rules = Union[Mapping[Any, Mapping[str, Any]], Sequence[tuple[Any, Mapping[str, Any]]]]
+Rules = Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Any, Mapping[str, Any]]]
 
 
 def _as_selectors(key: Any) -> tuple[Selector, ...]:

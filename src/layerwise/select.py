@@ -30,7 +30,6 @@ import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import nn
@@ -40,7 +39,7 @@ from .errors import LayerwiseError
 
 __all__ = ["FAMILIES", "Selection", "SelectionError", "Selector", "select", "select_modules"]
 
-Selector = Union[str, type[nn.Module], Callable[[str, torch.Tensor], bool]]
+Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
 
 
 class SelectionError(LayerwiseError, ValueError):

@@ -1,0 +1,338 @@
+"""Checkpoint files: safe loading, atomic saving, and streaming merges and diffs in bounded memory.
+
+Formats: safetensors files (first choice), ``.pt``/``.pth``/``.bin``/``.ckpt`` files read
+with ``torch.load(weights_only=True, mmap=True)`` (never unpickling code), and Hugging Face
+folders (``model.safetensors.index.json`` or ``pytorch_model.bin.index.json`` with shards).
+Merges and diffs stream: each tensor is read, combined, written and released before the
+next, so memory is bounded by a few tensors, not by the model (see ``_files.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+from torch import nn
+
+from ._files import (
+    TORCH_SUFFIXES,
+    Checkpoint,
+    PathLike,
+    Plan,
+    check_output,
+    default_permissions,
+    open_checkpoint,
+    parse_dtype,
+    parse_size,
+    write,
+)
+from ._tensors import alias_key, human_bytes
+from ._term import console
+from .average import (
+    METHODS,
+    check_compatible,
+    merge_tensors,
+    method_weights,
+    resolve_options,
+)
+from .errors import CheckpointError
+from .select import Selector
+from .select import select as _select
+
+__all__ = ["CheckpointError", "Diff", "diff_files", "load", "merge_files", "save"]
+
+
+def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"not a state dict: {', '.join(map(repr, bad[:5]))} are not tensors")
+        return obj
+    raise CheckpointError(f"save takes an nn.Module or a state dict, not {type(obj).__name__}")
+
+
+def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
+         max_shard_size: int | str | None = None, metadata: Mapping[str, str] | None = None,
+         overwrite: bool = False) -> Path:
+    """Save a model's state dict atomically: ``.safetensors``, ``.pt``/``.bin``, or a sharded folder.
+
+    Tied (shared) tensors are stored once and restored as shared by :func:`load`: safetensors
+    cannot hold shared tensors, so the aliases are recorded in the metadata. With
+    ``max_shard_size`` (bytes or ``"5GB"``) ``path`` is a folder in Hugging Face's layout
+    (``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``). The file is
+    written under a temporary name and renamed when complete; an existing ``path`` is
+    replaced only with ``overwrite=True``.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> lm = torch.nn.ModuleDict({"embed": torch.nn.Embedding(5, 3), "out": torch.nn.Linear(3, 5, bias=False)})
+        >>> _ = lw.tie(lm, "out.weight", "embed.weight")
+        >>> path = os.path.join(tempfile.mkdtemp(), "lm.safetensors")
+        >>> _ = lw.save(lm, path)
+        >>> sd = lw.load(path)
+        >>> sd["out.weight"] is sd["embed.weight"]
+        True
+    """
+    path = Path(path)
+    state = _state_dict(model_or_state_dict)
+    if path.suffix in TORCH_SUFFIXES and max_shard_size is None:
+        check_output(path, (), overwrite)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            default_permissions(Path(name))
+            with os.fdopen(fd, "wb") as f:
+                torch.save(dict(state), f)  # torch.save keeps shared storage shared
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+        return path
+    stored: dict[object, str] = {}
+    aliases: dict[str, str] = {}
+    entries = []
+    for k, t in state.items():
+        ak = alias_key(t)
+        if ak is not None and ak in stored:
+            aliases[k] = stored[ak]
+            continue
+        if ak is not None:
+            stored[ak] = k
+        entries.append((k, t.dtype, tuple(t.shape)))
+    plan = Plan(entries, aliases, dict(metadata or {}), parse_size(max_shard_size))
+    return write(plan, path, state.__getitem__, overwrite=overwrite)
+
+
+def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Load a checkpoint (file or Hugging Face folder) as a state dict, never unpickling code.
+
+    ``.pt``/``.pth``/``.bin``/``.ckpt`` files are read with ``torch.load(weights_only=True,
+    mmap=True)``; a file holding Python objects is refused with a note on converting it. A
+    nested checkpoint (``{"state_dict": ...}``, Lightning files) is found when unambiguous,
+    else ``key=`` chooses (the error lists the top-level keys). Tied tensors come back
+    shared. ``into=model`` loads the result with ``strict=True``.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+        >>> torch.save({"state_dict": torch.nn.Linear(2, 2).state_dict(), "epoch": 3}, path)
+        >>> sorted(lw.load(path))
+        ['bias', 'weight']
+    """
+    with open_checkpoint(path, key=key) as ckpt:
+        stored = {k: ckpt.read(k) for k in ckpt.specs if k not in ckpt.aliases}
+        state = {k: stored[ckpt.aliases.get(k, k)] for k in ckpt.specs}
+    if into is not None:
+        into.load_state_dict(state, strict=True)
+    return state
+
+
+@contextlib.contextmanager
+def _opened(paths: Sequence[PathLike], key: str | None) -> Iterator[list[Checkpoint]]:
+    opened: list[Checkpoint] = []
+    try:
+        for p in paths:
+            opened.append(open_checkpoint(p, key=key))
+        yield opened
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _byte_progress(enabled: bool, total: int, description: str) -> contextlib.AbstractContextManager:
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=console(stderr=True), disable=not enabled, transient=False)
+    bar.add_task(description, total=total)
+    return bar
+
+
+def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "linear",
+                weights: Sequence[float] | None = None, base: PathLike | None = None,
+                dtype: str | torch.dtype | None = None, select: Selector | Sequence[Selector] | None = None, *,
+                key: str | None = None, max_shard_size: int | str | None = None, overwrite: bool = False,
+                progress: bool = False, **options: Any) -> Path:
+    """Merge checkpoint files tensor by tensor into ``output``, in memory bounded by a few tensors.
+
+    The methods and options are those of :func:`layerwise.merge` and use the same per-tensor
+    function, so the file equals the in-memory result. Everything is checked before the first
+    byte is written: every key, shape and dtype difference between the inputs (all listed in
+    one error), the options, and the output path (never an input; an existing output only
+    with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...).
+    The output is a ``.safetensors`` file, or with ``max_shard_size`` a sharded folder; it
+    appears only when complete. ``progress=True`` shows bytes and throughput on stderr.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> a, b = (os.path.join(folder, n) for n in ("a.safetensors", "b.safetensors"))
+        >>> _ = lw.save({"w": torch.tensor([1.0, 2.0])}, a); _ = lw.save({"w": torch.tensor([3.0, 6.0])}, b)
+        >>> out = lw.merge_files([a, b], os.path.join(folder, "avg.safetensors"))
+        >>> lw.load(out)["w"]
+        tensor([2., 4.])
+    """
+    if method not in METHODS:
+        raise CheckpointError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    output, out_dtype = Path(output), parse_dtype(dtype)
+    if not inputs:
+        raise CheckpointError("no input checkpoints to merge")
+    paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
+    with _opened(paths, key) as opened:
+        models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
+        if method in ("task_arithmetic", "ties", "dare") and base_ckpt is None:
+            raise CheckpointError(f"{method} adds task vectors to a base: pass base=<the common ancestor's file>")
+        if method == "slerp" and len(models) != 2:
+            raise CheckpointError(f"slerp interpolates exactly two checkpoints; got {len(models)}")
+        labelled = ([base_ckpt] if base_ckpt is not None else []) + models
+        check_compatible([(c.label, c.specs) for c in labelled])
+        keys = list(models[0].specs)
+        w = method_weights(method, weights, len(models))
+        per_key = resolve_options(method, keys, options)
+        selectors = [] if select is None else [select] if isinstance(select, (str, type)) or callable(select) else list(select)
+        chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
+        first = labelled[0]
+        aliases = {a: s for a, s in first.aliases.items() if all(c.aliases.get(a) == s for c in labelled)}
+        entries = []
+        for k in keys:
+            if k not in aliases:
+                shape, in_dtype = first.specs[k]
+                entries.append((k, out_dtype if out_dtype is not None and in_dtype.is_floating_point else in_dtype, shape))
+        plan = Plan(entries, aliases, {"layerwise.merge": method}, parse_size(max_shard_size))
+
+        def tensor_of(k: str) -> torch.Tensor:
+            base_t = base_ckpt.read(k) if base_ckpt is not None else None
+            if k not in chosen:
+                source = base_t if base_t is not None else models[0].read(k)
+                return source.to(planned[k])
+            return merge_tensors(method, (m.read(k) for m in models), base_t, w, per_key[k], key=k, dtype=planned[k])
+
+        planned = {k: d for k, d, _ in entries}
+        check_output(output, paths, overwrite)  # before the progress bar starts
+        read_per_key = {k: sum(c.nbytes(k) for c in labelled) for k, _, _ in entries}
+        with _byte_progress(progress, sum(read_per_key.values()), f"{method} → {output.name}") as bar:
+            return write(plan, output, tensor_of, overwrite=overwrite, inputs=paths,
+                          progress=lambda k: bar.advance(bar.task_ids[0], read_per_key[k]))
+
+
+@dataclass
+class Diff:
+    """What :func:`diff_files` found: per-tensor distances and the keys, shapes and dtypes that differ.
+
+    ``rows`` hold ``{"key", "max_abs", "rel_l2", "cosine"}`` per compared tensor; ``only_a``,
+    ``only_b`` and ``mismatched`` list what could not be compared. Prints as a rich table.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> a, b = os.path.join(folder, "a.safetensors"), os.path.join(folder, "b.safetensors")
+        >>> _ = lw.save({"w": torch.ones(2), "x": torch.ones(1)}, a); _ = lw.save({"w": torch.ones(2)}, b)
+        >>> d = lw.diff_files(a, b)
+        >>> d.identical, d.only_a, d.rows[0]["cosine"]
+        (False, ['x'], 1.0)
+    """
+
+    a: str
+    b: str
+    rows: list[dict[str, Any]]
+    only_a: list[str]
+    only_b: list[str]
+    mismatched: list[str]
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in self.rows}
+
+    @property
+    def identical(self) -> bool:
+        return not (self.only_a or self.only_b or self.mismatched) and all(r["max_abs"] == 0 for r in self.rows)
+
+    def __rich__(self) -> Table:
+        table = Table(title=f"{self.a} vs {self.b}", title_justify="left",
+                      caption="; ".join(filter(None, [
+                          f"only in {self.a}: {', '.join(self.only_a)}" if self.only_a else "",
+                          f"only in {self.b}: {', '.join(self.only_b)}" if self.only_b else "",
+                          f"differ in shape/dtype: {'; '.join(self.mismatched)}" if self.mismatched else ""])) or None)
+        for header in ("tensor", "max |a−b|", "relative L2", "cosine"):
+            table.add_column(header, justify="left" if header == "tensor" else "right")
+        for r in self.rows:
+            table.add_row(r["key"], f"{r['max_abs']:.3g}", f"{r['rel_l2']:.3g}", f"{r['cosine']:.6f}")
+        return table
+
+    def print(self, file: IO[str] | None = None) -> None:
+        console(file).print(self)
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    x, y = a.to(torch.float64).flatten(), b.to(torch.float64).flatten()  # a report: exact beats fast
+    xx, yy, xy, dd = x @ x, y @ y, x @ y, (x - y) @ (x - y)
+    return {
+        "max_abs": (x - y).abs().max().item() if x.numel() else 0.0,
+        "rel_l2": 0.0 if dd == 0 else (dd / xx).sqrt().item() if xx > 0 else math.inf,
+        "cosine": 1.0 if xx == 0 and yy == 0 else (xy / (xx * yy).sqrt()).item() if xx > 0 and yy > 0 else 0.0,
+    }
+
+
+def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None = None) -> Diff:
+    """Compare two checkpoints tensor by tensor, streaming: max |a−b|, relative L2 ‖a−b‖/‖a‖, cosine.
+
+    Keys only in one file and tensors whose shape or dtype differ are listed, not compared.
+    Selectors restrict the keys compared (names only: no ``type:``).
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = lw.save({"w": torch.tensor([3.0, 4.0])}, os.path.join(folder, "a.safetensors"))
+        >>> _ = lw.save({"w": torch.tensor([3.0, 4.5])}, os.path.join(folder, "b.safetensors"))
+        >>> d = lw.diff_files(os.path.join(folder, "a.safetensors"), os.path.join(folder, "b.safetensors"))
+        >>> d.to_dict()["w"]["max_abs"], d.to_dict()["w"]["rel_l2"]
+        (0.5, 0.1)
+    """
+    with _opened([a, b], key) as (ca, cb):
+        keys = [k for k in ca.specs if k in cb.specs]
+        if selectors:
+            keys = _select(dict.fromkeys(ca.specs), *selectors).names()
+            keys = [k for k in keys if k in cb.specs]
+        rows, mismatched = [], []
+        for k in keys:
+            (sa, da), (sb, db) = ca.specs[k], cb.specs[k]
+            if sa != sb or da != db:
+                mismatched.append(f"{k}: {da} {list(sa)} vs {db} {list(sb)}")
+                continue
+            rows.append({"key": k, **_distance(ca.read(k), cb.read(k))})
+        return Diff(ca.label, cb.label, rows, [k for k in ca.specs if k not in cb.specs],
+                    [k for k in cb.specs if k not in ca.specs], mismatched)
+
+
+def describe_file(path: PathLike, *selectors: Selector, key: str | None = None) -> Table:
+    """A table of a checkpoint's tensors from its header(s): name, dtype, shape, numel, bytes, totals."""
+    with open_checkpoint(path, key=key) as ckpt:
+        keys = _select(dict.fromkeys(ckpt.specs), *selectors).names() if selectors else list(ckpt.specs)
+        stored = [k for k in ckpt.specs if k not in ckpt.aliases]
+        total = sum(ckpt.nbytes(k) for k in stored)
+        numel = sum(math.prod(ckpt.specs[k][0]) for k in stored)
+        table = Table(title=f"{ckpt.label}: {len(stored)} tensors, {numel:,} elements, {human_bytes(total)}",
+                      title_justify="left")
+        for header in ("name", "dtype", "shape", "numel", "bytes", "alias of"):
+            table.add_column(header, justify="right" if header in ("numel", "bytes") else "left")
+        for k in keys:
+            shape, dtype = ckpt.specs[k]
+            table.add_row(k, str(dtype).removeprefix("torch."), "×".join(map(str, shape)) or "scalar",
+                          f"{math.prod(shape):,}", human_bytes(ckpt.nbytes(k)), ckpt.aliases.get(k, ""))
+        return table

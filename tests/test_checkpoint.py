@@ -1,0 +1,317 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import layerwise as lw
+from layerwise._files import open_checkpoint
+
+from conftest import TiedLM
+
+
+def net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3))
+    model[1].num_batches_tracked.fill_(seed + 1)
+    return model
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file under folder with its content hash: a test sees anything added, removed or changed."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def three(tmp_path):
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        lw.save(net(i), paths[-1])
+    return paths
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "m.bin"])
+def test_round_trip_of_every_dtype(tmp_path, name):
+    state = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
+             "f64": torch.randn(2).double(), "i64": torch.arange(4), "bool": torch.tensor([True, False]),
+             "u8": torch.arange(3, dtype=torch.uint8), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    lw.save(state, tmp_path / name)
+    assert same(lw.load(tmp_path / name), state)
+
+
+def test_safetensors_files_interoperate_with_the_safetensors_library(tmp_path):
+    state = {"a": torch.randn(3, 3), "b": torch.arange(5).int(), "c": torch.randn(7).bfloat16()}
+    lw.save(state, tmp_path / "ours.safetensors")
+    assert same(safetensors.torch.load_file(tmp_path / "ours.safetensors"), state)
+    safetensors.torch.save_file(state, tmp_path / "theirs.safetensors")
+    assert same(lw.load(tmp_path / "theirs.safetensors"), state)
+
+
+@pytest.mark.parametrize("name, shard", [("tied.safetensors", None), ("tied.pt", None), ("tied_folder", 200)])
+def test_tied_tensors_are_stored_once_and_restored_shared(tmp_path, name, shard):
+    model = TiedLM()
+    lw.save(model, tmp_path / name, max_shard_size=shard)
+    state = lw.load(tmp_path / name)
+    assert state["decoder.weight"] is state["embed.weight"]
+    fresh = TiedLM()
+    lw.load(tmp_path / name, into=fresh)
+    assert fresh.decoder.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
+    if name.endswith(".safetensors"):
+        stored = safetensors.torch.load_file(tmp_path / name)
+        assert "decoder.weight" not in stored and "embed.weight" in stored
+
+
+def test_sharded_folder_in_hugging_face_layout(tmp_path):
+    model = net(0)
+    lw.save(model, tmp_path / "hf", max_shard_size="100B")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert same(lw.load(tmp_path / "hf"), model.state_dict())
+    assert same(lw.load(tmp_path / "hf" / "model.safetensors.index.json"), model.state_dict())
+
+
+def test_pytorch_model_bin_index_folder_is_read(tmp_path):
+    state = net(0).state_dict()
+    keys = list(state)
+    (tmp_path / "hf").mkdir()
+    torch.save({k: state[k] for k in keys[:4]}, tmp_path / "hf" / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: state[k] for k in keys[4:]}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    weight_map = {k: f"pytorch_model-0000{1 if i < 4 else 2}-of-00002.bin" for i, k in enumerate(keys)}
+    (tmp_path / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert same(lw.load(tmp_path / "hf"), state)
+
+
+def test_nested_checkpoints_and_key(tmp_path):
+    state = net(0).state_dict()
+    torch.save({"state_dict": state, "epoch": 3, "optimizer_states": [{"lr": 0.1}], "hyper_parameters": {"lr": 0.1}},
+               tmp_path / "lightning.ckpt")
+    assert same(lw.load(tmp_path / "lightning.ckpt"), state)
+    torch.save({"model": state, "ema": state, "step": 7}, tmp_path / "two.pt")
+    with pytest.raises(lw.CheckpointError) as e:
+        lw.load(tmp_path / "two.pt")
+    assert "two.pt" in str(e.value) and "model (dict of 9 tensors)" in str(e.value) and "step (int)" in str(e.value)
+    assert same(lw.load(tmp_path / "two.pt", key="ema"), state)
+    with pytest.raises(lw.CheckpointError, match="no key 'nope'; top-level keys: model"):
+        lw.load(tmp_path / "two.pt", key="nope")
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_pickle_with_code_is_refused_and_explained(tmp_path):
+    torch.save({"w": torch.zeros(2), "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(lw.CheckpointError) as e:
+        lw.load(tmp_path / "evil.pt")
+    message = str(e.value)
+    assert "evil.pt" in message and "never runs code" in message and "weights_only=False" in message
+
+
+# --------------------------------------------------------------------------- merge_files
+
+
+@pytest.mark.parametrize("method, options", [
+    ("linear", {}), ("linear", {"weights": [1, 2]}), ("task_arithmetic", {"scale": 0.7}),
+    ("ties", {"density": 0.5}), ("dare", {"density": 0.5, "seed": 1}), ("slerp", {"t": {"0": 0.2, "2": 0.9}}),
+])
+def test_merge_files_equals_the_in_memory_merge(tmp_path, three, method, options):
+    base, a, b = three
+    needs_base = method in ("task_arithmetic", "ties", "dare")
+    out = lw.merge_files([a, b], tmp_path / "out.safetensors", method, base=base if needs_base else None, **options)
+    weights = options.pop("weights", None)
+    expected = lw.merge(lw.load(base) if needs_base else None, [lw.load(a), lw.load(b)], method, weights=weights, **options)
+    assert same(lw.load(out), expected)
+
+
+def test_merge_files_select_and_dtype(tmp_path, three):
+    base, a, b = three
+    out = lw.merge_files([a, b], tmp_path / "out.safetensors", base=base, select="2", dtype="bf16")
+    got, expected = lw.load(out), lw.merge(lw.load(base), [lw.load(a), lw.load(b)], select="2")
+    assert got["2.weight"].dtype == torch.bfloat16 and torch.equal(got["2.weight"], expected["2.weight"].bfloat16())
+    assert torch.equal(got["0.weight"], lw.load(base)["0.weight"].bfloat16())  # unselected: from the base
+    assert got["1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_merge_files_keeps_ties_and_shards(tmp_path):
+    for i in range(2):
+        torch.manual_seed(i)
+        lw.save(TiedLM(), tmp_path / f"lm{i}.safetensors")
+    out = lw.merge_files([tmp_path / "lm0.safetensors", tmp_path / "lm1.safetensors"], tmp_path / "avg", max_shard_size=300)
+    state = lw.load(out)
+    assert state["decoder.weight"] is state["embed.weight"]
+    assert same(state, lw.average([lw.load(tmp_path / "lm0.safetensors"), lw.load(tmp_path / "lm1.safetensors")]))
+
+
+def test_merge_files_overwrite(tmp_path, three):
+    out = tmp_path / "out.safetensors"
+    lw.merge_files(three[:2], out)
+    with pytest.raises(lw.CheckpointError, match="already exists; pass overwrite=True"):
+        lw.merge_files(three[1:], out)
+    lw.merge_files(three[1:], out, overwrite=True)
+    assert same(lw.load(out), lw.average([lw.load(p) for p in three[1:]]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors", "out.safetensors"]
+
+
+MEMORY_CHILD = textwrap.dedent("""
+    import resource, sys, torch, layerwise as lw
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lw.merge_files(sys.argv[1:-1], sys.argv[-1])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) * 1024)
+""")
+
+
+def test_merge_files_memory_is_bounded_by_a_few_tensors(tmp_path):
+    tensor_bytes = 8 * 1024 * 1024
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"big{i}.safetensors")
+        lw.save({f"t{k}": torch.full((tensor_bytes // 4,), float(i)) for k in range(12)}, paths[-1])
+    total = 4 * 12 * tensor_bytes
+    run = subprocess.run([sys.executable, "-c", MEMORY_CHILD, *map(str, paths), str(tmp_path / "out.safetensors")],
+                         capture_output=True, text=True, check=True)
+    growth = int(run.stdout.strip())
+    # A few tensors' worth (the accumulator, one input, allocator slack), not the 384 MB of inputs.
+    assert growth < total / 4, f"peak RSS grew {growth / 2**20:.0f} MB; the inputs are {total / 2**20:.0f} MB"
+    assert torch.equal(lw.load(tmp_path / "out.safetensors")["t11"], torch.full((tensor_bytes // 4,), 1.5))
+
+
+# --------------------------------------------------------------------------- diff
+
+
+def test_diff_values_against_hand_computation(tmp_path):
+    a = {"w": torch.tensor([3.0, 4.0]), "same": torch.ones(3), "only_a": torch.zeros(1), "shape": torch.zeros(2)}
+    b = {"w": torch.tensor([0.0, 5.0]), "same": torch.ones(3), "only_b": torch.zeros(1), "shape": torch.zeros(3)}
+    lw.save(a, tmp_path / "a.safetensors")
+    lw.save(b, tmp_path / "b.safetensors")
+    d = lw.diff_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    w = d.to_dict()["w"]
+    assert w["max_abs"] == 3.0
+    assert w["rel_l2"] == pytest.approx((9 + 1) ** 0.5 / 5)
+    assert w["cosine"] == pytest.approx(20 / 25)
+    assert d.to_dict()["same"] == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
+    assert d.only_a == ["only_a"] and d.only_b == ["only_b"] and d.mismatched[0].startswith("shape:")
+    assert list(lw.diff_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "w").to_dict()) == ["w"]
+
+
+# --------------------------------------------------------------------------- bad input: nothing written, nothing touched
+
+
+def assert_refused(folder: Path, call, *fragments: str) -> None:
+    before = fingerprint(folder)
+    with pytest.raises(lw.LayerwiseError) as e:
+        call()
+    for fragment in fragments:
+        assert fragment in str(e.value), (fragment, str(e.value))
+    assert fingerprint(folder) == before, "a refused merge must not write or change any file"
+
+
+def test_truncated_and_corrupt_safetensors_are_refused(tmp_path, three):
+    data = three[1].read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[:-10])
+    assert_refused(tmp_path, lambda: lw.merge_files([three[0], tmp_path / "trunc.safetensors"], tmp_path / "o.safetensors"),
+                   "trunc.safetensors", "truncated", "2.bias")
+    header_len = int.from_bytes(data[:8], "little")
+    (tmp_path / "corrupt.safetensors").write_bytes(data[:8] + b"{" + b"x" * (header_len - 1) + data[8 + header_len:])
+    assert_refused(tmp_path, lambda: lw.merge_files([three[0], tmp_path / "corrupt.safetensors"], tmp_path / "o.safetensors"),
+                   "corrupt.safetensors", "corrupt safetensors header")
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    assert_refused(tmp_path, lambda: lw.load(tmp_path / "tiny.safetensors"), "tiny.safetensors", "too short")
+
+
+def test_pickled_code_input_is_refused(tmp_path, three):
+    torch.save({"w": torch.zeros(2), "evil": Payload()}, tmp_path / "evil.pt")
+    assert_refused(tmp_path, lambda: lw.merge_files([three[0], tmp_path / "evil.pt"], tmp_path / "o.safetensors"),
+                   "evil.pt", "refused to unpickle")
+
+
+def test_differing_inputs_list_every_difference(tmp_path, three):
+    state = lw.load(three[1])
+    state.pop("0.bias")
+    state["extra"] = torch.zeros(1)
+    state["2.weight"] = torch.zeros(4, 6)
+    state["1.running_mean"] = state["1.running_mean"].double()
+    lw.save(state, tmp_path / "odd.safetensors")
+    assert_refused(tmp_path, lambda: lw.merge_files([three[0], tmp_path / "odd.safetensors"], tmp_path / "o.safetensors"),
+                   "odd.safetensors lacks 1 key(s)", "0.bias", "extra", "2.weight: shape (3, 6)", "(4, 6)",
+                   "1.running_mean: dtype torch.float32", "torch.float64")
+
+
+def test_output_equal_to_an_input_is_refused(tmp_path, three):
+    assert_refused(tmp_path, lambda: lw.merge_files(three[:2], three[1], overwrite=True), "would overwrite the input")
+    assert_refused(tmp_path, lambda: lw.merge_files(three[:2], tmp_path / "." / three[0].name, overwrite=True),
+                   "would overwrite the input")
+
+
+def test_missing_or_unwritable_output_folder_is_refused(tmp_path, three):
+    assert_refused(tmp_path, lambda: lw.merge_files(three[:2], tmp_path / "nope" / "o.safetensors"), "does not exist")
+    if os.geteuid() == 0:
+        unwritable = Path("/sys")  # root may write anywhere else
+        assert_refused(tmp_path, lambda: lw.merge_files(three[:2], unwritable / "o.safetensors"), "/sys")
+        assert not (unwritable / "o.safetensors").exists()
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert_refused(tmp_path, lambda: lw.merge_files(three[:2], locked / "o.safetensors"), "not writable")
+
+
+def test_bad_method_and_options_are_refused_before_writing(tmp_path, three):
+    assert_refused(tmp_path, lambda: lw.merge_files(three[:2], tmp_path / "o.safetensors", "ties"), "pass base=")
+    with pytest.raises(lw.MergeError, match="density"):
+        lw.merge_files(three[1:], tmp_path / "o.safetensors", "ties", base=three[0], density=0.0)
+    assert not (tmp_path / "o.safetensors").exists()
+    assert_refused(tmp_path, lambda: lw.merge_files(three[:2], tmp_path / "o.safetensors", dtype="fp12"), "fp12")
+
+
+KILL_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import layerwise.checkpoint as checkpoint
+    real = checkpoint.merge_tensors
+    calls = []
+    def merge_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # half-way through the tensors
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    checkpoint.merge_tensors = merge_then_die
+    checkpoint.merge_files(sys.argv[1:3], sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("output", ["out.safetensors", "out_folder"])
+def test_a_merge_killed_midway_leaves_nothing_at_the_output(tmp_path, three, output):
+    before = fingerprint(tmp_path)
+    code = KILL_CHILD if output.endswith(".safetensors") else KILL_CHILD.replace(
+        "sys.argv[3])", "sys.argv[3], max_shard_size=100)")
+    run = subprocess.run([sys.executable, "-c", code, str(three[0]), str(three[1]), str(tmp_path / output)])
+    assert run.returncode == -signal.SIGKILL
+    assert not (tmp_path / output).exists()
+    leftovers = set(fingerprint(tmp_path)) - set(before)
+    assert all(Path(p).parts[0].startswith(f".{output}.") for p in leftovers), leftovers
+    assert {k: v for k, v in fingerprint(tmp_path).items() if k in before} == before
+
+
+def test_open_checkpoint_reads_headers_only(three):
+    with open_checkpoint(three[0]) as ckpt:
+        assert ckpt.specs["0.weight"] == ((6, 5), torch.float32)
+        assert ckpt._files == {}  # nothing read yet
