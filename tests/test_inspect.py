@@ -47,3 +47,14 @@ def test_selectors_restrict_rows_not_totals(interleaved):
     rows = lw.show(interleaved, None, "linear", quiet=True)
     assert [r["name"] for r in rows] == ["linear.weight", "linear.bias"]
     assert rows.total == sum(p.numel() for p in interleaved.parameters())
+
+
+def test_a_hand_frozen_parameter_with_a_stale_gradient_is_flagged(interleaved):
+    interleaved(torch.randn(2, 3, 4)).sum().backward()
+    interleaved.lstm2.requires_grad_(False)  # the hand-written freeze keeps .grad
+    out = io.StringIO()
+    rows = {r["name"]: r for r in lw.show(interleaved, file=out)}
+    assert rows["lstm2.weight_ih_l0"]["stale_grad"] and not rows["lstm1.weight_ih_l0"]["stale_grad"]
+    assert "stale .grad" in out.getvalue()
+    lw.freeze(interleaved, "lstm2")
+    assert not any(r["stale_grad"] for r in lw.show(interleaved, quiet=True))

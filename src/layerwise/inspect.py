@@ -57,8 +57,10 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     """Print one table of every parameter and return its rows as plain dicts.
 
     Columns: name, shape, numel, dtype, trainable, the other names of a shared parameter,
-    and with an ``optimizer`` its group index, lr and weight decay (a trainable parameter
-    missing from the optimizer is flagged). Pass ``inputs`` (a tensor or a tuple of forward
+    and with an ``optimizer`` its group index, lr and weight decay. Two classic bugs are
+    flagged: a trainable parameter missing from the optimizer, and a frozen parameter that
+    still holds a ``.grad`` (``stale_grad``: the optimizer's momentum or weight decay will keep
+    moving it; ``lw.freeze`` clears it). Pass ``inputs`` (a tensor or a tuple of forward
     arguments) to also count how many times each parameter's module runs per forward, so a
     layer applied to two branches shows ``2``. Totals count a shared parameter once.
     Selectors restrict the rows, not the totals.
@@ -87,6 +89,8 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
             "numel": p.numel(),
             "dtype": str(p.dtype).removeprefix("torch."),
             "trainable": p.requires_grad,
+            # A frozen parameter that still holds a gradient: momentum or weight decay will move it.
+            "stale_grad": not p.requires_grad and p.grad is not None,
             "shared_with": list(names[1:]),
         }
         if calls is not None:
@@ -119,7 +123,8 @@ def _table(rows: LayerTable) -> Table:
             table.add_column(header, justify="right")
     for r in rows:
         cells = [r["name"], "×".join(map(str, r["shape"])) or "scalar", f"{r['numel']:,}", r["dtype"],
-                 "[green]yes[/]" if r["trainable"] else "[blue]frozen[/]", ", ".join(r["shared_with"])]
+                 "[green]yes[/]" if r["trainable"] else "[red]frozen, stale .grad[/]" if r["stale_grad"] else "[blue]frozen[/]",
+                 ", ".join(r["shared_with"])]
         if with_calls:
             cells.append(f"[bold]{r['calls']}[/]" if r["calls"] > 1 else str(r["calls"]))
         if with_optimizer:

@@ -1,0 +1,31 @@
+"""A learning rate (and weight decay) per layer, and layer-wise LR decay, as param groups.
+
+Run: python examples/03_per_layer_lr.py
+"""
+
+import torch
+from torch import nn
+
+import layerwise as lw
+
+torch.manual_seed(0)
+model = nn.ModuleDict({
+    "embed": nn.Embedding(100, 32),
+    "layers": nn.ModuleList(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True) for _ in range(4)),
+    "norm": nn.LayerNorm(32),
+    "head": nn.Linear(32, 5),
+})
+
+# Rules cascade: later rules override only the options they name. Biases and norm weights
+# get no weight decay; every trainable parameter lands in exactly one group.
+groups = lw.param_groups(model, {"**": {"lr": 1e-3}, "head": {"lr": 1e-2}}, weight_decay=0.05, verbose=True)
+optimizer = torch.optim.AdamW(groups)
+
+# Layer-wise LR decay (BEiT/ELECTRA): layer i of L gets lr * d ** (L + 1 - i).
+decayed = lw.param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, layers="layers.*")
+for g in decayed:
+    print(f"lr_scale {g['lr_scale']:<7} lr {g['lr']:.2e} wd {g['weight_decay']:<5} {g['names'][0]} ...")
+
+# The per-parameter view: group, lr and weight decay of every layer.
+lw.show(model, torch.optim.AdamW(decayed), "layers.0.**", "head")
+assert {g["lr_scale"] for g in decayed} == {0.5 ** k for k in range(6)}
