@@ -258,8 +258,13 @@ class _Context:
         return [p for p in self.modules if p]
 
 
-def _class_names(module: nn.Module) -> set[str]:
-    return {c.__name__ for c in type(module).__mro__ if c not in (nn.Module, object)}
+def _class_names(module: nn.Module) -> frozenset[str]:
+    return _mro_names(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _mro_names(cls: type) -> frozenset[str]:
+    return frozenset(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
 
 
 def _module_test(parsed: ParsedSelector, ctx: _Context) -> Callable[[nn.Module], bool]:
