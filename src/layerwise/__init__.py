@@ -13,6 +13,8 @@ from .average import EMA, MergeError, average, greedy_soup, merge
 from .distributed import PeriodicAverager, average_parameters
 from .errors import LayerwiseError
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
+from .grads import (CSVSink, GradError, GradMonitor, JSONLSink, NonFiniteGradError, TensorBoardSink, check_grads,
+                    grad_stats, watch_nonfinite)
 from .groups import add_param_group, param_groups
 from .inspect import show
 from .select import Selection, SelectionError, select
@@ -21,18 +23,26 @@ from .share import shared, tie
 __version__ = "0.1.0"
 
 __all__ = [
+    "CSVSink",
     "EMA",
+    "GradError",
+    "GradMonitor",
     "GradualUnfreeze",
+    "JSONLSink",
     "LayerwiseError",
     "MergeError",
+    "NonFiniteGradError",
     "PeriodicAverager",
     "Selection",
     "SelectionError",
+    "TensorBoardSink",
     "add_param_group",
     "average",
     "average_parameters",
+    "check_grads",
     "freeze",
     "frozen",
+    "grad_stats",
     "greedy_soup",
     "merge",
     "param_groups",
@@ -41,4 +51,5 @@ __all__ = [
     "show",
     "tie",
     "unfreeze",
+    "watch_nonfinite",
 ]
