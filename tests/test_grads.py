@@ -58,6 +58,8 @@ def test_half_precision_gradients_are_accumulated_in_float32():
 
 
 def test_a_parameter_without_gradient_is_reported_not_skipped(vit):
+    before = lw.grad_stats(vit)
+    assert all(row is None for _, row in before) and len(before.no_grad) == len(before)
     vit.head(torch.randn(2, 8)).sum().backward()
     result = lw.grad_stats(vit)
     assert len(result) == len(list(vit.parameters()))
@@ -455,14 +457,21 @@ def fsdp_rank(rank: int, world_size: int):
     monitor.step()
     weight_norms = {r["layer"]: r["weight_norm"] for r in monitor.history}
     local_numel = [p.to_local().numel() for p in model.parameters()]
-    return sharded, by_module, weight_norms, local_numel, lw.check_grads(model).ok, {
+    ok = lw.check_grads(model).ok
+    model.zero_grad()
+    with lw.watch_nonfinite(model), pytest.raises(lw.NonFiniteGradError) as e:
+        model(torch.full((1, 4), math.nan)).sum().backward()
+    nonfinite = (e.value.names, lw.check_grads(model).nonfinite)
+    return sharded, by_module, weight_norms, local_numel, ok, nonfinite, {
         "param": lw.grad_stats(reference).to_dict(), "module": lw.grad_stats(reference, by="module").to_dict(),
         "weight": {n: p.detach().norm().item() for n, p in reference.named_parameters()}}
 
 
 def test_sharded_parameters_get_the_statistics_of_the_full_tensors(run_ranks):
-    for rank, (sharded, by_module, weight_norms, local_numel, ok, ref) in enumerate(run_ranks(fsdp_rank)):
+    for rank, (sharded, by_module, weight_norms, local_numel, ok, nonfinite, ref) in enumerate(run_ranks(fsdp_rank)):
         assert ok
+        watched, checked = nonfinite  # watch_nonfinite raised on every rank, naming what check_grads finds
+        assert sorted(watched) == sorted(checked) and checked
         if rank == 1:
             assert 0 in local_numel
         for name, want in ref["param"].items():

@@ -390,21 +390,21 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
     pooled, pooled_numel = _pool(prims.values(), numel, group, len(rows))
     derived = {s: v.tolist() for s, v in _derive(pooled, pooled_numel, stats).items()}
-    sumsq, max_abs = pooled["sumsq"].tolist(), pooled.get("max_abs", pooled["sumsq"]).tolist()
+    dead = (pooled["sumsq"] == 0).tolist()
+    finite = (pooled["sumsq"].isfinite() & pooled.get("max_abs", pooled["sumsq"]).isfinite()).tolist()
     present = set(group.tolist())
 
     numels: dict[str, int] = defaultdict(int)
     for n, p in zip(names, params):
         numels[group_of(n)] += p.numel()
-    frozen = {group_of(n) for n, p in zip(names, params) if not p.requires_grad}
-    title = "Gradients" if by == "param" else f"Gradients by {by}" if isinstance(by, str) else f"Gradients by depth {by}"
     return GradStats(
         rows={row: {s: derived[s][r] for s in stats} if r in present else None for r, row in enumerate(rows)},
         numel=dict(numels), stats=stats,
         no_grad=[n for n, p in zip(names, params) if p.grad is None],
-        dead=[row for r, row in enumerate(rows) if r in present and sumsq[r] == 0],
-        nonfinite=[row for r, row in enumerate(rows) if r in present and not math.isfinite(max_abs[r] + sumsq[r])],
-        frozen=frozen, title=title)
+        dead=[row for r, row in enumerate(rows) if r in present and dead[r]],
+        nonfinite=[row for r, row in enumerate(rows) if r in present and not finite[r]],
+        frozen={group_of(n) for n, p in zip(names, params) if not p.requires_grad},
+        title="Gradients" if by == "param" else f"Gradients by {by if isinstance(by, str) else f'depth {by}'}")
 
 
 # --------------------------------------------------------------------------- anomaly checks
@@ -440,7 +440,8 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
     """Name every parameter whose gradient holds NaN or inf, and every one that received none.
 
     One fused pass over the gradients and one transfer to the host. Parameters are chosen as
-    by :func:`grad_stats`: every trainable one, or exactly those the selectors select.
+    by :func:`grad_stats`: every trainable one, or exactly those the selectors select. With
+    sharded parameters every rank must call it (it all-reduces).
 
     Example:
         >>> import layerwise as lw, torch
@@ -518,7 +519,8 @@ def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:
     """Raise during ``backward()`` naming the first parameter whose gradient became NaN or inf.
 
     "First" is in the order gradients arrive in backward, so it points at the layer where the
-    NaN/inf arises rather than the many layers it then spreads to. The cost is a Python
+    NaN/inf arises rather than the many layers it then spreads to (under FSDP2, the order of
+    the sharded groups' gradient reductions). The cost is a Python
     call per parameter and one pass over the gradients with one host sync per backward, far
     below ``torch.autograd.detect_anomaly``. Parameters are chosen as by :func:`grad_stats`.
     Returns a handle to ``remove()``, also a context manager.
@@ -727,8 +729,9 @@ class _Record:
         return [t for part in self._parts() for t in part]
 
     def load(self, host: list[Tensor]) -> None:
-        sizes = [len(part) for part in self._parts()]
-        grad, weight, delta, self.hist, scale = (host[sum(sizes[:k]):sum(sizes[:k + 1])] for k in range(5))
+        """Put back what :meth:`tensors` gave, once moved to the host."""
+        rest = iter(host)
+        grad, weight, delta, self.hist, scale = ([next(rest) for _ in part] for part in self._parts())
         self.grad.load(grad)
         self.weight.load(weight)
         if self.delta:
@@ -793,14 +796,14 @@ class GradMonitor:
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.steps = 0
         self._model = model
-        self._histograms = any(getattr(s, "histograms", False) for s in self.sinks)
-        if self._histograms and any(_unshard(self._params)[1]):
+        self._with_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
+        if self._with_histograms and any(_unshard(self._params)[1]):
             raise GradError("gradient histograms of sharded (DTensor) parameters are not supported: "
                             "use TensorBoardSink(histograms=False), or select unsharded parameters.")
         self._needed = _needed(self.stats, *(("max_abs",) if on_nonfinite != "ignore" else ()),
-                               *(("sum",) if self._histograms else ()))
-        self._pending: list[_Record] = []
-        self._history: list[dict[str, Any]] = []
+                               *(("sum",) if self._with_histograms else ()))
+        self._pending: list[_Record] = []  # measured, still on the device
+        self._done: list[_Record] = []  # on the host: rows are built when asked for, to keep memory small
         self._current: _Record | None = None
         self._snapshot: list[Tensor] | None = None
         self._handles = [] if optimizer is None else [optimizer.register_step_pre_hook(self._before_step),
@@ -851,7 +854,7 @@ class GradMonitor:
         weights, weight_shards = _unshard(self._params)
         record = _Record(self.steps, have, _primitives(grads, grad_shards, self._needed, self.foreach),
                          _primitives(weights, weight_shards, ("sumsq",), self.foreach),
-                         [_histogram(g, _BINS) for g in grads] if self._histograms else [],
+                         [_histogram(g, _BINS) for g in grads] if self._with_histograms else [],
                          None if scale is None else scale.detach().reshape(1))
         if self.on_nonfinite == "ignore" or scaler_in_charge:
             return record
@@ -862,11 +865,10 @@ class GradMonitor:
             message = (f"non-finite gradient at step {record.step} in {', '.join(bad)}. Run lw.watch_nonfinite(model) "
                        "to find the layer where it first appears, and check the learning rate and the loss.")
             if self.on_nonfinite == "raise":
-                self._snapshot = None
                 self._pending.append(record)
                 self.flush()
                 raise NonFiniteGradError(message, bad, record.step)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         return record
 
     def _finish(self, record: _Record) -> None:
@@ -880,7 +882,7 @@ class GradMonitor:
         for record, part in zip(records, parts):
             record.load([next(host) for _ in part])
 
-    def _rows(self, record: _Record) -> tuple[list[dict[str, Any]], dict[str, Histogram]]:
+    def _rows(self, record: _Record) -> list[dict[str, Any]]:
         grad = record.grad.values()
         _unscale(grad, record.scale)
         numel = torch.tensor([float(self._params[i].numel()) for i in record.have], dtype=torch.float64)
@@ -899,14 +901,19 @@ class GradMonitor:
                 row["update_ratio"] = delta[i] / weight[i] if delta is not None and weight[i] > 0 else None
             row["dead"] = None if j is None else sumsq[j] == 0
             rows.append(row)
-        histograms = {}
+        return rows
+
+    def _histograms(self, record: _Record) -> dict[str, Histogram]:
+        grad = record.grad.values()
+        _unscale(grad, record.scale)
         scale = 1.0 if record.scale is None else float(record.scale)
+        out = {}
         for j, (i, h) in enumerate(zip(record.have, record.hist)):
             lo, hi = float(h[0]) / scale, float(h[1]) / scale
-            histograms[self.names[i]] = Histogram(
-                lo, hi, int(numel[j]), float(grad["sum"][j]), sumsq[j],
-                [lo + (hi - lo) * (k + 1) / _BINS for k in range(_BINS)], h[2:].tolist())
-        return rows, histograms
+            out[self.names[i]] = Histogram(lo, hi, self._params[i].numel(), float(grad["sum"][j]),
+                                           float(grad["sumsq"][j]), [lo + (hi - lo) * (k + 1) / _BINS for k in range(_BINS)],
+                                           h[2:].tolist())
+        return out
 
     # -- results
 
@@ -915,17 +922,19 @@ class GradMonitor:
         pending, self._pending = self._pending, []
         self._materialize(pending)
         for record in pending:
-            rows, histograms = self._rows(record)
-            self._history.extend(rows)
-            if _is_writer():
+            if self.sinks and _is_writer():
+                rows = self._rows(record)
+                histograms = self._histograms(record) if self._with_histograms else None
                 for sink in self.sinks:
                     sink.write(record.step, rows, histograms if getattr(sink, "histograms", False) else None)
+            record.hist = []
+            self._done.append(record)
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """Every logged row so far (one dict per layer and log step), as the sinks receive them."""
         self.flush()
-        return list(self._history)
+        return [row for record in self._done for row in self._rows(record)]
 
     def plot(self, path: str | os.PathLike, *selectors: Selector) -> Path:
         """Write a PNG: a layers × log steps heat map of log10 gradient norm, and the norm over steps
