@@ -104,13 +104,11 @@ def _needed(stats: Iterable[str], *extra: str) -> tuple[str, ...]:
     return tuple(p for p in _PRIMITIVES if p in wanted)
 
 
-def _fused(tensors: Sequence[Tensor], device: torch.device, foreach: bool | None) -> bool:
-    if foreach is None and device.type == "cpu":
-        # torch's foreach ops are a C++ loop over per-tensor kernels on CPU, and some of those are
-        # slow: on 144 tensors / 9.5 M elements, norm(ord=inf) takes 25 ms where aminmax takes
-        # 1.5 ms, norm(ord=0) 8.3 ms where count_nonzero takes 4.6 ms (torch 2.13).
-        return False
-    return use_foreach(tensors, device, foreach)
+# On CPU torch's foreach ops are a C++ loop over per-tensor kernels, and for these two it calls
+# slow ones: on 144 tensors / 9.5 M elements, norm(ord=inf) takes 25 ms where aminmax takes
+# 1.5 ms, and norm(ord=0) 8.3 ms where count_nonzero takes 4.6 ms (torch 2.13, 2 cores; rerun by
+# benchmarks/bench_grad_stats.py). On accelerators a fused kernel replaces one launch per tensor.
+_LOOP_ON_CPU = {"max_abs", "nonzero"}
 
 
 def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> Tensor:
@@ -129,7 +127,7 @@ def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> 
     return torch.maximum(torch.stack(hi), torch.stack(lo).neg())
 
 
-def _unshard(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple | None]]:
+def _unshard(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list[Tensor], list[tuple | None]]:
     """Local tensors, and for each the (mesh, sharded mesh dims) its primitives must be reduced over."""
     local: list[Tensor] = [t.detach() for t in tensors]
     shards: list[tuple | None] = [None] * len(local)
@@ -137,11 +135,11 @@ def _unshard(tensors: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple | None
         return local, shards
     from torch.distributed.tensor import DTensor
 
-    for i, t in enumerate(local):
+    for i, (t, name) in enumerate(zip(local, names)):
         if isinstance(t, DTensor):
             if any(p.is_partial() for p in t.placements):
-                raise GradError(f"tensor {i} is a DTensor with a Partial placement {t.placements}: its values are not "
-                                "reduced yet. Compute gradient statistics after the gradient reduction (after backward).")
+                raise GradError(f"{name!r} is a DTensor with placements {t.placements}: a Partial one is not reduced "
+                                "yet. Compute statistics once the gradients are reduced (after backward).")
             dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
             local[i], shards[i] = t.to_local(), ((t.device_mesh, dims) if dims else None)
     return local, shards
@@ -184,8 +182,10 @@ def _primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed:
     for key, idx in groups.items():
         device, dtype, _ = key
         xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
-        acc, fused = torch.promote_types(dtype, torch.float32), _fused(xs, device, foreach)
-        blocks[key] = torch.stack([_kernel(p, xs, acc, fused).double() for p in needed])
+        acc, fused = torch.promote_types(dtype, torch.float32), use_foreach(xs, device, foreach)
+        default_cpu = foreach is None and device.type == "cpu"
+        blocks[key] = torch.stack([_kernel(p, xs, acc, fused and not (default_cpu and p in _LOOP_ON_CPU)).double()
+                                   for p in needed])
 
     by_mesh: dict[tuple, list[tuple]] = defaultdict(list)
     for key in blocks:
@@ -285,7 +285,8 @@ class GradStats:
 
     Iterating yields ``(name, stats)`` in model order, where ``stats`` maps each statistic to a
     float, or is None for a row without gradient (its parameters are listed in ``no_grad``).
-    ``dead`` lists the rows whose gradient is entirely zero. ``print()`` renders the table.
+    ``dead`` lists the rows whose gradient is entirely zero, ``nonfinite`` those holding NaN or
+    inf. ``print()`` renders the table.
 
     Example:
         >>> import layerwise as lw, torch
@@ -317,7 +318,8 @@ class GradStats:
     def __getitem__(self, name: str) -> dict[str, float] | None:
         if name not in self._rows:
             near = closest(name, list(self._rows))
-            raise KeyError(f"{name!r} is not a row of these statistics" + (f"; closest: {', '.join(near)}" if near else ""))
+            hint = f"; closest: {', '.join(near)}" if near else ""
+            raise KeyError(f"{name!r} is not a row of these statistics{hint}")
         row = self._rows[name]
         return None if row is None else dict(row)
 
@@ -360,10 +362,10 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     pooled statistics equal those of the concatenated gradients.
 
     Each primitive is one fused ``torch._foreach_*`` kernel per device and dtype (``foreach``
-    as in ``torch.nn.utils.clip_grad_norm_``; on CPU the default is a loop over the fastest
-    per-tensor kernels), and all results reach the host in one transfer. For sharded
-    parameters (FSDP2 ``fully_shard``, DTensor) the statistics are those of the full tensors:
-    every rank must call this together.
+    as in ``torch.nn.utils.clip_grad_norm_``; on CPU max_abs and zero_frac default to faster
+    per-tensor kernels, and torch has no fused signed sum), and all results reach the host in
+    one transfer. For sharded parameters (FSDP2 ``fully_shard``, DTensor) the statistics are
+    those of the full tensors: every rank must call this together.
 
     Example:
         >>> import layerwise as lw, torch
@@ -380,7 +382,7 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     group_of = _grouper(by)
     names, params = _chosen(model, selectors)
     have = [i for i, p in enumerate(params) if p.grad is not None]
-    local, shards = _unshard([params[i].grad for i in have])
+    local, shards = _unshard([params[i].grad for i in have], pick(names, have))
     prims = _primitives(local, shards, _needed(stats), foreach)
     prims.load(_to_host(prims.tensors()))
 
@@ -426,7 +428,7 @@ class GradCheck:
 
     @property
     def ok(self) -> bool:
-        """True when every checked parameter has a finite gradient."""
+        """True when every checked parameter has a gradient, and a finite one."""
         return not self.nonfinite and not self.no_grad
 
     def __str__(self) -> str:
@@ -453,7 +455,7 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
     """
     names, params = _chosen(model, selectors)
     have = [i for i, p in enumerate(params) if p.grad is not None]
-    local, shards = _unshard([params[i].grad for i in have])
+    local, shards = _unshard([params[i].grad for i in have], pick(names, have))
     prims = _primitives(local, shards, ("max_abs",), foreach)
     prims.load(_to_host(prims.tensors()))
     finite = prims.values()["max_abs"].isfinite().tolist()
@@ -490,7 +492,7 @@ class NonFiniteWatch:
     @torch.no_grad()
     def _check(self) -> None:
         order, self._order = self._order, []
-        local, shards = _unshard([self._params[i].grad for i in order])
+        local, shards = _unshard([self._params[i].grad for i in order], pick(self._names, order))
         prims = _primitives(local, shards, ("max_abs",), None)
         prims.load(_to_host(prims.tensors()))
         finite = prims.values()["max_abs"].isfinite().tolist()
@@ -519,10 +521,10 @@ def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:
     """Raise during ``backward()`` naming the first parameter whose gradient became NaN or inf.
 
     "First" is in the order gradients arrive in backward, so it points at the layer where the
-    NaN/inf arises rather than the many layers it then spreads to (under FSDP2, the order of
-    the sharded groups' gradient reductions). The cost is a Python
-    call per parameter and one pass over the gradients with one host sync per backward, far
-    below ``torch.autograd.detect_anomaly``. Parameters are chosen as by :func:`grad_stats`.
+    NaN/inf arises rather than the many layers it then spreads to (under FSDP2: the order of
+    the sharded groups' gradient reductions). The cost is a Python call per parameter, and
+    one pass over the gradients with one host sync per backward, far below
+    ``torch.autograd.detect_anomaly``. Parameters are chosen as by :func:`grad_stats`.
     Returns a handle to ``remove()``, also a context manager.
 
     Example:
@@ -568,8 +570,10 @@ def _writable_file(path: str | os.PathLike) -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise GradError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist. Create it first.")
-    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise GradError(f"cannot write {str(path)!r}: it is a folder or not writable. Pass a writable file path.")
+    if path.is_dir():
+        raise GradError(f"cannot write {str(path)!r}: it is a folder. Pass a file path.")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise GradError(f"cannot write {str(path)!r}: permission denied.")
     return path
 
 
@@ -602,7 +606,7 @@ class _FileSink:
 
 
 class CSVSink(_FileSink):
-    """Write the monitor's rows to a CSV file: a header, then one line per layer and log step.
+    """Write the monitor's rows to a CSV file (replacing it): a header, then one line per layer and log step.
 
     Example:
         >>> import layerwise as lw, torch, tempfile, pathlib
@@ -625,9 +629,9 @@ class CSVSink(_FileSink):
 
 
 class JSONLSink(_FileSink):
-    """Write the monitor's rows to a JSON Lines file, one object per layer and log step.
+    """Write the monitor's rows to a JSON Lines file (replacing it), one object per layer and log step.
 
-    No gradient is ``null``; non-finite values are written as ``NaN`` / ``Infinity`` (as Python's json does).
+    A missing gradient is ``null``; non-finite values are ``NaN`` / ``Infinity``, as Python's json writes them.
 
     Example:
         >>> import layerwise as lw, torch, tempfile, pathlib, json
@@ -745,9 +749,10 @@ class GradMonitor:
     Every ``every``-th step (the first included) the monitor computes, on the device, the
     ``stats`` of each layer's gradient (columns ``grad_<stat>``), its weight norm, with an
     ``optimizer`` the update-to-weight ratio ‖Δw‖/‖w‖ across the step, and ``dead`` (gradient
-    entirely zero). Other steps cost one counter increment. Rows reach the host in one
-    transfer when a sink writes, when ``on_nonfinite`` needs them, or at :meth:`flush` /
-    :attr:`history`; under ``torch.distributed`` every rank computes and rank 0 writes.
+    entirely zero). Other steps cost one counter increment. Results reach the host, in one
+    transfer each time, when ``on_nonfinite`` must check them (before the optimizer step, so
+    that it can stop it), when a sink writes, or at :meth:`flush` / :attr:`history`. Under
+    ``torch.distributed`` every rank computes and rank 0 writes.
 
     Steps: given an ``optimizer`` the monitor hooks its ``step()``, so it counts optimizer
     steps and gradient accumulation logs once per step; without one, call :meth:`step` after
@@ -755,12 +760,13 @@ class GradMonitor:
     gradients hold NaN/inf, naming the layers and the step, and raises before the optimizer
     updates the weights. The measurement of Δw copies the monitored weights on log steps.
 
-    Mixed precision: with an ``optimizer``, use ``scaler.step(optimizer)`` as usual: the hooks
-    run inside it on unscaled gradients (a fused optimizer's still-scaled ones are divided by
-    the scale), and steps the scaler skips are not counted. Without one, either call
-    :meth:`step` after ``scaler.unscale_(optimizer)``, or pass ``scaler=`` and call it right
-    after ``backward()``: the statistics are divided by the scale on the device. While a
-    GradScaler is in charge, non-finite gradients are its business and are only recorded.
+    Mixed precision: with an ``optimizer``, call ``scaler.step(optimizer)`` as usual. The hooks
+    run inside it once the gradients are unscaled; a step the scaler skips for inf/NaN never
+    reaches them and is not counted. (A fused optimizer gets still-scaled gradients and skips
+    such steps itself: the monitor divides by the scale, counts the step and only records its
+    non-finite gradients.) Without an optimizer, call :meth:`step` after ``scaler.unscale_``,
+    or pass ``scaler=`` and call it right after ``backward()``: the statistics are then divided
+    by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
 
     Sharded parameters (FSDP2 ``fully_shard``, DTensor) get the statistics of the full tensors.
 
@@ -792,12 +798,13 @@ class GradMonitor:
             raise GradError(f"nothing to monitor: {type(model).__name__} has no trainable parameter. "
                             "Select frozen ones explicitly to watch them anyway.")
         self.stats = _stat_names(stats)
-        self.every, self.optimizer, self.scaler, self.on_nonfinite, self.foreach = every, optimizer, scaler, on_nonfinite, foreach
+        self.every, self.optimizer, self.scaler, self.foreach = every, optimizer, scaler, foreach
+        self.on_nonfinite = on_nonfinite
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.steps = 0
         self._model = model
         self._with_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
-        if self._with_histograms and any(_unshard(self._params)[1]):
+        if self._with_histograms and any(_unshard(self._params, self.names)[1]):
             raise GradError("gradient histograms of sharded (DTensor) parameters are not supported: "
                             "use TensorBoardSink(histograms=False), or select unsharded parameters.")
         self._needed = _needed(self.stats, *(("max_abs",) if on_nonfinite != "ignore" else ()),
@@ -828,14 +835,14 @@ class GradMonitor:
             # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
             self._current = self._measure(getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf"))
             with torch.no_grad():
-                self._snapshot = [w.clone() for w in _unshard(self._params)[0]]
+                self._snapshot = [w.clone() for w in _unshard(self._params, self.names)[0]]
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record, snapshot = self._current, self._snapshot
         self._current = self._snapshot = None
         if record is not None and snapshot is not None:
-            weights, shards = _unshard(self._params)
+            weights, shards = _unshard(self._params, self.names)
             if self.foreach is False:
                 for before, after in zip(snapshot, weights):
                     before.sub_(after)
@@ -850,8 +857,8 @@ class GradMonitor:
     @torch.no_grad()
     def _measure(self, scale: Tensor | None, scaler_in_charge: bool) -> _Record:
         have = [i for i, p in enumerate(self._params) if p.grad is not None]
-        grads, grad_shards = _unshard([self._params[i].grad for i in have])
-        weights, weight_shards = _unshard(self._params)
+        grads, grad_shards = _unshard([self._params[i].grad for i in have], pick(self.names, have))
+        weights, weight_shards = _unshard(self._params, self.names)
         record = _Record(self.steps, have, _primitives(grads, grad_shards, self._needed, self.foreach),
                          _primitives(weights, weight_shards, ("sumsq",), self.foreach),
                          [_histogram(g, _BINS) for g in grads] if self._with_histograms else [],
@@ -910,9 +917,9 @@ class GradMonitor:
         out = {}
         for j, (i, h) in enumerate(zip(record.have, record.hist)):
             lo, hi = float(h[0]) / scale, float(h[1]) / scale
+            limits = [lo + (hi - lo) * (k + 1) / _BINS for k in range(_BINS)]
             out[self.names[i]] = Histogram(lo, hi, self._params[i].numel(), float(grad["sum"][j]),
-                                           float(grad["sumsq"][j]), [lo + (hi - lo) * (k + 1) / _BINS for k in range(_BINS)],
-                                           h[2:].tolist())
+                                           float(grad["sumsq"][j]), limits, h[2:].tolist())
         return out
 
     # -- results
