@@ -206,6 +206,7 @@ def test_check_grads_names_nonfinite_and_missing_gradients(vit):
     assert result.no_grad == ["norm.weight"]
     assert "head.bias" in str(result) and "norm.weight" in str(result)
     assert lw.check_grads(vit, foreach=True).nonfinite == result.nonfinite
+    assert lw.grad_stats(vit, "**").nonfinite == result.nonfinite
 
 
 # --------------------------------------------------------------------------- the monitor
@@ -396,6 +397,21 @@ def test_tensorboard_sink_writes_scalars_and_histograms(vit, tmp_path):
     assert histogram.min <= histogram.max
 
 
+def test_tensorboard_histograms_are_those_of_the_gradient(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    net = nn.Linear(2, 1)
+    net(torch.tensor([[3.0, 4.0]])).sum().backward()  # weight gradient: [3, 4]
+    with lw.GradMonitor(net, sinks=[lw.TensorBoardSink(tmp_path, histograms=True)]) as monitor:
+        monitor.step()
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    events.Reload()
+    h = events.Histograms("grad/weight")[0].histogram_value
+    assert (h.min, h.max, h.num, h.sum, h.sum_squares) == (3.0, 4.0, 2, 7.0, 25.0)
+    assert h.bucket[0] == 1 and h.bucket[-1] == 1 and sum(h.bucket) == 2
+    assert h.bucket_limit[-1] == pytest.approx(4.0)
+
+
 def test_sink_paths_are_checked_at_construction(tmp_path):
     missing = tmp_path / "no-such-folder" / "grads.csv"
     for sink in (lw.CSVSink, lw.JSONLSink):
@@ -453,22 +469,23 @@ def fsdp_rank(rank: int, world_size: int):
     model(x).sum().backward()
     sharded = lw.grad_stats(model).to_dict()
     by_module = lw.grad_stats(model, by="module").to_dict()
-    monitor = lw.GradMonitor(model, every=1)
-    monitor.step()
-    weight_norms = {r["layer"]: r["weight_norm"] for r in monitor.history}
+    with lw.GradMonitor(model, every=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as monitor:
+        monitor.optimizer.step()
+    updates = {r["layer"]: (r["weight_norm"], r["update_ratio"]) for r in monitor.history}
     local_numel = [p.to_local().numel() for p in model.parameters()]
     ok = lw.check_grads(model).ok
     model.zero_grad()
     with lw.watch_nonfinite(model), pytest.raises(lw.NonFiniteGradError) as e:
         model(torch.full((1, 4), math.nan)).sum().backward()
     nonfinite = (e.value.names, lw.check_grads(model).nonfinite)
-    return sharded, by_module, weight_norms, local_numel, ok, nonfinite, {
-        "param": lw.grad_stats(reference).to_dict(), "module": lw.grad_stats(reference, by="module").to_dict(),
-        "weight": {n: p.detach().norm().item() for n, p in reference.named_parameters()}}
+    want = {"param": lw.grad_stats(reference).to_dict(), "module": lw.grad_stats(reference, by="module").to_dict(),
+            "updates": {n: (p.detach().norm().item(), 0.1 * p.grad.norm().item() / p.detach().norm().item())
+                        for n, p in reference.named_parameters()}}
+    return sharded, by_module, updates, local_numel, ok, nonfinite, want
 
 
 def test_sharded_parameters_get_the_statistics_of_the_full_tensors(run_ranks):
-    for rank, (sharded, by_module, weight_norms, local_numel, ok, nonfinite, ref) in enumerate(run_ranks(fsdp_rank)):
+    for rank, (sharded, by_module, updates, local_numel, ok, nonfinite, ref) in enumerate(run_ranks(fsdp_rank)):
         assert ok
         watched, checked = nonfinite  # watch_nonfinite raised on every rank, naming what check_grads finds
         assert sorted(watched) == sorted(checked) and checked
@@ -478,4 +495,4 @@ def test_sharded_parameters_get_the_statistics_of_the_full_tensors(run_ranks):
             assert_stats_close(sharded[name], want)
         for name, want in ref["module"].items():
             assert_stats_close(by_module[name], want)
-        assert weight_norms == {n: pytest.approx(v, rel=1e-5) for n, v in ref["weight"].items()}
+        assert updates == {n: pytest.approx(v, rel=1e-4) for n, v in ref["updates"].items()}

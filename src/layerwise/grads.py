@@ -49,6 +49,7 @@ STATS = ("norm", "mean", "std", "max_abs", "zero_frac")
 _PRIMITIVES = ("sumsq", "sum", "nonzero", "max_abs")
 _NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs": {"max_abs"}, "zero_frac": {"nonzero"}}
 _BINS = 64  # TensorBoard histogram buckets
+_MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
 
 
 class GradError(LayerwiseError, ValueError):
@@ -107,7 +108,8 @@ def _needed(stats: Iterable[str], *extra: str) -> tuple[str, ...]:
 # On CPU torch's foreach ops are a C++ loop over per-tensor kernels, and for these two it calls
 # slow ones: on 144 tensors / 9.5 M elements, norm(ord=inf) takes 25 ms where aminmax takes
 # 1.5 ms, and norm(ord=0) 8.3 ms where count_nonzero takes 4.6 ms (torch 2.13, 2 cores; rerun by
-# benchmarks/bench_grad_stats.py). On accelerators a fused kernel replaces one launch per tensor.
+# benchmarks/bench_grad_stats.py). On CUDA _foreach_norm fuses ord 2 and inf into a few launches
+# for all tensors (ord 0 runs per tensor there too).
 _LOOP_ON_CPU = {"max_abs", "nonzero"}
 
 
@@ -880,7 +882,8 @@ class GradMonitor:
 
     def _finish(self, record: _Record) -> None:
         self._pending.append(record)
-        if self.sinks and _is_writer():
+        # Sinks get each step at once; otherwise results wait on the device, a bounded number of them.
+        if (self.sinks and _is_writer()) or len(self._pending) >= _MAX_PENDING:
             self.flush()
 
     def _materialize(self, records: list[_Record]) -> None:
