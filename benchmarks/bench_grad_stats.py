@@ -76,8 +76,8 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
     for name, (fused, loop) in candidates.items():
         t = compare({"fused": lambda: (fused(), sync()), "loop": lambda: (loop(), sync())}, repeats=15)
         print(f"  {name:16}{ms(t['fused'])}      {ms(t['loop'])}")
-    print("  (lw: fused on devices with native foreach kernels; on CPU, where foreach is itself a loop, the loop;"
-          " the signed sum is always the loop, as its fused form copies every gradient)")
+    print("  lw's default: the fused kernel, except for the signed sum (whose fused form copies every gradient)\n"
+          "  and, on CPU, where foreach is itself a loop over per-tensor kernels, for max |x| and non-zeros")
 
 
 def main() -> None:
