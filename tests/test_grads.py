@@ -302,7 +302,7 @@ def test_monitor_warn_and_ignore_policies(vit):
     assert math.isinf(next(r for r in ignoring.history if r["layer"] == "head.bias")["grad_norm"])
 
 
-def test_monitor_arguments_are_checked_at_construction(vit, tmp_path):
+def test_monitor_arguments_are_checked_at_construction(vit):
     with pytest.raises(lw.GradError, match="every=0"):
         lw.GradMonitor(vit, every=0)
     with pytest.raises(lw.GradError, match="on_nonfinite='stop'"):
