@@ -14,6 +14,8 @@ from .checkpoint import CheckpointError, Diff, diff_files, load, merge_files, sa
 from .distributed import PeriodicAverager, average_parameters
 from .errors import LayerwiseError
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
+from .grads import (CSVSink, GradError, GradMonitor, JSONLSink, NonFiniteGradError, TensorBoardSink, check_grads,
+                    grad_stats, watch_nonfinite)
 from .groups import add_param_group, param_groups
 from .inspect import show
 from .select import Selection, SelectionError, select
@@ -22,21 +24,29 @@ from .share import shared, tie
 __version__ = "0.1.0"
 
 __all__ = [
+    "CSVSink",
     "CheckpointError",
     "Diff",
     "EMA",
+    "GradError",
+    "GradMonitor",
     "GradualUnfreeze",
+    "JSONLSink",
     "LayerwiseError",
     "MergeError",
+    "NonFiniteGradError",
     "PeriodicAverager",
     "Selection",
     "SelectionError",
+    "TensorBoardSink",
     "add_param_group",
     "average",
     "average_parameters",
+    "check_grads",
     "diff_files",
     "freeze",
     "frozen",
+    "grad_stats",
     "greedy_soup",
     "load",
     "merge",
@@ -48,4 +58,5 @@ __all__ = [
     "show",
     "tie",
     "unfreeze",
+    "watch_nonfinite",
 ]

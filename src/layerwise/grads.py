@@ -1,0 +1,1027 @@
+"""Every layer's gradient by its real name, cheaply: statistics, a training monitor, anomaly checks.
+
+Statistics are computed from a few per-tensor *primitives* (sum of squares, sum, largest
+magnitude, count of non-zeros) with fused kernels on the device, then moved to the host in
+one transfer. Pooling primitives makes per-module statistics exact, and summing them across
+ranks makes the statistics of sharded (FSDP2 / DTensor) parameters those of the full tensor.
+
+    >>> import layerwise as lw, torch
+    >>> net = torch.nn.Linear(2, 1)
+    >>> net(torch.tensor([[3.0, 4.0]])).sum().backward()
+    >>> lw.grad_stats(net, stats=["norm", "zero_frac"]).to_dict()
+    {'weight': {'norm': 5.0, 'zero_frac': 0.0}, 'bias': {'norm': 1.0, 'zero_frac': 0.0}}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple, Protocol
+
+import torch
+import torch.distributed as dist
+from rich.table import Table
+from torch import Tensor, nn
+
+from ._term import console
+from ._tensors import pick, use_foreach
+from .errors import LayerwiseError
+from .select import Selector, closest, select
+
+__all__ = [
+    "STATS", "CSVSink", "GradCheck", "GradError", "GradMonitor", "GradStats", "Histogram", "JSONLSink",
+    "NonFiniteGradError", "NonFiniteWatch", "Sink", "TensorBoardSink", "check_grads", "grad_stats", "watch_nonfinite",
+]
+
+#: The statistics :func:`grad_stats` and :class:`GradMonitor` know, in their default order.
+STATS = ("norm", "mean", "std", "max_abs", "zero_frac")
+
+# The primitives each statistic is derived from. They pool exactly over tensors, shards and
+# modules: max_abs by taking the maximum, the others by summing. max_abs is kept last so that
+# the summed ones are one contiguous block of rows.
+_PRIMITIVES = ("sumsq", "sum", "nonzero", "max_abs")
+_NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs": {"max_abs"}, "zero_frac": {"nonzero"}}
+_BINS = 64  # TensorBoard histogram buckets
+_MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
+
+
+class GradError(LayerwiseError, ValueError):
+    """A bad argument to a gradient tool: an unknown statistic, grouping or policy, or a sink path
+    in a missing or unwritable folder. Raised at once, not at the first log step.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.grad_stats(torch.nn.Linear(2, 2), stats=["nrom"])
+        Traceback (most recent call last):
+        ...
+        layerwise.grads.GradError: unknown statistic 'nrom' (did you mean 'norm'?). Valid: norm, mean, std, max_abs, zero_frac.
+    """
+
+
+class NonFiniteGradError(LayerwiseError, FloatingPointError):
+    """A gradient holds NaN or inf. ``names`` lists the parameters concerned, the first culprit
+    first; ``step`` is the :class:`GradMonitor` step, or None.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> with lw.watch_nonfinite(net):
+        ...     net(torch.tensor([[float("inf"), 1.0]])).sum().backward()
+        Traceback (most recent call last):
+        ...
+        layerwise.grads.NonFiniteGradError: the gradient of 'weight' holds NaN or inf...
+    """
+
+    def __init__(self, message: str, names: Sequence[str] = (), step: int | None = None):
+        super().__init__(message)
+        self.names, self.step = list(names), step
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _stat_names(stats: str | Iterable[str]) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys((stats,) if isinstance(stats, str) else stats))
+    for name in names:
+        if name not in STATS:
+            near = closest(str(name), STATS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise GradError(f"unknown statistic {name!r}{hint}. Valid: {', '.join(STATS)}.")
+    if not names:
+        raise GradError(f"no statistic asked for. Valid: {', '.join(STATS)}.")
+    return names
+
+
+def _needed(stats: Iterable[str], *extra: str) -> tuple[str, ...]:
+    """The primitives behind ``stats``, in canonical order; ``sumsq`` always (it decides "dead")."""
+    wanted = {"sumsq", *extra}.union(*(_NEEDS[s] for s in stats))
+    return tuple(p for p in _PRIMITIVES if p in wanted)
+
+
+# On CPU torch's foreach ops are a C++ loop over per-tensor kernels, and for these two it calls
+# slow ones: on 144 tensors / 9.5 M elements, norm(ord=inf) takes 25 ms where aminmax takes
+# 1.5 ms, and norm(ord=0) 8.3 ms where count_nonzero takes 4.6 ms (torch 2.13, 2 cores; rerun by
+# benchmarks/bench_grad_stats.py). On CUDA _foreach_norm fuses ord 2 and inf into a few launches
+# for all tensors (ord 0 runs per tensor there too).
+_LOOP_ON_CPU = {"max_abs", "nonzero"}
+
+
+def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> Tensor:
+    """One primitive of each tensor in ``xs`` (one device and dtype, none empty), as a 1-D tensor."""
+    if primitive == "sumsq":
+        norms = torch._foreach_norm(xs, 2, dtype=acc) if fused else [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
+        return torch.stack(norms).double().square()
+    if primitive == "sum":
+        # torch has no fused signed sum; 2·Σrelu(x) − Σ|x| would need a copy of every gradient.
+        return torch.stack([x.sum(dtype=acc) for x in xs])
+    if primitive == "nonzero":
+        return torch.stack(torch._foreach_norm(xs, 0, dtype=acc) if fused else [torch.count_nonzero(x) for x in xs])
+    if fused:
+        return torch.stack(torch._foreach_norm(xs, math.inf, dtype=acc))
+    lo, hi = zip(*(torch.aminmax(x) for x in xs))
+    return torch.maximum(torch.stack(hi), torch.stack(lo).neg())
+
+
+def _unshard(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list[Tensor], list[tuple | None]]:
+    """Local tensors, and for each the (mesh, sharded mesh dims) its primitives must be reduced over."""
+    local: list[Tensor] = [t.detach() for t in tensors]
+    shards: list[tuple | None] = [None] * len(local)
+    if not (dist.is_available() and dist.is_initialized()):
+        return local, shards
+    from torch.distributed.tensor import DTensor
+
+    for i, (t, name) in enumerate(zip(local, names)):
+        if isinstance(t, DTensor):
+            if any(p.is_partial() for p in t.placements):
+                raise GradError(f"{name!r} is a DTensor with placements {t.placements}: a Partial one is not reduced "
+                                "yet. Compute statistics once the gradients are reduced (after backward).")
+            dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
+            local[i], shards[i] = t.to_local(), ((t.device_mesh, dims) if dims else None)
+    return local, shards
+
+
+@dataclass
+class _Prims:
+    """Primitives of some tensors: per device, the tensors' indices and a (primitives, tensors) float64 block."""
+
+    needed: tuple[str, ...]
+    count: int
+    blocks: list[tuple[list[int], Tensor]]
+
+    def tensors(self) -> list[Tensor]:
+        return [block for _, block in self.blocks]
+
+    def load(self, blocks: Sequence[Tensor]) -> None:
+        self.blocks = [(cols, block) for (cols, _), block in zip(self.blocks, blocks)]
+
+    def values(self) -> dict[str, Tensor]:
+        """Primitive name -> (count,) tensor, in the tensors' order (call once the blocks are on the host)."""
+        out = torch.full((len(self.needed), self.count), math.nan, dtype=torch.float64)
+        for cols, block in self.blocks:
+            out[:, cols] = block
+        return dict(zip(self.needed, out))
+
+
+def _primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
+                foreach: bool | None) -> _Prims:
+    """The ``needed`` primitives of each tensor, computed and kept on its device.
+
+    Sharded tensors are reduced across their mesh (SUM, and MAX for max_abs) in two collectives
+    per mesh. Empty tensors (a rank's empty shard) count as one zero, which leaves every sum
+    and maximum unchanged; element counts come from the caller, not from here.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (x, shard) in enumerate(zip(local, shards)):
+        groups[(x.device, x.dtype, shard)].append(i)
+    blocks: dict[tuple, Tensor] = {}
+    for key, idx in groups.items():
+        device, dtype, _ = key
+        xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
+        acc, fused = torch.promote_types(dtype, torch.float32), use_foreach(xs, device, foreach)
+        default_cpu = foreach is None and device.type == "cpu"
+        blocks[key] = torch.stack([_kernel(p, xs, acc, fused and not (default_cpu and p in _LOOP_ON_CPU)).double()
+                                   for p in needed])
+
+    by_mesh: dict[tuple, list[tuple]] = defaultdict(list)
+    for key in blocks:
+        if key[2] is not None:
+            by_mesh[key[2]].append(key)
+    n_sum = len(needed) - ("max_abs" in needed)
+    for (mesh, dims), keys in by_mesh.items():
+        for op, rows in ((dist.ReduceOp.SUM, slice(0, n_sum)), (dist.ReduceOp.MAX, slice(n_sum, None))):
+            parts = [blocks[k][rows] for k in keys]
+            if parts[0].shape[0] == 0:
+                continue
+            flat = torch.cat(parts, dim=1)
+            for d in dims:
+                dist.all_reduce(flat, op=op, group=mesh.get_group(d))
+            for k, part in zip(keys, flat.split([p.shape[1] for p in parts], dim=1)):
+                blocks[k][rows] = part
+
+    per_device: dict[torch.device, tuple[list[int], list[Tensor]]] = defaultdict(lambda: ([], []))
+    for key, idx in groups.items():
+        cols, parts = per_device[key[0]]
+        cols += idx
+        parts.append(blocks[key])
+    return _Prims(needed, len(local), [(cols, torch.cat(parts, dim=1)) for cols, parts in per_device.values()])
+
+
+def _to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copy small tensors to the host as float64, with one transfer per device."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_device[t.device].append(i)
+    out: list[Tensor] = [torch.empty(0)] * len(tensors)
+    for idx in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).double() for i in idx]).cpu()
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+def _unscale(values: dict[str, Tensor], scale: Tensor | None) -> None:
+    if scale is not None:
+        for name, power in (("sum", 1), ("sumsq", 2), ("max_abs", 1)):
+            if name in values:
+                values[name] = values[name] / scale ** power
+
+
+def _derive(values: dict[str, Tensor], numel: Tensor, stats: Sequence[str]) -> dict[str, Tensor]:
+    """Statistics from primitives; ``std`` with Bessel's correction, like ``torch.std``."""
+    out = {}
+    for stat in stats:
+        if stat == "norm":
+            out[stat] = values["sumsq"].sqrt()
+        elif stat == "mean":
+            out[stat] = values["sum"] / numel
+        elif stat == "std":
+            var = (values["sumsq"] - values["sum"].square() / numel).clamp_min(0) / (numel - 1)
+            out[stat] = torch.where(numel > 1, var.sqrt(), math.nan)
+        elif stat == "max_abs":
+            out[stat] = values["max_abs"]
+        else:
+            out[stat] = 1 - values["nonzero"] / numel
+    return out
+
+
+def _pool(values: dict[str, Tensor], numel: Tensor, group: Tensor, count: int) -> tuple[dict[str, Tensor], Tensor]:
+    pooled = {}
+    for name, v in values.items():
+        if name == "max_abs":
+            pooled[name] = torch.zeros(count, dtype=v.dtype).scatter_reduce(0, group, v, "amax", include_self=False)
+        else:
+            pooled[name] = torch.zeros(count, dtype=v.dtype).index_add(0, group, v)
+    return pooled, torch.zeros(count, dtype=numel.dtype).index_add(0, group, numel)
+
+
+# --------------------------------------------------------------------------- grad_stats
+
+
+def _chosen(model: nn.Module, selectors: Sequence[Selector]) -> tuple[list[str], list[nn.Parameter]]:
+    """The parameters to look at: those selected, or with no selector every trainable one."""
+    pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
+    return [n for n, _ in pairs], [p for _, p in pairs]
+
+
+def _grouper(by: str | int) -> Callable[[str], str]:
+    if by == "param":
+        return lambda name: name
+    if by == "module":
+        # A parameter at the root of the model has no owning module path; it is its own group.
+        return lambda name: name.rpartition(".")[0] or name
+    if isinstance(by, int) and not isinstance(by, bool) and by >= 1:
+        return lambda name: ".".join(name.split(".")[:by])
+    raise GradError(f"by={by!r}: group by 'param', 'module', or a depth k >= 1 (the first k name segments, "
+                    "e.g. by=3 groups 'encoder.layers.0.attn.weight' under 'encoder.layers.0').")
+
+
+class GradStats:
+    """Gradient statistics per parameter or group, as :func:`grad_stats` returns them.
+
+    Iterating yields ``(name, stats)`` in model order, where ``stats`` maps each statistic to a
+    float, or is None for a row without gradient (its parameters are listed in ``no_grad``).
+    ``dead`` lists the rows whose gradient is entirely zero, ``nonfinite`` those holding NaN or
+    inf. ``print()`` renders the table.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Linear(2, 1))
+        >>> net[0](torch.zeros(1, 2)).sum().backward()
+        >>> result = lw.grad_stats(net, stats="max_abs")
+        >>> list(result)
+        [('0.weight', {'max_abs': 0.0}), ('0.bias', {'max_abs': 1.0}), ('1.weight', None), ('1.bias', None)]
+        >>> result.dead, result.no_grad
+        (['0.weight'], ['1.weight', '1.bias'])
+    """
+
+    def __init__(self, rows: dict[str, dict[str, float] | None], numel: dict[str, int], stats: tuple[str, ...],
+                 no_grad: list[str], dead: list[str], nonfinite: list[str], frozen: set[str], title: str):
+        self.stats, self.no_grad, self.dead, self.nonfinite = stats, no_grad, dead, nonfinite
+        self._rows, self._numel, self._frozen, self._title = rows, numel, frozen, title
+
+    def to_dict(self) -> dict[str, dict[str, float] | None]:
+        """Name -> statistic -> float (None for no gradient), in model order."""
+        return {name: None if row is None else dict(row) for name, row in self._rows.items()}
+
+    def print(self, file: IO[str] | None = None) -> None:
+        """Print the table to ``file`` (default: standard output)."""
+        console(file).print(self)
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, float] | None]]:
+        return iter(self.to_dict().items())
+
+    def __getitem__(self, name: str) -> dict[str, float] | None:
+        if name not in self._rows:
+            near = closest(name, list(self._rows))
+            hint = f"; closest: {', '.join(near)}" if near else ""
+            raise KeyError(f"{name!r} is not a row of these statistics{hint}")
+        row = self._rows[name]
+        return None if row is None else dict(row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return (f"GradStats({len(self)} rows, stats={list(self.stats)}, {len(self.no_grad)} without gradient, "
+                f"{len(self.dead)} dead)")
+
+    def __rich__(self) -> Table:
+        table = Table(title=f"{self._title}: {len(self)} rows · {len(self.no_grad)} parameters without gradient · "
+                      f"{len(self.dead)} dead", title_justify="left")
+        table.add_column("name")
+        table.add_column("numel", justify="right")
+        for stat in self.stats:
+            table.add_column(stat, justify="right")
+        table.add_column("")
+        for name, row in self._rows.items():
+            if row is None:
+                note = "[blue]frozen[/]" if name in self._frozen else "[yellow]no grad[/]"
+                table.add_row(name, f"{self._numel[name]:,}", *("-" for _ in self.stats), note)
+                continue
+            cells = [f"{row[s]:.1%}" if s == "zero_frac" else f"{row[s]:.3g}" for s in self.stats]
+            note = "[red]non-finite[/]" if name in self.nonfinite else "[red]dead[/]" if name in self.dead else ""
+            table.add_row(name, f"{self._numel[name]:,}", *cells, note)
+        return table
+
+
+@torch.no_grad()
+def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str] = STATS, by: str | int = "param",
+               foreach: bool | None = None) -> GradStats:
+    """Statistics of every layer's gradient, under the parameters' real names.
+
+    ``stats`` are any of ``norm`` (L2), ``mean``, ``std`` (Bessel-corrected, as ``torch.std``),
+    ``max_abs`` and ``zero_frac``. With no selector every trainable parameter is reported;
+    selectors report exactly what they select, frozen parameters included. A parameter
+    whose ``.grad`` is None is reported as such, never skipped. ``by="module"`` pools the
+    parameters of each module, and ``by=k`` those sharing their first ``k`` name segments;
+    pooled statistics equal those of the concatenated gradients. ``std`` comes from float32
+    sums of x and x², so it loses precision only where ``|mean|`` dwarfs it.
+
+    Each primitive is one fused ``torch._foreach_*`` kernel per device and dtype (``foreach``
+    as in ``torch.nn.utils.clip_grad_norm_``; on CPU max_abs and zero_frac default to faster
+    per-tensor kernels, and torch has no fused signed sum), and all results reach the host in
+    one transfer. For sharded parameters (FSDP2 ``fully_shard``, DTensor) the statistics are
+    those of the full tensors: every rank must call this together.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> net[0].requires_grad_(False)  # doctest: +ELLIPSIS
+        Linear(...)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> lw.grad_stats(net).to_dict().keys()
+        dict_keys(['1.weight', '1.bias'])
+        >>> lw.grad_stats(net, "**", stats="norm", by="module")["0"] is None
+        True
+    """
+    stats = _stat_names(stats)
+    group_of = _grouper(by)
+    names, params = _chosen(model, selectors)
+    have = [i for i, p in enumerate(params) if p.grad is not None]
+    local, shards = _unshard([params[i].grad for i in have], pick(names, have))
+    prims = _primitives(local, shards, _needed(stats), foreach)
+    prims.load(_to_host(prims.tensors()))
+
+    rows = list(dict.fromkeys(group_of(n) for n in names))
+    index = {row: r for r, row in enumerate(rows)}
+    group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
+    numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
+    pooled, pooled_numel = _pool(prims.values(), numel, group, len(rows))
+    derived = {s: v.tolist() for s, v in _derive(pooled, pooled_numel, stats).items()}
+    dead = (pooled["sumsq"] == 0).tolist()
+    finite = (pooled["sumsq"].isfinite() & pooled.get("max_abs", pooled["sumsq"]).isfinite()).tolist()
+    present = set(group.tolist())
+
+    numels: dict[str, int] = defaultdict(int)
+    for n, p in zip(names, params):
+        numels[group_of(n)] += p.numel()
+    return GradStats(
+        rows={row: {s: derived[s][r] for s in stats} if r in present else None for r, row in enumerate(rows)},
+        numel=dict(numels), stats=stats,
+        no_grad=[n for n, p in zip(names, params) if p.grad is None],
+        dead=[row for r, row in enumerate(rows) if r in present and dead[r]],
+        nonfinite=[row for r, row in enumerate(rows) if r in present and not finite[r]],
+        frozen={group_of(n) for n, p in zip(names, params) if not p.requires_grad},
+        title="Gradients" if by == "param" else f"Gradients by {by if isinstance(by, str) else f'depth {by}'}")
+
+
+# --------------------------------------------------------------------------- anomaly checks
+
+
+@dataclass(frozen=True)
+class GradCheck:
+    """What :func:`check_grads` found: parameters with a NaN/inf gradient, and trainable ones without gradient.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> print(lw.check_grads(net))
+        no gradient: weight, bias
+    """
+
+    nonfinite: list[str]
+    no_grad: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """True when every checked parameter has a gradient, and a finite one."""
+        return not self.nonfinite and not self.no_grad
+
+    def __str__(self) -> str:
+        found = [f"{what}: {', '.join(names)}" for what, names in
+                 (("non-finite gradient", self.nonfinite), ("no gradient", self.no_grad)) if names]
+        return "; ".join(found) or "every gradient is present and finite"
+
+
+@torch.no_grad()
+def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = None) -> GradCheck:
+    """Name every parameter whose gradient holds NaN or inf, and every one that received none.
+
+    One fused pass over the gradients and one transfer to the host. Parameters are chosen as
+    by :func:`grad_stats`: every trainable one, or exactly those the selectors select. With
+    sharded parameters every rank must call it (it all-reduces).
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> net[1](torch.tensor([[1.0, float("nan")]])).sum().backward()
+        >>> result = lw.check_grads(net)
+        >>> result.ok, result.nonfinite, result.no_grad
+        (False, ['1.weight'], ['0.weight', '0.bias'])
+    """
+    names, params = _chosen(model, selectors)
+    have = [i for i, p in enumerate(params) if p.grad is not None]
+    local, shards = _unshard([params[i].grad for i in have], pick(names, have))
+    prims = _primitives(local, shards, ("max_abs",), foreach)
+    prims.load(_to_host(prims.tensors()))
+    finite = prims.values()["max_abs"].isfinite().tolist()
+    return GradCheck(nonfinite=[names[i] for i, ok in zip(have, finite) if not ok],
+                     no_grad=[names[i] for i, p in enumerate(params) if p.grad is None])
+
+
+class NonFiniteWatch:
+    """The handle :func:`watch_nonfinite` returns: ``remove()`` it (any number of times), or use it in ``with``.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> with lw.watch_nonfinite(net) as watch:
+        ...     net(torch.ones(1, 2)).sum().backward()  # finite: nothing happens
+        >>> watch.remove()  # already removed by `with`; harmless
+    """
+
+    def __init__(self, names: list[str], params: list[nn.Parameter]):
+        self._names, self._params = names, params
+        self._task = -1
+        self._order: list[int] = []
+        self._handles = [p.register_post_accumulate_grad_hook(lambda _, i=i: self._ready(i))
+                         for i, p in enumerate(params) if p.requires_grad]
+
+    def _ready(self, i: int) -> None:
+        # Hooks only note the order in which gradients arrive; one check runs at the end of backward.
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            self._task, self._order = task, []
+            torch.autograd.Variable._execution_engine.queue_callback(self._check)
+        self._order.append(i)
+
+    @torch.no_grad()
+    def _check(self) -> None:
+        order, self._order = self._order, []
+        local, shards = _unshard([self._params[i].grad for i in order], pick(self._names, order))
+        prims = _primitives(local, shards, ("max_abs",), None)
+        prims.load(_to_host(prims.tensors()))
+        finite = prims.values()["max_abs"].isfinite().tolist()
+        bad = [self._names[i] for i, ok in zip(order, finite) if not ok]
+        if bad:
+            then = f" (then, in backward order: {', '.join(bad[1:])})" if bad[1:] else ""
+            raise NonFiniteGradError(
+                f"the gradient of {bad[0]!r} holds NaN or inf: it is the first parameter, in backward order, to go "
+                f"non-finite{then}. Look for log, sqrt, division or exp overflow in that layer's forward, or for a "
+                "learning rate large enough to blow the weights up.", bad)
+
+    def remove(self) -> None:
+        """Stop watching."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> NonFiniteWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:
+    """Raise during ``backward()`` naming the first parameter whose gradient became NaN or inf.
+
+    "First" is in the order gradients arrive in backward, so it points at the layer where the
+    NaN/inf arises rather than the many layers it then spreads to (under FSDP2: the order of
+    the sharded groups' gradient reductions). The cost is a Python call per parameter, and
+    one pass over the gradients with one host sync per backward, far below
+    ``torch.autograd.detect_anomaly``. Parameters are chosen as by :func:`grad_stats`.
+    Returns a handle to ``remove()``, also a context manager.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+        >>> watch = lw.watch_nonfinite(net)
+        >>> try:  # a NaN input: the last layer's weight gradient is the first to hold NaN
+        ...     net(torch.tensor([[float("nan")]])).sum().backward()
+        ... except lw.NonFiniteGradError as e:
+        ...     print(e.names)
+        ['1.weight', '0.weight']
+        >>> watch.remove()
+    """
+    return NonFiniteWatch(*_chosen(model, selectors))
+
+
+# --------------------------------------------------------------------------- sinks
+
+
+class Histogram(NamedTuple):
+    """One gradient's histogram, in the arguments of ``SummaryWriter.add_histogram_raw``."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
+
+
+class Sink(Protocol):
+    """What :class:`GradMonitor` writes to: ``write`` gets one log step's rows (one dict per layer)
+    and, if the sink has ``histograms = True``, each layer's :class:`Histogram`; ``close`` ends it."""
+
+    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _writable_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise GradError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist. Create it first.")
+    if path.is_dir():
+        raise GradError(f"cannot write {str(path)!r}: it is a folder. Pass a file path.")
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise GradError(f"cannot write {str(path)!r}: permission denied.")
+    return path
+
+
+def _writable_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise GradError(f"cannot write into {str(path)!r}: {str(existing)!r} is not a writable folder.")
+    return path
+
+
+class _FileSink:
+    """A text file opened at the first write (so ranks other than 0 never create it), flushed at every write."""
+
+    histograms = False
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _writable_file(path)
+        self._file: IO[str] | None = None
+
+    def _open(self) -> IO[str]:
+        if self._file is None:
+            self._file = open(self.path, "w", newline="")
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class CSVSink(_FileSink):
+    """Write the monitor's rows to a CSV file (replacing it): a header, then one line per layer and log step.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "grads.csv"
+        >>> net = torch.nn.Linear(2, 1)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> with lw.GradMonitor(net, stats=["norm"], sinks=[lw.CSVSink(path)]) as monitor:
+        ...     monitor.step()
+        >>> path.read_text().splitlines()[0]
+        'step,layer,grad_norm,weight_norm,dead'
+    """
+
+    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None = None) -> None:
+        first = self._file is None
+        writer = csv.DictWriter(self._open(), fieldnames=list(rows[0]))
+        if first:
+            writer.writeheader()
+        writer.writerows(rows)
+        self._file.flush()
+
+
+class JSONLSink(_FileSink):
+    """Write the monitor's rows to a JSON Lines file (replacing it), one object per layer and log step.
+
+    A missing gradient is ``null``; non-finite values are ``NaN`` / ``Infinity``, as Python's json writes them.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, pathlib, json
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "grads.jsonl"
+        >>> net = torch.nn.Linear(2, 1)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> with lw.GradMonitor(net, stats=["max_abs"], sinks=[lw.JSONLSink(path)]) as monitor:
+        ...     monitor.step()
+        >>> [json.loads(line)["grad_max_abs"] for line in path.read_text().splitlines()]
+        [1.0, 1.0]
+    """
+
+    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None = None) -> None:
+        file = self._open()
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+        file.flush()
+
+
+class TensorBoardSink:
+    """Write the monitor's rows as TensorBoard scalars ``<column>/<layer>``, and with ``histograms=True``
+    a gradient histogram per layer (computed on the device; whole gradients never reach the host).
+
+    Needs the ``tensorboard`` extra. The event file is created at the first write, on rank 0 only.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, pathlib
+        >>> log_dir = pathlib.Path(tempfile.mkdtemp()) / "run1"
+        >>> net = torch.nn.Linear(2, 1)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> with lw.GradMonitor(net, sinks=[lw.TensorBoardSink(log_dir, histograms=True)]) as monitor:
+        ...     monitor.step()
+        >>> [p.name.split(".")[0] for p in log_dir.iterdir()]
+        ['events']
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, histograms: bool = False):
+        try:
+            import tensorboard  # noqa: F401  (fail now, not at the first log step)
+        except ImportError:
+            raise ImportError("TensorBoardSink needs tensorboard: pip install 'layerwise[tensorboard]'") from None
+        self.log_dir, self.histograms = _writable_dir(log_dir), histograms
+        self._writer = None
+
+    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None = None) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        for row in rows:
+            for key, value in row.items():
+                if isinstance(value, float):
+                    self._writer.add_scalar(f"{key}/{row['layer']}", value, step)
+        for layer, h in (histograms or {}).items():
+            if h.num and math.isfinite(h.min) and math.isfinite(h.max):
+                self._writer.add_histogram_raw(f"grad/{layer}", **h._asdict(), global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _histogram(x: Tensor, bins: int) -> Tensor:
+    """(min, max, counts of ``bins`` equal buckets) of one tensor, on its device and without a sync."""
+    if x.numel() == 0:
+        return x.new_zeros(bins + 2, dtype=torch.float32)
+    lo, hi = torch.aminmax(x.detach().flatten().float())
+    width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float32).tiny)
+    # histc with a fixed range needs no host round trip; the data-dependent range is applied on the device.
+    counts = torch.histc(((x.float() - lo) / width).clamp_(0, bins), bins, 0, bins)
+    return torch.cat([lo.reshape(1), hi.reshape(1), counts])
+
+
+def _is_writer() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# --------------------------------------------------------------------------- the monitor
+
+
+@dataclass
+class _Record:
+    """One log step, on the device until a transfer moves it to the host."""
+
+    step: int
+    have: list[int]  # indices of the monitored parameters that had a gradient
+    grad: _Prims
+    weight: _Prims
+    hist: list[Tensor]
+    scale: Tensor | None  # the GradScaler scale the gradients still carry
+    delta: _Prims | None = None  # ‖Δw‖² across the optimizer step
+
+    def _parts(self) -> list[list[Tensor]]:
+        return [self.grad.tensors(), self.weight.tensors(), self.delta.tensors() if self.delta else [], self.hist,
+                [] if self.scale is None else [self.scale]]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for part in self._parts() for t in part]
+
+    def load(self, host: list[Tensor]) -> None:
+        """Put back what :meth:`tensors` gave, once moved to the host."""
+        rest = iter(host)
+        grad, weight, delta, self.hist, scale = ([next(rest) for _ in part] for part in self._parts())
+        self.grad.load(grad)
+        self.weight.load(weight)
+        if self.delta:
+            self.delta.load(delta)
+        self.scale = scale[0] if scale else None
+
+
+class GradMonitor:
+    """Per-layer gradient statistics through training, with no host sync between log steps.
+
+    Every ``every``-th step (the first included) the monitor computes, on the device, the
+    ``stats`` of each layer's gradient (columns ``grad_<stat>``), its weight norm, with an
+    ``optimizer`` the update-to-weight ratio ‖Δw‖/‖w‖ across the step, and ``dead`` (gradient
+    entirely zero). Other steps cost one counter increment. Results reach the host, in one
+    transfer each time, when ``on_nonfinite`` must check them (before the optimizer step, so
+    that it can stop it), when a sink writes, or at :meth:`flush` / :attr:`history`. Under
+    ``torch.distributed`` every rank computes and rank 0 writes.
+
+    Steps: given an ``optimizer`` the monitor hooks its ``step()``, so it counts optimizer
+    steps and gradient accumulation logs once per step; without one, call :meth:`step` after
+    each ``backward()``. ``on_nonfinite`` ("raise", "warn", "ignore") acts on a log step whose
+    gradients hold NaN/inf, naming the layers and the step, and raises before the optimizer
+    updates the weights. The measurement of Δw copies the monitored weights on log steps.
+
+    Mixed precision: with an ``optimizer``, call ``scaler.step(optimizer)`` as usual. The hooks
+    run inside it once the gradients are unscaled; a step the scaler skips for inf/NaN never
+    reaches them and is not counted. (A fused optimizer gets still-scaled gradients and skips
+    such steps itself: the monitor divides by the scale, counts the step and only records its
+    non-finite gradients.) Without an optimizer, call :meth:`step` after ``scaler.unscale_``,
+    or pass ``scaler=`` and call it right after ``backward()``: the statistics are then divided
+    by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
+
+    Sharded parameters (FSDP2 ``fully_shard``, DTensor) get the statistics of the full tensors.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        >>> with lw.GradMonitor(net, every=2, stats=["norm"], optimizer=opt) as monitor:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         net(torch.tensor([[3.0, 4.0]])).sum().backward()
+        ...         opt.step()
+        >>> [(row["step"], row["layer"], row["grad_norm"]) for row in monitor.history]
+        [(0, 'weight', 5.0), (0, 'bias', 1.0), (2, 'weight', 5.0), (2, 'bias', 1.0)]
+    """
+
+    def __init__(self, model: nn.Module, *selectors: Selector, every: int = 50, stats: str | Iterable[str] = STATS,
+                 sinks: Sequence[Sink] = (), optimizer: torch.optim.Optimizer | None = None,
+                 on_nonfinite: str = "raise", scaler: torch.amp.GradScaler | None = None, foreach: bool | None = None):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise GradError(f"every={every!r}: log every n-th step with an integer n >= 1.")
+        if on_nonfinite not in ("raise", "warn", "ignore"):
+            raise GradError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
+        if optimizer is not None and scaler is not None:
+            raise GradError("pass scaler= only without optimizer=: with an optimizer the monitor runs inside "
+                            "scaler.step(optimizer), where it finds the gradients unscaled.")
+        self.names, self._params = _chosen(model, selectors)
+        if not self._params:
+            raise GradError(f"nothing to monitor: {type(model).__name__} has no trainable parameter. "
+                            "Select frozen ones explicitly to watch them anyway.")
+        self.stats = _stat_names(stats)
+        self.every, self.optimizer, self.scaler, self.foreach = every, optimizer, scaler, foreach
+        self.on_nonfinite = on_nonfinite
+        self.sinks: tuple[Sink, ...] = tuple(sinks)
+        self.steps = 0
+        self._model = model
+        self._with_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
+        if self._with_histograms and any(_unshard(self._params, self.names)[1]):
+            raise GradError("gradient histograms of sharded (DTensor) parameters are not supported: "
+                            "use TensorBoardSink(histograms=False), or select unsharded parameters.")
+        self._needed = _needed(self.stats, *(("max_abs",) if on_nonfinite != "ignore" else ()),
+                               *(("sum",) if self._with_histograms else ()))
+        self._pending: list[_Record] = []  # measured, still on the device
+        self._done: list[_Record] = []  # on the host: rows are built when asked for, to keep memory small
+        self._current: _Record | None = None
+        self._snapshot: list[Tensor] | None = None
+        self._handles = [] if optimizer is None else [optimizer.register_step_pre_hook(self._before_step),
+                                                      optimizer.register_step_post_hook(self._after_step)]
+
+    # -- counting steps
+
+    def step(self) -> None:
+        """Count one step without an optimizer (call it after ``backward()``); on log steps, measure."""
+        if self.optimizer is not None:
+            raise GradError("this monitor counts optimizer steps through hooks on optimizer.step(); "
+                            "do not also call monitor.step().")
+        if self.steps % self.every == 0:
+            scaled = self.scaler is not None and self.scaler.is_enabled()
+            # The public get_scale() syncs with the host; the scale tensor itself does not.
+            self._finish(self._measure(self.scaler._get_scale_async() if scaled else None, scaled))
+        self.steps += 1
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.steps % self.every == 0:
+            # Inside scaler.step(), a fused optimizer gets still-scaled gradients, the scale in
+            # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
+            self._current = self._measure(getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf"))
+            with torch.no_grad():
+                self._snapshot = [w.clone() for w in _unshard(self._params, self.names)[0]]
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        record, snapshot = self._current, self._snapshot
+        self._current = self._snapshot = None
+        if record is not None and snapshot is not None:
+            weights, shards = _unshard(self._params, self.names)
+            if self.foreach is False:
+                for before, after in zip(snapshot, weights):
+                    before.sub_(after)
+            else:
+                torch._foreach_sub_(snapshot, weights)
+            record.delta = _primitives(snapshot, shards, ("sumsq",), self.foreach)
+            self._finish(record)
+        self.steps += 1
+
+    # -- measuring
+
+    @torch.no_grad()
+    def _measure(self, scale: Tensor | None, scaler_in_charge: bool) -> _Record:
+        have = [i for i, p in enumerate(self._params) if p.grad is not None]
+        grads, grad_shards = _unshard([self._params[i].grad for i in have], pick(self.names, have))
+        weights, weight_shards = _unshard(self._params, self.names)
+        record = _Record(self.steps, have, _primitives(grads, grad_shards, self._needed, self.foreach),
+                         _primitives(weights, weight_shards, ("sumsq",), self.foreach),
+                         [_histogram(g, _BINS) for g in grads] if self._with_histograms else [],
+                         None if scale is None else scale.detach().reshape(1))
+        if self.on_nonfinite == "ignore" or scaler_in_charge:
+            return record
+        self._materialize([record])
+        finite = record.grad.values()["max_abs"].isfinite().tolist()
+        bad = [self.names[i] for i, ok in zip(have, finite) if not ok]
+        if bad:
+            message = (f"non-finite gradient at step {record.step} in {', '.join(bad)}. Run lw.watch_nonfinite(model) "
+                       "to find the layer where it first appears, and check the learning rate and the loss.")
+            if self.on_nonfinite == "raise":
+                self._pending.append(record)
+                self.flush()
+                raise NonFiniteGradError(message, bad, record.step)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return record
+
+    def _finish(self, record: _Record) -> None:
+        self._pending.append(record)
+        # Sinks get each step at once; otherwise results wait on the device, a bounded number of them.
+        if (self.sinks and _is_writer()) or len(self._pending) >= _MAX_PENDING:
+            self.flush()
+
+    def _materialize(self, records: list[_Record]) -> None:
+        parts = [r.tensors() for r in records]
+        host = iter(_to_host([t for part in parts for t in part]))
+        for record, part in zip(records, parts):
+            record.load([next(host) for _ in part])
+
+    def _rows(self, record: _Record) -> list[dict[str, Any]]:
+        grad = record.grad.values()
+        _unscale(grad, record.scale)
+        numel = torch.tensor([float(self._params[i].numel()) for i in record.have], dtype=torch.float64)
+        derived = {s: v.tolist() for s, v in _derive(grad, numel, self.stats).items()}
+        sumsq = grad["sumsq"].tolist()
+        weight = record.weight.values()["sumsq"].sqrt().tolist()
+        delta = record.delta.values()["sumsq"].sqrt().tolist() if record.delta else None
+        column = {i: j for j, i in enumerate(record.have)}
+        rows = []
+        for i, name in enumerate(self.names):
+            j = column.get(i)
+            row: dict[str, Any] = {"step": record.step, "layer": name}
+            row.update((f"grad_{s}", None if j is None else derived[s][j]) for s in self.stats)
+            row["weight_norm"] = weight[i]
+            if self.optimizer is not None:
+                row["update_ratio"] = delta[i] / weight[i] if delta is not None and weight[i] > 0 else None
+            row["dead"] = None if j is None else sumsq[j] == 0
+            rows.append(row)
+        return rows
+
+    def _histograms(self, record: _Record) -> dict[str, Histogram]:
+        grad = record.grad.values()
+        _unscale(grad, record.scale)
+        scale = 1.0 if record.scale is None else float(record.scale)
+        out = {}
+        for j, (i, h) in enumerate(zip(record.have, record.hist)):
+            lo, hi = float(h[0]) / scale, float(h[1]) / scale
+            limits = [lo + (hi - lo) * (k + 1) / _BINS for k in range(_BINS)]
+            out[self.names[i]] = Histogram(lo, hi, self._params[i].numel(), float(grad["sum"][j]),
+                                           float(grad["sumsq"][j]), limits, h[2:].tolist())
+        return out
+
+    # -- results
+
+    def flush(self) -> None:
+        """Move every measured log step to the host (one transfer), into :attr:`history` and the sinks."""
+        pending, self._pending = self._pending, []
+        self._materialize(pending)
+        for record in pending:
+            if self.sinks and _is_writer():
+                rows = self._rows(record)
+                histograms = self._histograms(record) if self._with_histograms else None
+                for sink in self.sinks:
+                    sink.write(record.step, rows, histograms if getattr(sink, "histograms", False) else None)
+            record.hist = []
+            self._done.append(record)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every logged row so far (one dict per layer and log step), as the sinks receive them."""
+        self.flush()
+        return [row for record in self._done for row in self._rows(record)]
+
+    def plot(self, path: str | os.PathLike, *selectors: Selector) -> Path:
+        """Write a PNG: a layers × log steps heat map of log10 gradient norm, and the norm over steps
+        of the layers the selectors pick (default: up to four, spread from first to last).
+
+        Needs the ``plot`` extra (matplotlib; no global backend is touched) and "norm" in ``stats``.
+
+        Example:
+            >>> import layerwise as lw, torch, tempfile, pathlib
+            >>> net = torch.nn.Linear(2, 1)
+            >>> monitor = lw.GradMonitor(net, every=1)
+            >>> for _ in range(3):
+            ...     net(torch.ones(1, 2)).sum().backward()
+            ...     monitor.step()
+            >>> png = monitor.plot(pathlib.Path(tempfile.mkdtemp()) / "grads.png")
+            >>> png.read_bytes()[:4]
+            b'\\x89PNG'
+        """
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("GradMonitor.plot needs matplotlib: pip install 'layerwise[plot]'") from None
+        if "norm" not in self.stats:
+            raise GradError("GradMonitor.plot draws gradient norms: monitor with 'norm' in stats.")
+        path = _writable_file(path)
+        rows = self.history
+        if not rows:
+            raise GradError(f"nothing to plot into {str(path)!r} yet: no step has been logged.")
+        steps = sorted({row["step"] for row in rows})
+        layer_at, step_at = {n: i for i, n in enumerate(self.names)}, {s: i for i, s in enumerate(steps)}
+        norms = torch.full((len(self.names), len(steps)), math.nan, dtype=torch.float64)
+        for row in rows:
+            if row["grad_norm"] is not None:
+                norms[layer_at[row["layer"]], step_at[row["step"]]] = row["grad_norm"]
+        if selectors:
+            picked = set(select(self._model, *selectors).names())
+            lines = [i for i, n in enumerate(self.names) if n in picked]
+        else:
+            lines = sorted({round(k * (len(self.names) - 1) / 3) for k in range(4)})
+
+        n_layers = len(self.names)
+        fig = Figure(figsize=(10, 4 + min(0.16 * n_layers, 24)), layout="constrained")
+        heat, curves = fig.subplots(2, 1, height_ratios=[max(2.0, min(0.16 * n_layers, 24)), 3])
+        image = heat.imshow(torch.where(norms > 0, norms.log10(), math.nan).numpy(), aspect="auto",
+                            interpolation="nearest", cmap="viridis")
+        fig.colorbar(image, ax=heat, label="log10 gradient norm")
+        every_k = max(1, n_layers // 40)
+        heat.set_yticks(range(0, n_layers, every_k), labels=self.names[::every_k], fontsize="small")
+        every_s = max(1, len(steps) // 12)
+        heat.set_xticks(range(0, len(steps), every_s), labels=[str(s) for s in steps[::every_s]])
+        heat.set_xlabel("step")
+        for i in lines:
+            curves.plot(steps, norms[i].numpy(), marker="." if len(steps) < 50 else None, label=self.names[i])
+        curves.set_yscale("log")
+        curves.set_xlabel("step")
+        curves.set_ylabel("gradient norm")
+        curves.legend(fontsize="small")
+        fig.savefig(path, dpi=100)
+        return path
+
+    def remove(self) -> None:
+        """Unhook from the optimizer, flush, and close the sinks. Safe to call again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._current, self._snapshot = [], None, None
+        self.flush()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = ()
+
+    def __enter__(self) -> GradMonitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return (f"GradMonitor({len(self.names)} layers, every={self.every}, steps={self.steps}, "
+                f"stats={list(self.stats)}, sinks={[type(s).__name__ for s in self.sinks]})")
