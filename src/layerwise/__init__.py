@@ -13,14 +13,22 @@ from .errors import LayerwiseError
 from .inspect import show
 from .select import Selection, SelectionError, select
 from .share import shared, tie
+from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradReverse",
     "LayerwiseError",
     "Selection",
     "SelectionError",
+    "clip_grad_norm",
+    "grad_hook",
+    "grad_reverse",
+    "pcgrad",
+    "scale_grad",
     "select",
+    "set_grad",
     "shared",
     "show",
     "tie",
