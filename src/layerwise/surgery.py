@@ -64,7 +64,7 @@ class NonFiniteGradError(LayerwiseError, FloatingPointError):
         >>> lw.set_grad(torch.nn.Linear(2, 1), "bias", float("nan"))
         Traceback (most recent call last):
         ...
-        layerwise.surgery.NonFiniteGradError: set_grad changed nothing: the value for bias holds nan or inf. Pass allow_nonfinite=True to assign it anyway.
+        layerwise.surgery.NonFiniteGradError: set_grad changed nothing: nan or inf in the value for bias. Pass allow_nonfinite=True to assign such values anyway.
     """
 
 
@@ -93,8 +93,8 @@ def _by_key(sel: Selection, values: Mapping, what: str, *, exact: bool) -> list[
     unknown = [k for k in values if k not in index]
     if unknown:
         known = list(index)
-        hints = "; ".join(f"{k!r} (closest: {', '.join(closest(str(k), known)) or 'none'})" for k in unknown)
-        raise SelectionError(f"set_grad changed nothing: no {what} is named {hints}.")
+        hints = [f"{k!r}" + (f" (closest: {', '.join(near)})" if (near := closest(str(k), known)) else "") for k in unknown]
+        raise SelectionError(f"set_grad changed nothing: no {what} is named {'; '.join(hints)}.")
     first: dict[int, str] = {}
     twice = []
     for k in values:
@@ -107,7 +107,7 @@ def _by_key(sel: Selection, values: Mapping, what: str, *, exact: bool) -> list[
         missing = [names[0] for i, names in enumerate(sel.aliases()) if i not in first]
         if missing:
             raise GradError(f"set_grad changed nothing: no value for {', '.join(missing)}. "
-                            "Add them to the dict, or select only the parameters you give values for.")
+                            "Add the missing values to the dict, or select only the parameters you give values for.")
     params = sel.params()
     return [(k, params[index[k]], v) for k, v in values.items()]
 
@@ -160,11 +160,11 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
     else:
         targets = [(name, p, value(name, p) if callable(value) else value) for name, p in select(model, selector)]
 
-    grads, problems = [], []
+    grads, frozen, problems = [], [], []
     with torch.no_grad():
         for name, p, v in targets:
             if not (p.requires_grad or allow_frozen):
-                problems.append(f"{name} is frozen (requires_grad=False): unfreeze it or pass allow_frozen=True")
+                frozen.append(name)
             elif isinstance(v, torch.Tensor) and v.shape != p.shape:
                 problems.append(f"{name} has shape {tuple(p.shape)} but its value has shape {tuple(v.shape)}")
             elif isinstance(v, torch.Tensor):
@@ -173,6 +173,8 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
                 grads.append(torch.full_like(p, v, memory_format=torch.preserve_format))
             else:
                 problems.append(f"the value for {name} is a {type(v).__name__}; expected a tensor or a number")
+        if frozen:
+            problems.append(f"frozen (requires_grad=False): {', '.join(frozen)}; unfreeze them or pass allow_frozen=True")
         if problems:
             raise GradError("set_grad changed nothing: " + "; ".join(problems) + ".")
         if grads and not allow_nonfinite:
@@ -180,8 +182,8 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
             finite = torch.stack([g.isfinite().all().to(grads[0].device) for g in grads]).tolist()
             bad = [name for (name, _, _), ok in zip(targets, finite) if not ok]
             if bad:
-                raise NonFiniteGradError(f"set_grad changed nothing: the value for {', '.join(bad)} holds nan or inf. "
-                                         "Pass allow_nonfinite=True to assign it anyway.")
+                raise NonFiniteGradError(f"set_grad changed nothing: nan or inf in the value for {', '.join(bad)}. "
+                                         "Pass allow_nonfinite=True to assign such values anyway.")
         for (_, p, _), g in zip(targets, grads):
             if mode == "add" and p.grad is not None:
                 p.grad.add_(g)
@@ -504,9 +506,10 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
 
     Each task's gradient of the selected parameters ``g_i`` is projected onto the normal plane
     of every other task's ``g_j`` with which it conflicts (``g_i . g_j < 0``), the others taken
-    in a random order drawn from ``generator`` (Yu et al., 2020, "Gradient Surgery for
-    Multi-Task Learning"). The projected gradients are combined, and written into ``.grad``,
-    replacing it: call ``pcgrad`` instead of ``loss.backward()``.
+    in a random order drawn from ``generator``, a CPU ``torch.Generator`` (torch's default
+    one if None) (Yu et al., 2020, "Gradient Surgery for Multi-Task Learning"). The projected
+    gradients are combined and written into ``.grad``, replacing it: call ``pcgrad`` instead
+    of ``loss.backward()``.
 
     ``reduction`` ("mean" or "sum") combines the gradients of parameters every loss reaches;
     a selected parameter that only some losses reach (a task's head) gets the sum, as in the
@@ -515,10 +518,10 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
     get the plain sum of the losses' gradients; parameters no loss reaches are left alone.
     Select the shared trunk to leave task heads out of the projection.
 
-    The projections are done on the tasks' Gram matrix, so the whole surgery costs one
-    ``T x T`` product per (device, dtype) and nothing waits for the device. Under
-    DistributedDataParallel the gradients written are local to each rank, as with
-    :func:`set_grad`.
+    The projections are done on the ``T x T`` Gram matrix of the task gradients, so beyond the
+    ``T`` backward passes the surgery costs two matrix products per (device, dtype) of
+    parameters, and nothing waits for the device. Under DistributedDataParallel the
+    gradients written are local to each rank, as with :func:`set_grad`.
 
     Example:
         >>> import layerwise as lw, torch
