@@ -55,6 +55,20 @@ def test_sgd_step_after_set_grad_is_exactly_minus_lr_times_value(interleaved):
     assert torch.equal(interleaved.linear.weight.detach(), before - lr * value)
 
 
+@given(random_models(), st.data())
+def test_any_alias_of_every_parameter_gets_its_exact_sgd_update(model, data):
+    lr = 2.0 ** -5
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    values, before = {}, {}
+    for names, p in zip(lw.select(model).aliases(), lw.select(model).params()):
+        values[data.draw(st.sampled_from(names))] = torch.randn(p.shape)
+        before[names[0]] = p.detach().clone()
+    assert lw.set_grad(model, values) == list(values)
+    opt.step()
+    for (names, p), v in zip(zip(lw.select(model).aliases(), lw.select(model).params()), values.values()):
+        assert torch.equal(p.detach(), before[names[0]] - lr * v)
+
+
 def test_every_value_form(interleaved, tied_lm):
     assert lw.set_grad(interleaved, "linear", 0.5) == ["linear.weight", "linear.bias"]
     assert torch.equal(interleaved.linear.bias.grad, torch.full((3,), 0.5))
@@ -454,6 +468,17 @@ def test_pcgrad_matches_the_direct_algorithm_in_one_of_the_random_orders():
     for result in results:
         assert any(torch.allclose(result, c, rtol=1e-12, atol=1e-12) for c in candidates)
     assert len({tuple(c.tolist()) for c in candidates}) > 1  # the order matters here
+
+
+@given(st.integers(1, 8), st.integers(0, 2 ** 16))
+def test_pcgrad_of_two_tasks_conflicts_with_neither(dim, seed):
+    # Projected on each other's normal plane, the summed update has g_i . update >= 0 for
+    # both tasks (Cauchy-Schwarz): to first order, neither loss goes up.
+    g1, g2 = torch.randn(2, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    w = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+    lw.pcgrad([w @ g1, w @ g2], nn.ParameterList([w]), reduction="sum")
+    for g in (g1, g2):
+        assert w.grad @ g >= -1e-12 * g1.norm() * g2.norm()
 
 
 def test_pcgrad_other_parameters_get_the_gradient_of_the_summed_losses(vit):
