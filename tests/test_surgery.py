@@ -59,14 +59,13 @@ def test_sgd_step_after_set_grad_is_exactly_minus_lr_times_value(interleaved):
 def test_any_alias_of_every_parameter_gets_its_exact_sgd_update(model, data):
     lr = 2.0 ** -5
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    values, before = {}, {}
-    for names, p in zip(lw.select(model).aliases(), lw.select(model).params()):
-        values[data.draw(st.sampled_from(names))] = torch.randn(p.shape)
-        before[names[0]] = p.detach().clone()
+    sel = lw.select(model)
+    values = {data.draw(st.sampled_from(names)): torch.randn(p.shape) for names, p in zip(sel.aliases(), sel.params())}
+    before = [p.detach().clone() for p in sel.params()]
     assert lw.set_grad(model, values) == list(values)
     opt.step()
-    for (names, p), v in zip(zip(lw.select(model).aliases(), lw.select(model).params()), values.values()):
-        assert torch.equal(p.detach(), before[names[0]] - lr * v)
+    for p, old, v in zip(sel.params(), before, values.values()):
+        assert torch.equal(p.detach(), old - lr * v)
 
 
 def test_every_value_form(interleaved, tied_lm):
