@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 
 import torch
-from _timing import compare, encoder, ms
 
 import layerwise as lw
+
+from _timing import compare, encoder, ms
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -74,7 +75,7 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
     }
     print(f"\nprimitive kernels on {DEVICE.type} ({len(grads)} tensors):  fused foreach   per-tensor loop")
     for name, (fused, loop) in candidates.items():
-        t = compare({"fused": lambda: (fused(), sync()), "loop": lambda: (loop(), sync())}, repeats=15)
+        t = compare({"fused": lambda f=fused: (f(), sync()), "loop": lambda f=loop: (f(), sync())}, repeats=15)
         print(f"  {name:16}{ms(t['fused'])}      {ms(t['loop'])}")
     print("  lw's default: the fused kernel, except for the signed sum (whose fused form copies every gradient)\n"
           "  and, on CPU, where foreach is itself a loop over per-tensor kernels, for max |x| and non-zeros")

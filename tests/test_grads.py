@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import random_models
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
 import layerwise.grads as grads_module
+
+from conftest import random_models
 
 
 def by_hand(*grads: torch.Tensor) -> dict[str, float]:

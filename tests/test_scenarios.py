@@ -6,10 +6,11 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from conftest import Interleaved, TiedLM
 
 import layerwise as lw
 from layerwise.demo import SiameseLSTM
+
+from conftest import Interleaved, TiedLM
 
 
 def steps(model, optimizer, n, seed=0):

@@ -12,14 +12,14 @@ their own optimizer options, average and merge models, inspect and reshape gradi
 from .average import EMA, MergeError, average, greedy_soup, merge
 from .checkpoint import CheckpointError, Diff, diff_files, load, merge_files, save
 from .distributed import PeriodicAverager, average_parameters
-from .errors import LayerwiseError
+from .errors import GradError, LayerwiseError, NonFiniteGradError
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
-from .grads import (CSVSink, GradError, GradMonitor, JSONLSink, NonFiniteGradError, TensorBoardSink, check_grads,
-                    grad_stats, watch_nonfinite)
+from .grads import CSVSink, GradMonitor, JSONLSink, TensorBoardSink, check_grads, grad_stats, watch_nonfinite
 from .groups import add_param_group, param_groups
 from .inspect import show
 from .select import Selection, SelectionError, select
 from .share import shared, tie
+from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "EMA",
     "GradError",
     "GradMonitor",
+    "GradReverse",
     "GradualUnfreeze",
     "JSONLSink",
     "LayerwiseError",
@@ -43,17 +44,23 @@ __all__ = [
     "average",
     "average_parameters",
     "check_grads",
+    "clip_grad_norm",
     "diff_files",
     "freeze",
     "frozen",
+    "grad_hook",
+    "grad_reverse",
     "grad_stats",
     "greedy_soup",
     "load",
     "merge",
     "merge_files",
     "param_groups",
+    "pcgrad",
     "save",
+    "scale_grad",
     "select",
+    "set_grad",
     "shared",
     "show",
     "tie",

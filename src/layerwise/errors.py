@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "LayerwiseError"]
+from collections.abc import Sequence
+
+__all__ = ["CheckpointError", "GradError", "LayerwiseError", "NonFiniteGradError"]
 
 
 class LayerwiseError(Exception):
@@ -32,3 +34,39 @@ class CheckpointError(LayerwiseError, ValueError):
         ...
         layerwise.errors.CheckpointError: missing.safetensors: no such file or folder
     """
+
+
+class GradError(LayerwiseError, ValueError):
+    """A bad argument to a gradient tool (statistics, monitor, sinks, surgery), raised at once,
+    before anything changed: not at the first log step, not half-way through an assignment.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.grad_stats(torch.nn.Linear(2, 2), stats=["nrom"])
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.GradError: unknown statistic 'nrom' (did you mean 'norm'?). Valid: norm, mean, std, max_abs, zero_frac.
+        >>> lw.set_grad(torch.nn.Linear(2, 1), "bias", torch.zeros(2))
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.GradError: set_grad changed nothing: bias has shape (1,) but its value has shape (2,).
+    """
+
+
+class NonFiniteGradError(LayerwiseError, FloatingPointError):
+    """A gradient holds NaN or inf. ``names`` lists the parameters concerned, the first culprit
+    first; ``step`` is the :class:`GradMonitor` step, or None.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1)
+        >>> with lw.watch_nonfinite(net):
+        ...     net(torch.tensor([[float("inf"), 1.0]])).sum().backward()
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.NonFiniteGradError: the gradient of 'weight' holds NaN or inf...
+    """
+
+    def __init__(self, message: str, names: Sequence[str] = (), step: int | None = None):
+        super().__init__(message)
+        self.names, self.step = list(names), step

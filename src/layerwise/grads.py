@@ -30,9 +30,9 @@ import torch.distributed as dist
 from rich.table import Table
 from torch import Tensor, nn
 
-from ._term import console
 from ._tensors import pick, use_foreach
-from .errors import LayerwiseError
+from ._term import console
+from .errors import GradError, NonFiniteGradError
 from .select import Selector, closest, select
 
 __all__ = [
@@ -50,38 +50,6 @@ _PRIMITIVES = ("sumsq", "sum", "nonzero", "max_abs")
 _NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs": {"max_abs"}, "zero_frac": {"nonzero"}}
 _BINS = 64  # TensorBoard histogram buckets
 _MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
-
-
-class GradError(LayerwiseError, ValueError):
-    """A bad argument to a gradient tool: an unknown statistic, grouping or policy, or a sink path
-    in a missing or unwritable folder. Raised at once, not at the first log step.
-
-    Example:
-        >>> import layerwise as lw, torch
-        >>> lw.grad_stats(torch.nn.Linear(2, 2), stats=["nrom"])
-        Traceback (most recent call last):
-        ...
-        layerwise.grads.GradError: unknown statistic 'nrom' (did you mean 'norm'?). Valid: norm, mean, std, max_abs, zero_frac.
-    """
-
-
-class NonFiniteGradError(LayerwiseError, FloatingPointError):
-    """A gradient holds NaN or inf. ``names`` lists the parameters concerned, the first culprit
-    first; ``step`` is the :class:`GradMonitor` step, or None.
-
-    Example:
-        >>> import layerwise as lw, torch
-        >>> net = torch.nn.Linear(2, 1)
-        >>> with lw.watch_nonfinite(net):
-        ...     net(torch.tensor([[float("inf"), 1.0]])).sum().backward()
-        Traceback (most recent call last):
-        ...
-        layerwise.grads.NonFiniteGradError: the gradient of 'weight' holds NaN or inf...
-    """
-
-    def __init__(self, message: str, names: Sequence[str] = (), step: int | None = None):
-        super().__init__(message)
-        self.names, self.step = list(names), step
 
 
 # --------------------------------------------------------------------------- primitives

@@ -262,7 +262,7 @@ def _class_names(module: nn.Module) -> frozenset[str]:
     return _mro_names(type(module))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mro_names(cls: type) -> frozenset[str]:
     return frozenset(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
 
