@@ -14,9 +14,10 @@ from .checkpoint import CheckpointError, Diff, diff_files, load, merge_files, sa
 from .distributed import PeriodicAverager, average_parameters
 from .errors import GradError, LayerwiseError, NonFiniteGradError
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
-from .grads import CSVSink, GradMonitor, JSONLSink, TensorBoardSink, check_grads, grad_stats, watch_nonfinite
+from .grads import check_grads, grad_stats, watch_nonfinite
 from .groups import add_param_group, param_groups
 from .inspect import show
+from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
 from .select import Selection, SelectionError, select
 from .share import shared, tie
 from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
