@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="walk through the techniques on a Siamese LSTM over the digits data")
     demo.add_argument("--out", default="layerwise-demo", help="report folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialization and order (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=3, help="epochs of the main training run (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=10, help="epochs of the main training run (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="cpu, or cuda where present (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.set_defaults(run=_demo)

@@ -26,8 +26,12 @@ from ._term import console as make_console
 from ._term import progress
 from .average import EMA, average
 from .freeze import freeze
+from .grads import check_grads, grad_stats
 from .groups import param_groups
 from .inspect import show
+from .monitor import CSVSink, GradMonitor
+from .select import SelectionError
+from .surgery import scale_grad, set_grad
 
 __all__ = ["SiameseLSTM", "digit_pairs", "run"]
 
@@ -73,7 +77,7 @@ def _pairs_from(images: torch.Tensor, labels: torch.Tensor, n: int, gen: torch.G
     return Pairs(images[first], images[second], (labels[first] == labels[second]).long())
 
 
-def digit_pairs(seed: int = 0, n_train: int = 4000, n_test: int = 1000) -> tuple[Pairs, Pairs]:
+def digit_pairs(seed: int = 0, n_train: int = 6000, n_test: int = 1000) -> tuple[Pairs, Pairs]:
     """Train and test pairs of scikit-learn's bundled digits, drawn from disjoint images."""
     datasets = _optional("sklearn.datasets")
     digits = datasets.load_digits()
@@ -90,7 +94,7 @@ def digit_pairs(seed: int = 0, n_train: int = 4000, n_test: int = 1000) -> tuple
 class SiameseLSTM(nn.Module):
     """Two stacked LSTMs encode each image; the same encoder serves both branches of a pair."""
 
-    def __init__(self, hidden: int = 32):
+    def __init__(self, hidden: int = 48):
         super().__init__()
         self.lstm1 = nn.LSTM(8, hidden, batch_first=True)
         self.lstm2 = nn.LSTM(hidden, hidden, batch_first=True)
@@ -204,8 +208,9 @@ def _plot_curves(path: Path, curves: dict[str, list[float]]) -> None:
         window = max(1, len(values) // 40)
         smooth = torch.tensor(values).unfold(0, window, window).mean(1) if len(values) >= window else torch.tensor(values)
         ax.plot(torch.arange(len(smooth)) * window, smooth, label=label)
-    ax.set_xlabel("step")
+    ax.set_xlabel("step (of each run)")
     ax.set_ylabel("training loss")
+    ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -411,7 +416,83 @@ def _plot_distances(path: Path, distances: dict[str, float]) -> None:
     plt.close(fig)
 
 
-def run(out: str | Path = "layerwise-demo", *, seed: int = 0, epochs: int = 3, device: str = "cpu",
+def section_gradients(run: Run, base: nn.Module) -> None:
+    run.report.section(
+        "5. Every layer's gradient, by its real name",
+        "`model.lstm1.weight.grad` fails: an `nn.LSTM` has no `weight`; its parameters are `weight_ih_l0`, "
+        "`weight_hh_l0`, `bias_ih_l0` and `bias_hh_l0`. `lw.grad_stats` reports every layer under its real "
+        "name with fused kernels and one transfer to the host; `lw.GradMonitor` does it through training, "
+        "hooked on the optimizer, writing to CSV/JSONL/TensorBoard and plotting a heat map.")
+    model = _clone(base)
+    try:
+        grad_stats(model, "lstm1.weight")
+    except SelectionError as e:
+        run.report.say(f"Asking for `lstm1.weight` says: *{str(e).split(' (Pass')[0]}*")
+    batch = next(batches(run.train, 256, torch.Generator().manual_seed(run.seed)))
+    F.cross_entropy(model(batch.a, batch.b), batch.y).backward()
+    stats = grad_stats(model)
+    run.report.table(stats)
+    expected = {name: p.grad.norm().item() for name, p in model.named_parameters()}
+    run.report.check("every parameter is reported under its real name",
+                     [name for name, _ in stats] == list(expected))
+    run.report.check("each norm equals p.grad.norm() (to 1e-5)",
+                     all(abs(row["norm"] - expected[name]) <= 1e-5 * max(1.0, expected[name]) for name, row in stats))
+    run.report.check("lw.check_grads: every gradient is present and finite", check_grads(model).ok)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    csv_path = run.report.out / "grad_stats.csv"
+    with GradMonitor(model, every=5, optimizer=optimizer, sinks=[CSVSink(csv_path)]) as monitor:
+        run.curves["monitored"] = train(model, optimizer, run.train, 1, seed=run.seed + 20, bar=run.bar,
+                                        label="5. training under a GradMonitor")
+        monitor.plot(run.report.figure("grad_norms.png", "Gradient norm of every layer through training (log10)"))
+    logged = sorted({row["step"] for row in monitor.history})
+    run.report.say(f"The monitor logged steps {logged[0]}, {logged[1]}, ... {logged[-1]} ({len(logged)} log steps, "
+                   f"{len(monitor.history)} rows) into `grad_stats.csv` and drew `grad_norms.png`.")
+    run.report.check("the monitor logged every 5th optimizer step", logged == list(range(0, monitor.steps, 5)))
+
+
+def section_surgery(run: Run, base: nn.Module) -> None:
+    run.report.section(
+        "6. Assigning a gradient to a layer directly, and reshaping gradients",
+        "`lw.set_grad` gives a layer the gradient you choose: checked (shape, frozen, finite) before "
+        "anything changes, cast and copied, never aliased. `lw.scale_grad` multiplies a layer's gradient "
+        "during backward, through tensor hooks, so it composes with gradient accumulation and DDP.")
+    run.report.code('lw.set_grad(model, "linear.weight", value)\n'
+                    'with lw.scale_grad(model, "lstm1", "lstm2", factor=0.5):\n    loss.backward()')
+    model = _clone(base)
+    lr = 2.0 ** -4  # a power of two: lr * value is exact, so the update can be compared bit for bit
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    value = torch.linspace(-1, 1, model.linear.weight.numel()).view_as(model.linear.weight)
+    optimizer.zero_grad(set_to_none=True)
+    set_grad(model, "linear.weight", value)
+    before = model.linear.weight.detach().clone()
+    optimizer.step()
+    run.report.check("after set_grad and one SGD step, linear.weight == w_old - lr * value exactly",
+                     torch.equal(model.linear.weight.detach(), before - lr * value))
+    run.report.check("no other parameter received a gradient",
+                     all(p.grad is None for n, p in model.named_parameters() if n != "linear.weight"))
+
+    batch = next(batches(run.train, 256, torch.Generator().manual_seed(run.seed)))
+    model = _clone(base)
+    F.cross_entropy(model(batch.a, batch.b), batch.y).backward()
+    plain = grad_stats(model, stats="norm").to_dict()
+    model.zero_grad()
+    with scale_grad(model, "lstm1", "lstm2", factor=0.5):
+        F.cross_entropy(model(batch.a, batch.b), batch.y).backward()
+    halved = grad_stats(model, stats="norm").to_dict()
+    table = Table(title="gradient norm with scale_grad(model, 'lstm1', 'lstm2', factor=0.5)", title_justify="left")
+    for header in ("parameter", "plain", "scaled", "ratio"):
+        table.add_column(header, justify="left" if header == "parameter" else "right")
+    ratios = {}
+    for name in plain:
+        ratios[name] = halved[name]["norm"] / plain[name]["norm"]
+        table.add_row(name, f"{plain[name]['norm']:.4g}", f"{halved[name]['norm']:.4g}", f"{ratios[name]:.4f}")
+    run.report.table(table)
+    run.report.check("the LSTMs' gradients are halved and the others untouched",
+                     all(abs(r - (0.5 if n.startswith("lstm") else 1.0)) < 1e-5 for n, r in ratios.items()))
+
+
+def run(out: str | Path = "layerwise-demo", *, seed: int = 0, epochs: int = 10, device: str = "cpu",
         console: Console | None = None) -> dict[str, Any]:
     """Run every section, write ``out/report.md`` and the figures, and return the measured results.
 
@@ -430,6 +511,8 @@ def run(out: str | Path = "layerwise-demo", *, seed: int = 0, epochs: int = 3, d
         section_freezing(state, base)
         section_learning_rates(state, base)
         section_averaging(state, base)
+        section_gradients(state, base)
+        section_surgery(state, base)
     _plot_curves(report.figure("training_curves.png", "Training loss of every run"), state.curves)
     path = report.write()
     failed = [label for label, ok in report.checks if not ok]
