@@ -135,3 +135,56 @@ def test_4_the_hand_written_loop_breaks_on_models_that_differ_and_layerwise_list
         lw.average([a, b])
     assert "lstm1.weight_hh_l0: shape (24, 6) in model 0 but (28, 7) in model 1" in str(e.value)
     assert str(e.value).count("shape") >= 10, "every mismatch, not just the first"
+
+
+# --------------------------------------------------------------------------- 5. every layer's gradient
+
+
+def test_5_every_layer_gradient_by_its_real_name():
+    torch.manual_seed(0)
+    model = Interleaved()
+    F.cross_entropy(model(torch.randn(4, 5, 4)), torch.tensor([0, 1, 2, 0])).backward()
+    stats = lw.grad_stats(model).to_dict()
+    assert list(stats) == [n for n, _ in model.named_parameters()]
+    for name, p in model.named_parameters():
+        assert stats[name]["norm"] == pytest.approx(p.grad.norm().item(), rel=1e-5)
+
+
+def test_5_the_lstm_weight_that_does_not_exist():
+    torch.manual_seed(0)
+    model = Interleaved()
+    with pytest.raises(AttributeError, match="'LSTM' object has no attribute 'weight'"):
+        model.lstm1.weight.grad  # as written today
+    with pytest.raises(lw.SelectionError) as e:
+        lw.grad_stats(model, "lstm1.weight")
+    for real in ("lstm1.weight_ih_l0", "lstm1.weight_hh_l0"):
+        assert real in str(e.value)
+
+
+# --------------------------------------------------------------------------- 6. assigning a gradient directly
+
+
+def test_6_an_assigned_gradient_is_applied_exactly():
+    torch.manual_seed(0)
+    model = Interleaved()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.25)
+    value = torch.randn_like(model.linear.weight)
+    original = value.clone()
+    lw.set_grad(model, "linear.weight", value)
+    value.mul_(100)  # the caller's tensor changes afterwards: the gradient does not
+    before = model.linear.weight.detach().clone()
+    optimizer.step()
+    assert torch.equal(model.linear.weight.detach(), before - 0.25 * original)
+
+
+def test_6_assigning_by_hand_aliases_or_fails_and_layerwise_explains():
+    torch.manual_seed(0)
+    model = Interleaved()
+    value = torch.ones(3, 6)
+    model.linear.weight.grad = value  # as written today: the gradient *is* the caller's tensor
+    value.zero_()
+    assert model.linear.weight.grad.sum() == 0
+    with pytest.raises(RuntimeError):  # a wrong shape: torch's message does not say which layer expected what
+        model.linear.weight.grad = torch.ones(6, 3)
+    with pytest.raises(lw.GradError, match=r"linear.weight has shape \(3, 6\) but its value has shape \(6, 3\)"):
+        lw.set_grad(model, "linear.weight", torch.ones(6, 3))
