@@ -1,0 +1,107 @@
+"""``LayerwiseCallback``: layerwise in a ``lightning.Trainer`` (needs the ``lightning`` extra)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    raise ImportError("layerwise.integrations.lightning needs lightning: pip install 'layerwise[lightning]'") from None
+
+from ._core import Plan, Selectors
+
+__all__ = ["LayerwiseCallback"]
+
+
+class _LoggerSink:
+    """Send the monitor's rows to the Trainer's loggers as ``grad_norm/<layer>``-style metrics."""
+
+    histograms = False
+
+    def __init__(self, trainer: pl.Trainer):
+        self.trainer = trainer
+
+    def write(self, step: int, rows: list[dict[str, Any]], histograms: Any = None) -> None:
+        metrics = {f"{key}/{row['layer']}": value for row in rows for key, value in row.items()
+                   if isinstance(value, float)}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def close(self) -> None:
+        pass
+
+
+class LayerwiseCallback(pl.Callback):
+    """Freeze, unfreeze on a schedule, monitor gradients and keep an EMA inside Lightning.
+
+    ``freeze``: selectors frozen in ``setup`` (before ``configure_optimizers``, so the optimizer
+    can leave them out). ``unfreeze_schedule``: ``{epoch: selectors}`` unfrozen at the start of
+    that epoch and added to the optimizer (``unfreeze_options`` for the new group).
+    ``grad_monitor``: ``True``, ``every`` as an int, or :class:`~layerwise.GradMonitor` keyword
+    arguments (``select=`` for selectors); rows go to the Trainer's loggers. ``ema``: a decay or
+    :class:`~layerwise.EMA` keyword arguments; the EMA is updated after every optimizer step
+    and its weights are swapped in for validation. EMA and unfreezing progress are saved in
+    checkpoints.
+
+    Example::
+
+        >>> from layerwise.integrations.lightning import LayerwiseCallback  # doctest: +SKIP
+        >>> trainer = lightning.Trainer(callbacks=[LayerwiseCallback(  # doctest: +SKIP
+        ...     freeze="encoder", unfreeze_schedule={2: "encoder.layers.[6-11]"}, grad_monitor=50, ema=0.999)])
+    """
+
+    def __init__(self, freeze: Selectors | None = None, unfreeze_schedule: Mapping[int, Selectors] | None = None,
+                 unfreeze_options: Mapping[str, Any] | None = None,
+                 grad_monitor: bool | int | Mapping[str, Any] | None = None,
+                 ema: float | Mapping[str, Any] | None = None):
+        self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema)
+        self._last_step = -1
+
+    @property
+    def monitor(self):
+        return self.plan.monitor
+
+    @property
+    def ema(self):
+        return self.plan.ema
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.plan.model_ready(pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is None:
+            raise RuntimeError("LayerwiseCallback needs the optimizer that configure_optimizers returns")
+        self.plan.optimizer_ready(pl_module, optimizer, sinks=[_LoggerSink(trainer)])
+        self._last_step = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plan.epoch_started(trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # With gradient accumulation not every batch ends in an optimizer step.
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.plan.optimizer_stepped()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plan.swap_in(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plan.swap_out()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.plan.close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.plan.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.plan.load_state_dict(state_dict)
