@@ -5,7 +5,8 @@ are averaged by (a) the common recipe: torch.load every input, average, torch.sa
 same with safetensors load_file / save_file; (c) lw.merge_files (which also fsyncs). The
 limit is reading every input once (cat > /dev/null) plus writing one output of the same size
 (dd, fsynced). Each run is a subprocess: wall time and peak RSS are its own. The inputs are in
-the page cache for every run alike (written just before).
+the page cache for every run alike (written just before). Times are of the work alone, not
+of the interpreter's start-up; peak RSS is each process's own high-water mark.
 Targets: lw >= 2x faster than (a); lw <= 1.3x the limit; peak RSS <= 2x the largest tensor + 200 MB.
 """
 
@@ -22,35 +23,57 @@ import torch
 
 import layerwise as lw
 
+# Each child times its own work (not the interpreter's start-up) and reports its peak RSS
+# (VmHWM: the high-water mark of this process, which ru_maxrss would mix with the parent's).
+REPORT = """
+import re
+rss = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read())[1]) / 1024
+print(f"{elapsed} {rss}")
+"""
 TORCH = """
-import sys, torch
+import sys, time, torch
+start = time.perf_counter()
 sds = [torch.load(p, weights_only=True) for p in sys.argv[1:-1]]
 torch.save({k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}, sys.argv[-1])
-"""
+elapsed = time.perf_counter() - start
+""" + REPORT
 SAFETENSORS = """
-import sys
+import sys, time
 from safetensors.torch import load_file, save_file
+start = time.perf_counter()
 sds = [load_file(p) for p in sys.argv[1:-1]]
 save_file({k: sum(sd[k] for sd in sds) / len(sds) for k in sds[0]}, sys.argv[-1])
-"""
+elapsed = time.perf_counter() - start
+""" + REPORT
 LAYERWISE = """
-import sys, layerwise as lw
+import sys, time, layerwise as lw
+start = time.perf_counter()
 lw.merge_files(sys.argv[1:-1], sys.argv[-1])
-"""
+elapsed = time.perf_counter() - start
+""" + REPORT
+IMPORT_ONLY = """
+import layerwise
+elapsed = 0.0
+""" + REPORT
 LIMIT = """
 cat "$@" > /dev/null
 dd if=/dev/zero of="$OUT" bs=1M count="$MB" conv=fsync status=none
 """
 
 
-def measure(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process."""
+def measure(argv: list[str]) -> tuple[float, float]:
+    """Seconds of the work itself and peak RSS (MB) of one child process, as the child reports them."""
+    run = subprocess.run(argv, capture_output=True, text=True, check=True)
+    elapsed, rss = run.stdout.split()[-2:]
+    return float(elapsed), float(rss)
+
+
+def measure_limit(inputs: list[Path], output: Path, megabytes: int) -> tuple[float, float]:
+    """Read every input once, write one output of the same size with fsync (no interpreter: bash, cat, dd)."""
     start = time.perf_counter()
-    child = subprocess.Popen(argv, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(child.pid, 0)
-    if status != 0:
-        raise RuntimeError(f"{argv[:3]} failed with status {status}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    subprocess.run(["bash", "-c", LIMIT, "limit", *map(str, inputs)], check=True,
+                   env={**os.environ, "OUT": str(output), "MB": str(megabytes)})
+    return time.perf_counter() - start, 0.0
 
 
 def main() -> None:
@@ -72,9 +95,8 @@ def main() -> None:
     for _ in range(2):  # the second round is reported: every run then meets a warm page cache
         for f in folder.glob("out*"):
             f.unlink()
-        runs["import"] = measure([sys.executable, "-c", "import layerwise"])
-        runs["limit"] = measure(["bash", "-c", LIMIT, "limit", *map(str, st_paths)],
-                                {"OUT": str(folder / "out.raw"), "MB": str(size // 2**20)})
+        runs["import"] = measure([sys.executable, "-c", IMPORT_ONLY])
+        runs["limit"] = measure_limit(st_paths, folder / "out.raw", size // 2**20)
         runs["torch"] = measure([sys.executable, "-c", TORCH, *map(str, pt_paths), str(folder / "out.pt")])
         runs["safetensors"] = measure([sys.executable, "-c", SAFETENSORS, *map(str, st_paths), str(folder / "out_st.safetensors")])
         runs["layerwise"] = measure([sys.executable, "-c", LAYERWISE, *map(str, st_paths), str(folder / "out_lw.safetensors")])
@@ -83,11 +105,11 @@ def main() -> None:
 
     lw_time, lw_rss = runs["layerwise"]
     print(f"4 inputs x {size / 2**20:.0f} MB; largest tensor {largest:.0f} MB; {os.cpu_count()} CPUs")
-    print(f"{'run':<34} {'wall':>8} {'peak RSS':>10}")
-    for name, label in (("limit", "limit: cat inputs + dd output"), ("torch", "(a) torch.load all + torch.save"),
+    print(f"{'run':<38} {'time':>8} {'peak RSS':>10}")
+    for name, label in (("limit", "limit: cat inputs + dd output (fsync)"), ("torch", "(a) torch.load all + torch.save"),
                         ("safetensors", "(b) safetensors load all + save"), ("layerwise", "(c) lw.merge_files")):
         t, rss = runs[name]
-        print(f"{label:<34} {t:7.2f}s {rss:8.0f} MB")
+        print(f"{label:<38} {t:7.2f}s {f'{rss:8.0f} MB' if rss else '       -':>10}")
     print(f"lw vs (a): {runs['torch'][0] / lw_time:.2f}x faster; vs (b): {runs['safetensors'][0] / lw_time:.2f}x faster")
     print(f"lw / limit: {lw_time / runs['limit'][0]:.2f}x")
     imported = runs["import"][1]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import layerwise as lw
+import layerwise.checkpoint as checkpoint
 from layerwise._files import open_checkpoint
 
 from conftest import TiedLM
@@ -141,6 +142,18 @@ def test_merge_files_equals_the_in_memory_merge(tmp_path, three, method, options
     weights = options.pop("weights", None)
     expected = lw.merge(lw.load(base) if needs_base else None, [lw.load(a), lw.load(b)], method, weights=weights, **options)
     assert same(lw.load(out), expected)
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_sliced_streaming_equals_whole_tensors(tmp_path, three, monkeypatch, method):
+    monkeypatch.setattr(checkpoint, "_SLICE", 7)  # every tensor in several slices, the last one short
+    base, a, b = three
+    options = {"weights": [0.3, 0.9], "select": "!2.bias", "dtype": "bf16"}
+    out = lw.merge_files([a, b], tmp_path / "out.safetensors", method, base=base, **options)
+    expected = lw.merge(lw.load(base), [lw.load(a), lw.load(b)], method, weights=[0.3, 0.9], select="!2.bias")
+    got = lw.load(out)
+    for k, t in expected.items():
+        assert torch.equal(got[k], t.bfloat16() if t.is_floating_point() else t), k
 
 
 def test_merge_files_select_and_dtype(tmp_path, three):

@@ -17,7 +17,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -181,6 +181,7 @@ class Checkpoint:
     _stored: dict[str, _Stored] = field(default_factory=dict)
     _tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     _files: dict[Path, IO[bytes]] = field(default_factory=dict)
+    _scratch: torch.Tensor | None = None
 
     @property
     def label(self) -> str:
@@ -195,14 +196,31 @@ class Checkpoint:
         key = self.aliases.get(key, key)
         if key in self._tensors:
             return self._tensors[key]
+        shape, dtype = self.specs[key]
+        buffer = torch.empty(self.nbytes(key), dtype=torch.uint8)
+        self._read_into(key, 0, buffer)
+        return buffer.view(dtype).reshape(shape)
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor under ``key``. The result lives in a
+        buffer this checkpoint reuses: it is valid until the next ``read_flat`` on it."""
+        key = self.aliases.get(key, key)
+        if key in self._tensors:
+            return self._tensors[key].reshape(-1)[start:stop]
+        dtype = self.specs[key][1]
+        n = (stop - start) * dtype.itemsize
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=torch.uint8)
+        buffer = self._scratch[:n]
+        self._read_into(key, start * dtype.itemsize, buffer)
+        return buffer.view(dtype)
+
+    def _read_into(self, key: str, skip: int, buffer: torch.Tensor) -> None:
         where = self._stored[key]
         f = self._files.get(where.path) or self._files.setdefault(where.path, open(where.path, "rb"))
-        buffer = torch.empty(where.nbytes, dtype=torch.uint8)
-        f.seek(where.offset)
-        if where.nbytes and f.readinto(memoryview(buffer.numpy())) != where.nbytes:
+        f.seek(where.offset + skip)
+        if buffer.numel() and f.readinto(memoryview(buffer.numpy())) != buffer.numel():
             raise CheckpointError(f"{where.path}: truncated while reading tensor {key!r}")
-        shape, dtype = self.specs[key]
-        return buffer.view(dtype).reshape(shape)
 
     def close(self) -> None:
         for f in self._files.values():
@@ -381,9 +399,10 @@ def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
         raise CheckpointError(f"{output}: the folder {folder} is not writable")
 
 
-def write(plan: Plan, output: Path, tensor_of: Callable[[str], torch.Tensor], *, overwrite: bool, inputs: Sequence[Path] = (),
-           progress: Callable[[str], None] | None = None) -> Path:
-    """Write ``plan`` to ``output`` atomically, asking ``tensor_of(key)`` for each stored tensor in order.
+def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor]], *, overwrite: bool,
+          inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``plan`` to ``output`` atomically; ``pieces_of(key)`` gives each stored tensor, whole
+    or as consecutive pieces of its flattened elements, in order.
 
     A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder. The
     data goes to a temporary name in the destination folder; only a complete, fsynced result
@@ -420,14 +439,18 @@ def write(plan: Plan, output: Path, tensor_of: Callable[[str], torch.Tensor], *,
             with open(target, "wb") as f:
                 f.write(_header_bytes(entries, metadata))
                 for key, dtype, shape in entries:
-                    t = tensor_of(key)
-                    if t.dtype != dtype or tuple(t.shape) != shape:
-                        raise CheckpointError(f"{output}: tensor {key!r} came out as {t.dtype} {tuple(t.shape)}, "
-                                              f"planned {dtype} {shape}")
-                    f.write(_bytes_of(t))
-                    if progress is not None:
-                        progress(key)
-                    del t
+                    written = 0
+                    for piece in pieces_of(key):
+                        if piece.dtype != dtype:
+                            raise CheckpointError(f"{output}: tensor {key!r} came out as {piece.dtype}, planned {dtype}")
+                        f.write(_bytes_of(piece))
+                        written += piece.numel()
+                        if progress is not None:
+                            progress(piece.numel() * dtype.itemsize)
+                        del piece
+                    if written != math.prod(shape):
+                        raise CheckpointError(f"{output}: tensor {key!r} came out with {written} elements, "
+                                              f"planned {math.prod(shape)} {shape}")
                 f.flush()
                 os.fsync(f.fileno())
         if sharded:

@@ -57,6 +57,11 @@ from .select import select as _select
 
 __all__ = ["CheckpointError", "Diff", "diff_files", "load", "merge_files", "save"]
 
+# Methods whose result at an element depends on that element alone: merge_files streams them in
+# slices of this many elements (4 MB of float32), which gives the same result as whole tensors.
+_ELEMENTWISE = ("linear", "task_arithmetic")
+_SLICE = 1 << 20
+
 
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
@@ -119,7 +124,7 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
             stored[ak] = k
         entries.append((k, t.dtype, tuple(t.shape)))
     plan = Plan(entries, aliases, dict(metadata or {}), parse_size(max_shard_size))
-    return write(plan, path, state.__getitem__, overwrite=overwrite)
+    return write(plan, path, lambda k: [state[k]], overwrite=overwrite)
 
 
 def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = None) -> dict[str, torch.Tensor]:
@@ -217,19 +222,30 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 entries.append((k, out_dtype if out_dtype is not None and in_dtype.is_floating_point else in_dtype, shape))
         plan = Plan(entries, aliases, {"layerwise.merge": method}, parse_size(max_shard_size))
 
-        def tensor_of(k: str) -> torch.Tensor:
-            base_t = base_ckpt.read(k) if base_ckpt is not None else None
+        def pieces_of(k: str) -> Iterator[torch.Tensor]:
+            numel = math.prod(first.specs[k][0])
+            slices = [(start, min(numel, start + _SLICE)) for start in range(0, numel, _SLICE)]
             if k not in chosen:
-                source = base_t if base_t is not None else models[0].read(k)
-                return source.to(planned[k])
-            return merge_tensors(method, (m.read(k) for m in models), base_t, w, per_key[k], key=k, dtype=planned[k])
+                source = base_ckpt if base_ckpt is not None else models[0]
+                for start, stop in slices:
+                    yield source.read_flat(k, start, stop).to(planned[k])
+            elif method in _ELEMENTWISE and first.specs[k][1].is_floating_point:
+                # Elementwise methods stream each tensor in slices, combining the same elements of
+                # every input: memory stays at a few slices and the slices stay in cache.
+                for start, stop in slices:
+                    base_t = base_ckpt.read_flat(k, start, stop) if base_ckpt is not None else None
+                    yield merge_tensors(method, (m.read_flat(k, start, stop) for m in models), base_t, w,
+                                        per_key[k], key=k, dtype=planned[k])
+            else:
+                base_t = base_ckpt.read(k) if base_ckpt is not None else None
+                yield merge_tensors(method, (m.read(k) for m in models), base_t, w, per_key[k], key=k,
+                                    dtype=planned[k])
 
         planned = {k: d for k, d, _ in entries}
         check_output(output, paths, overwrite)  # before the progress bar starts
-        read_per_key = {k: sum(c.nbytes(k) for c in labelled) for k, _, _ in entries}
-        with _byte_progress(progress, sum(read_per_key.values()), f"{method} → {output.name}") as bar:
-            return write(plan, output, tensor_of, overwrite=overwrite, inputs=paths,
-                          progress=lambda k: bar.advance(bar.task_ids[0], read_per_key[k]))
+        with _byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
+            return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths,
+                         progress=lambda n: bar.advance(bar.task_ids[0], n))
 
 
 @dataclass
