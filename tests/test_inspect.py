@@ -1,5 +1,6 @@
 import io
 
+import pytest
 import torch
 
 import layerwise as lw
@@ -58,3 +59,23 @@ def test_a_hand_frozen_parameter_with_a_stale_gradient_is_flagged(interleaved):
     assert "stale .grad" in out.getvalue()
     lw.freeze(interleaved, "lstm2")
     assert not any(r["stale_grad"] for r in lw.show(interleaved, quiet=True))
+
+
+def test_monitor_and_ema_columns(interleaved):
+    opt = torch.optim.SGD(interleaved.parameters(), lr=0.1)
+    ema = lw.EMA(interleaved, decay=0.5)
+    monitor = lw.GradMonitor(interleaved, every=2, optimizer=opt, stats=["norm"])
+    for _ in range(3):
+        opt.zero_grad()
+        interleaved(torch.randn(2, 3, 4)).sum().backward()
+        opt.step()
+        ema.update()
+    rows = {r["name"]: r for r in lw.show(interleaved, opt, monitor=monitor, ema=ema, quiet=True)}
+    last = {r["layer"]: r for r in monitor.history if r["step"] == 2}
+    assert rows["linear.weight"]["grad_norm@2"] == last["linear.weight"]["grad_norm"]
+    assert rows["linear.weight"]["update_ratio@2"] == last["linear.weight"]["update_ratio"]
+    w, shadow = interleaved.linear.weight.detach(), ema.shadow[ema.names.index("linear.weight")]
+    assert rows["linear.weight"]["ema_distance"] == pytest.approx(((w - shadow).norm() / w.norm()).item())
+    out = io.StringIO()
+    lw.show(interleaved, None, "linear", monitor=monitor, ema=ema, file=out)
+    assert "grad norm@2" in out.getvalue() and "ema distance" in out.getvalue()

@@ -44,16 +44,43 @@ def count_calls(model: nn.Module, inputs: Any) -> dict[int, int]:
 class LayerTable(list):
     """The rows of :func:`show`: a plain list of dicts that also renders as its rich table."""
 
-    def __init__(self, rows: Sequence[dict[str, Any]], title: str, trainable: int, total: int):
+    def __init__(self, rows: Sequence[dict[str, Any]], title: str, trainable: int, total: int,
+                 extra: Sequence[str] = ()):
         super().__init__(rows)
-        self.title, self.trainable, self.total = title, trainable, total
+        self.title, self.trainable, self.total, self.extra = title, trainable, total, tuple(extra)
 
     def __rich__(self) -> Table:
         return _table(self)
 
 
+def _monitor_columns(monitor: Any) -> dict[str, dict[str, float | None]]:
+    """The last logged gradient norm (and update ratio) of each layer of a GradMonitor."""
+    rows = monitor.history
+    if not rows:
+        return {}
+    last = max(row["step"] for row in rows)
+    latest = [row for row in rows if row["step"] == last]
+    columns = {f"grad_norm@{last}": {row["layer"]: row.get("grad_norm") for row in latest}}
+    if any("update_ratio" in row for row in latest):
+        columns[f"update_ratio@{last}"] = {row["layer"]: row.get("update_ratio") for row in latest}
+    return columns
+
+
+@torch.no_grad()
+def _ema_column(model: nn.Module, ema: Any) -> dict[str, dict[str, float | None]]:
+    """How far each weight is from its EMA: ‖w − w_ema‖ / ‖w‖."""
+    live = dict(model.named_parameters(remove_duplicate=False))
+    distance = {}
+    for name, shadow in zip(ema.names, ema.shadow):
+        w = live[name].detach().to(shadow.dtype)
+        norm = w.norm()
+        distance[name] = ((w - shadow).norm() / norm).item() if norm > 0 else None
+    return {"ema_distance": distance}
+
+
 def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *selectors: Selector,
-         inputs: Any = None, file: IO[str] | None = None, quiet: bool = False) -> LayerTable:
+         inputs: Any = None, monitor: Any = None, ema: Any = None, file: IO[str] | None = None,
+         quiet: bool = False) -> LayerTable:
     """Print one table of every parameter and return its rows as plain dicts.
 
     Columns: name, shape, numel, dtype, trainable, the other names of a shared parameter,
@@ -62,8 +89,10 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     still holds a ``.grad`` (``stale_grad``: the optimizer's momentum or weight decay will keep
     moving it; ``lw.freeze`` clears it). Pass ``inputs`` (a tensor or a tuple of forward
     arguments) to also count how many times each parameter's module runs per forward, so a
-    layer applied to two branches shows ``2``. Totals count a shared parameter once.
-    Selectors restrict the rows, not the totals.
+    layer applied to two branches shows ``2``. With a ``monitor`` (:class:`~layerwise.GradMonitor`)
+    the last logged gradient norm and update ratio of each layer join the table, with an
+    ``ema`` (:class:`~layerwise.EMA`) each weight's relative distance to its average.
+    Totals count a shared parameter once. Selectors restrict the rows, not the totals.
 
     Example:
         >>> import layerwise as lw, torch
@@ -80,6 +109,8 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     in_group = _optimizer_index(optimizer) if optimizer is not None else {}
     calls = count_calls(model, inputs) if inputs is not None else None
     owners = dict(model.named_modules(remove_duplicate=False))
+    extra = {**(_monitor_columns(monitor) if monitor is not None else {}),
+             **(_ema_column(model, ema) if ema is not None else {})}
 
     rows = []
     for names, p in zip(chosen.aliases(), chosen.params()):
@@ -99,10 +130,12 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
             g = in_group.get(id(p))
             group = optimizer.param_groups[g] if g is not None else {}
             row.update(group=g, lr=group.get("lr"), weight_decay=group.get("weight_decay"))
+        for column, values in extra.items():
+            row[column] = next((values[n] for n in names if n in values), None)
         rows.append(row)
 
     trainable = sum(p.numel() for p in everything.params() if p.requires_grad)
-    table = LayerTable(rows, type(model).__name__, trainable, everything.numel())
+    table = LayerTable(rows, type(model).__name__, trainable, everything.numel(), extra)
     console(file, quiet=quiet).print(table)
     return table
 
@@ -121,6 +154,8 @@ def _table(rows: LayerTable) -> Table:
     if with_optimizer:
         for header in ("group", "lr", "weight decay"):
             table.add_column(header, justify="right")
+    for header in rows.extra:
+        table.add_column(header.replace("_", " "), justify="right")
     for r in rows:
         cells = [r["name"], "×".join(map(str, r["shape"])) or "scalar", f"{r['numel']:,}", r["dtype"],
                  "[green]yes[/]" if r["trainable"] else "[red]frozen, stale .grad[/]" if r["stale_grad"] else "[blue]frozen[/]",
@@ -132,5 +167,6 @@ def _table(rows: LayerTable) -> Table:
                 cells += ["[red]not in optimizer[/]" if r["trainable"] else "-", "", ""]
             else:
                 cells += [str(r["group"]), f"{r['lr']:.3g}", f"{r['weight_decay']:.3g}" if r["weight_decay"] is not None else ""]
+        cells += ["-" if r[column] is None else f"{r[column]:.3g}" for column in rows.extra]
         table.add_row(*cells)
     return table
