@@ -26,6 +26,7 @@ import torch.distributed as dist
 from rich.table import Table
 from torch import Tensor, nn
 
+from ._hooks import Hooks
 from ._tensors import pick, use_foreach
 from ._term import console
 from .errors import GradError, NonFiniteGradError
@@ -425,7 +426,7 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
                      no_grad=[names[i] for i, p in enumerate(params) if p.grad is None])
 
 
-class NonFiniteWatch:
+class NonFiniteWatch(Hooks):
     """The handle :func:`watch_nonfinite` returns: ``remove()`` it (any number of times), or use it in ``with``.
 
     Example:
@@ -440,8 +441,8 @@ class NonFiniteWatch:
         self._names, self._params = names, params
         self._task = -1
         self._order: list[int] = []
-        self._handles = [p.register_post_accumulate_grad_hook(lambda _, i=i: self._ready(i))
-                         for i, p in enumerate(params) if p.requires_grad]
+        super().__init__(p.register_post_accumulate_grad_hook(lambda _, i=i: self._ready(i))
+                         for i, p in enumerate(params) if p.requires_grad)
 
     def _ready(self, i: int) -> None:
         # Hooks only note the order in which gradients arrive; one check runs at the end of backward.
@@ -465,18 +466,6 @@ class NonFiniteWatch:
                 f"the gradient of {bad[0]!r} holds NaN or inf: it is the first parameter, in backward order, to go "
                 f"non-finite{then}. Look for log, sqrt, division or exp overflow in that layer's forward, or for a "
                 "learning rate large enough to blow the weights up.", bad)
-
-    def remove(self) -> None:
-        """Stop watching."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> NonFiniteWatch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
 
 def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from ._hooks import Hooks
 from ._tensors import buckets, pick, use_foreach
 from .errors import GradError, NonFiniteGradError
 from .select import Selection, SelectionError, Selector, closest, describe, select
@@ -171,7 +172,7 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
 # --------------------------------------------------------------------------- hooks
 
 
-class GradHooks:
+class GradHooks(Hooks):
     """The gradient hooks set by :func:`grad_hook`: ``remove()`` takes them all off.
 
     Removing twice is a no-op; used as a context manager, the hooks come off on exit.
@@ -189,18 +190,7 @@ class GradHooks:
     def __init__(self, params: Sequence[tuple[str, torch.Tensor]],
                  fn: Callable[[str, torch.Tensor], torch.Tensor | None]):
         self.names = [name for name, _ in params]
-        self._handles = [p.register_hook(functools.partial(fn, name)) for name, p in params]
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> GradHooks:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.remove()
+        super().__init__(p.register_hook(functools.partial(fn, name)) for name, p in params)
 
     def __repr__(self) -> str:
         state = "active" if self._handles else "removed"

@@ -36,6 +36,20 @@ def _options(value: bool | int | float | Mapping[str, Any] | None, number: str) 
     return dict(value)
 
 
+class PlanAccess:
+    """What a callback exposes of its plan: the monitor (its ``history``) and the EMA."""
+
+    plan: Plan
+
+    @property
+    def monitor(self) -> GradMonitor | None:
+        return self.plan.monitor
+
+    @property
+    def ema(self) -> EMA | None:
+        return self.plan.ema
+
+
 class Plan:
     """The layerwise side of a callback; the framework calls these methods at its events."""
 

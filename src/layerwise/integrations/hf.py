@@ -10,12 +10,12 @@ try:
 except ImportError:
     raise ImportError("layerwise.integrations.hf needs transformers: pip install 'layerwise[hf]'") from None
 
-from ._core import Plan, Selectors
+from ._core import Plan, PlanAccess, Selectors
 
 __all__ = ["LayerwiseTrainerCallback"]
 
 
-class LayerwiseTrainerCallback(TrainerCallback):
+class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
     """Freeze, unfreeze on a schedule, monitor gradients and keep an EMA inside ``transformers.Trainer``.
 
     The options are those of :class:`layerwise.integrations.lightning.LayerwiseCallback`.
@@ -38,14 +38,6 @@ class LayerwiseTrainerCallback(TrainerCallback):
                  ema: float | Mapping[str, Any] | None = None):
         self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema)
         self._model = None
-
-    @property
-    def monitor(self):
-        return self.plan.monitor
-
-    @property
-    def ema(self):
-        return self.plan.ema
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw: Any):
         self._model = model

@@ -10,7 +10,7 @@ try:
 except ImportError:
     raise ImportError("layerwise.integrations.lightning needs lightning: pip install 'layerwise[lightning]'") from None
 
-from ._core import Plan, Selectors
+from ._core import Plan, PlanAccess, Selectors
 
 __all__ = ["LayerwiseCallback"]
 
@@ -33,7 +33,7 @@ class _LoggerSink:
         pass
 
 
-class LayerwiseCallback(pl.Callback):
+class LayerwiseCallback(PlanAccess, pl.Callback):
     """Freeze, unfreeze on a schedule, monitor gradients and keep an EMA inside Lightning.
 
     ``freeze``: selectors frozen in ``setup`` (before ``configure_optimizers``, so the optimizer
@@ -58,14 +58,6 @@ class LayerwiseCallback(pl.Callback):
                  ema: float | Mapping[str, Any] | None = None):
         self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema)
         self._last_step = -1
-
-    @property
-    def monitor(self):
-        return self.plan.monitor
-
-    @property
-    def ema(self):
-        return self.plan.ema
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
