@@ -22,15 +22,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 import layerwise as lw
 
-
-def model_and_data(batch: int, seq: int) -> tuple[nn.Module, torch.Tensor]:
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(256, 8, dim_feedforward=1024, dropout=0.0, batch_first=True)
-    return nn.TransformerEncoder(layer, 12, enable_nested_tensor=False), torch.randn(batch, seq, 256)
+from _timing import encoder
 
 
 def seconds(fn: Callable[[], object]) -> float:
@@ -50,7 +45,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     args = parser.parse_args()
 
-    model, x = model_and_data(args.batch, args.seq)
+    model, x = encoder(), torch.randn(args.batch, args.seq, 256)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     params = list(model.parameters())
 
