@@ -204,3 +204,107 @@ def test_gradual_unfreeze_checks_selectors_up_front_and_resumes(interleaved):
     resumed.load_state_dict(state)
     assert lw.frozen(fresh) == lw.frozen(interleaved)
     assert [g.get("names") for g in fresh_opt.param_groups] == [g.get("names") for g in opt.param_groups]
+
+
+def test_a_misspelt_negation_is_an_error_not_a_silent_freeze(interleaved):
+    with pytest.raises(lw.SelectionError) as e:
+        lw.freeze(interleaved, "lstm2", "!lstm2.wieght_ih_l0")
+    assert "'!lstm2.wieght_ih_l0'" in str(e.value) and "lstm2.weight_ih_l0" in str(e.value)
+    assert lw.frozen(interleaved) == []
+
+
+def test_unfreeze_takes_the_selectors_freeze_takes(convbn):
+    lw.freeze(convbn, "type:BatchNorm2d")
+    assert not convbn.train().features[4].training
+    lw.unfreeze(convbn, "type:BatchNorm2d")  # also the parameterless (affine=False) one
+    assert convbn.train().features[4].training
+
+
+def test_unfreeze_returns_a_norm_to_the_mode_it_had():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3), nn.Linear(3, 3))
+    net.train()
+    net[1].eval()  # kept in eval on purpose
+    lw.freeze(net, "1")
+    lw.unfreeze(net, "1")
+    assert net.training and not net[1].training, "exactly as before freezing"
+    lw.freeze(net, "1")
+    net.eval()  # the model's mode changed meanwhile: the norm follows it
+    lw.unfreeze(net, "1")
+    assert not net[1].training
+    lw.freeze(net, "1")
+    net.train()
+    lw.unfreeze(net, "1")
+    assert net[1].training
+
+
+@pytest.mark.parametrize("make, expected", [
+    # closed form on the group's initial lr: 0.1 * 0.5 ** epoch
+    (lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.5 ** e), 0.1 * 0.5 ** 3),
+    # chainable: halves from the lr it joined with, at each of the two steps after it joined
+    (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5), 0.1 * 0.5 ** 2),
+    (lambda o: torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=1),
+                                                         torch.optim.lr_scheduler.ExponentialLR(o, 0.5)],
+                                                     milestones=[1]), 0.1 * 0.5 ** 2),
+])
+def test_gradual_unfreeze_extends_lr_schedulers(make, expected):
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lw.freeze(net, "1")
+    opt = torch.optim.SGD(net[0].parameters(), lr=1.0)
+    scheduler = make(opt)
+    schedule = lw.GradualUnfreeze(net, opt, {1: "1"}, scheduler=scheduler, lr=0.1)
+    opt.step(), scheduler.step()
+    schedule.step(1)
+    for _ in range(2):
+        opt.step(), scheduler.step()  # without scheduler=, torch refuses the group it does not know
+    assert opt.param_groups[1]["lr"] == pytest.approx(expected)
+    assert len(scheduler.get_last_lr()) == 2
+
+
+def test_gradual_unfreeze_refuses_a_scheduler_it_cannot_extend():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lw.freeze(net, "1")
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    with pytest.raises(ValueError, match="OneCycleLR .* unfreeze in place"):
+        lw.GradualUnfreeze(net, opt, {1: "1"}, scheduler=scheduler).step(1)
+
+
+def test_gradual_unfreeze_handles_names_that_look_like_selectors():
+    net = nn.ModuleDict({"a b": nn.Linear(2, 2), "c": nn.Linear(2, 2)})
+    lw.freeze(net, "re:a b\\..*")
+    opt = torch.optim.SGD(net["c"].parameters(), lr=0.1)
+    assert lw.GradualUnfreeze(net, opt, {1: "re:a b\\..*"}).step(1) == ["a b.weight", "a b.bias"]
+    assert lw.frozen(net) == [] and len(opt.param_groups) == 2
+
+
+def test_gradual_unfreeze_resumes_steps_that_unfroze_several_entries(interleaved):
+    def make():
+        torch.manual_seed(0)
+        model = type(interleaved)()
+        lw.freeze(model, "lstm1", "lstm2")
+        return model, torch.optim.SGD(model.linear.parameters(), lr=0.1)
+
+    model, opt = make()
+    schedule = lw.GradualUnfreeze(model, opt, {1: "lstm2", 2: "lstm1"})
+    schedule.step(5)  # both entries in one step: one group
+    fresh, fresh_opt = make()
+    resumed = lw.GradualUnfreeze(fresh, fresh_opt, {1: "lstm2", 2: "lstm1"})
+    resumed.load_state_dict(schedule.state_dict())
+    assert [g.get("names") for g in fresh_opt.param_groups] == [g.get("names") for g in opt.param_groups]
+    fresh_opt.load_state_dict(opt.state_dict())
+
+
+def unfreeze_under_a_process_group(rank, world_size):
+    import warnings
+
+    net = nn.Linear(2, 2)
+    lw.freeze(net)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lw.unfreeze(net)
+    return [str(w.message) for w in caught]
+
+
+def test_unfreezing_under_torch_distributed_warns_about_ddp(run_ranks):
+    (messages,) = run_ranks(unfreeze_under_a_process_group, world_size=1)
+    assert any("find_unused_parameters=True" in m for m in messages)

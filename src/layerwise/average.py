@@ -19,7 +19,7 @@ from torch import nn
 
 from ._tensors import alias_key, buckets, named_tensor_groups, pick, use_foreach
 from .errors import LayerwiseError
-from .select import Selector
+from .select import Selector, as_selectors
 from .select import select as _select
 
 __all__ = ["EMA", "MergeError", "average", "greedy_soup", "merge"]
@@ -295,7 +295,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
     keys = list(sds[0])
     w = method_weights(method, weights, len(sds))
     per_key = resolve_options(method, keys, options)
-    selectors = [] if select is None else [select] if isinstance(select, (str, type)) or callable(select) else list(select)
+    selectors = as_selectors(select)
     chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
     fallback = base_sd if base_sd is not None else sds[0]
 

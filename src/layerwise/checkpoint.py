@@ -52,7 +52,7 @@ from .average import (
     resolve_options,
 )
 from .errors import CheckpointError
-from .select import Selector
+from .select import Selector, as_selectors
 from .select import select as _select
 
 __all__ = ["CheckpointError", "Diff", "diff_files", "load", "merge_files", "save"]
@@ -211,7 +211,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         keys = list(models[0].specs)
         w = method_weights(method, weights, len(models))
         per_key = resolve_options(method, keys, options)
-        selectors = [] if select is None else [select] if isinstance(select, (str, type)) or callable(select) else list(select)
+        selectors = as_selectors(select)
         chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
         first = labelled[0]
         aliases = {a: s for a, s in first.aliases.items() if all(c.aliases.get(a) == s for c in labelled)}

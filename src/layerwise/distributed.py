@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,7 +11,7 @@ from torch.distributed.algorithms.model_averaging import utils as averaging
 
 from ._tensors import buckets, pick
 from .errors import LayerwiseError
-from .select import Selector
+from .select import Selector, as_selectors
 from .select import select as _select
 
 __all__ = ["PeriodicAverager", "average_parameters"]
@@ -60,13 +62,13 @@ class PeriodicAverager:
     """
 
     def __init__(self, model: nn.Module, period: int, warmup_steps: int = 0,
-                 select: Selector | tuple[Selector, ...] = (), group: dist.ProcessGroup | None = None):
+                 select: Selector | Sequence[Selector] | None = None, group: dist.ProcessGroup | None = None):
         if period < 1:
-            raise ValueError(f"period={period} must be a positive number of steps")
+            raise LayerwiseError(f"period={period} must be a positive number of steps")
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+            raise LayerwiseError(f"warmup_steps={warmup_steps} must be >= 0")
         self.model, self.period, self.warmup_steps, self.group = model, period, warmup_steps, group
-        self.selectors = select if isinstance(select, tuple) else (select,)
+        self.selectors = as_selectors(select)
         _select(model, *self.selectors)  # fail now, not at the first averaging step
         self.steps = 0
 

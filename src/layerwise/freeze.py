@@ -3,41 +3,47 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .groups import add_param_group
-from .select import (
-    FAMILIES,
-    Selection,
-    SelectionError,
-    Selector,
-    select,
-    select_modules,
-)
+from .groups import add_group, group_index
+from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, parse, select, select_modules
 
 __all__ = ["GradualUnfreeze", "freeze", "frozen", "unfreeze"]
 
 _is_norm = FAMILIES["norm"]
 
 
-def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
-    """Replaces ``train()`` on a frozen norm: ``model.train()`` must not restart its statistics."""
+def _stay_in_eval(module: nn.Module, mode: bool = True, *, was_training: bool, parent_was: bool) -> nn.Module:
+    """Replaces ``train()`` on a frozen norm: ``model.train()`` must not restart its statistics.
+    The keywords remember the modes at freezing time, for :func:`unfreeze`."""
     return nn.Module.train(module, False)
 
 
-def _stats_frozen(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("train"), functools.partial)
+def _frozen_stats(module: nn.Module) -> functools.partial | None:
+    train = module.__dict__.get("train")
+    return train if isinstance(train, functools.partial) and train.func is _stay_in_eval else None
 
 
-def _freeze_stats(module: nn.Module) -> None:
-    if not _stats_frozen(module):
+def _freeze_stats(module: nn.Module, parent: nn.Module) -> None:
+    if _frozen_stats(module) is None:
         # A partial, not a bound method, so the model still pickles and deep-copies.
-        module.train = functools.partial(_stay_in_eval, module)
-        module.eval()
+        module.train = functools.partial(_stay_in_eval, module, was_training=module.training,
+                                         parent_was=parent.training)
+        nn.Module.train(module, False)
+
+
+def _thaw_stats(module: nn.Module, parent: nn.Module) -> None:
+    recorded = _frozen_stats(module).keywords
+    del module.train
+    # As if never frozen: the mode it had, unless the model's mode changed since; then that.
+    same = parent.training == recorded["parent_was"]
+    nn.Module.train(module, recorded["was_training"] if same else parent.training)
 
 
 def _scope(model: nn.Module, path: str) -> list[torch.Tensor]:
@@ -51,6 +57,23 @@ def _scope(model: nn.Module, path: str) -> list[torch.Tensor]:
     return []
 
 
+def _parents(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Path -> (module, its parent) for every module (the root is its own parent)."""
+    modules = dict(model.named_modules())
+    return {path: (m, modules[path.rpartition(".")[0]] if path else m) for path, m in modules.items()}
+
+
+def _check_found(model: nn.Module, selectors: Sequence[Selector]) -> None:
+    """Every selector (a negation's body too) must reach a parameter or a module, else the usual error."""
+    for s in selectors:
+        body = parse(s).body if isinstance(s, str) else s
+        if not select(model, body, missing_ok=True) and not select_modules(model, body):
+            try:
+                select(model, body)  # raises the usual error, naming the closest names
+            except SelectionError as e:
+                raise SelectionError(str(e) if body is s else f"in {s!r}: {e}") from None
+
+
 def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze", "train"] = "freeze",
            missing_ok: bool = False) -> Selection:
     """Freeze the selected parameters (all of them with no selector) so that nothing moves them.
@@ -61,7 +84,8 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
     ``type:`` (also those with ``affine=False``, which have no parameters) — are put in eval mode
     and stay there through later ``model.train()`` calls, so their running statistics stay fixed.
     ``norm_stats="train"`` leaves normalization layers alone. Frozen layers cost nothing in
-    backward: autograd skips what no trainable parameter needs. Returns the frozen selection.
+    backward: autograd skips what no trainable parameter needs. A selector that reaches
+    nothing (a negation's too) is an error. Returns the frozen selection.
 
     Example:
         >>> import layerwise as lw, torch
@@ -75,34 +99,42 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
     """
     if norm_stats not in ("freeze", "train"):
         raise ValueError(f"norm_stats must be 'freeze' or 'train', got {norm_stats!r}")
-    chosen = select(model, *selectors, missing_ok=True)
-    reached = select_modules(model, *selectors) if selectors else list(model.named_modules())
     if not missing_ok:
-        for s in selectors:
-            if not select(model, s, missing_ok=True) and not select_modules(model, s):
-                select(model, s)  # raises the usual error naming s and the closest names
+        _check_found(model, selectors)
+    chosen = select(model, *selectors, missing_ok=True)
+    reached = {id(m) for _, m in (select_modules(model, *selectors) if selectors else model.named_modules())}
     for p in chosen.params():
         p.requires_grad_(False)
         p.grad = None
     if norm_stats == "freeze":
         touched = {id(p) for p in chosen.params()}
-        reached_ids = {id(m) for _, m in reached}
-        for path, module in model.named_modules():
+        for path, (module, parent) in _parents(model).items():
             if not _is_norm(module):
                 continue
             scope = _scope(model, path)
             by_params = all(not p.requires_grad for p in scope) and any(id(p) in touched for p in scope)
-            if id(module) in reached_ids or by_params:
-                _freeze_stats(module)
+            if id(module) in reached or by_params:
+                _freeze_stats(module, parent)
     return chosen
 
 
-def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -> Selection:
-    """Undo :func:`freeze` for the selected parameters (all with no selector).
+def _warn_if_distributed(names: Sequence[str]) -> None:
+    if names and dist.is_available() and dist.is_initialized():
+        warnings.warn(
+            f"unfreezing {names[0]}{' ...' if len(names) > 1 else ''} under torch.distributed: "
+            "DistributedDataParallel synchronizes only the parameters that required grad when it was "
+            "built. Freeze after wrapping (with find_unused_parameters=True) so that unfrozen layers "
+            "stay in sync, or wrap the model again.", stacklevel=3)
 
-    Parameters become trainable again, and a normalization layer whose statistics were frozen
-    follows its parent's train/eval mode again once any parameter deciding it trains (or it
-    lies in the unfrozen subtree).
+
+def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -> Selection:
+    """Make the selected parameters (all with no selector) trainable, undoing :func:`freeze`.
+
+    Every selected parameter gets ``requires_grad=True``, however it was frozen. A
+    normalization layer whose statistics were frozen is released once any parameter deciding
+    it trains (or it lies in the unfrozen subtree): it returns to the mode it had when frozen,
+    or, if the model's train/eval mode changed since, to the model's mode. Under DDP, see the
+    warning this gives about layers frozen when the model was wrapped.
 
     Example:
         >>> import layerwise as lw, torch
@@ -112,18 +144,17 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
         >>> net.train()[1].training, lw.frozen(net)
         (True, ['0.weight', '0.bias'])
     """
-    chosen = select(model, *selectors, missing_ok=missing_ok)
+    if not missing_ok:
+        _check_found(model, selectors)
+    chosen = select(model, *selectors, missing_ok=True)
     reached = {id(m) for _, m in (select_modules(model, *selectors) if selectors else model.named_modules())}
+    _warn_if_distributed([name for name, p in chosen if not p.requires_grad])
     for p in chosen.params():
         p.requires_grad_(True)
-    modules = dict(model.named_modules())
-    for path, module in modules.items():
-        if not _stats_frozen(module):
-            continue
-        if id(module) in reached or any(p.requires_grad for p in _scope(model, path)):
-            del module.train
-            parent = modules[path.rpartition(".")[0]] if path else module
-            module.train(parent.training if parent is not module else True)
+    for path, (module, parent) in _parents(model).items():
+        if _frozen_stats(module) is not None and (
+                id(module) in reached or any(p.requires_grad for p in _scope(model, path))):
+            _thaw_stats(module, parent)
     return chosen
 
 
@@ -143,15 +174,17 @@ def frozen(model: nn.Module) -> list[str]:
 
 
 class GradualUnfreeze:
-    """Unfreeze layers on a schedule and hand them to the live optimizer (ULMFiT-style).
+    """Unfreeze layers on a schedule (ULMFiT-style), handing the live optimizer what it lacks.
 
     ``schedule`` maps an epoch (or step: whatever you pass to :meth:`step`) to selectors.
-    ``step(n)`` unfreezes everything scheduled at or before ``n`` that is not yet unfrozen and
-    adds the parameters the optimizer does not hold yet as one new param group, never a
-    parameter twice. ``group_options`` (lr, weight_decay, ...) set that group's options; the
-    rest come from the optimizer's defaults, as with ``optimizer.add_param_group``. When
-    resuming, call ``step(epoch)`` before ``optimizer.load_state_dict`` so the groups exist.
-    Selectors are checked when the schedule is made, not when it fires.
+    ``step(n)`` unfreezes everything scheduled at or before ``n`` that is not yet unfrozen.
+    Parameters the optimizer already holds (frozen ones are skipped by it until they get a
+    gradient) simply start training; the others join it as one new param group, never a
+    parameter twice, with ``group_options`` (the rest from the optimizer's defaults). Pass
+    the LR ``scheduler`` (or a list) built on the optimizer so it covers the new group; torch's
+    schedulers otherwise fail at their next step. Selectors are checked when the schedule is
+    made, not when it fires. ``state_dict`` records which entries each step unfroze; restore
+    it before ``optimizer.load_state_dict`` so that the groups exist.
 
     Example:
         >>> import layerwise as lw, torch
@@ -166,34 +199,38 @@ class GradualUnfreeze:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: Mapping[int, Selector | Sequence[Selector]], **group_options: Any):
+                 schedule: Mapping[int, Selector | Sequence[Selector]], *, scheduler: Any = None,
+                 **group_options: Any):
         self.model, self.optimizer, self.group_options = model, optimizer, group_options
-        self.schedule = {int(at): [s] if isinstance(s, (str, type)) or callable(s) else list(s)
-                         for at, s in sorted(schedule.items())}
+        self.schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) \
+            else [scheduler]
+        self.schedule = {int(at): as_selectors(s) for at, s in sorted(schedule.items())}
         for at, sels in self.schedule.items():
             if not sels:
                 raise SelectionError(f"the schedule entry at {at} has no selector")
-            select(model, *sels)
-        self.done: set[int] = set()
+            _check_found(model, sels)
+        self.done: list[list[int]] = []  # the schedule entries each step() unfroze, in order
 
     def step(self, epoch: int) -> list[str]:
         """Unfreeze what is due at ``epoch``; returns the names newly added to the optimizer."""
-        due = [at for at in self.schedule if at <= epoch and at not in self.done]
-        if not due:
-            return []
-        selectors = [s for at in due for s in self.schedule[at]]
-        chosen = unfreeze(self.model, *selectors)
-        self.done.update(due)
-        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        new = [name for name, p in chosen if id(p) not in held]
+        finished = {at for entries in self.done for at in entries}
+        due = [at for at in self.schedule if at <= epoch and at not in finished]
+        return self._apply(due) if due else []
+
+    def _apply(self, entries: list[int]) -> list[str]:
+        selectors = [s for at in entries for s in self.schedule[at]]
+        held = group_index(self.optimizer)
+        new = [(name, p) for name, p in select(self.model, *selectors, missing_ok=True) if id(p) not in held]
+        unfreeze(self.model, *selectors, missing_ok=True)
         if new:
-            add_param_group(self.optimizer, self.model, *new, **self.group_options)
-        return new
+            add_group(self.optimizer, new, self.group_options, self.schedulers)
+        self.done.append(entries)
+        return [name for name, _ in new]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"done": sorted(self.done)}
+        return {"done": [list(entries) for entries in self.done]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore progress; the layers of the finished entries are unfrozen and in the optimizer."""
-        for at in state["done"]:
-            self.step(at)
+        """Replay the recorded steps, so the optimizer gets the same groups in the same order."""
+        for entries in state["done"]:
+            self._apply([int(at) for at in entries])

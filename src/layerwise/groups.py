@@ -127,7 +127,9 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     Layer-wise LR decay (BEiT, ELECTRA, timm): with ``layer_decay=d, layers="encoder.layers.*"``
     the blocks the pattern matches are layers 1..L in model order; parameters before the first
     block (embeddings, cls token) are layer 0 and those after the last (final norm, head) L + 1.
-    Each group gets ``lr_scale = d ** (L + 1 - layer_id)`` and ``lr`` multiplied by it.
+    Each group gets ``lr_scale = d ** (L + 1 - layer_id)`` and ``lr`` multiplied by it. (timm's
+    schedulers multiply by ``lr_scale`` themselves: with them, take the groups' ``lr_scale`` and
+    give every group the base lr, or the scale is applied twice.)
 
     Example:
         >>> import layerwise as lw, torch
@@ -194,12 +196,60 @@ def explain_groups(groups: Sequence[Mapping[str, Any]], file: Any = None) -> Non
     console(file).print(table)
 
 
+def group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """The param group index of each parameter (by ``id``) that ``optimizer`` holds."""
+    return {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+
+
+def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
+    """Give an LR scheduler what it keeps per param group for a group added after it was built."""
+    from torch.optim import lr_scheduler
+
+    if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
+        for inner in scheduler._schedulers:
+            _extend_scheduler(inner, group)
+    elif isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)):
+        raise ValueError(f"{type(scheduler).__name__} keeps a schedule per param group that cannot be extended: "
+                         "build the optimizer with every parameter (frozen ones are skipped until they get "
+                         "a gradient) and unfreeze in place, which adds no group")
+    for name, value in (("base_lrs", group["initial_lr"]), ("_last_lr", group["lr"])):
+        if isinstance(getattr(scheduler, name, None), list):
+            getattr(scheduler, name).append(value)
+    for name in ("lr_lambdas", "min_lrs"):  # LambdaLR / MultiplicativeLR, ReduceLROnPlateau: as the first group
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and values:
+            values.append(values[0])
+
+
+def add_group(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch.Tensor]], options: Mapping[str, Any],
+              schedulers: Sequence[Any] = ()) -> dict[str, Any]:
+    """Add ``(name, parameter)`` pairs as one group; refuse any the optimizer holds; extend the schedulers."""
+    held = group_index(optimizer)
+    twice = [f"{name} is already in param group {held[id(p)]}" for name, p in named if id(p) in held]
+    if twice:
+        raise ValueError("cannot add to the optimizer: " + "; ".join(twice)
+                         + ". A parameter may be in one group only; select the others.")
+    group = {"params": [p for _, p in named], "names": [n for n, _ in named], **options}
+    if optimizer.param_groups and "param_names" in optimizer.param_groups[0]:
+        group["param_names"] = list(group["names"])  # torch requires all groups or none to be named
+    optimizer.add_param_group(group)
+    added = optimizer.param_groups[-1]
+    if schedulers:
+        added.setdefault("initial_lr", added["lr"])
+        for scheduler in schedulers:
+            _extend_scheduler(scheduler, added)
+    return added
+
+
 def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selectors: Selector,
-                    **options: Any) -> dict[str, Any]:
+                    scheduler: Any = None, **options: Any) -> dict[str, Any]:
     """Add the selected trainable parameters to ``optimizer`` as one new group with ``options``.
 
     Refuses a parameter the optimizer already holds, naming it and its group. Options you do
-    not give come from the optimizer's defaults. Returns the new group.
+    not give come from the optimizer's defaults. An LR ``scheduler`` (or a list of them) built
+    on the optimizer is extended to the new group, which torch's schedulers otherwise refuse
+    at their next ``step()``; the new group follows the schedule of the first group. Returns
+    the new group.
 
     Example:
         >>> import layerwise as lw, torch
@@ -213,17 +263,9 @@ def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selecto
         ValueError: cannot add to the optimizer: 1.bias is already in param group 1. ...
     """
     chosen = select(model, *selectors)
-    held = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-    twice = [f"{name} is already in param group {held[id(p)]}" for name, p in chosen if id(p) in held]
-    if twice:
-        raise ValueError("cannot add to the optimizer: " + "; ".join(twice)
-                         + ". A parameter may be in one group only; select the others.")
-    params = [(name, p) for name, p in chosen if p.requires_grad]
-    if not params:
+    named = [(name, p) for name, p in chosen if p.requires_grad]
+    if not named:
         raise ValueError(f"every parameter selected by {', '.join(map(describe, selectors))} is frozen; "
                          "unfreeze them first (lw.unfreeze)")
-    group = {"params": [p for _, p in params], "names": [n for n, _ in params], **options}
-    if optimizer.param_groups and "param_names" in optimizer.param_groups[0]:
-        group["param_names"] = list(group["names"])  # torch requires all groups or none to be named
-    optimizer.add_param_group(group)
-    return optimizer.param_groups[-1]
+    schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
+    return add_group(optimizer, named, options, schedulers)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -336,6 +336,15 @@ def select_modules(model: nn.Module, *selectors: Selector) -> list[tuple[str, nn
         if wanted and not any(t(parts) for t in negative):
             out.append((path, module))
     return out
+
+
+def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector, ...]:
+    """One selector or several (a list or tuple; None for none) as a tuple of selectors."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)) or callable(value):
+        return (value,)
+    return tuple(value)
 
 
 def describe(selector: Selector) -> str:

@@ -14,15 +14,9 @@ from torch import nn
 from ..average import EMA
 from ..freeze import GradualUnfreeze, freeze
 from ..monitor import GradMonitor, Sink
-from ..select import Selector
+from ..select import Selector, as_selectors
 
 Selectors = Selector | Sequence[Selector]
-
-
-def _selectors(value: Selectors | None) -> tuple[Selector, ...]:
-    if value is None:
-        return ()
-    return (value,) if isinstance(value, (str, type)) or callable(value) else tuple(value)
 
 
 def _options(value: bool | int | float | Mapping[str, Any] | None, number: str) -> dict[str, Any] | None:
@@ -57,7 +51,7 @@ class Plan:
                  unfreeze_options: Mapping[str, Any] | None = None,
                  grad_monitor: bool | int | Mapping[str, Any] | None = None,
                  ema: float | Mapping[str, Any] | None = None):
-        self.freeze = _selectors(freeze)
+        self.freeze = as_selectors(freeze)
         self.unfreeze_schedule = dict(unfreeze_schedule or {})
         self.unfreeze_options = dict(unfreeze_options or {})
         self.monitor_options = _options(grad_monitor, "every")
@@ -78,7 +72,7 @@ class Plan:
             self.unfreezer = GradualUnfreeze(model, optimizer, self.unfreeze_schedule, **self.unfreeze_options)
         if self.monitor_options is not None and self.monitor is None:
             options = {"sinks": sinks, **self.monitor_options}
-            selectors = _selectors(options.pop("select", None))
+            selectors = as_selectors(options.pop("select", None))
             self.monitor = GradMonitor(model, *selectors, optimizer=optimizer, **options)
         if self.ema_options is not None and self.ema is None:
             self.ema = EMA(model, **self.ema_options)
