@@ -314,3 +314,72 @@ def test_greedy_soup_keeps_candidates_while_the_score_does_not_drop():
     assert chosen == [2, 0, 1]
     assert soup["weight"].item() == 2.0 and vessel.weight.item() == 2.0
     assert len(calls) == 4 + 3
+
+
+# --------------------------------------------------------------------------- review follow-ups
+
+
+def test_greedy_soup_may_use_a_candidate_as_the_vessel():
+    nets = []
+    for w in (1.0, 3.0, 10.0):
+        net = nn.Linear(1, 1, bias=False)
+        nn.init.constant_(net.weight, w)
+        nets.append(net)
+    soup, chosen = lw.greedy_soup(nets, lambda m: -abs(m.weight.item() - 2.0), nets[0])
+    assert chosen == [0, 1] and soup["weight"].item() == 2.0
+    assert [n.weight.item() for n in nets[1:]] == [3.0, 10.0]
+
+
+def test_ties_keeps_at_least_the_largest_entry_of_a_small_tensor():
+    base = {"b": torch.zeros(3)}
+    out = lw.merge(base, [{"b": torch.tensor([1.0, 0.5, 0.2])}, {"b": torch.tensor([1.0, 0.1, 0.0])}], "ties")
+    assert out["b"].tolist() == [1.0, 0.0, 0.0]  # density 0.2 of 3 entries: the largest survives
+
+
+def test_ema_of_a_half_precision_model_averages_in_float32():
+    torch.manual_seed(0)
+    half, full = nn.Linear(64, 64).bfloat16(), nn.Linear(64, 64)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    ema_half, ema_full = lw.EMA(half, decay=0.999), lw.EMA(full, decay=0.999)
+    assert ema_half.shadow[0].dtype == torch.float32
+    for _ in range(200):
+        step = torch.randn(64, 64) * 0.01
+        with torch.no_grad():
+            full.weight.add_(step)
+            half.weight.copy_(full.weight)
+        ema_half.update(), ema_full.update()
+    assert torch.allclose(ema_half.shadow[0], ema_full.shadow[0], atol=2e-3)
+    with ema_half.swapped(half):
+        assert half.weight.dtype == torch.bfloat16 and torch.equal(half.weight, ema_half.shadow[0].bfloat16())
+
+
+def test_ema_copy_to_keeps_the_average():
+    net = nn.Linear(2, 2)
+    ema = lw.EMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update()
+    expected = ema.shadow[0].clone()
+    ema.copy_to(net)
+    assert torch.equal(net.weight, expected)
+
+
+def test_ema_load_state_dict_reports_every_missing_tensor():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    state = lw.EMA(net).state_dict()
+    del state["buffers"]["1.running_mean"], state["shadow"]["0.bias"]
+    with pytest.raises(lw.MergeError, match=r"0\.bias.*1\.running_mean|1\.running_mean.*0\.bias"):
+        lw.EMA(net).load_state_dict(state)
+
+
+def test_a_wrapper_prefix_gets_a_hint():
+    torch.manual_seed(0)
+    net = nn.Linear(2, 2)
+    wrapped = {f"module.{k}": v for k, v in net.state_dict().items()}
+    with pytest.raises(lw.MergeError, match="differs only by the prefix 'module.'"):
+        lw.average([net, wrapped])
+
+
+def test_dare_seed_must_be_an_integer():
+    with pytest.raises(lw.MergeError, match="seed='x'"):
+        lw.merge({"w": torch.zeros(2)}, [{"w": torch.ones(2)}], "dare", seed="x")

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from ._tensors import alias_key
+from ._tensors import aliases_of
 from .errors import CheckpointError
 
 PathLike = str | os.PathLike
@@ -59,11 +59,11 @@ def parse_size(size: int | str | None) -> int | None:
     """``5_000_000``, ``"500MB"``, ``"2GiB"`` ... to bytes (decimal units as Hugging Face uses)."""
     if size is None or isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b)?\s*", size.lower())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*", size.lower())
     if not m:
-        raise CheckpointError(f"bad size {size!r}; write e.g. 500MB or 5GB")
-    unit = m[2] or "b"
-    scale = (1024 if "i" in unit else 1000) ** "bkmgt".index(unit[0])
+        raise CheckpointError(f"bad size {size!r}; write e.g. 500MB, 5GB or 2GiB")
+    prefix, binary = m[2], m[3]
+    scale = (1024 if binary else 1000) ** ("kmgt".index(prefix) + 1) if prefix else 1
     return int(float(m[1]) * scale)
 
 
@@ -182,6 +182,7 @@ class Checkpoint:
     _tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
     _files: dict[Path, IO[bytes]] = field(default_factory=dict)
     _scratch: torch.Tensor | None = None
+    _flat: tuple[str, torch.Tensor] | None = None
 
     @property
     def label(self) -> str:
@@ -206,7 +207,9 @@ class Checkpoint:
         buffer this checkpoint reuses: it is valid until the next ``read_flat`` on it."""
         key = self.aliases.get(key, key)
         if key in self._tensors:
-            return self._tensors[key].reshape(-1)[start:stop]
+            if self._flat is None or self._flat[0] != key:  # a non-contiguous tensor is copied once, not per slice
+                self._flat = (key, self._tensors[key].reshape(-1))
+            return self._flat[1][start:stop]
         dtype = self.specs[key][1]
         n = (stop - start) * dtype.itemsize
         if self._scratch is None or self._scratch.numel() < n:
@@ -278,14 +281,8 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     if path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type; use .safetensors, {', '.join(TORCH_SUFFIXES)} or a folder")
     state = _nested(_torch_load(path), key, path)
-    seen: dict[object, str] = {}
-    for k, t in state.items():
-        ak = alias_key(t)
-        if ak is not None and ak in seen:
-            ckpt.aliases[k] = seen[ak]
-        elif ak is not None:
-            seen[ak] = k
-        ckpt.specs[k] = (tuple(t.shape), t.dtype)
+    ckpt.aliases = aliases_of(state)
+    ckpt.specs = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
     ckpt._tensors = {k: t for k, t in state.items() if k not in ckpt.aliases}
     return ckpt
 

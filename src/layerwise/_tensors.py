@@ -44,6 +44,11 @@ def named_tensor_groups(source: nn.Module | Mapping[str, torch.Tensor]) -> list[
     return [(tuple(names), first[k]) for k, names in groups.items()]
 
 
+def aliases_of(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first key}`` for the keys of a state dict that view the same memory as an earlier key."""
+    return {alias: names[0] for names, _ in named_tensor_groups(state) for alias in names[1:]}
+
+
 def buckets(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), the unit a fused foreach kernel takes."""
     out: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)

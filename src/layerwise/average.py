@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._tensors import alias_key, buckets, named_tensor_groups, pick, use_foreach
+from ._tensors import alias_key, named_tensor_groups, pick, use_foreach
 from .errors import LayerwiseError
 from .select import Selector, as_selectors
 from .select import select as _select
@@ -82,8 +82,36 @@ def check_compatible(specs: Sequence[tuple[str, Mapping[str, tuple[tuple[int, ..
                         a, b = (tuple(a), tuple(b)) if what == "shape" else (a, b)
                         problems.append(f"{key}: {what} {a} in {ref_label} but {b} in {label}")
     if problems:
+        hint = next((h for _, spec in specs[1:] if (h := _prefix_hint(ref, spec))), "")
         raise MergeError(f"the models differ ({len(problems)} difference{'s' * (len(problems) > 1)}): "
-                         + "; ".join(problems) + "; they must have the same keys, shapes and dtypes")
+                         + "; ".join(problems) + "; they must have the same keys, shapes and dtypes" + hint)
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP / DataParallel, torch.compile, Lightning
+
+
+def _prefix_hint(a: Iterable[str], b: Iterable[str]) -> str:
+    """A hint when two key sets differ only by a wrapper's prefix on every key."""
+    a, b = set(a), set(b)
+    for prefix in _WRAPPER_PREFIXES:
+        for outer, inner in ((a, b), (b, a)):
+            if all(k.startswith(prefix) for k in outer) and {k.removeprefix(prefix) for k in outer} == inner:
+                return (f" (every key differs only by the prefix {prefix!r}: one model is wrapped, by DDP, "
+                        "torch.compile or a LightningModule; pass the inner model, e.g. model.module)")
+    return ""
+
+
+def check_method(method: str, *, has_base: bool, models: int) -> None:
+    """The method exists and has what it needs: a base for task vectors, two models for SLERP."""
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if not models:
+        raise MergeError("no models to merge")
+    if method in _NEEDS_BASE and not has_base:
+        raise MergeError(f"{method} adds task vectors (model − base) to a base: pass base=<the common ancestor> "
+                         "(--base on the command line)")
+    if method == "slerp" and models != 2:
+        raise MergeError(f"slerp interpolates exactly two models; got {models}")
 
 
 def method_weights(method: str, weights: Sequence[float] | None, n: int) -> list[float]:
@@ -132,6 +160,8 @@ def resolve_options(method: str, keys: Sequence[str], options: Mapping[str, Any]
 
 def _check_option(method: str, option: str, value: Any, key: str) -> None:
     if option == "seed":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise MergeError(f"{method} option seed={value!r} for {key} must be an integer")
         return
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise MergeError(f"{method} option {option}={value!r} for {key} must be a finite number")
@@ -150,12 +180,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude (ties at the cut kept)."""
+    """Keep the ``density`` fraction (at least one) of entries with the largest magnitude (ties at the cut kept)."""
     if density >= 1.0:
         return tau
-    keep = int(tau.numel() * density)
-    if keep == 0:
-        return torch.zeros_like(tau)
+    keep = max(1, int(tau.numel() * density))  # a 4-element bias at 20 % keeps its largest entry, not none
     magnitude = tau.abs().flatten()
     threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
     return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
@@ -279,14 +307,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
         >>> lw.merge(base, [a, b], "ties", density=1.0)["w"]   # sign of entry 1 elected negative
         tensor([ 2.0000, -2.0000,  0.5000])
     """
-    if method not in METHODS:
-        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    if not models:
-        raise MergeError("no models to merge")
-    if method in _NEEDS_BASE and base is None:
-        raise MergeError(f"{method} adds task vectors (model − base) to a base: pass base=<the common ancestor>")
-    if method == "slerp" and len(models) != 2:
-        raise MergeError(f"slerp interpolates exactly two models; got {len(models)}")
+    check_method(method, has_base=base is not None, models=len(models))
     sds = [state_dict_of(m) for m in models]
     base_sd = state_dict_of(base) if base is not None else None
     labelled = ([("base", base_sd)] if base_sd is not None else []) + [(f"model {i}", sd) for i, sd in enumerate(sds)]
@@ -347,8 +368,10 @@ class EMA:
     use ``min(decay, (1 + n) / (10 + n))`` (timm), so early averages are not dominated by the
     random initialization. ``every=k`` updates on every k-th call. Buffers (BatchNorm
     statistics) are copied from the model (``buffers="copy"``) or averaged too (``"ema"``).
-    Tied parameters are averaged once. ``with ema.swapped(model):`` evaluates with the EMA
-    weights and restores the training weights bit-identically; ``state_dict()`` resumes.
+    Tied parameters are averaged once. The average of a float16/bfloat16 model is kept in
+    float32: with a decay of 0.999 most half-precision updates would round away. ``with
+    ema.swapped(model):`` evaluates with the EMA weights and restores the training weights
+    bit-identically; ``copy_to(model)`` keeps them; ``state_dict()`` resumes.
 
     Example:
         >>> import layerwise as lw, torch
@@ -379,8 +402,10 @@ class EMA:
         self._buffer_names = [n for n, b in model.named_buffers()]
         self._buffers = [b for _, b in model.named_buffers()]
         with torch.no_grad():
-            self.shadow = [p.detach().clone() for p in self._params]
-            self.shadow_buffers = [b.detach().clone() for b in self._buffers]
+            self.shadow = [p.detach().to(_acc_dtype(p.dtype) if p.is_floating_point() else p.dtype, copy=True)
+                           for p in self._params]
+            self.shadow_buffers = [b.detach().to(_acc_dtype(b.dtype) if b.is_floating_point() and buffers == "ema"
+                                                 else b.dtype, copy=True) for b in self._buffers]
         floats = [i for i, b in enumerate(self._buffers) if b.is_floating_point() and buffers == "ema"]
         # The hot path walks prebuilt (device, shadow list, live list) buckets: no per-tensor Python work.
         self._averaged = self._bucketed(self.shadow, self._params) + self._bucketed(
@@ -390,9 +415,13 @@ class EMA:
         self.num_updates = 0
         self._calls = 0
 
-    def _bucketed(self, shadow: list[torch.Tensor], live: list[torch.Tensor]) -> list[tuple[bool, list, list]]:
-        return [(use_foreach(pick(shadow, idx), device, self.foreach), pick(shadow, idx), pick(live, idx))
-                for (device, _), idx in buckets(shadow).items()]
+    def _bucketed(self, shadow: list[torch.Tensor], live: list[torch.Tensor]) -> list[tuple[bool, bool, list, list]]:
+        """(fused?, same dtype?, shadows, live tensors) per device and dtype pair."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (s, t) in enumerate(zip(shadow, live)):
+            groups.setdefault((s.device, s.dtype, t.dtype), []).append(i)
+        return [(use_foreach(pick(shadow, idx), device, self.foreach), dtype == live_dtype, pick(shadow, idx),
+                 pick(live, idx)) for (device, dtype, live_dtype), idx in groups.items()]
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
@@ -407,12 +436,18 @@ class EMA:
         if self._calls % self.every:
             return
         weight = 1.0 - self.current_decay()
-        for fused, shadow, live in self._averaged:
-            if fused:
+        for fused, same_dtype, shadow, live in self._averaged:
+            if fused and same_dtype:
                 torch._foreach_lerp_(shadow, live, weight)
+            elif fused:  # lerp takes one dtype: a float32 average of a half model takes two passes
+                torch._foreach_mul_(shadow, 1.0 - weight)
+                torch._foreach_add_(shadow, live, alpha=weight)
             else:
                 for a, b in zip(shadow, live):
-                    a.lerp_(b, weight)
+                    if same_dtype:
+                        a.lerp_(b, weight)
+                    else:
+                        a.mul_(1.0 - weight).add_(b, alpha=weight)
         if self._copied[0]:
             torch._foreach_copy_(*self._copied)
         self.num_updates += 1
@@ -425,7 +460,8 @@ class EMA:
         missing = [n for n in self.names if n not in params] + [n for n in self._buffer_names if n not in named_buffers]
         if missing:
             raise LayerwiseError(f"{type(model).__name__} lacks {', '.join(missing[:5])}"
-                                 f"{' ...' if len(missing) > 5 else ''}: it is not the model this EMA tracks")
+                                 f"{' ...' if len(missing) > 5 else ''}: it is not the model this EMA tracks"
+                                 + _prefix_hint(self.names, params))
         return [params[n] for n in self.names], [named_buffers[n] for n in self._buffer_names]
 
     @contextlib.contextmanager
@@ -456,9 +492,14 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        specs = [("this EMA", {n: (tuple(t.shape), t.dtype) for n, t in zip(self.names, self.shadow)}),
-                 ("the state dict", {n: (tuple(t.shape), t.dtype) for n, t in state["shadow"].items()})]
-        check_compatible(specs)
+        """Resume from :meth:`state_dict`; every difference in names, shapes or dtypes is reported at once."""
+        def spec(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, tuple]:
+            return {n: (tuple(t.shape), t.dtype) for n, t in zip(names, tensors)}
+
+        check_compatible([
+            ("this EMA", {**spec(self.names, self.shadow), **spec(self._buffer_names, self.shadow_buffers)}),
+            ("the state dict", {**spec(list(state["shadow"]), list(state["shadow"].values())),
+                                **spec(list(state["buffers"]), list(state["buffers"].values()))})])
         torch._foreach_copy_(self.shadow, [state["shadow"][n] for n in self.names])
         if self.shadow_buffers:
             torch._foreach_copy_(self.shadow_buffers, [state["buffers"][n] for n in self._buffer_names])
@@ -476,8 +517,9 @@ def greedy_soup(candidates: Sequence[ModelLike], evaluate: Callable[[nn.Module],
     Scores every candidate alone with ``evaluate(model)`` (higher is better; a held-out
     metric), then walks them from best to worst and keeps a candidate in the uniform soup
     only if the soup's score does not drop. ``model`` is the vessel the candidates are loaded
-    into for evaluation and ends holding the soup. Returns the soup's state dict and the
-    chosen candidates' indices in the order they joined.
+    into for evaluation and ends holding the soup; it may be one of the candidates, whose
+    weights are then copied first. Returns the soup's state dict and the chosen candidates'
+    indices in the order they joined.
 
     Example:
         >>> import layerwise as lw, torch
@@ -492,7 +534,10 @@ def greedy_soup(candidates: Sequence[ModelLike], evaluate: Callable[[nn.Module],
     """
     if not candidates:
         raise MergeError("greedy_soup needs at least one candidate")
-    sds = [state_dict_of(c) for c in candidates]
+    vessel = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    # A candidate that is the vessel (or shares its memory) would be overwritten by the first load.
+    sds = [{k: t.clone() for k, t in sd.items()} if any(t.untyped_storage().data_ptr() in vessel for t in sd.values())
+           else sd for sd in map(state_dict_of, candidates)]
     check_compatible([(f"candidate {i}", {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}) for i, sd in enumerate(sds)])
 
     def score(state: StateDict) -> float:

@@ -42,11 +42,11 @@ from ._files import (
     parse_size,
     write,
 )
-from ._tensors import alias_key, human_bytes
+from ._tensors import aliases_of, human_bytes
 from ._term import console
 from .average import (
-    METHODS,
     check_compatible,
+    check_method,
     merge_tensors,
     method_weights,
     resolve_options,
@@ -112,17 +112,8 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
             Path(name).unlink(missing_ok=True)
             raise
         return path
-    stored: dict[object, str] = {}
-    aliases: dict[str, str] = {}
-    entries = []
-    for k, t in state.items():
-        ak = alias_key(t)
-        if ak is not None and ak in stored:
-            aliases[k] = stored[ak]
-            continue
-        if ak is not None:
-            stored[ak] = k
-        entries.append((k, t.dtype, tuple(t.shape)))
+    aliases = aliases_of(state)
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in state.items() if k not in aliases]
     plan = Plan(entries, aliases, dict(metadata or {}), parse_size(max_shard_size))
     return write(plan, path, lambda k: [state[k]], overwrite=overwrite)
 
@@ -194,18 +185,11 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         >>> lw.load(out)["w"]
         tensor([2., 4.])
     """
-    if method not in METHODS:
-        raise CheckpointError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    check_method(method, has_base=base is not None, models=len(inputs))
     output, out_dtype = Path(output), parse_dtype(dtype)
-    if not inputs:
-        raise CheckpointError("no input checkpoints to merge")
     paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
     with _opened(paths, key) as opened:
         models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
-        if method in ("task_arithmetic", "ties", "dare") and base_ckpt is None:
-            raise CheckpointError(f"{method} adds task vectors to a base: pass base=<the common ancestor's file>")
-        if method == "slerp" and len(models) != 2:
-            raise CheckpointError(f"slerp interpolates exactly two checkpoints; got {len(models)}")
         labelled = ([base_ckpt] if base_ckpt is not None else []) + models
         check_compatible([(c.label, c.specs) for c in labelled])
         keys = list(models[0].specs)
@@ -233,7 +217,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 # Elementwise methods stream each tensor in slices, combining the same elements of
                 # every input: memory stays at a few slices and the slices stay in cache.
                 for start, stop in slices:
-                    base_t = base_ckpt.read_flat(k, start, stop) if base_ckpt is not None else None
+                    base_t = base_ckpt.read_flat(k, start, stop) if base_ckpt is not None and method != "linear" else None
                     yield merge_tensors(method, (m.read_flat(k, start, stop) for m in models), base_t, w,
                                         per_key[k], key=k, dtype=planned[k])
             else:
