@@ -27,7 +27,7 @@ def test_lightning_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_val
             super().__init__()
             self.encoder = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
             self.head = nn.Linear(8, 2)
-            self.epoch_start_weights, self.ema_in_validation, self.restored = [], [], []
+            self.epoch_start_weights, self.ema_in_validation, self.restored, self.grad_norms = [], [], [], []
 
         def forward(self, x):
             return self.head(self.encoder(x))
@@ -43,6 +43,9 @@ def test_lightning_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_val
         def on_train_batch_end(self, *_):
             self.last_trained = self.head.weight.detach().clone()
 
+        def on_before_optimizer_step(self, optimizer):
+            self.grad_norms.append(self.head.weight.grad.norm().item())
+
         def on_train_epoch_start(self):
             self.epoch_start_weights.append(self.encoder[0].weight.detach().clone())
 
@@ -50,7 +53,8 @@ def test_lightning_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_val
             self.restored.append(torch.equal(self.head.weight, self.last_trained))
 
         def configure_optimizers(self):
-            return torch.optim.AdamW(lw.param_groups(self, lr=1e-2, weight_decay=0.1))
+            optimizer = torch.optim.AdamW(lw.param_groups(self, lr=1e-2, weight_decay=0.1))
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)]
 
     torch.manual_seed(0)
     module = Module()
@@ -67,8 +71,11 @@ def test_lightning_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_val
         assert torch.equal(final[key], initial[key]), f"{key} stayed frozen"
     assert torch.equal(module.epoch_start_weights[2], initial["encoder.0.weight"]), "frozen for epochs 0 and 1"
     assert not torch.equal(final["encoder.0.weight"], initial["encoder.0.weight"]), "trained after unfreezing"
-    assert trainer.optimizers[0].param_groups[-1]["names"] == ["encoder.0.weight", "encoder.0.bias"]
-    assert sorted({r["step"] for r in callback.monitor.history}) == [0, 2, 4, 6, 8, 10]
+    held = {n for g in trainer.optimizers[0].param_groups for n in g["names"]}
+    assert {"encoder.0.weight", "encoder.0.bias"} <= held, "frozen after configure_optimizers: held, skipped"
+    logged = {r["step"]: r["grad_norm"] for r in callback.monitor.history if r["layer"] == "head.weight"}
+    assert sorted(logged) == [0, 2, 4, 6, 8, 10]
+    assert logged == {s: pytest.approx(module.grad_norms[s], rel=1e-5) for s in logged}, "this step's gradients"
     assert module.ema_in_validation and all(module.ema_in_validation)
     assert module.restored == [True, True, True]
 
@@ -98,14 +105,17 @@ def test_hf_trainer_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_ev
                                      intermediate_size=32, max_position_embeddings=16, num_labels=2)
     model = transformers.BertForSequenceClassification(config)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    ours = LayerwiseTrainerCallback(freeze="bert.embeddings", unfreeze_schedule={1: "bert.encoder.layer.0"},
-                                    grad_monitor=2, ema=0.5)
+    ours = LayerwiseTrainerCallback(freeze=["bert.embeddings", "bert.encoder.layer.0"],
+                                    unfreeze_schedule={1: "bert.encoder.layer.0"}, grad_monitor=2, ema=0.5)
 
     class Probe(transformers.TrainerCallback):
         """Runs before ours: sees the training weights at step end, the EMA weights during evaluation."""
 
         def __init__(self):
-            self.during_eval, self.restored = [], []
+            self.during_eval, self.restored, self.layer0_at_epoch = [], [], []
+
+        def on_epoch_begin(self, args, state, control, model=None, **kw):
+            self.layer0_at_epoch.append(model.bert.encoder.layer[0].output.dense.weight.detach().clone())
 
         def on_step_end(self, args, state, control, model=None, **kw):
             self.trained = model.classifier.weight.detach().clone()
@@ -130,10 +140,11 @@ def test_hf_trainer_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_ev
     final = model.state_dict()
     embeddings = [k for k in initial if k.startswith("bert.embeddings.")]
     assert embeddings and all(torch.equal(final[k], initial[k]) for k in embeddings)
-    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    assert id(model.bert.embeddings.word_embeddings.weight) not in held, "the Trainer's optimizer left them out"
-    layer0 = lw.select(model, "bert.encoder.layer.0").params()
-    assert all(id(p) in held and p.requires_grad for p in layer0), "unfrozen at epoch 1 and handed to the optimizer"
+    layer0 = "bert.encoder.layer.0.output.dense.weight"
+    assert torch.equal(probe.layer0_at_epoch[1], initial[layer0]), "frozen through epoch 0"
+    assert not torch.equal(final[layer0], initial[layer0]), "trained once unfrozen at epoch 1"
+    assert all(p.requires_grad for p in lw.select(model, "bert.encoder.layer.0").params())
+    assert trainer.lr_scheduler.get_last_lr()[0] < 1e-2, "the LR schedule ran on"
     assert sorted({r["step"] for r in ours.monitor.history}) == [0, 2, 4]
     assert probe.during_eval and all(probe.during_eval)
     assert probe.restored and all(probe.restored)

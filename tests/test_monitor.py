@@ -258,3 +258,34 @@ def test_ddp_every_rank_computes_and_rank_0_writes(run_ranks, tmp_path):
     histories = run_ranks(ddp_rank, str(tmp_path))
     assert histories[0] == histories[1] and histories[0][0][0] == "module.0.weight"
     assert (tmp_path / "rank0.csv").exists() and not (tmp_path / "rank1.csv").exists()
+
+
+def test_a_closure_step_is_measured_after_its_backward(vit):
+    """optimizer.step(closure) runs backward inside step(): Lightning does it, LBFGS too."""
+    opt = torch.optim.SGD(vit.parameters(), lr=0.01)
+    monitor = lw.GradMonitor(vit, every=1, optimizer=opt, stats=["norm"])
+    seen = []
+    for x in make_data(3):
+        def closure(x=x):
+            opt.zero_grad()
+            loss = vit(x).square().mean()
+            loss.backward()
+            seen.append(vit.head.weight.grad.norm().item())
+            return loss
+
+        opt.step(closure)
+    logged = [r["grad_norm"] for r in monitor.history if r["layer"] == "head.weight"]
+    assert logged == pytest.approx(seen, rel=1e-5), "the gradients of this step, not the previous one"
+    for row in (r for r in monitor.history if r["layer"] == "head.weight"):  # SGD: ‖Δw‖ = lr ‖g‖
+        assert row["update_ratio"] == pytest.approx(0.01 * row["grad_norm"] / row["weight_norm"], rel=1e-4)
+
+
+def test_a_step_that_raised_still_counts(vit):
+    monitor = lw.GradMonitor(vit, every=1, stats=["norm"])
+    vit(torch.full((1, 5, 12), math.nan)).sum().backward()
+    with pytest.raises(lw.NonFiniteGradError):
+        monitor.step()
+    vit.zero_grad()
+    backward(vit)
+    monitor.step()
+    assert sorted({r["step"] for r in monitor.history}) == [0, 1]

@@ -246,7 +246,8 @@ class GradMonitor:
     ``torch.distributed`` every rank computes and rank 0 writes.
 
     Steps: given an ``optimizer`` the monitor hooks its ``step()``, so it counts optimizer
-    steps and gradient accumulation logs once per step; without one, call :meth:`step` after
+    steps and gradient accumulation logs once per step; ``step(closure)`` (Lightning, LBFGS)
+    is measured after the closure's backward. Without an optimizer, call :meth:`step` after
     each ``backward()``. ``on_nonfinite`` ("raise", "warn", "ignore") acts on a log step whose
     gradients hold NaN/inf, naming the layers and the step, and raises before the optimizer
     updates the weights. The measurement of Δw copies the monitored weights on log steps.
@@ -320,13 +321,31 @@ class GradMonitor:
             self._finish(self._measure(self.scaler._get_scale_async() if scaled else None, scaled))
         self.steps += 1
 
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.steps % self.every == 0:
-            # Inside scaler.step(), a fused optimizer gets still-scaled gradients, the scale in
-            # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
-            self._current = self._measure(getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf"))
-            with torch.no_grad():
-                self._snapshot = [w.clone() for w in _unshard(self._params, self.names)[0]]
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple | None:
+        if self.steps % self.every:
+            return None
+        # Inside scaler.step(), a fused optimizer gets still-scaled gradients, the scale in
+        # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
+        scale, scaler_in_charge = getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf")
+        with torch.no_grad():
+            self._snapshot = [w.clone() for w in _unshard(self._params, self.names)[0]]
+        # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            self._current = self._measure(scale, scaler_in_charge)
+            return None
+
+        # step(closure) (Lightning, LBFGS) computes the gradients inside step(), after this hook:
+        # measure right after the closure's first call, still before the update.
+        def measured_closure() -> Any:
+            loss = closure()
+            if self._current is None and self._snapshot is not None:
+                self._current = self._measure(scale, scaler_in_charge)
+            return loss
+
+        if len(args) > 1:
+            return (args[0], measured_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": measured_closure}
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -365,6 +384,8 @@ class GradMonitor:
             if self.on_nonfinite == "raise":
                 self._pending.append(record)
                 self.flush()
+                self.steps += 1  # the step counts as taken: the next one gets the next number
+                self._snapshot = None
                 raise NonFiniteGradError(message, bad, record.step)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         return record

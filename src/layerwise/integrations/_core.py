@@ -62,14 +62,15 @@ class Plan:
         self._swap: contextlib.ExitStack | None = None
         self._pending_state: dict[str, Any] | None = None
 
-    def model_ready(self, model: nn.Module) -> None:
-        """Before the optimizer is built: freeze, so that it leaves the frozen parameters out."""
+    def optimizer_ready(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = (),
+                        sinks: Sequence[Sink] = ()) -> None:
+        """Once the optimizer exists. Freezing now keeps the frozen parameters in it (skipped while
+        they get no gradient), so unfreezing later needs no new param group nor scheduler surgery."""
         if self.freeze:
             freeze(model, *self.freeze)
-
-    def optimizer_ready(self, model: nn.Module, optimizer: torch.optim.Optimizer, sinks: Sequence[Sink] = ()) -> None:
         if self.unfreeze_schedule:
-            self.unfreezer = GradualUnfreeze(model, optimizer, self.unfreeze_schedule, **self.unfreeze_options)
+            self.unfreezer = GradualUnfreeze(model, optimizer, self.unfreeze_schedule, scheduler=list(schedulers),
+                                             **self.unfreeze_options)
         if self.monitor_options is not None and self.monitor is None:
             options = {"sinks": sinks, **self.monitor_options}
             selectors = as_selectors(options.pop("select", None))

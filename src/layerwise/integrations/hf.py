@@ -19,8 +19,10 @@ class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
     """Freeze, unfreeze on a schedule, monitor gradients and keep an EMA inside ``transformers.Trainer``.
 
     The options are those of :class:`layerwise.integrations.lightning.LayerwiseCallback`.
-    ``freeze`` applies when the Trainer is created, before it builds its optimizer (which then
-    leaves the frozen parameters out). Each epoch starts by unfreezing what the schedule says.
+    ``freeze`` applies when training starts, once the Trainer has built its optimizer: the
+    frozen parameters stay in it, skipped while they get no gradient, so unfreezing at the
+    start of a scheduled epoch needs no new param group and leaves the LR scheduler alone.
+    Under DDP, set ``ddp_find_unused_parameters=True`` (frozen layers get no gradient).
     The EMA is updated after every optimizer step and its weights are swapped in for the
     evaluations the Trainer runs during training (``eval_strategy``), then swapped out.
     The monitor's rows are in ``callback.monitor.history`` (add ``sinks`` in ``grad_monitor``).
@@ -39,15 +41,12 @@ class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
         self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema)
         self._model = None
 
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kw: Any):
-        self._model = model
-        self.plan.model_ready(model)
-
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None,
-                       optimizer=None, **kw: Any):
+                       optimizer=None, lr_scheduler=None, **kw: Any):
         self._model = model
-        # The Trainer hands over accelerate's wrapper; hooks belong on the torch optimizer inside it.
-        self.plan.optimizer_ready(model, getattr(optimizer, "optimizer", optimizer))
+        # The Trainer hands over accelerate's wrappers; hooks belong on the torch objects inside.
+        schedulers = [] if lr_scheduler is None else [getattr(lr_scheduler, "scheduler", lr_scheduler)]
+        self.plan.optimizer_ready(model, getattr(optimizer, "optimizer", optimizer), schedulers)
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         self.plan.epoch_started(int(state.epoch or 0))

@@ -36,9 +36,12 @@ class _LoggerSink:
 class LayerwiseCallback(PlanAccess, pl.Callback):
     """Freeze, unfreeze on a schedule, monitor gradients and keep an EMA inside Lightning.
 
-    ``freeze``: selectors frozen in ``setup`` (before ``configure_optimizers``, so the optimizer
-    can leave them out). ``unfreeze_schedule``: ``{epoch: selectors}`` unfrozen at the start of
-    that epoch and added to the optimizer (``unfreeze_options`` for the new group).
+    ``freeze``: selectors frozen when training starts, after ``configure_optimizers``: the
+    optimizer holds them but skips them while they get no gradient, so ``unfreeze_schedule``
+    (``{epoch: selectors}``, unfrozen at the start of that epoch) needs no new param group and
+    leaves LR schedulers alone. (Parameters the optimizer lacks join it as a new group with
+    ``unfreeze_options``, the schedulers extended to it.) Under a DDP strategy, frozen layers
+    get no gradient: use ``DDPStrategy(find_unused_parameters=True)``.
     ``grad_monitor``: ``True``, ``every`` as an int, or :class:`~layerwise.GradMonitor` keyword
     arguments (``select=`` for selectors); rows go to the Trainer's loggers. ``ema``: a decay or
     :class:`~layerwise.EMA` keyword arguments; the EMA is updated after every optimizer step
@@ -59,15 +62,12 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
         self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema)
         self._last_step = -1
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.plan.model_ready(pl_module)
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is None:
             raise RuntimeError("LayerwiseCallback needs the optimizer that configure_optimizers returns")
-        self.plan.optimizer_ready(pl_module, optimizer, sinks=[_LoggerSink(trainer)])
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        self.plan.optimizer_ready(pl_module, optimizer, schedulers, sinks=[_LoggerSink(trainer)])
         self._last_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
