@@ -79,3 +79,14 @@ def test_monitor_and_ema_columns(interleaved):
     out = io.StringIO()
     lw.show(interleaved, None, "linear", monitor=monitor, ema=ema, file=out)
     assert "grad norm@2" in out.getvalue() and "ema distance" in out.getvalue()
+
+
+def test_calls_of_a_tied_parameter_count_every_module_that_holds_it(tied_lm):
+    rows = {r["name"]: r for r in lw.show(tied_lm, None, inputs=torch.tensor([[1, 2]]), quiet=True)}
+    assert rows["embed.weight"]["calls"] == 2  # the embedding and the decoder
+    assert rows["body.weight"]["calls"] == 1
+
+
+def test_a_selector_in_the_optimizer_slot_is_taken_as_a_selector(interleaved):
+    rows = lw.show(interleaved, "linear", quiet=True)
+    assert [r["name"] for r in rows] == ["linear.weight", "linear.bias"]

@@ -18,7 +18,7 @@ def steps(model, optimizer, n, seed=0):
     model.train()
     for _ in range(n):
         x, y = torch.randn(8, 5, 4, generator=gen), torch.randint(0, 3, (8,), generator=gen)
-        optimizer.zero_grad(set_to_none=False)
+        optimizer.zero_grad(set_to_none=False)  # zeroed, not None: the default before PyTorch 2.0
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
 

@@ -551,3 +551,16 @@ def test_scale_grad_under_ddp_equals_scaling_the_branch_loss_on_every_rank(run_r
     for g0, g1 in zip(ranks[0]["hooked"], ranks[1]["hooked"]):
         assert torch.equal(g0, g1)  # all-reduced: the same on both ranks
     assert not torch.equal(ranks[0]["local"][0], ranks[1]["local"][0])  # though their data differ
+
+
+def test_set_grad_replaces_an_existing_gradient_in_place():
+    net = nn.Linear(2, 1)
+    net(torch.ones(1, 2)).sum().backward()
+    held = net.weight.grad  # e.g. a DDP bucket view
+    lw.set_grad(net, "weight", torch.tensor([[3.0, 4.0]]))
+    assert net.weight.grad is held and held.tolist() == [[3.0, 4.0]]
+
+
+def test_an_empty_model_is_named_in_the_error():
+    with pytest.raises(lw.GradError, match="Sequential has no parameter"):
+        lw.clip_grad_norm(nn.Sequential(), 1.0)

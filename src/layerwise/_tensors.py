@@ -70,13 +70,6 @@ def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: 
     return foreach
 
 
-def human_int(n: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def human_bytes(n: float) -> str:
     for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
         if n >= size:

@@ -10,13 +10,10 @@ from rich.table import Table
 from torch import nn
 
 from ._term import console
+from .groups import group_index
 from .select import Selector, select
 
 __all__ = ["show"]
-
-
-def _optimizer_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
-    return {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
 
 
 def count_calls(model: nn.Module, inputs: Any) -> dict[int, int]:
@@ -104,9 +101,11 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
         >>> [(r["name"], r["trainable"], r["lr"]) for r in rows]
         [('0.weight', False, None), ('0.bias', False, None), ('1.weight', True, 0.1), ('1.bias', True, 0.1)]
     """
+    if optimizer is not None and not hasattr(optimizer, "param_groups"):
+        selectors, optimizer = (optimizer, *selectors), None  # show(model, "encoder"): a selector, no optimizer
     everything = select(model)
     chosen = select(model, *selectors) if selectors else everything
-    in_group = _optimizer_index(optimizer) if optimizer is not None else {}
+    in_group = group_index(optimizer) if optimizer is not None else {}
     calls = count_calls(model, inputs) if inputs is not None else None
     owners = dict(model.named_modules(remove_duplicate=False))
     extra = {**(_monitor_columns(monitor) if monitor is not None else {}),
@@ -124,8 +123,9 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
             "stale_grad": not p.requires_grad and p.grad is not None,
             "shared_with": list(names[1:]),
         }
-        if calls is not None:
-            row["calls"] = calls.get(id(owners[names[0].rpartition(".")[0]]), 0)
+        if calls is not None:  # a tied parameter is used by every module that holds it
+            holders = {id(owners[n.rpartition(".")[0]]) for n in names}
+            row["calls"] = sum(calls.get(h, 0) for h in holders)
         if optimizer is not None:
             g = in_group.get(id(p))
             group = optimizer.param_groups[g] if g is not None else {}

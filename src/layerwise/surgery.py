@@ -25,6 +25,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from ._hooks import Hooks
 from ._tensors import buckets, pick, use_foreach
 from .errors import GradError, NonFiniteGradError
+from .groups import group_index
 from .select import Selection, SelectionError, Selector, closest, describe, select
 
 __all__ = [
@@ -49,6 +50,8 @@ def _trainable(model: nn.Module, selectors: Sequence[Selector], caller: str) -> 
     """The selected parameters that can have a gradient; an error if every one is frozen."""
     sel = select(model, *selectors)
     chosen = [(name, p) for name, p in sel if p.requires_grad]
+    if not sel:
+        raise GradError(f"{caller}: {type(model).__name__} has no parameter to act on")
     if not chosen:
         shown = ", ".join(sel.names()[:5]) + (", ..." if len(sel) > 5 else "")
         raise GradError(f"{caller}: every selected parameter is frozen (requires_grad=False): {shown}. "
@@ -164,6 +167,8 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
         for (_, p, _), g in zip(targets, grads):
             if mode == "add" and p.grad is not None:
                 p.grad.add_(g)
+            elif p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype and p.grad.device == g.device:
+                p.grad.copy_(g)  # in place: DDP's bucket views and other holders of .grad see the new value
             else:
                 p.grad = g
     return [name for name, _, _ in targets]
@@ -385,7 +390,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *selectors: Selector,
             units: dict[Any, list[tuple[str, torch.Tensor]]] = {"total": chosen}
             label: Callable[[Any], str] = lambda _: "the selection"
         else:
-            group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+            group_of = group_index(optimizer)
             stray = [name for name, p in chosen if id(p) not in group_of and p.grad is not None]
             if stray:
                 raise GradError(f"per='group': {', '.join(stray)} have gradients but are in no param group of the "
