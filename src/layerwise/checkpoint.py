@@ -174,7 +174,10 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
     one error), the options, and the output path (never an input; an existing output only
     with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...).
     The output is a ``.safetensors`` file, or with ``max_shard_size`` a sharded folder; it
-    appears only when complete. ``progress=True`` shows bytes and throughput on stderr.
+    appears only when complete (a process killed mid-merge leaves only a hidden
+    ``.NAME.*.tmp`` beside it, safe to delete). ``progress=True`` shows bytes and throughput
+    on stderr. Linear and task-arithmetic merges stream each tensor in slices of 1M elements,
+    so their working memory is a few slices; the other methods hold one tensor of each input.
 
     Example:
         >>> import layerwise as lw, torch, tempfile, os

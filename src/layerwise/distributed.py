@@ -29,9 +29,9 @@ def average_parameters(model: nn.Module, *selectors: Selector, group: dist.Proce
 
     One all-reduce per device/dtype bucket, through torch's own
     ``torch.distributed.algorithms.model_averaging.utils.average_parameters`` (which flattens a
-    bucket into one buffer; as there, the parameters are rebound to views of the averaged
-    buffer, keeping their identity). Bucketing by dtype avoids its silent up-casting of mixed
-    dtypes. Shared parameters are averaged once. Every process must call it with the same selection.
+    bucket into one buffer; as there, the parameters are rebound to contiguous views of the
+    averaged buffer, keeping their identity but not a channels-last layout). Bucketing by dtype
+    avoids its silent up-casting of mixed dtypes. Shared parameters are averaged once. Every process must call it with the same selection.
 
     Example (under ``torchrun --nproc-per-node 2``)::
 
