@@ -19,7 +19,8 @@ def toy_data(n: int = 32) -> TensorDataset:
 
 
 def test_lightning_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_validation(tmp_path):
-    pl = pytest.importorskip("lightning.pytorch")
+    import lightning.pytorch as pl  # the dev extra installs it: CI runs this test, never skips it
+
     from layerwise.integrations.lightning import LayerwiseCallback
 
     class Module(pl.LightningModule):
@@ -97,7 +98,8 @@ class Tokens(Dataset):
 
 
 def test_hf_trainer_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_evaluation(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the dev extra installs it: CI runs this test, never skips it
+
     from layerwise.integrations.hf import LayerwiseTrainerCallback
 
     torch.manual_seed(0)
