@@ -175,3 +175,30 @@ def test_ema_and_unfreezing_progress_resume_from_the_callback_state(interleaved)
     resumed.optimizer_ready(fresh, fresh_optimizer)
     assert lw.frozen(fresh) == [] and len(fresh_optimizer.param_groups) == len(optimizer.param_groups)
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow, plan.ema.shadow))
+
+
+@pytest.mark.parametrize("missing, extra, load", [
+    ("lightning.pytorch", "lightning", lambda: __import__("layerwise.integrations.lightning")),
+    ("transformers", "hf", lambda: __import__("layerwise.integrations.hf")),
+    ("tensorboard", "tensorboard", lambda: lw.TensorBoardSink("/tmp")),
+])
+def test_a_missing_extra_names_the_pip_install_that_fixes_it(monkeypatch, missing, extra, load):
+    import sys
+
+    monkeypatch.setitem(sys.modules, missing, None)  # as if the package were not installed
+    for name in ("layerwise.integrations.lightning", "layerwise.integrations.hf"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ImportError, match=rf"pip install 'layerwise\[{extra}\]'"):
+        load()
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    net = nn.Linear(2, 1)
+    monitor = lw.GradMonitor(net, every=1)
+    net(torch.ones(1, 2)).sum().backward()
+    monitor.step()
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'layerwise\[plot\]'"):
+        monitor.plot(tmp_path / "g.png")
