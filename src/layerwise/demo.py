@@ -169,7 +169,7 @@ class Report:
     def section(self, title: str, text: str) -> None:
         self.console.rule(f"[bold]{title}")
         self.console.print(text)
-        self.lines += [f"## {title}", "", text, ""]
+        self.lines += ["", f"## {title}", "", text, ""]
 
     def say(self, text: str) -> None:
         self.console.print(text)
@@ -526,6 +526,7 @@ def run(out: str | Path = "layerwise-demo", *, seed: int = 0, epochs: int = 10, 
         section_averaging(state, base)
         section_gradients(state, base)
         section_surgery(state, base)
+    report.lines += ["", "## Training curves", ""]
     _plot_curves(report.figure("training_curves.png", "Training loss of every run"), state.curves)
     path = report.write()
     failed = [label for label, ok in report.checks if not ok]
