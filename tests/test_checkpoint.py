@@ -328,3 +328,14 @@ def test_open_checkpoint_reads_headers_only(three):
     with open_checkpoint(three[0]) as ckpt:
         assert ckpt.specs["0.weight"] == ((6, 5), torch.float32)
         assert ckpt._files == {}  # nothing read yet
+
+
+def test_metadata_must_be_strings_and_round_trips(tmp_path):
+    with pytest.raises(lw.CheckpointError, match="'epoch': int"):
+        lw.save({"w": torch.zeros(1)}, tmp_path / "m.safetensors", metadata={"epoch": 3})
+    assert not (tmp_path / "m.safetensors").exists()
+    lw.save({"w": torch.zeros(1)}, tmp_path / "m.safetensors", metadata={"epoch": "3"})
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        assert f.metadata()["epoch"] == "3" and f.metadata()["format"] == "pt"

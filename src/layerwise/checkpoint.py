@@ -98,6 +98,9 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
     """
     path = Path(path)
     state = _state_dict(model_or_state_dict)
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise CheckpointError(f"{path}: safetensors metadata maps strings to strings; not {', '.join(bad)}")
     if path.suffix in TORCH_SUFFIXES and max_shard_size is None:
         check_output(path, (), overwrite)
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
