@@ -17,7 +17,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -396,22 +396,14 @@ def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
         raise CheckpointError(f"{output}: the folder {folder} is not writable")
 
 
-def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor]], *, overwrite: bool,
-          inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None) -> Path:
-    """Write ``plan`` to ``output`` atomically; ``pieces_of(key)`` gives each stored tensor, whole
-    or as consecutive pieces of its flattened elements, in order.
-
-    A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder. The
-    data goes to a temporary name in the destination folder; only a complete, fsynced result
-    is renamed to ``output``. On any error or interruption the temporary data is removed and
-    nothing appears at ``output``.
-    """
+@contextlib.contextmanager
+def staged(output: Path, *, folder: bool, overwrite: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """A temporary file (or folder) beside ``output`` for the block to fill and fsync; renamed to
+    ``output`` when the block ends cleanly, removed on any error or interruption. A process
+    killed meanwhile leaves only the hidden temporary name, never a partial ``output``."""
     check_output(output, inputs, overwrite)
-    sharded = plan.max_shard_size is not None
-    if not sharded and output.suffix != ".safetensors":
-        raise CheckpointError(f"{output}: write a .safetensors file, or a folder with max_shard_size set")
     try:
-        if sharded:
+        if folder:
             temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
         else:
             fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
@@ -421,6 +413,36 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
         raise CheckpointError(f"{output}: cannot write in {output.parent} ({e.strerror})") from None
     try:
         default_permissions(temp)
+        yield temp
+        if folder:
+            _fsync_dir(temp)
+        if output.exists():  # overwrite=True, checked above: swap the old result out, the new one in
+            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+            os.replace(output, old / "old")
+            os.replace(temp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, output)
+        _fsync_dir(output.parent)
+    except BaseException:
+        if temp.is_dir():
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
+        raise
+
+
+def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor]], *, overwrite: bool,
+          inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``plan`` to ``output`` atomically (see :func:`staged`); ``pieces_of(key)`` gives each
+    stored tensor, whole or as consecutive pieces of its flattened elements, in order.
+
+    A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder.
+    """
+    sharded = plan.max_shard_size is not None
+    if not sharded and output.suffix != ".safetensors":
+        raise CheckpointError(f"{output}: write a .safetensors file, or a folder with max_shard_size set")
+    with staged(output, folder=sharded, overwrite=overwrite, inputs=inputs) as temp:
         shards = plan.shards()
         weight_map = {}
         for i, entries in enumerate(shards):
@@ -454,19 +476,4 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
             index = {"metadata": {"total_size": plan.total_bytes, **({ALIASES: plan.aliases} if plan.aliases else {})},
                      "weight_map": weight_map}
             (temp / _INDEXES[0]).write_text(json.dumps(index, indent=2))
-            _fsync_dir(temp)
-        if output.exists():  # overwrite=True, checked above: swap the old result out, the new one in
-            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
-            os.replace(output, old / "old")
-            os.replace(temp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, output)
-        _fsync_dir(output.parent)
-    except BaseException:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
-        raise
     return output

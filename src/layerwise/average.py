@@ -1,7 +1,7 @@
 """Averaging and merging models in memory: mean, task arithmetic, TIES, DARE, SLERP, EMA, greedy soup.
 
 The per-tensor math lives in :func:`merge_tensors` and the checks and option resolution in
-:func:`check_compatible`, :func:`resolve_options` and :func:`method_weights`;
+:func:`check_compatible` and :func:`merge_plan`;
 ``checkpoint.merge_files`` streams files through exactly these functions.
 """
 
@@ -156,6 +156,16 @@ def resolve_options(method: str, keys: Sequence[str], options: Mapping[str, Any]
         for option, v in opts.items():
             _check_option(method, option, v, k)
     return per_key
+
+
+def merge_plan(method: str, keys: Sequence[str], models: int, weights: Sequence[float] | None,
+               options: Mapping[str, Any], select: Selector | Iterable[Selector] | None
+               ) -> tuple[list[float], dict[str, dict[str, float]], set[str]]:
+    """What ``merge`` and ``merge_files`` both decide before touching a tensor: the weights, each
+    key's options, and the keys to merge (the rest come from the base or the first model)."""
+    selectors = as_selectors(select)
+    chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
+    return method_weights(method, weights, models), resolve_options(method, keys, options), chosen
 
 
 def _check_option(method: str, option: str, value: Any, key: str) -> None:
@@ -314,10 +324,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
     check_compatible([(label, {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}) for label, sd in labelled])
 
     keys = list(sds[0])
-    w = method_weights(method, weights, len(sds))
-    per_key = resolve_options(method, keys, options)
-    selectors = as_selectors(select)
-    chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
+    w, per_key, chosen = merge_plan(method, keys, len(sds), weights, options, select)
     fallback = base_sd if base_sd is not None else sds[0]
 
     result: dict[str, torch.Tensor] = {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +35,10 @@ from ._files import (
     PathLike,
     Plan,
     check_output,
-    default_permissions,
     open_checkpoint,
     parse_dtype,
     parse_size,
+    staged,
     write,
 )
 from ._tensors import aliases_of, human_bytes
@@ -47,12 +46,11 @@ from ._term import console
 from .average import (
     check_compatible,
     check_method,
+    merge_plan,
     merge_tensors,
-    method_weights,
-    resolve_options,
 )
 from .errors import CheckpointError
-from .select import Selector, as_selectors
+from .select import Selector
 from .select import select as _select
 
 __all__ = ["CheckpointError", "Diff", "diff_files", "load", "merge_files", "save"]
@@ -102,18 +100,10 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
     if bad:
         raise CheckpointError(f"{path}: safetensors metadata maps strings to strings; not {', '.join(bad)}")
     if path.suffix in TORCH_SUFFIXES and max_shard_size is None:
-        check_output(path, (), overwrite)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            default_permissions(Path(name))
-            with os.fdopen(fd, "wb") as f:
-                torch.save(dict(state), f)  # torch.save keeps shared storage shared
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(name, path)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
+        with staged(path, folder=False, overwrite=overwrite) as temp, open(temp, "wb") as f:
+            torch.save(dict(state), f)  # torch.save keeps shared storage shared
+            f.flush()
+            os.fsync(f.fileno())
         return path
     aliases = aliases_of(state)
     entries = [(k, t.dtype, tuple(t.shape)) for k, t in state.items() if k not in aliases]
@@ -199,10 +189,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         labelled = ([base_ckpt] if base_ckpt is not None else []) + models
         check_compatible([(c.label, c.specs) for c in labelled])
         keys = list(models[0].specs)
-        w = method_weights(method, weights, len(models))
-        per_key = resolve_options(method, keys, options)
-        selectors = as_selectors(select)
-        chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
+        w, per_key, chosen = merge_plan(method, keys, len(models), weights, options, select)
         first = labelled[0]
         aliases = {a: s for a, s in first.aliases.items() if all(c.aliases.get(a) == s for c in labelled)}
         entries = []
