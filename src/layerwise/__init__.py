@@ -9,16 +9,32 @@ their own optimizer options, average and merge models, inspect and reshape gradi
     ['0.weight', '0.bias']
 """
 
-from .average import EMA, MergeError, average, greedy_soup, merge
-from .checkpoint import CheckpointError, Diff, diff_files, load, merge_files, save
+from .average import EMA, average, greedy_soup, merge
+from .checkpoint import Diff, diff_files, load, merge_files, save
 from .distributed import PeriodicAverager, average_parameters
-from .errors import GradError, LayerwiseError, NonFiniteGradError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DistributedError,
+    GradError,
+    LayerwiseError,
+    MergeError,
+    MissingExtraError,
+    NonFiniteGradError,
+    NotFoundError,
+    OptionError,
+    OptionTypeError,
+    OutputExistsError,
+    SelectionError,
+    StateError,
+    VerificationError,
+)
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
 from .grads import check_grads, grad_stats, watch_nonfinite
 from .groups import add_param_group, param_groups
 from .inspect import show
 from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
-from .select import Selection, SelectionError, select
+from .select import Selection, select
 from .share import shared, tie
 from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
 
@@ -27,7 +43,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CSVSink",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "Diff",
+    "DistributedError",
     "EMA",
     "GradError",
     "GradMonitor",
@@ -36,11 +54,18 @@ __all__ = [
     "JSONLSink",
     "LayerwiseError",
     "MergeError",
+    "MissingExtraError",
     "NonFiniteGradError",
+    "NotFoundError",
+    "OptionError",
+    "OptionTypeError",
+    "OutputExistsError",
     "PeriodicAverager",
     "Selection",
     "SelectionError",
+    "StateError",
     "TensorBoardSink",
+    "VerificationError",
     "add_param_group",
     "average",
     "average_parameters",

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from ._tensors import alias_key, named_tensor_groups, pick, use_foreach
-from .errors import LayerwiseError
+from .errors import MergeError
 from .select import Selector, as_selectors
 from .select import select as _select
 
-__all__ = ["EMA", "MergeError", "average", "greedy_soup", "merge"]
+__all__ = ["EMA", "average", "greedy_soup", "merge"]
 
 StateDict = Mapping[str, torch.Tensor]
 ModelLike = nn.Module | StateDict
@@ -37,18 +37,6 @@ METHODS: dict[str, dict[str, float | None]] = {
 }
 _NEEDS_BASE = ("task_arithmetic", "ties", "dare")
 _COLINEAR = 0.9995  # |cos| above this: SLERP falls back to linear interpolation
-
-
-class MergeError(LayerwiseError, ValueError):
-    """Models that cannot be merged (differing keys, shapes or dtypes), or bad merge arguments.
-
-    Example:
-        >>> import layerwise as lw, torch
-        >>> lw.average([torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)])
-        Traceback (most recent call last):
-        ...
-        layerwise.average.MergeError: the models differ (2 differences): weight: shape (2, 2) in model 0 but (3, 2) in model 1; bias: ...
-    """
 
 
 # --------------------------------------------------------------------------- checks and options

@@ -53,7 +53,7 @@ from .errors import CheckpointError
 from .select import Selector
 from .select import select as _select
 
-__all__ = ["CheckpointError", "Diff", "diff_files", "load", "merge_files", "save"]
+__all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
 
 # Methods whose result at an element depends on that element alone: merge_files streams them in
 # slices of this many elements (4 MB of float32), which gives the same result as whole tensors.

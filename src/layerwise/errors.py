@@ -1,14 +1,55 @@
-"""The exceptions layerwise raises; every message names the culprit and says what to do."""
+"""Every exception layerwise raises: one family, each member also the builtin a caller expects.
+
+================================  ===========================  ==========================================
+class                             also a                       raised for
+================================  ===========================  ==========================================
+:class:`LayerwiseError`           ``Exception``                the base: ``except lw.LayerwiseError``
+:class:`SelectionError`           ``ValueError``               a malformed selector, or one matching nothing
+:class:`OptionError`              ``ValueError``               an option with a bad value (names the option)
+:class:`OptionTypeError`          ``TypeError``, ``ValueError``  an option of the wrong type
+:class:`NotFoundError`            ``KeyError``                 a name looked up in a result that lacks it
+:class:`CheckpointError`          ``ValueError``               a file that cannot be read or written as asked
+:class:`CheckpointNotFoundError`  ``FileNotFoundError``        an input path that does not exist
+:class:`OutputExistsError`        ``FileExistsError``          an output that exists (pass ``overwrite=True``)
+:class:`MergeError`               ``ValueError``               models or options that cannot be merged
+:class:`GradError`                ``ValueError``               a bad argument to a gradient tool
+:class:`NonFiniteGradError`       ``FloatingPointError``       a gradient that holds NaN or inf
+:class:`StateError`               ``RuntimeError``             an object used out of order, or a model
+                                                               that changed under it
+:class:`DistributedError`         ``RuntimeError``             ranks that disagree
+:class:`MissingExtraError`        ``ImportError``              an optional dependency not installed
+:class:`VerificationError`        ``AssertionError``           a check the demo runs on itself failed
+================================  ===========================  ==========================================
+
+The command line maps them to exit codes by type: a :class:`VerificationError` exits 1, any
+other :class:`LayerwiseError` exits 2 (bad input).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["CheckpointError", "GradError", "LayerwiseError", "NonFiniteGradError"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
+    "DistributedError",
+    "GradError",
+    "LayerwiseError",
+    "MergeError",
+    "MissingExtraError",
+    "NonFiniteGradError",
+    "NotFoundError",
+    "OptionError",
+    "OptionTypeError",
+    "OutputExistsError",
+    "SelectionError",
+    "StateError",
+    "VerificationError",
+]
 
 
 class LayerwiseError(Exception):
-    """Base class of every error layerwise raises on bad input.
+    """Base class of every error layerwise raises.
 
     The concrete errors also subclass the built-in exception a caller would expect
     (``ValueError`` for a bad argument, ``FloatingPointError`` for a non-finite gradient),
@@ -23,16 +64,106 @@ class LayerwiseError(Exception):
         SelectionError
     """
 
+    def __str__(self) -> str:
+        # KeyError quotes its message (repr); every layerwise message is already a sentence.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class SelectionError(LayerwiseError, ValueError):
+    """A selector that is malformed, or that matches nothing (unless ``missing_ok=True``).
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.select(torch.nn.LSTM(4, 4), "weight")
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.SelectionError: selector 'weight' matched no parameter of LSTM. Closest names: weight_ih_l0, weight_hh_l0...
+    """
+
+
+class OptionError(LayerwiseError, ValueError):
+    """An option whose value is out of range; the message names the option and what it accepts.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.EMA(torch.nn.Linear(2, 2), decay=1.5)
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.OptionError: EMA: decay=1.5 must be in [0, 1]...
+    """
+
+
+class OptionTypeError(OptionError, TypeError):
+    """An option of the wrong type (``every=1.5``, ``lr="fast"``); also a ``TypeError``.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.EMA(torch.nn.Linear(2, 2), every=1.5)
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.OptionTypeError: EMA: every=1.5 must be an int >= 1...
+    """
+
+
+class NotFoundError(LayerwiseError, KeyError):
+    """A name looked up in a result (a :class:`Selection`, :class:`GradStats`) that lacks it.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.select(torch.nn.Linear(2, 2), "**")["wieght"]
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.NotFoundError: 'wieght' is not in this selection; closest: weight
+    """
+
 
 class CheckpointError(LayerwiseError, ValueError):
     """A checkpoint that cannot be read or written as asked; the message names the file and key.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.save({"w": torch.zeros(2)}, "x.safetensors", metadata={"step": 3})
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.CheckpointError: x.safetensors: metadata value of 'step' is int...
+    """
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """An input file or folder that does not exist.
 
     Example:
         >>> import layerwise as lw
         >>> lw.load("missing.safetensors")
         Traceback (most recent call last):
         ...
-        layerwise.errors.CheckpointError: missing.safetensors: no such file or folder
+        layerwise.errors.CheckpointNotFoundError: missing.safetensors: no such file or folder
+    """
+
+
+class OutputExistsError(CheckpointError, FileExistsError):
+    """An output path that already exists: pass ``overwrite=True`` (``--force``) to replace it.
+
+    Example:
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+        >>> lw.save({"w": torch.zeros(2)}, path)
+        >>> lw.save({"w": torch.ones(2)}, path)
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.OutputExistsError: ...w.safetensors already exists...
+    """
+
+
+class MergeError(LayerwiseError, ValueError):
+    """Models that cannot be merged (keys, shapes or dtypes differ) or a bad merge option.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> lw.average([torch.nn.Linear(2, 2), torch.nn.Linear(2, 3)])
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.MergeError: the models differ (2 differences): weight: shape (2, 2) in model 0 but (3, 2) in model 1; bias: ...
     """
 
 
@@ -70,3 +201,49 @@ class NonFiniteGradError(LayerwiseError, FloatingPointError):
     def __init__(self, message: str, names: Sequence[str] = (), step: int | None = None):
         super().__init__(message)
         self.names, self.step = list(names), step
+
+
+class StateError(LayerwiseError, RuntimeError):
+    """An object used out of order, or a model that changed under an object that tracks it
+    (an :class:`EMA` after ``model.to(torch.float16)``); the message says what changed.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> ema = lw.EMA(net)
+        >>> _ = net.half()
+        >>> ema.update()
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.StateError: EMA: ...
+    """
+
+
+class DistributedError(LayerwiseError, RuntimeError):
+    """Ranks that disagree (on the parameters to average, say); raised alike on every rank.
+
+    Example:
+        >>> import layerwise as lw
+        >>> issubclass(lw.DistributedError, RuntimeError)
+        True
+    """
+
+
+class MissingExtraError(LayerwiseError, ImportError):
+    """An optional dependency that is not installed; the message names the pip extra.
+
+    Example:
+        >>> import layerwise as lw
+        >>> str(lw.MissingExtraError("plotting needs matplotlib: pip install 'layerwise[plot]'"))
+        "plotting needs matplotlib: pip install 'layerwise[plot]'"
+    """
+
+
+class VerificationError(LayerwiseError, AssertionError):
+    """A check that layerwise runs on its own results (the demo's verifications) failed.
+
+    Example:
+        >>> import layerwise as lw
+        >>> issubclass(lw.VerificationError, AssertionError)
+        True
+    """

@@ -35,23 +35,11 @@ import torch
 from torch import nn
 
 from ._tensors import named_tensor_groups
-from .errors import LayerwiseError
+from .errors import NotFoundError, SelectionError
 
 __all__ = ["FAMILIES", "Selection", "SelectionError", "Selector", "select", "select_modules"]
 
 Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
-
-
-class SelectionError(LayerwiseError, ValueError):
-    """A selector that is malformed, or that matches nothing (unless ``missing_ok=True``).
-
-    Example:
-        >>> import layerwise as lw, torch
-        >>> lw.select(torch.nn.LSTM(4, 4), "weight")
-        Traceback (most recent call last):
-        ...
-        layerwise.select.SelectionError: selector 'weight' matched no parameter of LSTM. Closest names: weight_ih_l0, weight_hh_l0...
-    """
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -455,7 +443,7 @@ class Selection:
             return self._by_name[name]
         except KeyError:
             near = closest(name, list(self._by_name))
-            raise KeyError(f"{name!r} is not in this selection" + (f"; closest: {', '.join(near)}" if near else "")) from None
+            raise NotFoundError(f"{name!r} is not in this selection" + (f"; closest: {', '.join(near)}" if near else "")) from None
 
     def __repr__(self) -> str:
         shown = ", ".join(self.names()[:4]) + (", ..." if len(self) > 4 else "")
