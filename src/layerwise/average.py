@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._tensors import alias_key, named_tensor_groups, pick, use_foreach
-from .errors import MergeError
+from .errors import MergeError, StateError
 from .select import Selector, as_selectors
 from .select import select as _select
 
@@ -454,7 +454,7 @@ class EMA:
         named_buffers = dict(model.named_buffers())
         missing = [n for n in self.names if n not in params] + [n for n in self._buffer_names if n not in named_buffers]
         if missing:
-            raise LayerwiseError(f"{type(model).__name__} lacks {', '.join(missing[:5])}"
+            raise StateError(f"{type(model).__name__} lacks {', '.join(missing[:5])}"
                                  f"{' ...' if len(missing) > 5 else ''}: it is not the model this EMA tracks"
                                  + _prefix_hint(self.names, params))
         return [params[n] for n in self.names], [named_buffers[n] for n in self._buffer_names]
