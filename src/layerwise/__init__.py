@@ -11,6 +11,7 @@ their own optimizer options, average and merge models, inspect and reshape gradi
 
 from .average import EMA, average, greedy_soup, merge
 from .checkpoint import Diff, diff_files, load, merge_files, save
+from .clip import clip_grad_norm
 from .distributed import PeriodicAverager, average_parameters
 from .errors import (
     CheckpointError,
@@ -34,9 +35,11 @@ from .grads import check_grads, grad_stats, watch_nonfinite
 from .groups import add_param_group, param_groups
 from .inspect import show
 from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
+from .pcgrad import pcgrad
+from .reverse import GradReverse, grad_reverse
 from .select import Selection, select
 from .share import shared, tie
-from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
+from .surgery import GradHooks, GradScale, grad_hook, scale_grad, set_grad
 
 __version__ = "0.1.0"
 
@@ -48,8 +51,10 @@ __all__ = [
     "DistributedError",
     "EMA",
     "GradError",
+    "GradHooks",
     "GradMonitor",
     "GradReverse",
+    "GradScale",
     "GradualUnfreeze",
     "JSONLSink",
     "LayerwiseError",

@@ -11,6 +11,7 @@ from rich.table import Table
 from torch import nn
 
 from ._term import console
+from .errors import OptionError
 from .select import (
     SelectionError,
     Selector,
@@ -201,6 +202,19 @@ def group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
 
 
+def _check_extendable(scheduler: Any) -> None:
+    """Refuse, before anything changes, a scheduler that cannot take one more param group."""
+    from torch.optim import lr_scheduler
+
+    if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
+        for inner in scheduler._schedulers:
+            _check_extendable(inner)
+    elif isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)):
+        raise OptionError(f"{type(scheduler).__name__} keeps a schedule per param group that cannot be extended: "
+                          "build the optimizer with every parameter (frozen ones are skipped until they get "
+                          "a gradient) and unfreeze in place, which adds no group")
+
+
 def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
     """Give an LR scheduler what it keeps per param group for a group added after it was built."""
     from torch.optim import lr_scheduler
@@ -208,10 +222,6 @@ def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
     if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
         for inner in scheduler._schedulers:
             _extend_scheduler(inner, group)
-    elif isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)):
-        raise ValueError(f"{type(scheduler).__name__} keeps a schedule per param group that cannot be extended: "
-                         "build the optimizer with every parameter (frozen ones are skipped until they get "
-                         "a gradient) and unfreeze in place, which adds no group")
     for name, value in (("base_lrs", group["initial_lr"]), ("_last_lr", group["lr"])):
         if isinstance(getattr(scheduler, name, None), list):
             getattr(scheduler, name).append(value)
@@ -229,6 +239,8 @@ def add_group(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch
     if twice:
         raise ValueError("cannot add to the optimizer: " + "; ".join(twice)
                          + ". A parameter may be in one group only; select the others.")
+    for scheduler in schedulers:
+        _check_extendable(scheduler)
     group = {"params": [p for _, p in named], "names": [n for n, _ in named], **options}
     if optimizer.param_groups and "param_names" in optimizer.param_groups[0]:
         group["param_names"] = list(group["names"])  # torch requires all groups or none to be named
