@@ -9,9 +9,10 @@ their own optimizer options, average and merge models, inspect and reshape gradi
     ['0.weight', '0.bias']
 """
 
-from .average import EMA, average, greedy_soup, merge
+from .average import average, greedy_soup, merge
 from .checkpoint import Diff, diff_files, load, merge_files, save
 from .distributed import PeriodicAverager, average_parameters
+from .ema import EMA
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
