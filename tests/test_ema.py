@@ -292,3 +292,80 @@ def test_parameters_tiling_one_buffer_are_averaged_in_one_kernel(dtype):
     net.float() if dtype != torch.float32 else net.double()
     with pytest.raises(lw.StateError, match="1.bias was"):
         ema.update()
+
+
+# --------------------------------------------------------------------------- FSDP2: sharded shadows
+
+
+def _sharded_mlp(mesh, seed: int) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))  # 7 and 3 rows: uneven shards on 2 ranks
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _train(model, ema, steps, seed):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(4, 5, generator=gen)  # the same batch on every rank: the run equals one process
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+
+
+def fsdp_ema(rank, world_size, ckpt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _sharded_mlp(mesh, seed=0)
+    ema = lw.EMA(model, decay=0.8)
+    locals_ok = all(s.to_local().shape == p.to_local().shape for s, p in zip(ema.shadow, model.parameters()))
+    _train(model, ema, 2, seed=1)
+    dcp.save({"model": model.state_dict(), "ema": ema.state_dict()}, checkpoint_id=ckpt)
+    with CommDebugMode() as comm:
+        ema.update()
+        ema.update()
+    update_collectives = comm.get_total_counts()
+    with CommDebugMode() as comm:
+        ema.shadow[0].full_tensor()
+    gather_collectives = comm.get_total_counts()  # the counter sees a collective when there is one
+
+    training = [p.to_local().clone() for p in model.parameters()]
+    with ema.swapped():
+        swapped = [p.full_tensor() for p in model.parameters()]
+    restored = all(torch.equal(a, p.to_local()) for a, p in zip(training, model.parameters()))
+
+    resumed_model = _sharded_mlp(mesh, seed=5)  # other weights: everything must come from the checkpoint
+    resumed = lw.EMA(resumed_model, decay=0.5, warmup=3)
+    state = {"model": resumed_model.state_dict(), "ema": resumed.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    resumed_model.load_state_dict(state["model"])
+    resumed.load_state_dict(state["ema"])
+    resumed.update(), resumed.update()
+    bit_identical = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ema.shadow, resumed.shadow))
+    return {"locals_ok": locals_ok, "update": update_collectives, "gather": gather_collectives,
+            "restored": restored, "swapped": swapped, "full": [s.full_tensor() for s in ema.shadow],
+            "resumed": bit_identical, "decay": resumed.decay, "num_updates": resumed.num_updates}
+
+
+def test_fsdp2_shadows_are_sharded_local_and_resume_bit_identically(run_ranks, tmp_path):
+    r0, r1 = run_ranks(fsdp_ema, str(tmp_path / "ckpt"))
+    for r in (r0, r1):
+        assert r["locals_ok"] and r["restored"] and r["resumed"]
+        assert r["update"] == 0 and r["gather"] > 0
+        assert (r["decay"], r["num_updates"]) == (0.8, 4)
+    # the same run in one process, unsharded
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    ema = lw.EMA(model, decay=0.8)
+    _train(model, ema, 2, seed=1)
+    ema.update(), ema.update()
+    for full, swapped, single in zip(r0["full"], r0["swapped"], ema.shadow):
+        assert torch.allclose(full, single, atol=1e-6) and torch.equal(swapped, full)
