@@ -117,7 +117,7 @@ def convbn() -> ConvBN:
 
 @pytest.fixture
 def siamese():
-    from layerwise.demo import SiameseLSTM
+    from layerwise_demo import SiameseLSTM
 
     torch.manual_seed(0)
     return SiameseLSTM(hidden=5)
