@@ -189,3 +189,33 @@ def run_ranks(tmp_path):
         return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
     return run
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(29)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llamas(tmp_path_factory):
+    """Three tiny Llama folders (base, a, b) as `save_pretrained` writes them, with a tokenizer and a
+    chat template built in code: vocabulary 32, width 16, 4 layers, float32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llamas")
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    tokenizer = _tiny_tokenizer()
+    for seed, name in enumerate(("base", "a", "b")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return {name: root / name for name in ("base", "a", "b")}
