@@ -42,7 +42,7 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it, imported on first access. A new public name is
 # one line here (and one in __all__), plus the same import in the TYPE_CHECKING block for IDEs.
 _LAZY = {
-    "EMA": "average",
+    "EMA": "ema",
     "average": "average",
     "greedy_soup": "average",
     "merge": "average",
@@ -81,9 +81,10 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .average import EMA, average, greedy_soup, merge
+    from .average import average, greedy_soup, merge
     from .checkpoint import Diff, diff_files, load, merge_files, save
     from .distributed import PeriodicAverager, average_parameters
+    from .ema import EMA
     from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
     from .grads import check_grads, grad_stats, watch_nonfinite
     from .groups import add_param_group, param_groups
