@@ -344,7 +344,11 @@ def test_metadata_must_be_strings_and_round_trips(tmp_path):
 # --------------------------------------------------------------------------- .pt files that are not checkpoints
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world", os.urandom(300), b"\x80\x04\x95" + os.urandom(50)])
+_NOISE = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world", _NOISE, b"\x80\x04\x95" + _NOISE[:50]],
+                         ids=["empty", "text", "noise", "pickle-noise"])
 def test_bytes_that_are_not_a_torch_checkpoint_are_named_as_such(tmp_path, content):
     (tmp_path / "x.pt").write_bytes(content)
     with pytest.raises(lw.CheckpointError, match=r"x\.pt: not a PyTorch checkpoint"):
