@@ -30,17 +30,23 @@ from .errors import (
     VerificationError,
 )
 from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
-from .grads import check_grads, grad_stats, watch_nonfinite
+from .grads import GradCheck, GradStats, NonFiniteWatch, check_grads, grad_stats, watch_nonfinite
 from .groups import add_param_group, param_groups
 from .inspect import show
-from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
+from .monitor import GradMonitor
 from .select import Selection, select
 from .share import shared, tie
+from .sinks import CSVSink, Histogram, JSONLSink, Sink, TensorBoardSink
 from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Sink",
+    "Histogram",
+    "NonFiniteWatch",
+    "GradStats",
+    "GradCheck",
     "CSVSink",
     "CheckpointError",
     "CheckpointNotFoundError",

@@ -30,8 +30,9 @@ from .freeze import freeze
 from .grads import check_grads, grad_stats
 from .groups import param_groups
 from .inspect import show
-from .monitor import CSVSink, GradMonitor
+from .monitor import GradMonitor
 from .select import SelectionError
+from .sinks import CSVSink
 from .surgery import scale_grad, set_grad
 
 __all__ = ["SiameseLSTM", "digit_pairs", "run"]

@@ -95,9 +95,11 @@ class OptionTypeError(OptionError, TypeError):
     """An option of the wrong type (``every=1.5``, ``lr="fast"``); also a ``TypeError``.
 
     Example:
-        >>> import layerwise as lw
-        >>> issubclass(lw.OptionTypeError, TypeError)
-        True
+        >>> import layerwise as lw, torch
+        >>> lw.GradMonitor(torch.nn.Linear(2, 2), every=1.5)
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.OptionTypeError: every=1.5: pass an integer n >= 1 (every n-th step).
     """
 
 
