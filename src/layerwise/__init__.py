@@ -43,6 +43,8 @@ __version__ = "0.1.0"
 # one line here (and one in __all__), plus the same import in the TYPE_CHECKING block for IDEs.
 _LAZY = {
     "EMA": "ema",
+    "FlatParameters": "flat",
+    "flatten_parameters": "flat",
     "average": "average",
     "greedy_soup": "average",
     "merge": "average",
@@ -90,6 +92,7 @@ if TYPE_CHECKING:
     from .checkpoint import Diff, diff_files, load, merge_files, save
     from .distributed import PeriodicAverager, average_parameters
     from .ema import EMA
+    from .flat import FlatParameters, flatten_parameters
     from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
     from .grads import GradCheck, GradStats, NonFiniteWatch, check_grads, grad_stats, watch_nonfinite
     from .groups import add_param_group, param_groups
@@ -142,6 +145,7 @@ __all__ = [
     "Diff",
     "DistributedError",
     "EMA",
+    "FlatParameters",
     "GradError",
     "GradMonitor",
     "GradReverse",
@@ -167,6 +171,7 @@ __all__ = [
     "check_grads",
     "clip_grad_norm",
     "diff_files",
+    "flatten_parameters",
     "freeze",
     "frozen",
     "grad_hook",
