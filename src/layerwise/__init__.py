@@ -78,11 +78,13 @@ _LAZY = {
     "select": "select",
     "shared": "share",
     "tie": "share",
-    "GradReverse": "surgery",
-    "clip_grad_norm": "surgery",
+    "clip_grad_norm": "clip",
+    "pcgrad": "pcgrad",
+    "GradReverse": "reverse",
+    "grad_reverse": "reverse",
+    "GradHooks": "surgery",
+    "GradScale": "surgery",
     "grad_hook": "surgery",
-    "grad_reverse": "surgery",
-    "pcgrad": "surgery",
     "scale_grad": "surgery",
     "set_grad": "surgery",
 }
@@ -90,6 +92,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .average import average, greedy_soup, merge
     from .checkpoint import Diff, diff_files, load, merge_files, save
+    from .clip import clip_grad_norm
     from .distributed import PeriodicAverager, average_parameters
     from .ema import EMA
     from .flat import FlatParameters, flatten_parameters
@@ -98,10 +101,12 @@ if TYPE_CHECKING:
     from .groups import add_param_group, param_groups
     from .inspect import show
     from .monitor import GradMonitor
+    from .pcgrad import pcgrad
+    from .reverse import GradReverse, grad_reverse
     from .select import Selection, select
     from .share import shared, tie
     from .sinks import CSVSink, Histogram, JSONLSink, Sink, TensorBoardSink
-    from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
+    from .surgery import GradHooks, GradScale, grad_hook, scale_grad, set_grad
 
 
 def __getattr__(name: str) -> Any:
@@ -147,8 +152,10 @@ __all__ = [
     "EMA",
     "FlatParameters",
     "GradError",
+    "GradHooks",
     "GradMonitor",
     "GradReverse",
+    "GradScale",
     "GradualUnfreeze",
     "JSONLSink",
     "LayerwiseError",
