@@ -263,11 +263,11 @@ def test_differing_inputs_list_every_difference(tmp_path, three):
     state.pop("0.bias")
     state["extra"] = torch.zeros(1)
     state["2.weight"] = torch.zeros(4, 6)
-    state["1.running_mean"] = state["1.running_mean"].double()
+    state["1.running_mean"] = state["1.running_mean"].int()  # float vs int: not promotable
     lw.save(state, tmp_path / "odd.safetensors")
     assert_refused(tmp_path, lambda: lw.merge_files([three[0], tmp_path / "odd.safetensors"], tmp_path / "o.safetensors"),
                    "odd.safetensors lacks 1 key(s)", "0.bias", "extra", "2.weight: shape (3, 6)", "(4, 6)",
-                   "1.running_mean: dtype torch.float32", "torch.float64")
+                   "1.running_mean: dtype torch.float32", "torch.int32")
 
 
 def test_output_equal_to_an_input_is_refused(tmp_path, three):
@@ -299,14 +299,14 @@ def test_bad_method_and_options_are_refused_before_writing(tmp_path, three):
 KILL_CHILD = textwrap.dedent("""
     import os, signal, sys
     import layerwise.checkpoint as checkpoint
-    real = checkpoint.merge_tensors
+    real = checkpoint.merge_tensor
     calls = []
     def merge_then_die(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:  # half-way through the tensors
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
-    checkpoint.merge_tensors = merge_then_die
+    checkpoint.merge_tensor = merge_then_die
     checkpoint.merge_files(sys.argv[1:3], sys.argv[3])
 """)
 
@@ -339,3 +339,57 @@ def test_metadata_must_be_strings_and_round_trips(tmp_path):
 
     with safe_open(tmp_path / "m.safetensors", "pt") as f:
         assert f.metadata()["epoch"] == "3" and f.metadata()["format"] == "pt"
+
+
+# --------------------------------------------------------------------------- .pt files that are not checkpoints
+
+
+_NOISE = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world", _NOISE, b"\x80\x04\x95" + _NOISE[:50]],
+                         ids=["empty", "text", "noise", "pickle-noise"])
+def test_bytes_that_are_not_a_torch_checkpoint_are_named_as_such(tmp_path, content):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(lw.CheckpointError, match=r"x\.pt: not a PyTorch checkpoint"):
+        lw.load(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_a_truncated_torch_checkpoint_is_named_as_such(tmp_path, zipfile):
+    torch.save({"w": torch.randn(100)}, tmp_path / "full.pt", _use_new_zipfile_serialization=zipfile)
+    (tmp_path / "x.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:150])
+    with pytest.raises(lw.CheckpointError, match=r"x\.pt: not a PyTorch checkpoint"):
+        lw.load(tmp_path / "x.pt")
+
+
+def test_sparse_and_meta_tensors_are_named(tmp_path):
+    torch.save({"w": torch.eye(3).to_sparse(), "b": torch.ones(1)}, tmp_path / "sparse.pt")
+    with pytest.raises(lw.CheckpointError, match="tensor 'w' is sparse_coo"):
+        lw.load(tmp_path / "sparse.pt")
+    torch.save({"w": torch.empty(3, device="meta")}, tmp_path / "meta.pt")
+    with pytest.raises(lw.CheckpointError, match="tensor 'w' is on the meta device"):
+        lw.load(tmp_path / "meta.pt")
+    for bad, why in (({"w": torch.eye(2).to_sparse()}, "sparse_coo"), ({"w": torch.empty(2, device="meta")}, "meta")):
+        with pytest.raises(lw.CheckpointError, match=why):
+            lw.save(bad, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- compiled models
+
+
+def test_a_compiled_model_is_saved_under_its_inner_names_and_loads_back_into_it(tmp_path):
+    model = net(0)
+    compiled = torch.compile(model, backend="eager")
+    outer = nn.ModuleDict({"body": torch.compile(net(1), backend="eager")})
+    lw.save(compiled, tmp_path / "c.safetensors")
+    lw.save(outer, tmp_path / "o.safetensors")
+    assert same(lw.load(tmp_path / "c.safetensors"), model.state_dict())
+    assert all("_orig_mod" not in k for k in lw.load(tmp_path / "o.safetensors"))
+    fresh = torch.compile(net(5), backend="eager")
+    lw.load(tmp_path / "c.safetensors", into=fresh)
+    assert same(fresh._orig_mod.state_dict(), model.state_dict())
+    target = nn.ModuleDict({"body": torch.compile(net(6), backend="eager")})
+    lw.load(tmp_path / "o.safetensors", into=target)
+    assert same(target.state_dict(), outer.state_dict())
