@@ -103,7 +103,7 @@ def test_select_works_on_a_state_dict_grouping_aliases(tied_lm):
     sd = tied_lm.state_dict()
     sel = lw.select(sd, "decoder")
     assert sel.aliases() == [("embed.weight", "decoder.weight"), ("decoder.bias",)]
-    with pytest.raises(lw.SelectionError, match="need a model"):
+    with pytest.raises(lw.SelectionError, match="needs a model"):
         lw.select(sd, "type:norm")
 
 

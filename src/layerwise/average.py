@@ -19,8 +19,7 @@ from torch import nn
 
 from ._tensors import alias_key, named_tensor_groups, pick, use_foreach
 from .errors import MergeError, StateError
-from .select import Selector, as_selectors
-from .select import select as _select
+from .select import Selector, Walk, as_selectors, select_keys
 
 __all__ = ["EMA", "average", "greedy_soup", "merge"]
 
@@ -133,11 +132,11 @@ def resolve_options(method: str, keys: Sequence[str], options: Mapping[str, Any]
         raise MergeError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; "
                          f"its options are {', '.join(allowed) or 'none'}")
     per_key = {k: dict(allowed) for k in keys}
-    names = dict.fromkeys(keys)
+    names = Walk(keys)  # one walk of the keys for every {selector: value} entry
     for option, value in options.items():
         entries = value.items() if isinstance(value, Mapping) else [(None, value)]
         for selector, v in entries:
-            chosen = keys if selector is None else _select(names, selector).names()
+            chosen = keys if selector is None else select_keys(names, selector)
             for k in chosen:
                 per_key[k][option] = v
     for k, opts in per_key.items():
@@ -152,7 +151,7 @@ def merge_plan(method: str, keys: Sequence[str], models: int, weights: Sequence[
     """What ``merge`` and ``merge_files`` both decide before touching a tensor: the weights, each
     key's options, and the keys to merge (the rest come from the base or the first model)."""
     selectors = as_selectors(select)
-    chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
+    chosen = set(select_keys(keys, *selectors)) if selectors else set(keys)
     return method_weights(method, weights, models), resolve_options(method, keys, options), chosen
 
 

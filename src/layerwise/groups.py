@@ -11,15 +11,7 @@ from rich.table import Table
 from torch import nn
 
 from ._term import console
-from .select import (
-    SelectionError,
-    Selector,
-    describe,
-    parse,
-    path_prefix,
-    select,
-    select_modules,
-)
+from .select import SelectionError, Selector, Walk, describe, parse, resolve, select
 
 __all__ = ["add_param_group", "param_groups"]
 
@@ -45,25 +37,23 @@ def _rule_list(rules: Rules | None) -> list[tuple[tuple[Selector, ...], dict[str
     return out
 
 
-def _block_ids(model: nn.Module, layers: Selector) -> tuple[dict[int, int], int]:
+def _block_ids(model: nn.Module, walk: Walk, layers: Selector) -> tuple[dict[int, int], int]:
     """Layer id of every parameter (by id) for layer-wise decay, and the number of blocks L."""
     if not isinstance(layers, str) or parse(layers).kind == "re":
         raise SelectionError(f"layers={layers!r} must be a module path pattern like 'encoder.layers.*' "
                              "or a type selector like 'type:TransformerEncoderLayer'")
-    if parse(layers).kind == "type":
-        # Each outermost module of that type is one block.
-        blocks: list[str] = []
-        for path, _ in select_modules(model, layers):
-            if not any(path.startswith(b + ".") for b in blocks):
-                blocks.append(path)
+    # A block is a module the pattern reaches with no reached module above it.
+    blocks: set[str] = set()
+    for path, _ in resolve(walk, layers, missing_ok=True).modules:
+        parts = path.split(".")
+        if not any(".".join(parts[:k]) in blocks for k in range(len(parts))):
+            blocks.add(path)
 
-        def block(name: str) -> str | None:
-            return next((b for b in blocks if name.startswith(b + ".")), None)
-    else:
-        def block(name: str) -> str | None:
-            return path_prefix(layers, name)
+    def block(name: str) -> str | None:
+        parts = name.split(".")
+        return next((p for p in (".".join(parts[:k]) for k in range(len(parts))) if p in blocks), None)
 
-    everything = select(model)
+    everything = resolve(walk).selection()
     order: dict[str, int] = {}
     assigned: list[tuple[int, int | None]] = []
     for names, p in zip(everything.aliases(), everything.params()):
@@ -88,18 +78,18 @@ def _block_ids(model: nn.Module, layers: Selector) -> tuple[dict[int, int], int]
     return ids, n_blocks
 
 
-def _no_decay_ids(model: nn.Module, no_decay: str | Iterable[Selector] | None) -> set[int]:
+def _no_decay_ids(model: nn.Module, walk: Walk, no_decay: str | Iterable[Selector] | None) -> set[int]:
     if no_decay is None:
         return set()
     if no_decay == "default":
         ids = {id(p) for p in model.parameters() if p.ndim <= 1}
         names = getattr(model, "no_weight_decay", lambda: ())()
         if names:
-            ids |= {id(p) for p in select(model, *names, missing_ok=True).params()}
+            ids |= {id(p) for p in resolve(walk, *names, missing_ok=True).selection().params()}
         return ids
     if isinstance(no_decay, str):
         no_decay = [no_decay]
-    return {id(p) for p in select(model, *no_decay).params()}
+    return {id(p) for p in resolve(walk, *no_decay).selection().params()}
 
 
 def _key(options: Mapping[str, Any]) -> str:
@@ -139,7 +129,8 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         [(['0.weight'], 0.001, 0.05), (['0.bias'], 0.001, 0.0), (['1.weight'], 0.01, 0.05), (['1.bias'], 0.01, 0.0)]
         >>> opt = torch.optim.AdamW(groups)
     """
-    everything = select(model)
+    walk = Walk(model)  # every rule and the layer ids resolve against this one walk
+    everything = resolve(walk).selection()
     trainable = [(name, p) for name, p in everything if p.requires_grad]
     options: dict[int, dict[str, Any]] = {id(p): {} for _, p in trainable}
     base = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
@@ -147,7 +138,7 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         opts.update(base)
 
     for selectors, rule in _rule_list(rules):
-        chosen = select(model, *selectors)
+        chosen = resolve(walk, *selectors).selection()
         hit = [p for p in chosen.params() if id(p) in options]
         if not hit:
             warnings.warn(f"rule {', '.join(map(describe, selectors))} matches only frozen parameters "
@@ -155,14 +146,14 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         for p in hit:
             options[id(p)].update(rule)
 
-    for pid in _no_decay_ids(model, no_decay) & options.keys():
+    for pid in _no_decay_ids(model, walk, no_decay) & options.keys():
         options[pid]["weight_decay"] = 0.0
 
     if layer_decay is not None or layers is not None:
         if layer_decay is None or layers is None:
             raise ValueError("layer-wise LR decay needs both layer_decay=<factor> and layers=<block pattern>, "
                              "e.g. layer_decay=0.75, layers='encoder.layers.*'")
-        layer_of, n_blocks = _block_ids(model, layers)
+        layer_of, n_blocks = _block_ids(model, walk, layers)
         for name, p in trainable:
             opts = options[id(p)]
             if "lr" not in opts:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._term import console
 from .groups import group_index
-from .select import Selector, select
+from .select import Selector, Walk, resolve
 
 __all__ = ["show"]
 
@@ -103,11 +103,12 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     """
     if optimizer is not None and not hasattr(optimizer, "param_groups"):
         selectors, optimizer = (optimizer, *selectors), None  # show(model, "encoder"): a selector, no optimizer
-    everything = select(model)
-    chosen = select(model, *selectors) if selectors else everything
+    walk = Walk(model)  # one walk: the rows, the totals and the modules that own them
+    everything = resolve(walk).selection()
+    chosen = resolve(walk, *selectors).selection() if selectors else everything
     in_group = group_index(optimizer) if optimizer is not None else {}
     calls = count_calls(model, inputs) if inputs is not None else None
-    owners = dict(model.named_modules(remove_duplicate=False))
+    owners = dict(zip(walk.paths, walk.modules))
     extra = {**(_monitor_columns(monitor) if monitor is not None else {}),
              **(_ema_column(model, ema) if ema is not None else {})}
 
