@@ -12,14 +12,17 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import SelectionError
 
-__all__ = ["FAMILIES", "Pattern", "parse"]
+__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "mro_names", "parse", "path_prefix"]
+
+Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -130,6 +133,8 @@ def _segment(text: str, pos: int, piece: str) -> str:
         if not (piece.startswith("[") and piece.endswith("]")) or piece.count("[") != 1 or piece.count("]") != 1:
             raise _fail(text, pos, end, "a numeric range must be a whole segment", _RANGE_HINT)
         return _numbers(text, pos, piece[1:-1])
+    if piece.strip("*") == "":
+        return "[^.]+"  # a whole segment: never the empty path of the model itself
     return "[^.]*".join(re.escape(part) for part in piece.split("*"))
 
 
@@ -215,3 +220,52 @@ def unknown_type(pattern: Pattern, present: list[str], where: str) -> SelectionE
     start = len(pattern.text) - len(name)
     return _fail(pattern.text, start, len(pattern.text), f"unknown module type {name!r}",
                  f"{hint}Families: {', '.join(FAMILIES)}. Classes in {where}: {', '.join(present)}.")
+
+
+def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector, ...]:
+    """One selector or several (a list or tuple; None for none) as a tuple of selectors."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)) or callable(value):
+        return (value,)
+    return tuple(value)
+
+
+def describe(selector: Selector) -> str:
+    if isinstance(selector, str):
+        return repr(selector)
+    if isinstance(selector, type):
+        return f"type {selector.__name__}"
+    return f"callable {getattr(selector, '__qualname__', selector)!r}"
+
+
+def closest(text: str, candidates: Sequence[str], n: int = 5) -> list[str]:
+    """Up to ``n`` candidates nearest to ``text``: names extending it first, then by similarity."""
+    extending = [c for c in candidates if c.startswith(text) and c != text]
+    similar = difflib.get_close_matches(text, candidates, n=n, cutoff=0.5)
+    out: list[str] = []
+    for c in extending + similar:
+        if c not in out:
+            out.append(c)
+    return out[:n]
+
+
+@functools.cache
+def mro_names(cls: type) -> frozenset[str]:
+    """The class names ``type:NAME`` accepts for modules of ``cls``: its own and its bases'."""
+    return frozenset(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
+
+
+def path_prefix(selector: str, name: str) -> str | None:
+    """The module path at which a path selector matches ``name`` (``None`` if it does not).
+
+    Example:
+        >>> from layerwise.select import path_prefix
+        >>> path_prefix("layers.*", "layers.3.attn.weight")
+        'layers.3'
+    """
+    pattern = parse(selector)
+    if pattern.kind != "path":
+        raise SelectionError(f"selector {selector!r} must be a module path pattern like 'encoder.layers.*'")
+    m = pattern.regex.match(name)
+    return None if m is None else name[:m.end()]

@@ -30,7 +30,6 @@ once (cached), giving the parameters, the modules reached and the selectors that
 
 from __future__ import annotations
 
-import difflib
 import sys
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -39,14 +38,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._selector import FAMILIES, Pattern, parse, unknown_type
+from ._selector import (
+    FAMILIES,
+    Pattern,
+    Selector,
+    as_selectors,
+    closest,
+    describe,
+    mro_names,
+    parse,
+    path_prefix,
+    unknown_type,
+)
 from ._tensors import named_tensor_groups
 from .errors import NotFoundError, SelectionError
 
-__all__ = ["FAMILIES", "Resolution", "Selection", "SelectionError", "Selector", "Walk", "resolve", "select",
-           "select_keys", "unwrap_compiled"]
-
-Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
+__all__ = ["FAMILIES", "Resolution", "Selection", "SelectionError", "Selector", "Walk", "as_selectors", "closest",
+           "describe", "parse", "path_prefix", "resolve", "select", "select_keys", "unwrap_compiled"]
 
 
 def unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -166,6 +174,8 @@ class Walk:
             pattern = parse(selector)
             if pattern.kind == "type":
                 return pattern.negate, *self._by_type(self._type_test(pattern))
+            if pattern.matches(""):  # the model's own path (`**`, re:.*): it and everything below it
+                return pattern.negate, set(range(len(self.groups))), set(range(len(self.modules)))
             names = self._scan(pattern, self.names, "names")
             return pattern.negate, {self.name_group[i] for i in names}, set(self._scan(pattern, self.paths, "paths"))
         if isinstance(selector, type) and issubclass(selector, nn.Module):
@@ -207,7 +217,7 @@ class Walk:
     def _type_test(self, pattern: Pattern) -> Callable[[nn.Module], bool]:
         self._need_modules(f"the selector {pattern.text!r}")
         family = FAMILIES.get(pattern.type_name)
-        return family if family is not None else lambda m: pattern.type_name in _mro_names(type(m))
+        return family if family is not None else lambda m: pattern.type_name in mro_names(type(m))
 
     def _by_type(self, test: Callable[[nn.Module], bool]) -> tuple[set[int], set[int]]:
         """Modules passing ``test`` and everything below them; the parameters they hold."""
@@ -234,7 +244,7 @@ class Walk:
         if isinstance(selector, str):
             pattern = parse(selector)
             if pattern.kind == "type":
-                present = sorted({n for m in self.modules for n in _mro_names(type(m))})
+                present = sorted({n for m in self.modules for n in mro_names(type(m))})
                 if pattern.type_name not in FAMILIES and pattern.type_name not in present:
                     return str(unknown_type(pattern, present, self.what))
                 return msg + f" Modules present: {', '.join(sorted({type(m).__name__ for m in self.modules}))}."
@@ -242,16 +252,6 @@ class Walk:
             if near:
                 msg += f" Closest names: {', '.join(near)}."
         return msg
-
-
-_MRO: dict[type, frozenset[str]] = {}
-
-
-def _mro_names(cls: type) -> frozenset[str]:
-    names = _MRO.get(cls)
-    if names is None:
-        names = _MRO[cls] = frozenset(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
-    return names
 
 
 @dataclass(frozen=True)
@@ -312,49 +312,6 @@ def select_keys(keys: Iterable[str] | Walk, *selectors: Selector, missing_ok: bo
     """
     walk = keys if isinstance(keys, Walk) else Walk(keys)
     return [names[0] for names, _ in resolve(walk, *selectors, missing_ok=missing_ok).groups]
-
-
-def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector, ...]:
-    """One selector or several (a list or tuple; None for none) as a tuple of selectors."""
-    if value is None:
-        return ()
-    if isinstance(value, (str, type)) or callable(value):
-        return (value,)
-    return tuple(value)
-
-
-def describe(selector: Selector) -> str:
-    if isinstance(selector, str):
-        return repr(selector)
-    if isinstance(selector, type):
-        return f"type {selector.__name__}"
-    return f"callable {getattr(selector, '__qualname__', selector)!r}"
-
-
-def closest(text: str, candidates: Sequence[str], n: int = 5) -> list[str]:
-    """Up to ``n`` candidates nearest to ``text``: names extending it first, then by similarity."""
-    extending = [c for c in candidates if c.startswith(text) and c != text]
-    similar = difflib.get_close_matches(text, candidates, n=n, cutoff=0.5)
-    out: list[str] = []
-    for c in extending + similar:
-        if c not in out:
-            out.append(c)
-    return out[:n]
-
-
-def path_prefix(selector: str, name: str) -> str | None:
-    """The module path at which a path selector matches ``name`` (``None`` if it does not).
-
-    Example:
-        >>> from layerwise.select import path_prefix
-        >>> path_prefix("layers.*", "layers.3.attn.weight")
-        'layers.3'
-    """
-    pattern = parse(selector)
-    if pattern.kind != "path":
-        raise SelectionError(f"selector {selector!r} must be a module path pattern like 'encoder.layers.*'")
-    m = pattern.regex.match(name)
-    return None if m is None else name[:m.end()]
 
 
 # --------------------------------------------------------------------------- the result
