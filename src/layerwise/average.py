@@ -1,4 +1,4 @@
-"""Averaging and merging models in memory: mean, task arithmetic, TIES, DARE, SLERP, EMA, greedy soup.
+"""Averaging and merging models in memory: mean, task arithmetic, TIES, DARE, SLERP, greedy soup (EMA: ``ema.py``).
 
 The per-tensor math lives in :func:`merge_tensors` and the checks and option resolution in
 :func:`check_compatible` and :func:`merge_plan`;
@@ -7,21 +7,20 @@ The per-tensor math lives in :func:`merge_tensors` and the checks and option res
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._tensors import alias_key, named_tensor_groups, pick, use_foreach
-from .errors import MergeError, StateError
+from ._tensors import alias_key
+from .errors import MergeError
 from .select import Selector, Walk, as_selectors, select_keys
 
-__all__ = ["EMA", "average", "greedy_soup", "merge"]
+__all__ = ["average", "greedy_soup", "merge"]
 
 StateDict = Mapping[str, torch.Tensor]
 ModelLike = nn.Module | StateDict
@@ -349,156 +348,6 @@ def average(models: Sequence[ModelLike], weights: Sequence[float] | None = None,
         True
     """
     return merge(None, models, "linear", weights=weights, into=into)
-
-
-# --------------------------------------------------------------------------- EMA
-
-
-class EMA:
-    """An exponential moving average of a model's parameters, updated with fused kernels.
-
-    ``update()`` does ``shadow ← shadow + (1 − decay)·(param − shadow)`` with one
-    ``torch._foreach_lerp_`` per device/dtype bucket. With ``warmup=N`` the first N updates
-    use ``min(decay, (1 + n) / (10 + n))`` (timm), so early averages are not dominated by the
-    random initialization. ``every=k`` updates on every k-th call. Buffers (BatchNorm
-    statistics) are copied from the model (``buffers="copy"``) or averaged too (``"ema"``).
-    Tied parameters are averaged once. The average of a float16/bfloat16 model is kept in
-    float32: with a decay of 0.999 most half-precision updates would round away. ``with
-    ema.swapped(model):`` evaluates with the EMA weights and restores the training weights
-    bit-identically; ``copy_to(model)`` keeps them; ``state_dict()`` resumes.
-
-    Example:
-        >>> import layerwise as lw, torch
-        >>> net = torch.nn.Linear(2, 1, bias=False)
-        >>> _ = torch.nn.init.zeros_(net.weight)
-        >>> ema = lw.EMA(net, decay=0.9)
-        >>> _ = torch.nn.init.ones_(net.weight)   # a training step moved the weights
-        >>> ema.update()
-        >>> with ema.swapped(net):
-        ...     print(net.weight.data)             # 10 % of the way from 0 to 1
-        tensor([[0.1000, 0.1000]])
-        >>> net.weight.data                        # the training weights are back
-        tensor([[1., 1.]])
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
-                 buffers: Literal["copy", "ema"] = "copy", foreach: bool | None = None):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay={decay} must be in [0, 1]")
-        if every < 1 or warmup < 0:
-            raise ValueError(f"every={every} must be >= 1 and warmup={warmup} >= 0")
-        if buffers not in ("copy", "ema"):
-            raise ValueError(f"buffers={buffers!r} must be 'copy' or 'ema'")
-        self.decay, self.warmup, self.every, self.buffers, self.foreach = decay, warmup, every, buffers, foreach
-        groups = named_tensor_groups(model)
-        self.names = [names[0] for names, _ in groups]
-        self._params = [p for _, p in groups]
-        self._buffer_names = [n for n, b in model.named_buffers()]
-        self._buffers = [b for _, b in model.named_buffers()]
-        with torch.no_grad():
-            self.shadow = [p.detach().to(_acc_dtype(p.dtype) if p.is_floating_point() else p.dtype, copy=True)
-                           for p in self._params]
-            self.shadow_buffers = [b.detach().to(_acc_dtype(b.dtype) if b.is_floating_point() and buffers == "ema"
-                                                 else b.dtype, copy=True) for b in self._buffers]
-        floats = [i for i, b in enumerate(self._buffers) if b.is_floating_point() and buffers == "ema"]
-        # The hot path walks prebuilt (device, shadow list, live list) buckets: no per-tensor Python work.
-        self._averaged = self._bucketed(self.shadow, self._params) + self._bucketed(
-            pick(self.shadow_buffers, floats), pick(self._buffers, floats))
-        copied = [i for i in range(len(self._buffers)) if i not in floats]
-        self._copied = (pick(self.shadow_buffers, copied), pick(self._buffers, copied))
-        self.num_updates = 0
-        self._calls = 0
-
-    def _bucketed(self, shadow: list[torch.Tensor], live: list[torch.Tensor]) -> list[tuple[bool, bool, list, list]]:
-        """(fused?, same dtype?, shadows, live tensors) per device and dtype pair."""
-        groups: dict[tuple, list[int]] = {}
-        for i, (s, t) in enumerate(zip(shadow, live)):
-            groups.setdefault((s.device, s.dtype, t.dtype), []).append(i)
-        return [(use_foreach(pick(shadow, idx), device, self.foreach), dtype == live_dtype, pick(shadow, idx),
-                 pick(live, idx)) for (device, dtype, live_dtype), idx in groups.items()]
-
-    def current_decay(self) -> float:
-        """The decay the next update uses."""
-        if self.num_updates < self.warmup:
-            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        return self.decay
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """Fold the model's current weights into the average (on every ``every``-th call)."""
-        self._calls += 1
-        if self._calls % self.every:
-            return
-        weight = 1.0 - self.current_decay()
-        for fused, same_dtype, shadow, live in self._averaged:
-            if fused and same_dtype:
-                torch._foreach_lerp_(shadow, live, weight)
-            elif fused:  # lerp takes one dtype: a float32 average of a half model takes two passes
-                torch._foreach_mul_(shadow, 1.0 - weight)
-                torch._foreach_add_(shadow, live, alpha=weight)
-            else:
-                for a, b in zip(shadow, live):
-                    if same_dtype:
-                        a.lerp_(b, weight)
-                    else:
-                        a.mul_(1.0 - weight).add_(b, alpha=weight)
-        if self._copied[0]:
-            torch._foreach_copy_(*self._copied)
-        self.num_updates += 1
-
-    def _targets(self, model: nn.Module | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if model is None:
-            return self._params, self._buffers
-        params = dict(model.named_parameters(remove_duplicate=False))
-        named_buffers = dict(model.named_buffers())
-        missing = [n for n in self.names if n not in params] + [n for n in self._buffer_names if n not in named_buffers]
-        if missing:
-            raise StateError(f"{type(model).__name__} lacks {', '.join(missing[:5])}"
-                                 f"{' ...' if len(missing) > 5 else ''}: it is not the model this EMA tracks"
-                                 + _prefix_hint(self.names, params))
-        return [params[n] for n in self.names], [named_buffers[n] for n in self._buffer_names]
-
-    @contextlib.contextmanager
-    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module | None]:
-        """Put the averaged weights into ``model`` (default: the tracked one) for the block, then
-        restore the training weights exactly. Gradients are not touched."""
-        params, bufs = self._targets(model)
-        live = params + bufs
-        with torch.no_grad():
-            saved = [t.detach().clone() for t in live]
-            torch._foreach_copy_([t.detach() for t in live], self.shadow + self.shadow_buffers)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_([t.detach() for t in live], saved)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module | None = None) -> None:
-        """Load the averaged weights into ``model`` for good (e.g. before saving the EMA model)."""
-        params, bufs = self._targets(model)
-        torch._foreach_copy_([t.detach() for t in params + bufs], self.shadow + self.shadow_buffers)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "every": self.every, "num_updates": self.num_updates,
-                "calls": self._calls, "shadow": dict(zip(self.names, self.shadow)),
-                "buffers": dict(zip(self._buffer_names, self.shadow_buffers))}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; every difference in names, shapes or dtypes is reported at once."""
-        def spec(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, tuple]:
-            return {n: (tuple(t.shape), t.dtype) for n, t in zip(names, tensors)}
-
-        check_compatible([
-            ("this EMA", {**spec(self.names, self.shadow), **spec(self._buffer_names, self.shadow_buffers)}),
-            ("the state dict", {**spec(list(state["shadow"]), list(state["shadow"].values())),
-                                **spec(list(state["buffers"]), list(state["buffers"].values()))})])
-        torch._foreach_copy_(self.shadow, [state["shadow"][n] for n in self.names])
-        if self.shadow_buffers:
-            torch._foreach_copy_(self.shadow_buffers, [state["buffers"][n] for n in self._buffer_names])
-        self.decay, self.warmup, self.every = state["decay"], state["warmup"], state["every"]
-        self.num_updates, self._calls = state["num_updates"], state["calls"]
 
 
 # --------------------------------------------------------------------------- greedy soup

@@ -1,0 +1,121 @@
+"""What makes a folder of merged weights a model: config, generation config, tokenizer, a card.
+
+``transformers.AutoModel*.from_pretrained(folder)`` needs ``config.json``; without it a folder
+of weights is not a model (transformers would build a default configuration instead).
+These files are copied from a source model folder, with the config updated to the output
+(its dtype; its layer count and per-layer lists when layers were stacked), and a
+``README.md`` records how the folder was made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+# Files a model folder needs besides its weights; everything else there (weights, optimizer
+# states, trainer logs, the source's own card) is not copied.
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+           "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+           "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+_COPIED_SUFFIXES = (".model", ".tiktoken")
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def source_folder(path: str | Path) -> Path | None:
+    """The model folder behind an input: the folder itself, or the folder of a weights file; None
+    when it holds no ``config.json`` (a bare checkpoint file)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _copied(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.name in _COPIED or p.suffix in _COPIED_SUFFIXES))
+
+
+def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None) -> dict[str, Any]:
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON config ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    if dtype is not None:
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+        for k in keys:
+            config[k] = dtype
+    if layer_map is not None:
+        counts = [k for k in _LAYER_COUNTS if isinstance(config.get(k), int)]
+        old = config[counts[0]] if counts else None
+        for k in counts:
+            config[k] = len(layer_map)
+        # Per-layer settings (Gemma's layer_types, sliding windows...) follow their layer.
+        for k, v in list(config.items()):
+            if isinstance(v, list) and old is not None and len(v) == old and old != len(layer_map):
+                config[k] = [v[i] for i in layer_map]
+    return config
+
+
+def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path | None, *, dtype: str | None,
+                      layer_map: Sequence[int] | None = None) -> list[str]:
+    """Write into folder ``out`` the config (updated) and generation config of ``config_from`` and the
+    tokenizer files of ``tokenizer_from``; returns the names written.
+
+    Example:
+        >>> import json, os, tempfile
+        >>> from pathlib import Path
+        >>> from layerwise._model_folder import write_model_files
+        >>> src, out = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> _ = (src / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "layer_types": ["a", "b"]}))
+        >>> write_model_files(out, src, src, dtype="bfloat16", layer_map=[0, 1, 1])
+        ['config.json']
+        >>> json.loads((out / "config.json").read_text())
+        {'num_hidden_layers': 3, 'layer_types': ['a', 'b', 'b'], 'torch_dtype': 'bfloat16'}
+    """
+    written = []
+    if config_from is not None:
+        (out / "config.json").write_text(json.dumps(_config(config_from, dtype, layer_map), indent=2) + "\n")
+        written.append("config.json")
+        for p in _copied(config_from):
+            if p.name == "generation_config.json":
+                shutil.copyfile(p, out / p.name)
+                written.append(p.name)
+    if tokenizer_from is not None:
+        for p in _copied(tokenizer_from):
+            if p.name not in ("config.json", "generation_config.json"):
+                shutil.copyfile(p, out / p.name)
+                written.append(p.name)
+    return sorted(written)
+
+
+def header_digest(files: Sequence[Path]) -> str:
+    """A short hash of the safetensors headers (names, dtypes, shapes, offsets) of a model's files:
+    cheap to compute, and it changes whenever a tensor is added, removed or reshaped."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100_000_000)) if f.suffix == ".safetensors" else f.name.encode())
+    return h.hexdigest()[:16]
+
+
+def model_card(*, method: str, inputs: Sequence[tuple[str, str]], options: Mapping[str, Any], version: str,
+               recipe_text: str | None = None) -> str:
+    """The ``README.md`` of a merged folder: method, inputs with header hashes, options, tool version."""
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- layerwise", "---", "",
+             "# Merged model", "", f"Made with [layerwise](https://github.com/) {version}, method `{method}`.", "",
+             "## Inputs", "", "| model | header sha256 (16) |", "|---|---|"]
+    lines += [f"| `{name}` | `{digest}` |" for name, digest in inputs]
+    if options:
+        lines += ["", "## Options", "", "```json", json.dumps(dict(options), indent=2, sort_keys=True, default=str),
+                  "```"]
+    if recipe_text:
+        lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```"]
+    return "\n".join(lines) + "\n"

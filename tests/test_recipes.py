@@ -1,0 +1,122 @@
+"""mergekit recipes: parsing and refusals, value evaluation, the layer plan of models and slices."""
+
+from pathlib import Path
+
+import pytest
+
+import layerwise as lw
+from layerwise.recipes import layer_plan, parse_recipe, read_recipe, stack_of, value_at
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b", "base"):
+        (tmp_path / name).mkdir()
+    return tmp_path
+
+
+def test_models_form_with_per_model_and_global_parameters(models):
+    r = parse_recipe({"merge_method": "ties", "base_model": "base", "dtype": "bfloat16",
+                      "parameters": {"normalize": True, "density": 0.5},
+                      "models": [{"model": "a", "parameters": {"weight": [0, 1]}}, {"model": "b"}]})
+    assert r.method == "ties" and not r.stacked and r.base_model == Path("base") and r.dtype == "bfloat16"
+    assert [s.model for s in r.slices[0].sources] == [Path("a"), Path("b")]
+    assert r.slices[0].sources[0].parameters == {"weight": [0, 1]}
+    assert r.models() == [Path("base"), Path("a"), Path("b")]
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"merge_method": "linear", "models": [{"model": "a"}], "modules": {}}, "'modules' is not supported"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {}}, "'tokenizer' is not supported"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": "chatml"}, "'chat_template'"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "'union'"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "paramters": {}}, "did you mean 'parameters'"),
+    ({"merge_method": "linear", "models": [{"model": "a", "weight": 1}]}, r"models\[0\]: unknown key 'weight'"),
+    ({"merge_method": "linear", "models": [{"model": "meta-llama/Llama-3-8B"}]}, "hub model ids are not downloaded"),
+    ({"merge_method": "linear", "models": [{"model": "a+lora"}]}, "LoRA adapter"),
+    ({"merge_method": "linear", "models": [{"model": "./missing"}]}, "'./missing' does not exist"),
+    ({"models": [{"model": "a"}]}, "'merge_method' is missing"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of 'models' or 'slices'"),
+    ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}]},
+     "layer_range is"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
+                                                        {"model": "b", "layer_range": [0, 3]}]}]}, "same number"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": {"x": 1}}}]}, "weight"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "base"}, "needs a base_model"),
+])
+def test_unsupported_or_malformed_recipes_are_refused_by_name(models, recipe, message):
+    with pytest.raises(lw.OptionError, match=message):
+        parse_recipe(recipe)
+
+
+def test_read_recipe_parses_yaml_and_names_a_syntax_error(models):
+    good = models / "r.yml"
+    good.write_text("merge_method: slerp\nbase_model: base\nmodels:\n  - model: a\n  - model: base\n"
+                    "parameters:\n  t: [0, 0.5, 1]\n")
+    r = read_recipe(good)
+    assert r.parameters == {"t": [0, 0.5, 1]} and "slerp" in r.text
+    bad = models / "bad.yml"
+    bad.write_text("merge_method: [linear\n")
+    with pytest.raises(lw.OptionError, match="bad.yml: not a YAML recipe"):
+        read_recipe(bad)
+
+
+@pytest.mark.parametrize("setting, name, t, expected", [
+    (0.3, "x", 0.5, 0.3),
+    ([0.0, 1.0], "x", 0.25, 0.25),
+    ([0.0, 0.5, 1.0], "x", 0.75, 0.75),
+    ([1.0, 0.0, 1.0], "x", 1.0, 1.0),
+    ([2.0], "x", 0.7, 2.0),
+    ([{"filter": "self_attn", "value": 0.1}, {"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.9}],
+     "model.layers.1.mlp.up_proj.weight", 0.5, 0.5),
+    ([{"filter": "self_attn", "value": 0.1}, {"value": 0.9}], "model.norm.weight", 0.0, 0.9),
+    ([{"filter": "self_attn", "value": 0.1}], "model.norm.weight", 0.0, None),
+    ({"filter": "*", "value": 4}, "anything", 0.0, 4),
+])
+def test_value_at_follows_mergekit(setting, name, t, expected):
+    assert value_at(setting, name, t) == pytest.approx(expected) if expected is not None else value_at(
+        setting, name, t) is None
+
+
+LLAMA_KEYS = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [
+    f"model.layers.{i}.{p}" for i in range(4) for p in ("mlp.up_proj.weight", "self_attn.q_proj.weight")]
+
+
+def test_stack_of_finds_the_layer_stack():
+    assert stack_of(LLAMA_KEYS) == ("model.layers", 4)
+    assert stack_of(["bert.encoder.layer.0.attention.w", "bert.encoder.layer.1.attention.w",
+                     "bert.embeddings.word_embeddings.weight"]) == ("bert.encoder.layer", 2)
+    assert stack_of(["a.weight"]) is None
+
+
+def test_models_form_keeps_keys_and_spreads_t_over_the_layers(models):
+    r = parse_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]})
+    plan = {o.key: o for o in layer_plan(r, {Path("a"): LLAMA_KEYS, Path("b"): LLAMA_KEYS})}
+    assert set(plan) == set(LLAMA_KEYS)
+    assert plan["model.layers.0.mlp.up_proj.weight"].t == 0
+    assert plan["model.layers.2.mlp.up_proj.weight"].t == pytest.approx(2 / 3)
+    assert plan["model.layers.3.mlp.up_proj.weight"].t == 1
+    assert plan["lm_head.weight"].t == 0 and plan["model.embed_tokens.weight"].source_keys == (
+        "model.embed_tokens.weight",) * 2
+
+
+def test_slices_stack_layers_renumbered_with_ends_from_the_first_and_last_slice(models):
+    r = parse_recipe({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "a", "layer_range": [0, 3]}]},
+        {"sources": [{"model": "b", "layer_range": [2, 4]}]}]})
+    plan = layer_plan(r, {Path("a"): LLAMA_KEYS, Path("b"): LLAMA_KEYS})
+    by_key = {o.key: o for o in plan}
+    assert len(plan) == 3 + 5 * 2
+    assert by_key["model.layers.3.mlp.up_proj.weight"].source_keys == ("model.layers.2.mlp.up_proj.weight",)
+    assert by_key["model.layers.3.mlp.up_proj.weight"].slice == 1
+    assert by_key["model.layers.4.self_attn.q_proj.weight"].source_keys == ("model.layers.3.self_attn.q_proj.weight",)
+    assert by_key["model.layers.1.mlp.up_proj.weight"].t == 0.5
+    assert by_key["model.embed_tokens.weight"].slice == 0 and by_key["lm_head.weight"].slice == 1
+    assert by_key["model.norm.weight"].slice == 1
+
+
+def test_a_layer_range_beyond_the_model_is_refused(models):
+    r = parse_recipe({"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [2, 6]}]}]})
+    with pytest.raises(lw.OptionError, match=r"slices\[0\].sources\[0\]: layer_range \[2, 6\) but a has 4 layers"):
+        layer_plan(r, {Path("a"): LLAMA_KEYS})
