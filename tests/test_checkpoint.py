@@ -410,3 +410,15 @@ def test_shard_sizes_in_units(tmp_path):
     from layerwise._files import parse_size
 
     assert [parse_size(s) for s in ("500MB", "2GiB", "1.5kB", 7, None)] == [500_000_000, 2 * 1024**3, 1500, 7, None]
+
+
+def test_load_into_a_model_that_does_not_fit_changes_nothing(tmp_path):
+    lw.save({**net(0).state_dict(), "extra": torch.ones(1)}, tmp_path / "m.safetensors")
+    model = net(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lw.CheckpointError, match="extra: not in the model"):
+        lw.load(tmp_path / "m.safetensors", into=model)
+    lw.save({k: v[:1] if k == "2.bias" else v for k, v in net(0).state_dict().items()}, tmp_path / "s.safetensors")
+    with pytest.raises(lw.CheckpointError, match=r"2.bias: shape \(1,\) in the file, \(3,\) in the model"):
+        lw.load(tmp_path / "s.safetensors", into=model)
+    assert same(model.state_dict(), before)
