@@ -38,31 +38,26 @@ def layer_ids(model: nn.Module, layers: Selector | None, trainable: Sequence[str
     return ids, max(ids.values(), default=0)
 
 
+def unmatched_before_blocks(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Names (in model order) that no rule of the model's ``group_matcher()`` matches although a
+    matched name follows them: they fall back to the head's layer (timm #2712's ``reg_token``)."""
+    matcher = getattr(model, "group_matcher", None)
+    spec = matcher(coarse=False) if callable(matcher) else None
+    if not isinstance(spec, Mapping):
+        return []
+    ordinal = _ordinal(spec)
+    matched = [ordinal(n)[0] != float("inf") for n in names]
+    last = max((i for i, m in enumerate(matched) if m), default=-1)
+    return [n for i, (n, m) in enumerate(zip(names, matched)) if not m and i < last]
+
+
 def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequence[str]) -> dict[str, int]:
     """timm's ``group_with_matcher``: ordinals per name, sorted, renumbered; ``(…, 99999)`` joins the group before.
 
     Only trainable names are numbered, so a frozen module (an EMA copy, a frozen stem) shifts no
     trained layer's scale (timm #2691 counts frozen ones, and scales every trained layer down).
     """
-    if callable(spec):
-        def ordinal(name: str) -> tuple[float, ...]:
-            value = spec(name)
-            return tuple(map(float, value)) if isinstance(value, Iterable) else (float(value),)
-    else:
-        rules = []
-        for group, (_, pattern) in enumerate(spec.items()):
-            if pattern is None:
-                continue
-            pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
-            rules += [(re.compile(regex), (group,), suffix) for regex, suffix in pairs]
-
-        def ordinal(name: str) -> tuple[float, ...]:
-            for regex, prefix, suffix in rules:
-                found = regex.match(name)  # re.match, as timm: anchored at the start only
-                if found:
-                    return tuple(map(float, chain.from_iterable(filter(None, (prefix, found.groups(), suffix)))))
-            return (float("inf"),)  # matched by no rule: the head (and timm #2712's forgotten reg_token)
-
+    ordinal = _ordinal(spec)
     keys = {name: ordinal(name) for name in names}
     ids: dict[tuple[float, ...], int] = {}
     lid = -1
@@ -70,6 +65,29 @@ def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequenc
         lid += 0 if lid >= 0 and key[-1] == MATCH_PREV_GROUP else 1
         ids[key] = lid
     return {name: ids[key] for name, key in keys.items()}
+
+
+def _ordinal(spec: Mapping[str, Any] | Callable[[str], Any]) -> Callable[[str], tuple[float, ...]]:
+    """timm's ordinal of a name: (group index, *regex groups, *suffix) of the first rule that matches."""
+    if callable(spec):
+        def from_callable(name: str) -> tuple[float, ...]:
+            value = spec(name)
+            return tuple(map(float, value)) if isinstance(value, Iterable) else (float(value),)
+        return from_callable
+    rules = []
+    for group, (_, pattern) in enumerate(spec.items()):
+        if pattern is None:
+            continue
+        pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
+        rules += [(re.compile(regex), (group,), suffix) for regex, suffix in pairs]
+
+    def from_rules(name: str) -> tuple[float, ...]:
+        for regex, prefix, suffix in rules:
+            found = regex.match(name)  # re.match, as timm: anchored at the start only
+            if found:
+                return tuple(map(float, chain.from_iterable(filter(None, (prefix, found.groups(), suffix)))))
+        return (float("inf"),)  # matched by no rule: the head (and timm #2712's forgotten reg_token)
+    return from_rules
 
 
 def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tuple[dict[str, int], int]:
