@@ -49,8 +49,7 @@ from ._tensors import aliases_of, human_bytes
 from ._term import console
 from .average import check_compatible
 from .errors import CheckpointError
-from .select import Selector
-from .select import select as _select
+from .select import Selector, select_keys
 
 __all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
 
@@ -345,7 +344,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
     with _opened([a, b], key) as (ca, cb):
         keys = [k for k in ca.specs if k in cb.specs]
         if selectors:
-            keys = _select(dict.fromkeys(ca.specs), *selectors).names()
+            keys = select_keys(ca.specs, *selectors)
             keys = [k for k in keys if k in cb.specs]
         rows, mismatched = [], []
         for k in keys:
@@ -361,7 +360,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
 def describe_file(path: PathLike, *selectors: Selector, key: str | None = None) -> Table:
     """A table of a checkpoint's tensors from its header(s): name, dtype, shape, numel, bytes, totals."""
     with open_checkpoint(path, key=key) as ckpt:
-        keys = _select(dict.fromkeys(ckpt.specs), *selectors).names() if selectors else list(ckpt.specs)
+        keys = select_keys(ckpt.specs, *selectors) if selectors else list(ckpt.specs)
         stored = [k for k in ckpt.specs if k not in ckpt.aliases]
         total = sum(ckpt.nbytes(k) for k in stored)
         numel = sum(math.prod(ckpt.specs[k][0]) for k in stored)
