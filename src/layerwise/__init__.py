@@ -66,6 +66,7 @@ _LAZY = {
     "grad_stats": "grads",
     "watch_nonfinite": "grads",
     "add_param_group": "groups",
+    "audit": "audit",
     "param_groups": "groups",
     "show": "inspect",
     "GradMonitor": "monitor",
@@ -90,6 +91,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .audit import audit
     from .average import average, greedy_soup, merge
     from .checkpoint import Diff, diff_files, load, merge_files, save
     from .clip import clip_grad_norm
@@ -173,6 +175,7 @@ __all__ = [
     "TensorBoardSink",
     "VerificationError",
     "add_param_group",
+    "audit",
     "average",
     "average_parameters",
     "check_grads",
