@@ -336,7 +336,7 @@ def test_weights_may_be_a_tensor_and_dtypes_may_be_named():
         lw.merge(None, [a, b], dtype=torch.int64)
 
 
-@pytest.mark.parametrize("size, error, match", [(1.5, lw.OptionTypeError, "whole number"), (-5, lw.OptionError, "at least one byte"),
+@pytest.mark.parametrize("size, error, match", [(1.5, lw.OptionTypeError, "whole bytes"), (-5, lw.OptionError, "at least one byte"),
                                                  ("0MB", lw.OptionError, "at least one byte"), (True, lw.OptionTypeError, "True")])
 def test_bad_shard_sizes_are_refused_before_anything_is_written(tmp_path, size, error, match):
     paths = [lw.save({"w": torch.ones(2) * i}, tmp_path / f"{i}.safetensors") for i in range(2)]

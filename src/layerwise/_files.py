@@ -56,22 +56,25 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
-def parse_size(size: int | str | None) -> int | None:
-    """``5_000_000``, ``"500MB"``, ``"2GiB"`` ... to bytes (decimal units as Hugging Face uses)."""
+def parse_size(size: int | str | None, option: str = "max_shard_size") -> int | None:
+    """``5_000_000``, ``"500MB"``, ``"2GiB"`` ... to a positive number of bytes (decimal units as
+    Hugging Face uses them; ``KiB``/``MiB``/``GiB`` binary)."""
     if size is None:
-        return size
+        return None
     if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise OptionTypeError(f"max_shard_size must be a whole number of bytes or a string such as '5GB', "
-                              f"not {size!r}")
+        raise OptionTypeError(f"{option}={size!r}: give whole bytes (an int) or a string such as '5GB'")
     if isinstance(size, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*", size.lower())
         if not m:
-            raise CheckpointError(f"bad size {size!r}; write e.g. 500MB, 5GB or 2GiB")
+            raise OptionError(f"{option}={size!r}: write e.g. 500MB, 5GB or 2GiB")
         prefix, binary = m[2], m[3]
         scale = (1024 if binary else 1000) ** ("kmgt".index(prefix) + 1) if prefix else 1
-        size = int(float(m[1]) * scale)
+        value = float(m[1]) * scale
+        if value != int(value):
+            raise OptionError(f"{option}={size!r} is not a whole number of bytes")
+        size = int(value)
     if size < 1:
-        raise OptionError(f"max_shard_size={size} bytes: a shard holds at least one byte; e.g. max_shard_size='5GB'")
+        raise OptionError(f"{option}={size!r}: a shard holds at least one byte")
     return size
 
 

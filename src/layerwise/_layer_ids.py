@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import OptionError, SelectionError
-from .select import Selector, parse, path_prefix, select, select_modules
+from .select import Selector, Walk, parse, path_prefix, resolve
 
 MATCH_PREV_GROUP = 99999.0  # timm: an ordinal ending in this joins the group before it (a ViT's final norm)
 
@@ -95,9 +95,10 @@ def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tup
     if not isinstance(layers, str) or parse(layers).kind == "re":
         raise SelectionError(f"layers={layers!r} must be a module path pattern like 'encoder.layers.*' "
                              "or a type selector like 'type:TransformerEncoderLayer'")
+    walk = Walk(model)
     if parse(layers).kind == "type":
         blocks: list[str] = []  # each outermost module of that type is one block
-        for path, _ in select_modules(model, layers):
+        for path, _ in resolve(walk, layers, missing_ok=True).modules:
             if not any(path.startswith(b + ".") for b in blocks):
                 blocks.append(path)
 
@@ -107,8 +108,8 @@ def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tup
         def block(name: str) -> str | None:
             return path_prefix(layers, name)
 
-    everything = select(model)
-    norms = {id(p) for p in select(model, "type:norm", missing_ok=True).params()}
+    everything = resolve(walk).selection()
+    norms = {id(p) for _, p in resolve(walk, "type:norm", missing_ok=True).groups}
     order: dict[str, int] = {}
     assigned: list[tuple[str, int | None, bool]] = []
     for names, p in zip(everything.aliases(), everything.params()):

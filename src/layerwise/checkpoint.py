@@ -49,8 +49,7 @@ from ._tensors import aliases_of, human_bytes
 from ._term import console
 from .average import check_compatible
 from .errors import CheckpointError
-from .select import Selector
-from .select import select as _select
+from .select import Selector, select_keys
 
 __all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
 
@@ -153,8 +152,15 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
         state = {k: stored[ckpt.aliases.get(k, k)] for k in ckpt.specs}
     if into is not None:
         # a compiled module (or one holding compiled parts) names its tensors with '_orig_mod.'
-        own = {_unwrapped(k): k for k in into.state_dict()}
-        into.load_state_dict({own.get(k, k): v for k, v in state.items()}, strict=True)
+        own = {_unwrapped(k): (k, t) for k, t in into.state_dict().items()}
+        problems = [f"{k}: not in the model" for k in state if k not in own]
+        problems += [f"{k}: missing from the file" for k in own if k not in state]
+        problems += [f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k][1].shape)} in the model"
+                     for k, v in state.items() if k in own and v.shape != own[k][1].shape]
+        if problems:  # checked first: torch would copy the tensors that fit before raising
+            raise CheckpointError(f"{path}: does not fit {type(into).__name__} ({len(problems)} differences): "
+                                  + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
+        into.load_state_dict({own[k][0]: v for k, v in state.items()}, strict=True)
     return state
 
 
@@ -338,7 +344,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
     with _opened([a, b], key) as (ca, cb):
         keys = [k for k in ca.specs if k in cb.specs]
         if selectors:
-            keys = _select(dict.fromkeys(ca.specs), *selectors).names()
+            keys = select_keys(ca.specs, *selectors)
             keys = [k for k in keys if k in cb.specs]
         rows, mismatched = [], []
         for k in keys:
@@ -354,7 +360,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
 def describe_file(path: PathLike, *selectors: Selector, key: str | None = None) -> Table:
     """A table of a checkpoint's tensors from its header(s): name, dtype, shape, numel, bytes, totals."""
     with open_checkpoint(path, key=key) as ckpt:
-        keys = _select(dict.fromkeys(ckpt.specs), *selectors).names() if selectors else list(ckpt.specs)
+        keys = select_keys(ckpt.specs, *selectors) if selectors else list(ckpt.specs)
         stored = [k for k in ckpt.specs if k not in ckpt.aliases]
         total = sum(ckpt.nbytes(k) for k in stored)
         numel = sum(math.prod(ckpt.specs[k][0]) for k in stored)
