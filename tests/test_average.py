@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
-from layerwise.average import merge_tensors
 
 from conftest import TiedLM
 
@@ -100,8 +99,8 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
     t1 = {"w": torch.tensor([4.0, -1.0, 0.5, 3.0, -2.0])}
     t2 = {"w": torch.tensor([2.0, 3.0, -6.0, -1.0, 0.1])}
     t3 = {"w": torch.tensor([-1.0, 2.0, -1.0, 2.0, 0.2])}
-    out = lw.merge(base, [t1, t2, t3], "ties", density=0.6)["w"]
-    # Trim to the top 3 of 5 magnitudes per task:
+    out = lw.merge(base, [t1, t2, t3], "ties", density=0.6, convention="layerwise")["w"]
+    # layerwise 0.1's convention. Trim to the top 3 of 5 magnitudes per task:
     #   t1 -> [4, 0, 0, 3, -2]; t2 -> [2, 3, -6, 0, 0]; t3 -> [-1, 2, -1, 2, 0] (ties at 1 kept)
     # Elected signs of the sums [5, 5, -7, 5, -2]: [+, +, -, +, -]
     # Disjoint means: [(4+2)/2, (3+2)/2, (-6-1)/2, (3+2)/2, -2]
@@ -129,19 +128,15 @@ def test_dare_is_seeded_and_rescales_the_kept_entries():
 
 
 def test_options_per_layer_and_select():
-    a = {"attn.w": torch.zeros(2), "mlp.w": torch.zeros(2), "head.w": torch.zeros(2)}
-    b = {"attn.w": torch.ones(2), "mlp.w": torch.ones(2), "head.w": torch.ones(2)}
-    out = lw.merge(None, [a, b], "slerp", t={"attn": 0.25, "mlp": 0.75})
-    assert out["attn.w"].tolist() == [0.25, 0.25] and out["mlp.w"].tolist() == [0.75, 0.75]
-    assert out["head.w"].tolist() == [0.5, 0.5]  # the default t
+    a = {"attn.w": torch.ones(2), "mlp.w": torch.ones(2), "head.w": torch.ones(2)}
+    b = {"attn.w": torch.full((2,), 3.0), "mlp.w": torch.full((2,), 3.0), "head.w": torch.full((2,), 3.0)}
+    out = lw.merge(None, [a, b], "slerp", t={"attn": 0.25, "mlp": 0.75})  # colinear: 1 + 2t
+    assert out["attn.w"].tolist() == [1.5, 1.5] and out["mlp.w"].tolist() == [2.5, 2.5]
+    assert out["head.w"].tolist() == [2.0, 2.0]  # the default t
+    a = {k: torch.zeros(2) for k in a}
     base = {k: torch.full((2,), 5.0) for k in a}
     out = lw.merge(base, [a, b], "linear", select="attn")
-    assert out["attn.w"].tolist() == [0.5, 0.5] and out["mlp.w"].tolist() == [5.0, 5.0]
-
-
-def test_merge_tensors_casts_to_an_output_dtype():
-    out = merge_tensors("linear", [torch.ones(3), torch.zeros(3)], None, [0.5, 0.5], {}, dtype=torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and out.tolist() == [0.5, 0.5, 0.5]
+    assert out["attn.w"].tolist() == [1.5, 1.5] and out["mlp.w"].tolist() == [5.0, 5.0]
 
 
 @given(st.integers(1, 4), st.floats(0.05, 1.0))
@@ -162,17 +157,18 @@ def test_ties_with_one_model_keeps_its_top_entries(seed, density):
 
 def test_every_difference_is_listed_at_once():
     a = {"x": torch.zeros(2), "y": torch.zeros(3), "z": torch.zeros(1), "gone": torch.zeros(1)}
-    b = {"x": torch.zeros(2), "y": torch.zeros(4), "z": torch.zeros(1, dtype=torch.float64), "new": torch.zeros(1)}
+    b = {"x": torch.zeros(2), "y": torch.zeros(4), "z": torch.zeros(1, dtype=torch.int64), "new": torch.zeros(1)}
     with pytest.raises(lw.MergeError) as e:
         lw.average([a, b])
     message = str(e.value)
     for part in ("lacks 1 key(s) of model 0: gone", "has 1 key(s) model 0 lacks: new", "y: shape (3,)", "(4,)",
-                 "z: dtype torch.float32", "torch.float64", "4 differences"):
+                 "z: dtype torch.float32", "torch.int64", "4 differences"):
         assert part in message, part
 
 
-@pytest.mark.parametrize("weights, match", [([1.0], "2 models"), ([1.0, -1.0], "non-negative"),
-                                            ([0.0, 0.0], "sum to zero"), ([1.0, float("nan")], "finite")])
+@pytest.mark.parametrize("weights, match", [([1.0], "2 models"), ([1.0, -1.0], "sum to zero"),
+                                            ([0.0, 0.0], "sum to zero"), ([1.0, float("nan")], "finite"),
+                                            ([1e308, 1e308], "overflow")])
 def test_bad_weights(weights, match):
     with pytest.raises(lw.MergeError, match=match):
         lw.average(models(2), weights=weights)
@@ -180,7 +176,7 @@ def test_bad_weights(weights, match):
 
 def test_bad_methods_and_options():
     a, b, c = models()
-    with pytest.raises(lw.MergeError, match="exactly two"):
+    with pytest.raises(lw.MergeError, match="exactly 2 models"):
         lw.merge(None, [a, b, c], "slerp")
     with pytest.raises(lw.MergeError, match="pass base="):
         lw.merge(None, [a, b], "ties")
@@ -194,101 +190,6 @@ def test_bad_methods_and_options():
         lw.merge(a, [b], "task_arithmetic", density=0.5)
     with pytest.raises(lw.SelectionError, match="'attn'"):
         lw.merge(None, [a, b], "slerp", t={"attn": 0.3})
-
-
-# --------------------------------------------------------------------------- EMA
-
-
-def test_ema_equals_the_closed_form_recursion():
-    torch.manual_seed(0)
-    net = nn.Linear(3, 2)
-    ema = lw.EMA(net, decay=0.8)
-    expected = net.weight.detach().clone()
-    for _ in range(5):
-        with torch.no_grad():
-            net.weight.add_(torch.randn_like(net.weight))
-        ema.update()
-        expected = 0.8 * expected + 0.2 * net.weight.detach()
-    with ema.swapped(net):
-        assert torch.allclose(net.weight, expected, atol=1e-6)
-
-
-def test_ema_warmup_every_and_buffers():
-    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    ema = lw.EMA(net, decay=0.999, warmup=3, every=2, buffers="ema")
-    decays = []
-    for _ in range(10):
-        decays.append(ema.current_decay())
-        ema.update()
-    assert ema.num_updates == 5
-    assert decays[:2] == [0.1, 0.1] and decays[2] == 2 / 11 and decays[4] == 3 / 12 and decays[6] == 0.999
-    with torch.no_grad():
-        net[1].running_mean.fill_(1.0)
-    ema.update(), ema.update()
-    assert torch.allclose(ema.shadow_buffers[0], torch.full((2,), 0.001))
-    copy_ema = lw.EMA(net, decay=0.999)
-    with torch.no_grad():
-        net[1].running_mean.fill_(2.0)
-    copy_ema.update()
-    assert torch.equal(copy_ema.shadow_buffers[0], torch.full((2,), 2.0))
-
-
-def test_swapped_restores_training_weights_bit_identically(interleaved):
-    ema = lw.EMA(interleaved, decay=0.5)
-    with torch.no_grad():
-        for p in interleaved.parameters():
-            p.add_(1.0)
-    before = {k: v.clone() for k, v in interleaved.state_dict().items()}
-    ema.update()
-    with ema.swapped(interleaved):
-        assert not torch.equal(interleaved.linear.weight, before["linear.weight"])
-    for k, v in interleaved.state_dict().items():
-        assert torch.equal(v, before[k]), k
-
-
-def test_ema_resumes_from_its_state_dict():
-    torch.manual_seed(0)
-    net = nn.Linear(3, 3)
-    steps = [torch.randn(3, 3) for _ in range(6)]
-    ema = lw.EMA(net, decay=0.7, warmup=2)
-    resumed = None
-    for i, delta in enumerate(steps):
-        with torch.no_grad():
-            net.weight.add_(delta)
-        ema.update()
-        if i == 2:
-            state = ema.state_dict()
-            resumed = lw.EMA(net, decay=0.7, warmup=2)
-            resumed.load_state_dict(state)
-        elif resumed is not None:
-            resumed.update()
-    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, resumed.shadow))
-    assert resumed.num_updates == ema.num_updates
-
-
-def test_ema_averages_tied_parameters_once(tied_lm):
-    ema = lw.EMA(tied_lm)
-    assert ema.names.count("embed.weight") == 1 and "decoder.weight" not in ema.names
-    with ema.swapped(tied_lm):
-        assert tied_lm.decoder.weight is tied_lm.embed.weight
-
-
-def test_ema_swap_into_another_model_checks_names(interleaved, tied_lm):
-    ema = lw.EMA(interleaved)
-    with pytest.raises(lw.LayerwiseError, match="not the model this EMA tracks"):
-        with ema.swapped(tied_lm):
-            pass
-
-
-def test_ema_plain_loop_equals_fused():
-    torch.manual_seed(0)
-    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
-    b.load_state_dict(a.state_dict())
-    fused, loop = lw.EMA(a, decay=0.9, foreach=True), lw.EMA(b, decay=0.9, foreach=False)
-    with torch.no_grad():
-        a.weight.add_(1.0), b.weight.add_(1.0)
-    fused.update(), loop.update()
-    assert all(torch.equal(x, y) for x, y in zip(fused.shadow, loop.shadow))
 
 
 # --------------------------------------------------------------------------- greedy soup
@@ -332,44 +233,8 @@ def test_greedy_soup_may_use_a_candidate_as_the_vessel():
 
 def test_ties_keeps_at_least_the_largest_entry_of_a_small_tensor():
     base = {"b": torch.zeros(3)}
-    out = lw.merge(base, [{"b": torch.tensor([1.0, 0.5, 0.2])}, {"b": torch.tensor([1.0, 0.1, 0.0])}], "ties")
+    out = lw.merge(base, [{"b": torch.tensor([1.0, 0.5, 0.2])}, {"b": torch.tensor([1.0, 0.1, 0.0])}], "ties", density=0.2)
     assert out["b"].tolist() == [1.0, 0.0, 0.0]  # density 0.2 of 3 entries: the largest survives
-
-
-def test_ema_of_a_half_precision_model_averages_in_float32():
-    torch.manual_seed(0)
-    half, full = nn.Linear(64, 64).bfloat16(), nn.Linear(64, 64)
-    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
-    ema_half, ema_full = lw.EMA(half, decay=0.999), lw.EMA(full, decay=0.999)
-    assert ema_half.shadow[0].dtype == torch.float32
-    for _ in range(200):
-        step = torch.randn(64, 64) * 0.01
-        with torch.no_grad():
-            full.weight.add_(step)
-            half.weight.copy_(full.weight)
-        ema_half.update(), ema_full.update()
-    assert torch.allclose(ema_half.shadow[0], ema_full.shadow[0], atol=2e-3)
-    with ema_half.swapped(half):
-        assert half.weight.dtype == torch.bfloat16 and torch.equal(half.weight, ema_half.shadow[0].bfloat16())
-
-
-def test_ema_copy_to_keeps_the_average():
-    net = nn.Linear(2, 2)
-    ema = lw.EMA(net, decay=0.5)
-    with torch.no_grad():
-        net.weight.add_(2.0)
-    ema.update()
-    expected = ema.shadow[0].clone()
-    ema.copy_to(net)
-    assert torch.equal(net.weight, expected)
-
-
-def test_ema_load_state_dict_reports_every_missing_tensor():
-    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    state = lw.EMA(net).state_dict()
-    del state["buffers"]["1.running_mean"], state["shadow"]["0.bias"]
-    with pytest.raises(lw.MergeError, match=r"0\.bias.*1\.running_mean|1\.running_mean.*0\.bias"):
-        lw.EMA(net).load_state_dict(state)
 
 
 def test_a_wrapper_prefix_gets_a_hint():

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -56,3 +58,47 @@ def test_averaging_without_a_process_group_says_what_to_do():
     assert not dist.is_initialized()
     with pytest.raises(lw.LayerwiseError, match="init_process_group"):
         lw.average_parameters(nn.Linear(2, 2))
+
+
+def _mismatch(rank, case):
+    if case == "shape":  # (2, 3) and (3, 2): the same number of elements, silently averaged before
+        model = nn.Linear(3, 2) if rank == 0 else nn.Linear(2, 3)
+    elif case == "dtype":
+        model = nn.Linear(3, 2) if rank == 0 else nn.Linear(3, 2).double()
+    else:
+        model = nn.Sequential(nn.Linear(3, 2)) if rank == 0 else nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    messages = []
+    for call in (lambda: lw.average_parameters(model), lambda: lw.PeriodicAverager(model, period=1)):
+        try:
+            call()
+            messages.append(None)
+        except lw.DistributedError as e:
+            messages.append(str(e))
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    return messages, unchanged
+
+
+def mismatched(rank, world_size, cases):
+    return [_mismatch(rank, case) for case in cases]
+
+
+CASES = {
+    "shape": r"weight is \(2, 3\) torch.float32 on rank 0 but \(3, 2\) torch.float32 on rank 1",
+    "dtype": r"weight is \(2, 3\) torch.float32 on rank 0 but \(2, 3\) torch.float64 on rank 1",
+    "names": r"rank 1 has 1\.weight, rank 0 does not",
+}
+
+
+def test_ranks_that_selected_different_parameters_all_raise_the_same_error(run_ranks):
+    r0, r1 = run_ranks(mismatched, list(CASES))
+    for match, (m0, same0), (m1, same1) in zip(CASES.values(), r0, r1):
+        assert m0 == m1 and all(m is not None and re.search(match, m) for m in m0), m0
+        assert same0 and same1
+
+
+def test_bad_periods_are_named():
+    with pytest.raises(lw.OptionTypeError, match="period=1.5"):
+        lw.PeriodicAverager(nn.Linear(2, 2), period=1.5)
+    with pytest.raises(lw.OptionError, match="warmup_steps=-1"):
+        lw.PeriodicAverager(nn.Linear(2, 2), period=2, warmup_steps=-1)

@@ -7,11 +7,18 @@ their own optimizer options, average and merge models, inspect and reshape gradi
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> lw.select(net, "0").names()
     ['0.weight', '0.bias']
+
+Submodules load on first use (PEP 562), so ``import layerwise`` costs almost nothing beyond
+torch and the command line's ``--help`` never imports torch at all.
 """
 
-from .average import EMA, average, greedy_soup, merge
-from .checkpoint import Diff, diff_files, load, merge_files, save
-from .distributed import PeriodicAverager, average_parameters
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -29,16 +36,93 @@ from .errors import (
     StateError,
     VerificationError,
 )
-from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
-from .grads import check_grads, grad_stats, watch_nonfinite
-from .groups import add_param_group, param_groups
-from .inspect import show
-from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
-from .select import Selection, select
-from .share import shared, tie
-from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it, imported on first access. A new public name is
+# one line here (and one in __all__), plus the same import in the TYPE_CHECKING block for IDEs.
+_LAZY = {
+    "EMA": "ema",
+    "average": "average",
+    "greedy_soup": "average",
+    "merge": "average",
+    "Diff": "checkpoint",
+    "diff_files": "checkpoint",
+    "load": "checkpoint",
+    "merge_files": "checkpoint",
+    "save": "checkpoint",
+    "PeriodicAverager": "distributed",
+    "average_parameters": "distributed",
+    "GradualUnfreeze": "freeze",
+    "freeze": "freeze",
+    "frozen": "freeze",
+    "unfreeze": "freeze",
+    "check_grads": "grads",
+    "grad_stats": "grads",
+    "watch_nonfinite": "grads",
+    "add_param_group": "groups",
+    "param_groups": "groups",
+    "show": "inspect",
+    "CSVSink": "monitor",
+    "GradMonitor": "monitor",
+    "JSONLSink": "monitor",
+    "TensorBoardSink": "monitor",
+    "Selection": "select",
+    "select": "select",
+    "shared": "share",
+    "tie": "share",
+    "GradReverse": "surgery",
+    "clip_grad_norm": "surgery",
+    "grad_hook": "surgery",
+    "grad_reverse": "surgery",
+    "pcgrad": "surgery",
+    "scale_grad": "surgery",
+    "set_grad": "surgery",
+}
+
+if TYPE_CHECKING:
+    from .average import average, greedy_soup, merge
+    from .checkpoint import Diff, diff_files, load, merge_files, save
+    from .distributed import PeriodicAverager, average_parameters
+    from .ema import EMA
+    from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
+    from .grads import check_grads, grad_stats, watch_nonfinite
+    from .groups import add_param_group, param_groups
+    from .inspect import show
+    from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
+    from .select import Selection, select
+    from .share import shared, tie
+    from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:  # a submodule, as `lw.checkpoint` was reachable when everything loaded eagerly
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'layerwise' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on the package; where a public function shares the module's
+    name (``select``, ``average``, ``freeze``), ``lw.select`` must stay the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not (isinstance(value, types.ModuleType) and name in _LAZY):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = [
     "CSVSink",

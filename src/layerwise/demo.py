@@ -25,7 +25,8 @@ from torch import nn
 
 from ._term import console as make_console
 from ._term import progress
-from .average import EMA, average
+from .average import average
+from .ema import EMA
 from .freeze import freeze
 from .grads import check_grads, grad_stats
 from .groups import param_groups

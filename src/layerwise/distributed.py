@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -10,8 +11,8 @@ from torch import nn
 from torch.distributed.algorithms.model_averaging import utils as averaging
 
 from ._tensors import buckets, pick
-from .errors import LayerwiseError
-from .select import Selector, as_selectors
+from .errors import DistributedError, OptionError, OptionTypeError, StateError
+from .select import Selection, Selector, as_selectors
 from .select import select as _select
 
 __all__ = ["PeriodicAverager", "average_parameters"]
@@ -19,8 +20,45 @@ __all__ = ["PeriodicAverager", "average_parameters"]
 
 def _require_process_group() -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise LayerwiseError("torch.distributed is not initialized: call torch.distributed.init_process_group "
+        raise StateError("torch.distributed is not initialized: call torch.distributed.init_process_group "
                              "(e.g. under torchrun) before averaging across processes")
+
+
+def agree(selection: Selection, group: dist.ProcessGroup | None = None, what: str = "average") -> None:
+    """Check that every rank selected the same parameters (names, shapes, dtypes), or raise on every rank.
+
+    One all-reduce of four integers: each rank contributes a 124-bit hash of its selection and its
+    negation, reduced with MAX; the ranks agree exactly when max == -max(-h), i.e. max == min.
+    Only when they differ are the selections gathered, so the :class:`~layerwise.DistributedError`
+    (the same on every rank) names the first differences.
+    """
+    spec = [(name, tuple(p.shape), str(p.dtype)) for name, p in selection]
+    digest = hashlib.blake2b(repr(spec).encode(), digest_size=16).digest()
+    words = torch.tensor([int.from_bytes(digest[i:i + 8], "little") >> 2 for i in (0, 8)], dtype=torch.int64)
+    backend = str(dist.get_backend(group))
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    both = torch.cat([words, -words]).to(device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if torch.equal(both[:2], -both[2:]):
+        return
+    specs: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(specs, spec, group=group)
+    raise DistributedError(f"the ranks selected different parameters to {what}: " + _differences(specs)
+                           + "; every rank must build the same model and pass the same selectors")
+
+
+def _differences(specs: Sequence[list[tuple[str, tuple[int, ...], str]]]) -> str:
+    ref = {name: (shape, dtype) for name, shape, dtype in specs[0]}
+    problems = []
+    for rank, spec in enumerate(specs[1:], 1):
+        mine = {name: (shape, dtype) for name, shape, dtype in spec}
+        problems += [f"rank {rank} lacks {n}" for n in ref if n not in mine]
+        problems += [f"rank {rank} has {n}, rank 0 does not" for n in mine if n not in ref]
+        problems += [f"{n} is {ref[n][0]} {ref[n][1]} on rank 0 but {mine[n][0]} {mine[n][1]} on rank {rank}"
+                     for n in ref if n in mine and mine[n] != ref[n]]
+        if not problems and list(mine) != list(ref):
+            problems.append(f"rank {rank} lists them in another order")
+    return "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
 
 
 @torch.no_grad()
@@ -31,14 +69,18 @@ def average_parameters(model: nn.Module, *selectors: Selector, group: dist.Proce
     ``torch.distributed.algorithms.model_averaging.utils.average_parameters`` (which flattens a
     bucket into one buffer; as there, the parameters are rebound to contiguous views of the
     averaged buffer, keeping their identity but not a channels-last layout). Bucketing by dtype
-    avoids its silent up-casting of mixed dtypes. Shared parameters are averaged once. Every process must call it with the same selection.
+    avoids its silent up-casting of mixed dtypes. Shared parameters are averaged once. The ranks first
+    agree that they selected the same names, shapes and dtypes (one all-reduce of four integers):
+    otherwise each raises the same :class:`~layerwise.DistributedError` naming the differences.
 
     Example (under ``torchrun --nproc-per-node 2``)::
 
         >>> lw.average_parameters(model, "encoder")  # doctest: +SKIP
     """
     _require_process_group()
-    params = _select(model, *selectors).params()
+    selection = _select(model, *selectors)
+    agree(selection, group)
+    params = selection.params()
     for idx in buckets(params).values():
         averaging.average_parameters(iter(pick(params, idx)), group)
 
@@ -63,13 +105,16 @@ class PeriodicAverager:
 
     def __init__(self, model: nn.Module, period: int, warmup_steps: int = 0,
                  select: Selector | Sequence[Selector] | None = None, group: dist.ProcessGroup | None = None):
-        if period < 1:
-            raise LayerwiseError(f"period={period} must be a positive number of steps")
-        if warmup_steps < 0:
-            raise LayerwiseError(f"warmup_steps={warmup_steps} must be >= 0")
+        for name, value, low in (("period", period, 1), ("warmup_steps", warmup_steps, 0)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise OptionTypeError(f"PeriodicAverager option {name}={value!r} must be an int >= {low} (steps)")
+            if value < low:
+                raise OptionError(f"PeriodicAverager option {name}={value} must be >= {low}")
         self.model, self.period, self.warmup_steps, self.group = model, period, warmup_steps, group
         self.selectors = as_selectors(select)
-        _select(model, *self.selectors)  # fail now, not at the first averaging step
+        selection = _select(model, *self.selectors)  # fail now, not at the first averaging step
+        if dist.is_available() and dist.is_initialized():
+            agree(selection, group)
         self.steps = 0
 
     def step(self) -> bool:

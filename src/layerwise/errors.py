@@ -85,9 +85,10 @@ class OptionError(LayerwiseError, ValueError):
     """An option whose value is out of range; the message names the option and what it accepts.
 
     Example:
-        >>> import layerwise as lw
-        >>> issubclass(lw.OptionError, ValueError)
-        True
+        >>> import layerwise as lw, torch
+        >>> lw.EMA(torch.nn.Linear(2, 2), decay=1.5)
+        Traceback (most recent call last):
+        layerwise.errors.OptionError: EMA option decay=1.5 must be in [0, 1], e.g. 0.999 (the weight kept per update)
     """
 
 
@@ -95,9 +96,10 @@ class OptionTypeError(OptionError, TypeError):
     """An option of the wrong type (``every=1.5``, ``lr="fast"``); also a ``TypeError``.
 
     Example:
-        >>> import layerwise as lw
-        >>> issubclass(lw.OptionTypeError, TypeError)
-        True
+        >>> import layerwise as lw, torch
+        >>> lw.EMA(torch.nn.Linear(2, 2), every=1.5)
+        Traceback (most recent call last):
+        layerwise.errors.OptionTypeError: EMA option every=1.5 must be an int >= 1 (a number of calls)
     """
 
 
@@ -196,9 +198,13 @@ class StateError(LayerwiseError, RuntimeError):
     (an :class:`EMA` after ``model.to(torch.float16)``); the message says what changed.
 
     Example:
-        >>> import layerwise as lw
-        >>> issubclass(lw.StateError, RuntimeError)
-        True
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> ema = lw.EMA(net)
+        >>> _ = net.half()
+        >>> ema.update()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        layerwise.errors.StateError: the model changed under this EMA: weight was torch.float32 (2, 2) on cpu, is now torch.float16 ...
     """
 
 

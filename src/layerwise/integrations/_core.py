@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..average import EMA
+from ..ema import EMA
 from ..freeze import GradualUnfreeze, freeze
 from ..monitor import GradMonitor, Sink
 from ..select import Selector, as_selectors

@@ -1,0 +1,378 @@
+"""An exponential moving average of a model's weights: fused, float32 for half models, subsets, sharded.
+
+The shadow of each parameter has the parameter's layout: a plain tensor for a plain parameter,
+a DTensor sharded like it for an FSDP2 (``fully_shard``) parameter, whose update then touches
+only the local shard (no collective). Parameters that are views tiling one buffer (see
+:func:`~layerwise.flatten_parameters`) are averaged with a single kernel over that buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ._tensors import named_tensor_groups, use_foreach
+from .errors import OptionError, OptionTypeError, StateError
+from .select import Selector, as_selectors
+from .select import select as _select
+
+__all__ = ["EMA"]
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OptionTypeError(f"EMA option {name}={value!r} must be an int >= {low} (a number of calls)")
+    if value < low:
+        raise OptionError(f"EMA option {name}={value} must be >= {low}")
+    return value
+
+
+def _check_decay(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise OptionTypeError(f"EMA option decay={value!r} must be a number in [0, 1], e.g. 0.999")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise OptionError(f"EMA option decay={value} must be in [0, 1], e.g. 0.999 (the weight kept per update)")
+    return float(value)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel may touch: the local shard of a DTensor, the tensor itself otherwise."""
+    return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half-precision averages round most updates away at decay 0.999: keep them in float32
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
+
+
+def _shadow_like(p: torch.Tensor, device: torch.device | None, float_shadow: bool = True) -> torch.Tensor:
+    local = _local(p).detach()
+    dtype = _acc_dtype(local.dtype) if float_shadow else local.dtype
+    shadow = local.to(device=device or local.device, dtype=dtype, copy=True)
+    if not hasattr(p, "_local_tensor"):
+        return shadow
+    from torch.distributed.tensor import DTensor  # only reached for DTensor parameters
+
+    return DTensor.from_local(shadow, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _flat_view(live: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """One 1-D view over ``live`` when they tile a range of one storage in order, else None."""
+    if not live or any(not t.is_contiguous() or hasattr(t, "_local_tensor") for t in live):
+        return None
+    storage = live[0].untyped_storage()
+    start = offset = live[0].storage_offset()
+    for t in live:
+        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
+            return None
+        offset += t.numel()
+    return torch.empty(0, dtype=live[0].dtype, device=live[0].device).set_(storage, start, (offset - start,))
+
+
+class _Bucket:
+    """Shadows and live tensors of one (device, dtype) pair, with the fastest way to average them."""
+
+    __slots__ = ("shadow", "live", "flat", "mixed", "fused", "elsewhere")
+
+    def __init__(self, shadow: list[torch.Tensor], live: list[torch.Tensor], foreach: bool | None):
+        self.shadow, self.live = shadow, live
+        self.elsewhere = shadow[0].device != live[0].device  # device=: each live tensor is copied over first
+        self.mixed = shadow[0].dtype != live[0].dtype or self.elsewhere
+        self.fused = use_foreach(shadow, shadow[0].device, foreach) and not self.elsewhere
+        self.flat: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def average(self, weight: float) -> None:
+        if self.flat is not None:
+            shadow, live = self.flat
+            live = live.to(shadow.device) if self.elsewhere else live
+            if self.mixed:  # lerp takes one dtype: a float32 average of a half model takes two passes
+                shadow.mul_(1.0 - weight).add_(live, alpha=weight)
+            else:
+                shadow.lerp_(live, weight)
+        elif self.fused and not self.mixed:
+            torch._foreach_lerp_(self.shadow, self.live, weight)
+        elif self.fused:
+            torch._foreach_mul_(self.shadow, 1.0 - weight)
+            torch._foreach_add_(self.shadow, self.live, alpha=weight)
+        else:
+            for s, t in zip(self.shadow, self.live):
+                if self.mixed:
+                    s.mul_(1.0 - weight).add_(t.to(s.device), alpha=weight)
+                else:
+                    s.lerp_(t, weight)
+
+
+class EMA:
+    """An exponential moving average of a model's parameters, updated with fused kernels.
+
+    ``update()`` does ``shadow ← shadow + (1 − decay)·(param − shadow)`` with one
+    ``torch._foreach_lerp_`` per device/dtype bucket (one ``lerp_`` when the parameters are
+    views of one flat buffer, see :func:`~layerwise.flatten_parameters`). With ``warmup=N``
+    the first N updates use ``min(decay, (1 + n) / (10 + n))`` (timm), so early averages are
+    not dominated by the random initialization. ``every=k`` updates on every k-th call.
+    ``select=`` tracks a subset (e.g. ``"**.lora_*"``: LoRA adapters only) and the buffers
+    whose names it matches; by default every parameter and buffer. Buffers (BatchNorm
+    statistics) are copied from the model (``buffers="copy"``) or averaged too (``"ema"``).
+    ``device=`` keeps the shadows elsewhere (e.g. ``"cpu"`` for a GPU model). Tied parameters
+    are averaged once. The average of a float16/bfloat16 model is kept in float32: with a
+    decay of 0.999 most half-precision updates would round away.
+
+    On an FSDP2 model (``fully_shard``) each shadow is a DTensor sharded like its parameter:
+    a rank holds only its shard and ``update()`` runs no collective; ``state_dict()`` holds
+    those DTensors, so ``torch.distributed.checkpoint`` saves and reshards them.
+
+    ``with ema.swapped(model):`` evaluates with the EMA weights and restores the training
+    weights bit-identically; ``copy_to(model)`` keeps them; ``state_dict()`` resumes. If the
+    model changes under the EMA (``model.to(torch.float16)``, a parameter replaced or added),
+    ``update()`` raises :class:`~layerwise.StateError` naming what changed rather than
+    averaging stale tensors: create the EMA after such changes.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1, bias=False)
+        >>> _ = torch.nn.init.zeros_(net.weight)
+        >>> ema = lw.EMA(net, decay=0.9)
+        >>> _ = torch.nn.init.ones_(net.weight)   # a training step moved the weights
+        >>> ema.update()
+        >>> with ema.swapped(net):
+        ...     print(net.weight.data)             # 10 % of the way from 0 to 1
+        tensor([[0.1000, 0.1000]])
+        >>> net.weight.data                        # the training weights are back
+        tensor([[1., 1.]])
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
+                 buffers: Literal["copy", "ema"] = "copy", select: Selector | Iterable[Selector] | None = None,
+                 device: torch.device | str | None = None, foreach: bool | None = None):
+        self.decay, self.warmup, self.every = _check_decay(decay), _check_int("warmup", warmup, 0), _check_int(
+            "every", every, 1)
+        if buffers not in ("copy", "ema"):
+            raise OptionError(f"EMA option buffers={buffers!r} must be 'copy' (copy them from the model) or 'ema'")
+        if foreach not in (None, True, False):
+            raise OptionTypeError(f"EMA option foreach={foreach!r} must be None, True or False")
+        try:
+            self.device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise OptionError(f"EMA option device={device!r} is not a device: {e}") from None
+        self.buffers, self.foreach, self.model = buffers, foreach, model
+        self.selectors = as_selectors(select)
+        groups = named_tensor_groups(model)
+        if self.selectors:
+            chosen = {id(t) for t in _select(model, *self.selectors).params()}
+            groups = [g for g in groups if id(g[1]) in chosen]
+        if self.device is not None and any(hasattr(p, "_local_tensor") for _, p in groups):
+            raise OptionError("EMA option device= is not supported for sharded (DTensor) parameters: their shadows "
+                              "stay sharded on the parameters' devices; leave device unset")
+        named_buffers = dict(model.named_buffers())
+        if self.selectors:
+            names = _select(named_buffers, *self.selectors, missing_ok=True).names() if named_buffers else []
+            named_buffers = {n: named_buffers[n] for n in names}
+        self.names = [names[0] for names, _ in groups]
+        self._params = [p for _, p in groups]
+        self._buffer_names, self._buffers = list(named_buffers), list(named_buffers.values())
+        with torch.no_grad():
+            self.shadow = [_shadow_like(p, self.device) for p in self._params]
+            self.shadow_buffers = [_shadow_like(b, self.device, b.is_floating_point() and buffers == "ema")
+                                   for b in self._buffers]
+        self._build()
+        self.num_updates = 0
+        self._calls = 0
+
+    # ----------------------------------------------------------------------- layout and change checks
+
+    def _build(self) -> None:
+        """Prebuild the hot path: buckets of (shadow, live) local tensors, flat views where they tile."""
+        floats = [b.is_floating_point() and self.buffers == "ema" for b in self._buffers]
+        pairs = list(zip(self.shadow, self._params)) + [
+            (s, b) for s, b, f in zip(self.shadow_buffers, self._buffers, floats) if f]
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for s, t in pairs:
+            s, t = _local(s), _local(t.detach())
+            groups.setdefault((s.device, s.dtype, t.device, t.dtype), []).append((s, t))
+        self._buckets = []
+        for members in groups.values():
+            bucket = _Bucket([s for s, _ in members], [t for _, t in members], self.foreach)
+            live = _flat_view(bucket.live)
+            if live is not None and self.foreach is not False:  # one kernel over the buffer the params tile
+                flat = torch.cat([s.reshape(-1) for s in bucket.shadow])
+                self._rebind_shadows(bucket.shadow, flat)
+                bucket.shadow = [flat]  # the per-parameter shadows are now views of it
+                bucket.flat = (flat, live)
+            self._buckets.append(bucket)
+        copied = [i for i, f in enumerate(floats) if not f]
+        self._copied = ([_local(self.shadow_buffers[i]) for i in copied], [_local(self._buffers[i]) for i in copied])
+        self._layout = self._signature()
+
+    def _rebind_shadows(self, old: list[torch.Tensor], flat: torch.Tensor) -> None:
+        views, offset = {}, 0
+        for s in old:
+            views[id(s)] = flat[offset:offset + s.numel()].view(s.shape)
+            offset += s.numel()
+        self.shadow = [views.get(id(s), s) for s in self.shadow]
+        self.shadow_buffers = [views.get(id(s), s) for s in self.shadow_buffers]
+
+    def _signature(self) -> tuple:
+        # ~10 µs for 150 tensors: the model's parameter objects, and each tracked one's dtype, device, shape, memory
+        return (tuple(id(p) for m in self.model.modules() for p in m._parameters.values()),
+                tuple((p.dtype, p.device, p.shape, _local(p).data_ptr()) for p in self._params + self._buffers))
+
+    def _check_unchanged(self) -> None:
+        if self._signature() == self._layout:
+            return
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        changes = [f"{n} was replaced by a new parameter" for n, p in zip(self.names, self._params)
+                   if params.get(n) is not p]
+        wanted = _select(self.model, *self.selectors, missing_ok=True).params() if self.selectors else params.values()
+        tracked = {id(p) for p in self._params}
+        new = {id(p) for p in wanted} - tracked
+        changes += [f"{n} is a new parameter" for n, p in params.items() if id(p) in new]
+        for name, t, (dtype, device, shape, _) in zip(self.names + self._buffer_names, self._params + self._buffers,
+                                                     self._layout[1]):
+            if (t.dtype, t.device, t.shape) != (dtype, device, shape):
+                changes.append(f"{name} was {dtype} {tuple(shape)} on {device}, is now {t.dtype} {tuple(t.shape)} "
+                               f"on {t.device}")
+        if not changes:
+            if self._signature()[1] == self._layout[1]:  # only untracked parameters came or went
+                self._layout = self._signature()
+                return
+            changes = ["parameters were moved to new memory (model.to(), load_state_dict(assign=True), re-flattened)"]
+        raise StateError(f"the model changed under this EMA: {'; '.join(changes[:5])}"
+                         f"{' ...' if len(changes) > 5 else ''}. An EMA tracks the tensors it was created with: "
+                         "create it after converting or editing the model (and load_state_dict() an old state)")
+
+    # ----------------------------------------------------------------------- averaging
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        if self.num_updates < self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the model's current weights into the average (on every ``every``-th call)."""
+        self._check_unchanged()
+        self._calls += 1
+        if self._calls % self.every:
+            return
+        weight = 1.0 - self.current_decay()
+        for bucket in self._buckets:
+            bucket.average(weight)
+        if self._copied[0]:
+            torch._foreach_copy_(*self._copied)
+        self.num_updates += 1
+
+    def _targets(self, model: nn.Module | None) -> list[torch.Tensor]:
+        """The local tensors of ``model`` (default: the tracked one) that the shadows belong in."""
+        if model is None or model is self.model:
+            self._check_unchanged()
+            return [_local(t.detach()) for t in self._params + self._buffers]
+        params = dict(model.named_parameters(remove_duplicate=False))
+        named_buffers = dict(model.named_buffers())
+        missing = [n for n in self.names if n not in params] + [n for n in self._buffer_names if n not in named_buffers]
+        if missing:
+            prefix = next((p for p in ("module.", "_orig_mod.", "model.") if all(
+                f"{p}{n}" in params for n in self.names)), None)
+            raise StateError(f"{type(model).__name__} lacks {', '.join(missing[:5])}"
+                             f"{' ...' if len(missing) > 5 else ''}: it is not the model this EMA tracks"
+                             + (f" (its names carry the prefix {prefix!r} of a wrapper: pass the inner model)"
+                                if prefix else ""))
+        found = [params[n] for n in self.names] + [named_buffers[n] for n in self._buffer_names]
+        wrong = [f"{n}: {tuple(t.shape)} vs {tuple(s.shape)}" for n, t, s in zip(
+            self.names + self._buffer_names, found, self.shadow + self.shadow_buffers) if t.shape != s.shape]
+        if wrong:
+            raise StateError(f"{type(model).__name__} has other shapes than this EMA: {'; '.join(wrong[:5])}")
+        return [_local(t.detach()) for t in found]
+
+    def _shadow_locals(self) -> list[torch.Tensor]:
+        return [_local(s) for s in self.shadow + self.shadow_buffers]
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module | None]:
+        """Put the averaged weights into ``model`` (default: the tracked one) for the block, then
+        restore the training weights exactly. Gradients are not touched; a sharded model stays sharded."""
+        live = self._targets(model)
+        with torch.no_grad():
+            saved = [t.clone() for t in live]
+            _copy(live, self._shadow_locals())
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                _copy(live, saved)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module | None = None) -> None:
+        """Load the averaged weights into ``model`` for good (e.g. before saving the EMA model)."""
+        _copy(self._targets(model), self._shadow_locals())
+
+    # ----------------------------------------------------------------------- saving and resuming
+
+    def state_dict(self) -> dict[str, Any]:
+        """Options, counters and the shadows (by parameter and buffer name); sharded shadows stay DTensors,
+        so ``torch.distributed.checkpoint.save(ema.state_dict(), ...)`` saves them in parallel."""
+        return {"decay": self.decay, "warmup": self.warmup, "every": self.every, "num_updates": self.num_updates,
+                "calls": self._calls, "shadow": dict(zip(self.names, self.shadow)),
+                "buffers": dict(zip(self._buffer_names, self.shadow_buffers))}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (or from ``torch.distributed.checkpoint.load`` into one).
+
+        Everything is checked first (options, counters, every name, shape, dtype and sharding) and
+        every problem reported in one :class:`~layerwise.StateError`; on error nothing changes.
+        """
+        problems = _state_problems(self, state)
+        if problems:
+            raise StateError(f"this state dict does not fit this EMA ({len(problems)} problem"
+                             f"{'s' * (len(problems) > 1)}): " + "; ".join(problems))
+        sources = [state["shadow"][n] for n in self.names] + [state["buffers"][n] for n in self._buffer_names]
+        _copy(self._shadow_locals(), [_local(t) for t in sources])
+        self.decay, self.warmup, self.every = float(state["decay"]), int(state["warmup"]), int(state["every"])
+        self.num_updates, self._calls = int(state["num_updates"]), int(state["calls"])
+
+
+def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if dst:
+        torch._foreach_copy_(dst, src)
+
+
+def _state_problems(ema: EMA, state: Any) -> list[str]:
+    if not isinstance(state, Mapping):
+        return [f"expected the dict of EMA.state_dict(), got {type(state).__name__}"]
+    keys = ("decay", "warmup", "every", "num_updates", "calls", "shadow", "buffers")
+    problems = [f"it lacks {k!r}" for k in keys if k not in state]
+    if problems:
+        return problems
+    checks = (("decay", _check_decay), ("warmup", lambda v: _check_int("warmup", v, 0)),
+              ("every", lambda v: _check_int("every", v, 1)), ("num_updates", lambda v: _check_int("num_updates", v, 0)),
+              ("calls", lambda v: _check_int("calls", v, 0)))
+    for key, check in checks:
+        try:
+            check(state[key])
+        except OptionError as e:
+            problems.append(str(e))
+    for part, names, ours in (("shadow", ema.names, ema.shadow), ("buffers", ema._buffer_names, ema.shadow_buffers)):
+        given = state[part]
+        if not isinstance(given, Mapping):
+            problems.append(f"{part!r} is a {type(given).__name__}, not a dict of tensors")
+            continue
+        problems += [f"{part} lacks {n}" for n in names if n not in given]
+        problems += [f"{part} has {n}, which this EMA does not track" for n in given if n not in names]
+        for n, mine in zip(names, ours):
+            t = given.get(n)
+            if n not in given:
+                continue
+            if not isinstance(t, torch.Tensor):
+                problems.append(f"{part}[{n!r}] is a {type(t).__name__}, not a tensor")
+            elif t.shape != mine.shape or t.dtype != mine.dtype:
+                problems.append(f"{n}: {tuple(t.shape)} {t.dtype} in the state dict, {tuple(mine.shape)} {mine.dtype} here")
+            elif _local(t).shape != _local(mine).shape:
+                problems.append(f"{n}: sharded differently ({tuple(_local(t).shape)} locally vs "
+                                f"{tuple(_local(mine).shape)} here); load it with torch.distributed.checkpoint")
+    return problems

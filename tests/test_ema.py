@@ -1,0 +1,371 @@
+import pytest
+import torch
+from torch import nn
+
+import layerwise as lw
+
+
+def test_ema_equals_the_closed_form_recursion():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema = lw.EMA(net, decay=0.8)
+    expected = net.weight.detach().clone()
+    for _ in range(5):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        ema.update()
+        expected = 0.8 * expected + 0.2 * net.weight.detach()
+    with ema.swapped(net):
+        assert torch.allclose(net.weight, expected, atol=1e-6)
+
+
+def test_ema_warmup_every_and_buffers():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = lw.EMA(net, decay=0.999, warmup=3, every=2, buffers="ema")
+    decays = []
+    for _ in range(10):
+        decays.append(ema.current_decay())
+        ema.update()
+    assert ema.num_updates == 5
+    assert decays[:2] == [0.1, 0.1] and decays[2] == 2 / 11 and decays[4] == 3 / 12 and decays[6] == 0.999
+    with torch.no_grad():
+        net[1].running_mean.fill_(1.0)
+    ema.update(), ema.update()
+    assert torch.allclose(ema.shadow_buffers[0], torch.full((2,), 0.001))
+    copy_ema = lw.EMA(net, decay=0.999)
+    with torch.no_grad():
+        net[1].running_mean.fill_(2.0)
+    copy_ema.update()
+    assert torch.equal(copy_ema.shadow_buffers[0], torch.full((2,), 2.0))
+
+
+def test_swapped_restores_training_weights_bit_identically(interleaved):
+    ema = lw.EMA(interleaved, decay=0.5)
+    with torch.no_grad():
+        for p in interleaved.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in interleaved.state_dict().items()}
+    ema.update()
+    with ema.swapped(interleaved):
+        assert not torch.equal(interleaved.linear.weight, before["linear.weight"])
+    for k, v in interleaved.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ema_resumes_from_its_state_dict():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 3)
+    steps = [torch.randn(3, 3) for _ in range(6)]
+    ema = lw.EMA(net, decay=0.7, warmup=2)
+    resumed = None
+    for i, delta in enumerate(steps):
+        with torch.no_grad():
+            net.weight.add_(delta)
+        ema.update()
+        if i == 2:
+            state = ema.state_dict()
+            resumed = lw.EMA(net, decay=0.7, warmup=2)
+            resumed.load_state_dict(state)
+        elif resumed is not None:
+            resumed.update()
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, resumed.shadow))
+    assert resumed.num_updates == ema.num_updates
+
+
+def test_ema_averages_tied_parameters_once(tied_lm):
+    ema = lw.EMA(tied_lm)
+    assert ema.names.count("embed.weight") == 1 and "decoder.weight" not in ema.names
+    with ema.swapped(tied_lm):
+        assert tied_lm.decoder.weight is tied_lm.embed.weight
+
+
+def test_ema_swap_into_another_model_checks_names(interleaved, tied_lm):
+    ema = lw.EMA(interleaved)
+    with pytest.raises(lw.LayerwiseError, match="not the model this EMA tracks"):
+        with ema.swapped(tied_lm):
+            pass
+
+
+def test_ema_plain_loop_equals_fused():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.load_state_dict(a.state_dict())
+    fused, loop = lw.EMA(a, decay=0.9, foreach=True), lw.EMA(b, decay=0.9, foreach=False)
+    with torch.no_grad():
+        a.weight.add_(1.0), b.weight.add_(1.0)
+    fused.update(), loop.update()
+    assert all(torch.equal(x, y) for x, y in zip(fused.shadow, loop.shadow))
+
+
+def test_ema_of_a_half_precision_model_averages_in_float32():
+    torch.manual_seed(0)
+    half, full = nn.Linear(64, 64).bfloat16(), nn.Linear(64, 64)
+    full.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
+    ema_half, ema_full = lw.EMA(half, decay=0.999), lw.EMA(full, decay=0.999)
+    assert ema_half.shadow[0].dtype == torch.float32
+    for _ in range(200):
+        step = torch.randn(64, 64) * 0.01
+        with torch.no_grad():
+            full.weight.add_(step)
+            half.weight.copy_(full.weight)
+        ema_half.update(), ema_full.update()
+    assert torch.allclose(ema_half.shadow[0], ema_full.shadow[0], atol=2e-3)
+    with ema_half.swapped(half):
+        assert half.weight.dtype == torch.bfloat16 and torch.equal(half.weight, ema_half.shadow[0].bfloat16())
+
+
+def test_ema_copy_to_keeps_the_average():
+    net = nn.Linear(2, 2)
+    ema = lw.EMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update()
+    expected = ema.shadow[0].clone()
+    ema.copy_to(net)
+    assert torch.equal(net.weight, expected)
+
+
+def test_ema_load_state_dict_reports_every_missing_tensor():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    state = lw.EMA(net).state_dict()
+    del state["buffers"]["1.running_mean"], state["shadow"]["0.bias"]
+    with pytest.raises(lw.StateError, match=r"0\.bias.*1\.running_mean|1\.running_mean.*0\.bias"):
+        lw.EMA(net).load_state_dict(state)
+
+
+
+
+# --------------------------------------------------------------------------- options and changed models
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"decay": 1.5}, lw.OptionError, "decay=1.5"),
+    ({"decay": float("nan")}, lw.OptionError, "decay=nan"),
+    ({"decay": "0.9"}, lw.OptionTypeError, "decay='0.9'"),
+    ({"every": 1.5}, lw.OptionTypeError, "every=1.5"),
+    ({"every": 0}, lw.OptionError, "every=0"),
+    ({"every": True}, lw.OptionTypeError, "every=True"),
+    ({"warmup": -1}, lw.OptionError, "warmup=-1"),
+    ({"warmup": 2.0}, lw.OptionTypeError, "warmup=2.0"),
+    ({"buffers": "mean"}, lw.OptionError, "buffers='mean'"),
+    ({"device": "nowhere"}, lw.OptionError, "device='nowhere'"),
+])
+def test_bad_options_are_named(options, error, match):
+    with pytest.raises(error, match=match):
+        lw.EMA(nn.Linear(2, 2), **options)
+
+
+def test_decay_bounds_are_allowed():
+    net = nn.Linear(2, 2)
+    frozen, follower = lw.EMA(net, decay=1.0), lw.EMA(net, decay=0)
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    frozen.update(), follower.update()
+    assert not torch.equal(frozen.shadow[0], net.weight) and torch.equal(follower.shadow[0], net.weight)
+
+
+def test_load_state_dict_checks_everything_before_changing_anything():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    ema = lw.EMA(net, decay=0.5)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    ema.update()
+    before = [s.clone() for s in ema.shadow]
+    state = lw.EMA(net, decay=0.9).state_dict()
+    state["shadow"] = {k: v + 7 for k, v in state["shadow"].items()}
+    state["shadow"]["1.weight"] = torch.zeros(2, 3)  # the last tensor is wrong: nothing may be copied
+    state["every"] = 1.5
+    with pytest.raises(lw.StateError, match=r"every=1\.5.*1\.weight: \(2, 3\)"):
+        ema.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.shadow))
+    assert (ema.decay, ema.every, ema.num_updates) == (0.5, 1, 1)
+
+
+def test_a_model_converted_to_another_dtype_is_refused_by_name():
+    net = nn.Linear(2, 2)
+    ema = lw.EMA(net)
+    net.half()
+    with pytest.raises(lw.StateError, match=r"weight was torch\.float32 \(2, 2\) on cpu, is now torch\.float16"):
+        ema.update()
+
+
+def test_a_replaced_or_added_parameter_is_refused_by_name():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    ema = lw.EMA(net)
+    net[1].weight = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(lw.StateError, match=r"1\.weight was replaced"):
+        ema.update()
+    net = nn.Sequential(nn.Linear(2, 2))
+    ema = lw.EMA(net)
+    net.append(nn.Linear(2, 1))
+    with pytest.raises(lw.StateError, match=r"1\.weight is a new parameter"):
+        ema.update()
+    with pytest.raises(lw.StateError, match=r"1\.bias is a new parameter"):
+        ema.copy_to()
+
+
+# --------------------------------------------------------------------------- subsets, devices, flat buffers
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, d: int, r: int = 2):
+        super().__init__()
+        self.base = nn.Linear(d, d)
+        self.base.requires_grad_(False)
+        self.lora_a, self.lora_b = nn.Parameter(torch.randn(r, d)), nn.Parameter(torch.zeros(d, r))
+
+    def forward(self, x):
+        return self.base(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+def test_select_tracks_only_the_adapters():
+    torch.manual_seed(0)
+    net = nn.Sequential(LoRALinear(8), nn.BatchNorm1d(8), LoRALinear(8))
+    ema = lw.EMA(net, decay=0.5, select="**.lora_*")
+    assert ema.names == ["0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b"] and ema.shadow_buffers == []
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update()
+    with ema.swapped():
+        assert torch.equal(net[0].lora_b, torch.full((8, 2), 0.5))
+        assert torch.equal(net[0].base.weight, base["0.base.weight"] + 1)  # untracked: the training weight
+    assert sum(s.numel() for s in ema.shadow) == 4 * 16
+    with_buffers = lw.EMA(net, select=["**.lora_*", "1"])
+    assert with_buffers._buffer_names == ["1.running_mean", "1.running_var", "1.num_batches_tracked"]
+
+
+def test_a_new_parameter_outside_the_selection_is_fine():
+    net = nn.Sequential(LoRALinear(4))
+    ema = lw.EMA(net, select="**.lora_*")
+    net.append(nn.Linear(4, 4))
+    ema.update()
+    net.append(LoRALinear(4))
+    with pytest.raises(lw.StateError, match=r"2\.lora_a is a new parameter"):
+        ema.update()
+
+
+def test_device_keeps_the_shadow_there():
+    net = nn.Linear(3, 3)
+    ema = lw.EMA(net, decay=0.5, device="cpu")
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update()
+    assert ema.shadow[0].device.type == "cpu"
+
+
+def flat_linear_stack() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    params = list(net.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return net, flat
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parameters_tiling_one_buffer_are_averaged_in_one_kernel(dtype):
+    net, _ = flat_linear_stack()
+    net.to(dtype)  # .to() re-lays out: re-flatten in the new dtype
+    params = list(net.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    reference = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).to(dtype)
+    reference.load_state_dict(net.state_dict())
+    ema, ref = lw.EMA(net, decay=0.9), lw.EMA(reference, decay=0.9)
+    assert [b.flat is not None for b in ema._buckets] == [True]
+    for _ in range(3):
+        with torch.no_grad():
+            flat.add_(torch.randn_like(flat))
+            reference.load_state_dict(net.state_dict())
+        ema.update(), ref.update()
+    for a, b in zip(ema.shadow, ref.shadow):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    assert ema.state_dict()["shadow"]["1.bias"].shape == (2,)
+    net.float() if dtype != torch.float32 else net.double()
+    with pytest.raises(lw.StateError, match="1.bias was"):
+        ema.update()
+
+
+# --------------------------------------------------------------------------- FSDP2: sharded shadows
+
+
+def _sharded_mlp(mesh, seed: int) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))  # 7 and 3 rows: uneven shards on 2 ranks
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _train(model, ema, steps, seed):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(4, 5, generator=gen)  # the same batch on every rank: the run equals one process
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update()
+
+
+def fsdp_ema(rank, world_size, ckpt):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = _sharded_mlp(mesh, seed=0)
+    ema = lw.EMA(model, decay=0.8)
+    locals_ok = all(s.to_local().shape == p.to_local().shape for s, p in zip(ema.shadow, model.parameters()))
+    _train(model, ema, 2, seed=1)
+    dcp.save({"model": model.state_dict(), "ema": ema.state_dict()}, checkpoint_id=ckpt)
+    with CommDebugMode() as comm:
+        ema.update()
+        ema.update()
+    update_collectives = comm.get_total_counts()
+    with CommDebugMode() as comm:
+        ema.shadow[0].full_tensor()
+    gather_collectives = comm.get_total_counts()  # the counter sees a collective when there is one
+
+    training = [p.to_local().clone() for p in model.parameters()]
+    with ema.swapped():
+        swapped = [p.full_tensor() for p in model.parameters()]
+    restored = all(torch.equal(a, p.to_local()) for a, p in zip(training, model.parameters()))
+
+    resumed_model = _sharded_mlp(mesh, seed=5)  # other weights: everything must come from the checkpoint
+    resumed = lw.EMA(resumed_model, decay=0.5, warmup=3)
+    state = {"model": resumed_model.state_dict(), "ema": resumed.state_dict()}
+    dcp.load(state, checkpoint_id=ckpt)
+    resumed_model.load_state_dict(state["model"])
+    resumed.load_state_dict(state["ema"])
+    resumed.update(), resumed.update()
+    bit_identical = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ema.shadow, resumed.shadow))
+    return {"locals_ok": locals_ok, "update": update_collectives, "gather": gather_collectives,
+            "restored": restored, "swapped": swapped, "full": [s.full_tensor() for s in ema.shadow],
+            "resumed": bit_identical, "decay": resumed.decay, "num_updates": resumed.num_updates}
+
+
+def test_fsdp2_shadows_are_sharded_local_and_resume_bit_identically(run_ranks, tmp_path):
+    r0, r1 = run_ranks(fsdp_ema, str(tmp_path / "ckpt"))
+    for r in (r0, r1):
+        assert r["locals_ok"] and r["restored"] and r["resumed"]
+        assert r["update"] == 0 and r["gather"] > 0
+        assert (r["decay"], r["num_updates"]) == (0.8, 4)
+    # the same run in one process, unsharded
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    ema = lw.EMA(model, decay=0.8)
+    _train(model, ema, 2, seed=1)
+    ema.update(), ema.update()
+    for full, swapped, single in zip(r0["full"], r0["swapped"], ema.shadow):
+        assert torch.allclose(full, single, atol=1e-6) and torch.equal(swapped, full)
