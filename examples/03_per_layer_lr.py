@@ -21,11 +21,21 @@ model = nn.ModuleDict({
 groups = lw.param_groups(model, {"**": {"lr": 1e-3}, "head": {"lr": 1e-2}}, weight_decay=0.05, verbose=True)
 optimizer = torch.optim.AdamW(groups)
 
-# Layer-wise LR decay (BEiT/ELECTRA): layer i of L gets lr * d ** (L + 1 - i).
+# Layer-wise LR decay (BEiT/ELECTRA/timm): layer i of L gets lr * d ** (L + 1 - i); the embedding
+# is layer 0, the final norm closes the last block, the head is L + 1. Each group's lr already holds
+# its scale (no lr_scale key), so torch's schedulers and timm's both give every layer its intended lr.
 decayed = lw.param_groups(model, lr=1e-3, weight_decay=0.05, layer_decay=0.5, layers="layers.*")
 for g in decayed:
-    print(f"lr_scale {g['lr_scale']:<7} lr {g['lr']:.2e} wd {g['weight_decay']:<5} {g['names'][0]} ...")
+    print(f"lr {g['lr']:.2e} wd {g['weight_decay']:<5} {g['names'][0]} ...")
 
 # The per-parameter view: group, lr and weight decay of every layer.
-lw.show(model, torch.optim.AdamW(decayed), "layers.0.**", "head")
-assert {g["lr_scale"] for g in decayed} == {0.5 ** k for k in range(6)}
+optimizer = torch.optim.AdamW(decayed)
+lw.show(model, optimizer, "layers.0.**", "head")
+assert sorted({g["lr"] for g in decayed}) == [1e-3 * 0.5 ** k for k in reversed(range(6))]
+
+# A scheduler scales each group from its own lr: after 2 steps every layer is at 0.9 ** 2 of its rate.
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.9 ** step)
+for _ in range(2):
+    optimizer.step()
+    scheduler.step()
+assert all(abs(g["lr"] - g["initial_lr"] * 0.81) < 1e-15 for g in optimizer.param_groups)

@@ -117,7 +117,7 @@ def convbn() -> ConvBN:
 
 @pytest.fixture
 def siamese():
-    from layerwise.demo import SiameseLSTM
+    from layerwise_demo import SiameseLSTM
 
     torch.manual_seed(0)
     return SiameseLSTM(hidden=5)
@@ -189,6 +189,93 @@ def run_ranks(tmp_path):
         return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
     return run
+
+
+# --------------------------------------------------------------------------- timm conventions (timm cannot be imported here)
+
+
+class TimmRuleScheduler:
+    """timm.scheduler.Scheduler's update rule: each group's base value is its ``initial_lr`` (set from
+    ``lr`` at construction), and ``lr = value * group["lr_scale"]`` when the group has one, applied at
+    construction and at every step. ``factor(t)`` is the schedule (timm's cosine with lr_min=0)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor=lambda t: 0.5 ** t):
+        self.optimizer, self.factor = optimizer, factor
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_values = [group["initial_lr"] for group in optimizer.param_groups]
+        self.step(0)
+
+    def step(self, t: int) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_values):
+            value = base * self.factor(t)
+            group["lr"] = value * group["lr_scale"] if "lr_scale" in group else value
+
+
+class TimmViT(nn.Module):
+    """timm VisionTransformer's names and group_matcher; ``reg_in_matcher=False`` is timm #2712's version."""
+
+    def __init__(self, dim: int = 4, depth: int = 3, reg_in_matcher: bool = True):
+        super().__init__()
+        self.reg_in_matcher = reg_in_matcher
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 2)
+        self.blocks = nn.Sequential(*(Block(dim) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.fc_norm = nn.Identity()
+        self.head = nn.Linear(dim, 2)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        stem = r"^cls_token|reg_token|pos_embed|patch_embed" if self.reg_in_matcher else r"^cls_token|pos_embed|patch_embed"
+        return dict(stem=stem, blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"} | ({"reg_token"} if self.reg_in_matcher else set())
+
+
+class TimmBasicBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim)
+        self.conv2, self.bn2 = nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim)
+
+
+class TimmResNet(nn.Module):
+    """timm ResNet's names and group_matcher (note ``^conv1|bn1|maxpool``: re.match, so layer1.0.bn1 is a block)."""
+
+    def __init__(self, dim: int = 2):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, dim, 3, bias=False), nn.BatchNorm2d(dim)
+        for stage in (1, 2):
+            setattr(self, f"layer{stage}", nn.Sequential(TimmBasicBlock(dim), TimmBasicBlock(dim)))
+        self.fc = nn.Linear(dim, 2)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+
+class TimmConvNeXt(nn.Module):
+    """timm ConvNeXt's names and group_matcher: downsample shares its stage's first block, norm_pre joins the last."""
+
+    def __init__(self, dim: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 2), nn.GroupNorm(1, dim))
+        self.stages = nn.Sequential()
+        for stage in range(2):
+            s = nn.Module()
+            s.downsample = nn.Identity() if stage == 0 else nn.Sequential(nn.GroupNorm(1, dim), nn.Conv2d(dim, dim, 1))
+            s.blocks = nn.Sequential(*(nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GroupNorm(1, dim)) for _ in range(2)))
+            self.stages.append(s)
+        self.norm_pre = nn.GroupNorm(1, dim)
+        self.head = nn.Module()
+        self.head.norm, self.head.fc = nn.LayerNorm(dim), nn.Linear(dim, 2)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm_pre", (99999,))])
 
 
 def _tiny_tokenizer():

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import layerwise as lw
 
-from conftest import random_models
+from conftest import TimmConvNeXt, TimmResNet, TimmRuleScheduler, TimmViT, random_models
 
 
 def options_of(groups, name):
@@ -76,12 +76,14 @@ def test_no_decay_without_any_weight_decay_is_explicit_zero(vit):
 def test_layer_decay_scales_follow_the_formula(vit, layers):
     d, lr, n_blocks = 0.5, 1.0, 4
     groups = lw.param_groups(vit, lr=lr, layer_decay=d, layers=layers, no_decay=None)
-    expected_layer = {"cls_token": 0, "patch_embed.weight": 0, "patch_embed.bias": 0, "norm.weight": 5, "head.bias": 5}
+    # Embeddings 0, blocks 1..4, the final norm closes block 4 (timm's MATCH_PREV_GROUP), the head 5.
+    expected_layer = {"cls_token": 0, "patch_embed.weight": 0, "patch_embed.bias": 0, "norm.weight": 4,
+                      "norm.bias": 4, "head.weight": 5, "head.bias": 5}
     expected_layer |= {f"blocks.{i}.mlp.0.weight": i + 1 for i in range(n_blocks)}
     for name, layer in expected_layer.items():
         opts = options_of(groups, name)
-        assert opts["lr_scale"] == d ** (n_blocks + 1 - layer), name
         assert opts["lr"] == lr * d ** (n_blocks + 1 - layer), name
+        assert "lr_scale" not in opts, "lr holds the scale; an lr_scale too would be applied twice by timm"
     assert len(groups) == n_blocks + 2
 
 
@@ -92,14 +94,164 @@ def test_layer_decay_combines_with_rules(vit):
 
 
 def test_layer_decay_bad_arguments(vit):
-    with pytest.raises(ValueError, match="both layer_decay"):
+    with pytest.raises(lw.OptionError, match="pass layers=.*TinyViT has no timm-style group_matcher"):
         lw.param_groups(vit, lr=1.0, layer_decay=0.5)
+    with pytest.raises(lw.OptionError, match="give the factor too"):
+        lw.param_groups(vit, lr=1.0, layers="blocks.*")
     with pytest.raises(lw.SelectionError, match="no numbered blocks"):
         lw.param_groups(vit, lr=1.0, layer_decay=0.5, layers="layers.*")
     with pytest.raises(lw.SelectionError, match="module path pattern"):
         lw.param_groups(vit, lr=1.0, layer_decay=0.5, layers="re:blocks\\.\\d+")
-    with pytest.raises(ValueError, match="has none: pass lr"):
+    with pytest.raises(lw.OptionError, match="has none: pass lr"):
         lw.param_groups(vit, layer_decay=0.5, layers="blocks.*")
+    for bad in (0, 0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(lw.OptionError, match=r"layer_decay=.*\(0, 1\]"):
+            lw.param_groups(vit, lr=1.0, layer_decay=bad, layers="blocks.*")
+    for bad in ("0.75", True, None.__class__):
+        with pytest.raises(lw.OptionTypeError, match="layer_decay"):
+            lw.param_groups(vit, lr=1.0, layer_decay=bad, layers="blocks.*")
+
+
+# --------------------------------------------------------------------------- timm's group_matcher
+
+
+def layer_of(groups, lr=1.0, d=0.5):
+    """Layer distance from the top of every parameter, read back from its group's lr."""
+    import math
+    return {n: round(math.log(g["lr"] / lr, d)) for g in groups for n in g["names"]}
+
+
+def _vit_layer(name):
+    if name.split(".")[0] in ("cls_token", "reg_token", "pos_embed", "patch_embed"):
+        return 0
+    return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else 3 if name.startswith("norm.") else 4
+
+
+def _resnet_layer(name):
+    if name.startswith("layer"):  # layer1.0.bn1 is block 1, although the stem's regex names bn1
+        stage, block = name[5:].split(".")[:2]
+        return 2 * (int(stage) - 1) + int(block) + 1
+    return 5 if name.startswith("fc.") else 0
+
+
+def _convnext_layer(name):
+    parts = name.split(".")
+    if parts[0] == "stages":  # stage s: its downsample shares an id with its block 0
+        return 2 * int(parts[1]) + (int(parts[3]) if parts[2] == "blocks" else 0) + 1
+    return {"stem": 0, "norm_pre": 4, "head": 5}[parts[0]]
+
+
+# Written by hand from timm's rules (timm.models._manipulate.group_with_matcher): ordinals
+# (group, *regex groups, *suffix) sorted, a trailing 99999 joins the group before, unmatched names last.
+TIMM_LAYERS = {TimmViT: (_vit_layer, 4), TimmResNet: (_resnet_layer, 5), TimmConvNeXt: (_convnext_layer, 5)}
+
+
+@pytest.mark.parametrize("cls", [TimmViT, TimmResNet, TimmConvNeXt], ids=lambda c: c.__name__)
+def test_group_matcher_numbers_layers_as_timm_on_every_parameter(cls):
+    model = cls()
+    groups = lw.param_groups(model, lr=1.0, layer_decay=0.5, no_decay=None)  # no layers=: group_matcher
+    layer, top = TIMM_LAYERS[cls]
+    assert layer_of(groups) == {n: top - layer(n) for n, _ in model.named_parameters()}
+
+
+def test_group_matcher_leaves_frozen_parameters_out_of_the_numbering():
+    # timm #2691: a frozen module numbered after the blocks pushed every trained layer one scale down.
+    model = TimmViT()
+    lw.freeze(model, "head")
+    groups = lw.param_groups(model, lr=1.0, layer_decay=0.5, no_decay=None)
+    assert max(g["lr"] for g in groups) == 1.0 and options_of(groups, "norm.weight")["lr"] == 1.0
+    assert options_of(groups, "blocks.0.attn.weight")["lr"] == 0.5 ** 2
+
+
+def test_explicit_layers_win_over_group_matcher():
+    groups = lw.param_groups(TimmViT(), lr=1.0, layer_decay=0.5, layers="blocks.*", no_decay=None)
+    assert options_of(groups, "head.weight")["lr"] == 1.0 and options_of(groups, "cls_token")["lr"] == 0.5 ** 4
+
+
+# --------------------------------------------------------------------------- schedulers agree
+
+
+def _lrs_by_name(optimizer):
+    return {n: g["lr"] for g in optimizer.param_groups for n in g["names"]}
+
+
+@pytest.mark.parametrize("make", [
+    lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t),
+    lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4),
+    lambda opt: TimmRuleScheduler(opt, lambda t: 0.5 ** t),
+], ids=["LambdaLR", "CosineAnnealingLR", "timm rule"])
+def test_layer_decayed_groups_get_the_intended_lr_under_torch_and_timm_schedulers(vit, make):
+    d, base = 0.75, 1e-3
+    opt = torch.optim.SGD(lw.param_groups(vit, lr=base, layer_decay=d, layers="blocks.*"), lr=base)
+    intended = _lrs_by_name(opt)  # base * d ** (top - layer), before any step
+    scheduler, probe = make(opt), torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    reference = make(probe)  # the same schedule on one group of lr=base: the factor at each step
+    for t in range(1, 4):
+        opt.step(), probe.step()
+        (scheduler.step(t) if isinstance(scheduler, TimmRuleScheduler) else scheduler.step())
+        (reference.step(t) if isinstance(reference, TimmRuleScheduler) else reference.step())
+        factor = probe.param_groups[0]["lr"] / base
+        for name, lr in _lrs_by_name(opt).items():
+            assert lr == pytest.approx(intended[name] * factor, rel=1e-12), (t, name)
+
+
+def test_layer_decayed_groups_agree_with_timms_own_groups_under_timms_scheduler():
+    # timm's way: groups with lr_scale and the base lr, the scheduler multiplies. Ours: lr already scaled.
+    model, d, base = TimmViT(), 0.75, 1e-3
+    ours = torch.optim.AdamW(lw.param_groups(model, lr=base, layer_decay=d, weight_decay=0.05))
+    layer, top = TIMM_LAYERS[TimmViT]
+    timm_groups = [{"params": [p], "names": [n], "lr_scale": d ** (top - layer(n))} for n, p in model.named_parameters()]
+    theirs = torch.optim.AdamW(timm_groups, lr=base)
+    s1, s2 = TimmRuleScheduler(ours), TimmRuleScheduler(theirs)
+    for t in range(3):
+        s1.step(t), s2.step(t)
+        assert _lrs_by_name(ours) == pytest.approx(_lrs_by_name(theirs), rel=1e-12)
+
+
+# --------------------------------------------------------------------------- option values
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"lr": -1e-3}, lw.OptionError, "lr=-0.001; lr takes a finite number >= 0"),
+    ({"lr": "fast"}, lw.OptionTypeError, "lr='fast'; lr takes a number"),
+    ({"lr": float("inf")}, lw.OptionError, "finite"),
+    ({"weight_decay": -0.1}, lw.OptionError, "weight_decay"),
+    ({"rules": {"head": {"lr": -1.0}}}, lw.OptionError, "rule 'head' sets lr=-1.0"),
+    ({"rules": {"head": {"momentum": "0.9"}}}, lw.OptionTypeError, "momentum"),
+    ({"rules": {"head": {"betas": (0.9, 1.5)}}}, lw.OptionError, r"betas takes two numbers in \[0, 1\)"),
+    ({"rules": {"head": {"lrr": 0.1}}, "optimizer": torch.optim.AdamW}, lw.OptionError,
+     "rule 'head' sets 'lrr', which AdamW does not take \\(did you mean 'lr'\\?\\)"),
+    ({"rules": [("head", 0.1)]}, lw.OptionTypeError, "a rule is"),
+    ({"rules": {"head": {"params": []}}}, lw.OptionError, "the selector chooses"),
+    ({"rules": "head"}, lw.OptionTypeError, "rules must be"),
+    ({"optimizer": "adamw"}, lw.OptionTypeError, "optimizer="),
+])
+def test_option_values_are_checked_naming_the_option(vit, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lw.param_groups(vit, **kwargs)
+
+
+def test_option_names_are_checked_against_an_optimizer_instance_or_class(vit):
+    opt = torch.optim.SGD(vit.parameters(), lr=0.1)
+    with pytest.raises(lw.OptionError, match="SGD takes: .*momentum"):
+        lw.param_groups(vit, {"head": {"betas": (0.9, 0.99)}}, optimizer=opt)
+    groups = lw.param_groups(vit, {"head": {"momentum": 0.9, "name": "head", "lr_scale": 1.0}}, lr=0.1, optimizer=opt)
+    torch.optim.SGD(groups)
+    lw.param_groups(vit, {"head": {"anything": 1}})  # no optimizer: custom options pass through
+
+
+@given(st.dictionaries(st.sampled_from(["lr", "weight_decay", "momentum", "betas", "eps", "lrr"]),
+                       st.one_of(st.floats(allow_nan=True), st.integers(-3, 3), st.text(max_size=3), st.none(),
+                                 st.tuples(st.floats(), st.floats()), st.booleans()), max_size=3))
+def test_any_option_value_gives_groups_an_optimizer_takes_or_a_layerwise_error(options):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    try:
+        groups = lw.param_groups(net, {"**": options}, optimizer=torch.optim.AdamW)
+    except lw.LayerwiseError:
+        return
+    opt = torch.optim.AdamW(groups)
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
 
 
 def test_a_rule_matching_nothing_or_only_frozen(vit):
@@ -108,13 +260,6 @@ def test_a_rule_matching_nothing_or_only_frozen(vit):
     lw.freeze(vit, "head")
     with pytest.warns(UserWarning, match="'head' matches only frozen parameters"):
         lw.param_groups(vit, {"head": {"lr": 1.0}})
-
-
-def test_bad_rules_are_refused(vit):
-    with pytest.raises(ValueError, match="rule"):
-        lw.param_groups(vit, [("head", 0.1)])
-    with pytest.raises(ValueError, match="params"):
-        lw.param_groups(vit, {"head": {"params": []}})
 
 
 def test_verbose_prints_the_groups(vit, capsys):
@@ -169,3 +314,27 @@ def test_add_param_group_refuses_only_frozen_and_keeps_torch_names(interleaved):
         lw.add_param_group(opt, interleaved, "lstm2")
     group = lw.add_param_group(opt, interleaved, "linear")
     assert group["param_names"] == ["linear.weight", "linear.bias"]
+
+
+def test_add_param_group_is_all_or_nothing(interleaved):
+    opt = torch.optim.SGD(interleaved.lstm1.parameters(), lr=0.1)
+    lam = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9 ** t)
+    cyc = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    before = (len(opt.param_groups), list(lam.base_lrs), len(lam.lr_lambdas), list(lam._last_lr))
+    with pytest.raises(lw.OptionError, match="scheduler=OneCycleLR"):
+        lw.add_param_group(opt, interleaved, "linear", scheduler=[lam, cyc])  # the first one extendable
+    with pytest.raises(lw.OptionError, match="'lrr', which SGD does not take"):
+        lw.add_param_group(opt, interleaved, "linear", lrr=0.1, scheduler=lam)
+    with pytest.raises(lw.OptionError, match="lr=-1"):
+        lw.add_param_group(opt, interleaved, "linear", lr=-1, scheduler=lam)
+    assert (len(opt.param_groups), list(lam.base_lrs), len(lam.lr_lambdas), list(lam._last_lr)) == before
+    assert all(g.get("initial_lr") is not None for g in opt.param_groups)
+
+
+def test_add_param_group_extends_a_timm_rule_scheduler(interleaved):
+    opt = torch.optim.SGD(interleaved.lstm1.parameters(), lr=0.1)
+    scheduler = TimmRuleScheduler(opt, lambda t: 0.5 ** t)
+    scheduler.base_values = list(scheduler.base_values)
+    lw.add_param_group(opt, interleaved, "linear", lr=0.01, scheduler=scheduler)
+    scheduler.step(1)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.005]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import layerwise as lw
-from layerwise.demo import SiameseLSTM
+from layerwise_demo import SiameseLSTM
 
 from conftest import Interleaved, TiedLM
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -10,82 +12,84 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from ._layer_ids import layer_ids
 from ._term import console
-from .select import (
-    SelectionError,
-    Selector,
-    describe,
-    parse,
-    path_prefix,
-    select,
-    select_modules,
-)
+from .errors import OptionError, OptionTypeError, SelectionError
+from .select import Selector, closest, describe, select
 
 __all__ = ["add_param_group", "param_groups"]
 
 Rules = Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Any, Mapping[str, Any]]]
+
+# Group keys that are not optimizer options but that optimizers carry along: a group's name
+# (Lightning, torch's named groups), timm's scheduler and hybrid-optimizer conventions.
+_GROUP_KEYS = frozenset({"name", "param_names", "initial_lr", "lr_scale", "use_fallback"})
+_NON_NEGATIVE = ("lr", "weight_decay", "momentum", "dampening", "eps", "lr_decay", "initial_accumulator_value")
 
 
 def _as_selectors(key: Any) -> tuple[Selector, ...]:
     return tuple(key) if isinstance(key, (tuple, list)) else (key,)
 
 
-def _rule_list(rules: Rules | None) -> list[tuple[tuple[Selector, ...], dict[str, Any]]]:
+def _known_options(optimizer: Any) -> tuple[str, frozenset[str] | None]:
+    """The optimizer's name and the options its groups take (None: it takes any keyword)."""
+    if optimizer is None:
+        return "", None
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return type(optimizer).__name__, frozenset(optimizer.defaults) | _GROUP_KEYS
+    if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+        signature = inspect.signature(optimizer)
+        if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            return optimizer.__name__, None
+        return optimizer.__name__, frozenset(signature.parameters) - {"params"} | _GROUP_KEYS
+    raise OptionTypeError(f"optimizer={optimizer!r} must be a torch.optim.Optimizer class (torch.optim.AdamW) "
+                          "or instance, to check the options against")
+
+
+def _real(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def check_options(options: Mapping[str, Any], where: str, optimizer: Any = None) -> None:
+    """Refuse, naming ``where`` and the option, an unknown option name or a value the optimizer would refuse late."""
+    name, known = _known_options(optimizer)
+    for key, value in options.items():
+        if key in ("params", "names"):
+            raise OptionError(f"{where} sets {key!r}; the selector chooses the parameters")
+        if known is not None and key not in known:
+            hint = closest(key, sorted(known), 1)
+            raise OptionError(f"{where} sets {key!r}, which {name} does not take"
+                              + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f". {name} takes: {', '.join(sorted(known - _GROUP_KEYS))}.")
+        if key in _NON_NEGATIVE:
+            number = _real(value)
+            if number is None:
+                raise OptionTypeError(f"{where} sets {key}={value!r}; {key} takes a number, e.g. {key}=1e-3")
+            if not (math.isfinite(number) and number >= 0):
+                raise OptionError(f"{where} sets {key}={value!r}; {key} takes a finite number >= 0")
+        elif key == "betas":
+            pair = [_real(b) for b in value] if isinstance(value, (tuple, list)) else []
+            if len(pair) != 2 or any(b is None or not 0 <= b < 1 for b in pair):
+                raise OptionError(f"{where} sets betas={value!r}; betas takes two numbers in [0, 1), e.g. (0.9, 0.999)")
+
+
+def _rule_list(rules: Rules | None, optimizer: Any) -> list[tuple[tuple[Selector, ...], dict[str, Any]]]:
     if rules is None:
         return []
+    if not isinstance(rules, (Mapping, Sequence)) or isinstance(rules, str):
+        raise OptionTypeError(f"rules must be {{selector: {{option: value}}}} or a list of (selector, options) pairs; "
+                              f"got {type(rules).__name__}")
     items = rules.items() if isinstance(rules, Mapping) else rules
     out = []
     for item in items:
         if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[1], Mapping)):
-            raise ValueError(f"a rule is (selector, {{option: value}}); got {item!r}")
+            raise OptionTypeError(f"a rule is (selector, {{option: value}}); got {item!r}")
         key, options = item
-        if "params" in options or "names" in options:
-            raise ValueError(f"rule {key!r} sets 'params'/'names'; the selector chooses the parameters")
+        check_options(options, f"rule {', '.join(map(describe, _as_selectors(key)))}", optimizer)
         out.append((_as_selectors(key), dict(options)))
     return out
-
-
-def _block_ids(model: nn.Module, layers: Selector) -> tuple[dict[int, int], int]:
-    """Layer id of every parameter (by id) for layer-wise decay, and the number of blocks L."""
-    if not isinstance(layers, str) or parse(layers).kind == "re":
-        raise SelectionError(f"layers={layers!r} must be a module path pattern like 'encoder.layers.*' "
-                             "or a type selector like 'type:TransformerEncoderLayer'")
-    if parse(layers).kind == "type":
-        # Each outermost module of that type is one block.
-        blocks: list[str] = []
-        for path, _ in select_modules(model, layers):
-            if not any(path.startswith(b + ".") for b in blocks):
-                blocks.append(path)
-
-        def block(name: str) -> str | None:
-            return next((b for b in blocks if name.startswith(b + ".")), None)
-    else:
-        def block(name: str) -> str | None:
-            return path_prefix(layers, name)
-
-    everything = select(model)
-    order: dict[str, int] = {}
-    assigned: list[tuple[int, int | None]] = []
-    for names, p in zip(everything.aliases(), everything.params()):
-        key = next((b for b in map(block, names) if b is not None), None)
-        if key is not None and key not in order:
-            order[key] = len(order) + 1
-        assigned.append((id(p), order.get(key) if key is not None else None))
-    if not order:
-        raise SelectionError(f"layers={layers!r} matches no numbered blocks of {type(model).__name__}; "
-                             "give the pattern of the repeated blocks, e.g. 'encoder.layers.*' or 'blocks.*'")
-    n_blocks = len(order)
-    ids: dict[int, int] = {}
-    seen_block = 0
-    for pid, layer in assigned:
-        if layer is not None:
-            seen_block = layer
-            ids[pid] = layer
-        else:
-            # Before the first block: embeddings (0). After the last: final norm and head (L + 1).
-            # Between blocks: the block before.
-            ids[pid] = 0 if seen_block == 0 else (n_blocks + 1 if seen_block == n_blocks else seen_block)
-    return ids, n_blocks
 
 
 def _no_decay_ids(model: nn.Module, no_decay: str | Iterable[Selector] | None) -> set[int]:
@@ -109,6 +113,7 @@ def _key(options: Mapping[str, Any]) -> str:
 def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | None = None,
                  weight_decay: float | None = None, no_decay: str | Iterable[Selector] | None = "default",
                  layer_decay: float | None = None, layers: Selector | None = None,
+                 optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer | None = None,
                  verbose: bool = False) -> list[dict[str, Any]]:
     """Param groups for any ``torch.optim`` optimizer, from per-layer rules.
 
@@ -120,16 +125,23 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     a group. Each group carries ``"names"``: one name per parameter, aligned with
     ``"params"`` (``lw.shared`` lists a tied parameter's other names).
 
+    Options are checked when given: ``lr``, ``weight_decay``, ``momentum``, ``eps`` finite
+    numbers >= 0, ``betas`` two numbers in [0, 1); with ``optimizer=`` (a class such as
+    ``torch.optim.AdamW``, or an instance) an option it does not take (``lrr``) is an error.
+
     No decay: parameters with ``ndim <= 1`` (biases, norm weights) and those named by the
     model's ``no_weight_decay()`` (timm's convention) get ``weight_decay=0.0`` after the rules;
     ``no_decay=`` takes selectors to use instead, ``no_decay=None`` turns it off.
 
-    Layer-wise LR decay (BEiT, ELECTRA, timm): with ``layer_decay=d, layers="encoder.layers.*"``
-    the blocks the pattern matches are layers 1..L in model order; parameters before the first
-    block (embeddings, cls token) are layer 0 and those after the last (final norm, head) L + 1.
-    Each group gets ``lr_scale = d ** (L + 1 - layer_id)`` and ``lr`` multiplied by it. (timm's
-    schedulers multiply by ``lr_scale`` themselves: with them, take the groups' ``lr_scale`` and
-    give every group the base lr, or the scale is applied twice.)
+    Layer-wise LR decay (BEiT, ELECTRA, timm), ``layer_decay=d`` in (0, 1]: with
+    ``layers="encoder.layers.*"`` the blocks the pattern matches are layers 1..L in model order;
+    parameters before the first block (embeddings, cls token) are layer 0, the norm right after
+    the last block (a ViT's final norm) closes it, the rest (head) is L + 1. Without
+    ``layers=``, a model with timm's ``group_matcher()`` numbers its own layers exactly as timm's
+    ``param_groups_layer_decay`` does (frozen parameters aside: they shift no trained layer).
+    Each group's ``lr`` is multiplied by ``d ** (top - layer_id)``. The groups carry no
+    ``lr_scale``: ``lr`` is the intended rate, so torch's schedulers (which scale each group's
+    initial lr) and timm's (which would multiply by ``lr_scale`` a second time) both give it.
 
     Example:
         >>> import layerwise as lw, torch
@@ -138,15 +150,24 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         >>> [(g["names"], g["lr"], g["weight_decay"]) for g in groups]
         [(['0.weight'], 0.001, 0.05), (['0.bias'], 0.001, 0.0), (['1.weight'], 0.01, 0.05), (['1.bias'], 0.01, 0.0)]
         >>> opt = torch.optim.AdamW(groups)
+        >>> lw.param_groups(net, {"1": {"lrr": 0.1}}, optimizer=torch.optim.AdamW)
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.OptionError: rule '1' sets 'lrr', which AdamW does not take (did you mean 'lr'?). ...
     """
+    base = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
+    check_options(base, "param_groups", optimizer)
+    rule_list = _rule_list(rules, optimizer)
+    if layer_decay is not None and not (_real(layer_decay) is not None and 0 < layer_decay <= 1):
+        raise (OptionTypeError if _real(layer_decay) is None else OptionError)(
+            f"layer_decay={layer_decay!r}: the factor between a layer's lr and the next's, a number in (0, 1], e.g. 0.75")
+    if layers is not None and layer_decay is None:
+        raise OptionError("layers= says which blocks layer-wise LR decay numbers; give the factor too: layer_decay=0.75")
+
     everything = select(model)
     trainable = [(name, p) for name, p in everything if p.requires_grad]
-    options: dict[int, dict[str, Any]] = {id(p): {} for _, p in trainable}
-    base = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
-    for opts in options.values():
-        opts.update(base)
-
-    for selectors, rule in _rule_list(rules):
+    options: dict[int, dict[str, Any]] = {id(p): dict(base) for _, p in trainable}
+    for selectors, rule in rule_list:
         chosen = select(model, *selectors)
         hit = [p for p in chosen.params() if id(p) in options]
         if not hit:
@@ -158,18 +179,14 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     for pid in _no_decay_ids(model, no_decay) & options.keys():
         options[pid]["weight_decay"] = 0.0
 
-    if layer_decay is not None or layers is not None:
-        if layer_decay is None or layers is None:
-            raise ValueError("layer-wise LR decay needs both layer_decay=<factor> and layers=<block pattern>, "
-                             "e.g. layer_decay=0.75, layers='encoder.layers.*'")
-        layer_of, n_blocks = _block_ids(model, layers)
+    if layer_decay is not None:
+        layer_of, top = layer_ids(model, layers, [name for name, _ in trainable])
         for name, p in trainable:
             opts = options[id(p)]
             if "lr" not in opts:
-                raise ValueError(f"layer-wise LR decay scales a learning rate, but {name} has none: "
-                                 "pass lr=... or give it one through a rule")
-            scale = layer_decay ** (n_blocks + 1 - layer_of[id(p)])
-            opts.update(lr=opts["lr"] * scale, lr_scale=scale)
+                raise OptionError(f"layer-wise LR decay scales a learning rate, but {name} has none: "
+                                  "pass lr=... or give it one through a rule")
+            opts["lr"] = opts["lr"] * layer_decay ** (top - layer_of[name])
 
     groups: dict[str, dict[str, Any]] = {}
     for name, p in trainable:
@@ -201,18 +218,25 @@ def group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
 
 
-def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
-    """Give an LR scheduler what it keeps per param group for a group added after it was built."""
+def check_schedulers(schedulers: Sequence[Any]) -> None:
+    """Refuse, before anything changes, an LR scheduler that cannot follow a group added after it was built."""
     from torch.optim import lr_scheduler
 
-    if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
-        for inner in scheduler._schedulers:
-            _extend_scheduler(inner, group)
-    elif isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)):
-        raise ValueError(f"{type(scheduler).__name__} keeps a schedule per param group that cannot be extended: "
-                         "build the optimizer with every parameter (frozen ones are skipped until they get "
-                         "a gradient) and unfreeze in place, which adds no group")
-    for name, value in (("base_lrs", group["initial_lr"]), ("_last_lr", group["lr"])):
+    for scheduler in schedulers:
+        if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
+            check_schedulers(scheduler._schedulers)
+        elif isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)):
+            raise OptionError(f"scheduler={type(scheduler).__name__} keeps a schedule per param group that cannot be "
+                              "extended: build the optimizer with every parameter (frozen ones are skipped until "
+                              "they get a gradient) and unfreeze in place, which adds no group")
+
+
+def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
+    """Give an LR scheduler what it keeps per param group for a group added after it was built."""
+    for inner in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+        _extend_scheduler(inner, group)
+    # torch's base_lrs and _last_lr, timm's base_values: the new group's own initial and current lr.
+    for name, value in (("base_lrs", group["initial_lr"]), ("base_values", group["initial_lr"]), ("_last_lr", group["lr"])):
         if isinstance(getattr(scheduler, name, None), list):
             getattr(scheduler, name).append(value)
     for name in ("lr_lambdas", "min_lrs"):  # LambdaLR / MultiplicativeLR, ReduceLROnPlateau: as the first group
@@ -223,12 +247,18 @@ def _extend_scheduler(scheduler: Any, group: dict[str, Any]) -> None:
 
 def add_group(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch.Tensor]], options: Mapping[str, Any],
               schedulers: Sequence[Any] = ()) -> dict[str, Any]:
-    """Add ``(name, parameter)`` pairs as one group; refuse any the optimizer holds; extend the schedulers."""
+    """Add ``(name, parameter)`` pairs as one group, all or nothing.
+
+    Every check (a parameter the optimizer holds, an option it does not take or a bad value,
+    a scheduler that cannot follow) runs before the optimizer or a scheduler changes.
+    """
     held = group_index(optimizer)
     twice = [f"{name} is already in param group {held[id(p)]}" for name, p in named if id(p) in held]
     if twice:
-        raise ValueError("cannot add to the optimizer: " + "; ".join(twice)
-                         + ". A parameter may be in one group only; select the others.")
+        raise SelectionError("cannot add to the optimizer: " + "; ".join(twice)
+                             + ". A parameter may be in one group only; select the others.")
+    check_options(options, "add_param_group", optimizer)
+    check_schedulers(schedulers)
     group = {"params": [p for _, p in named], "names": [n for n, _ in named], **options}
     if optimizer.param_groups and "param_names" in optimizer.param_groups[0]:
         group["param_names"] = list(group["names"])  # torch requires all groups or none to be named
@@ -245,11 +275,13 @@ def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selecto
                     scheduler: Any = None, **options: Any) -> dict[str, Any]:
     """Add the selected trainable parameters to ``optimizer`` as one new group with ``options``.
 
-    Refuses a parameter the optimizer already holds, naming it and its group. Options you do
-    not give come from the optimizer's defaults. An LR ``scheduler`` (or a list of them) built
-    on the optimizer is extended to the new group, which torch's schedulers otherwise refuse
-    at their next ``step()``; the new group follows the schedule of the first group. Returns
-    the new group.
+    All or nothing: a parameter the optimizer already holds (named with its group), an option
+    the optimizer does not take or a bad value, or a scheduler that cannot follow the new group
+    is refused before the optimizer or any scheduler changes. Options you do not give come from
+    the optimizer's defaults. An LR ``scheduler`` (torch's or timm's, or a list of them) built
+    on the optimizer is extended to the new group, which torch's schedulers otherwise refuse at
+    their next ``step()``; the new group follows the schedule of the first group from its own
+    lr. Returns the new group.
 
     Example:
         >>> import layerwise as lw, torch
@@ -260,12 +292,12 @@ def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selecto
         >>> lw.add_param_group(opt, net, "1.bias")
         Traceback (most recent call last):
         ...
-        ValueError: cannot add to the optimizer: 1.bias is already in param group 1. ...
+        layerwise.errors.SelectionError: cannot add to the optimizer: 1.bias is already in param group 1. ...
     """
     chosen = select(model, *selectors)
     named = [(name, p) for name, p in chosen if p.requires_grad]
     if not named:
-        raise ValueError(f"every parameter selected by {', '.join(map(describe, selectors))} is frozen; "
-                         "unfreeze them first (lw.unfreeze)")
+        raise SelectionError(f"every parameter selected by {', '.join(map(describe, selectors))} is frozen; "
+                             "unfreeze them first (lw.unfreeze)")
     schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
     return add_group(optimizer, named, options, schedulers)

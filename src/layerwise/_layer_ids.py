@@ -1,0 +1,118 @@
+"""Layer ids for layer-wise LR decay: from a block pattern, or from a timm ``group_matcher()``.
+
+Both return ``{name: layer_id}`` for the trainable parameters (first name of each), ids
+counted from 0 (embeddings, stem) to the top (head). The scale of a layer is
+``decay ** (top - layer_id)``, the convention of BEiT and timm's ``param_groups_layer_decay``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
+from typing import Any
+
+from torch import nn
+
+from .errors import OptionError, SelectionError
+from .select import Selector, parse, path_prefix, select, select_modules
+
+MATCH_PREV_GROUP = 99999.0  # timm: an ordinal ending in this joins the group before it (a ViT's final norm)
+
+__all__ = ["layer_ids"]
+
+
+def layer_ids(model: nn.Module, layers: Selector | None, trainable: Sequence[str]) -> tuple[dict[str, int], int]:
+    """The layer id of each name in ``trainable`` and the top id (whose scale is 1).
+
+    From ``layers=`` (BEiT: top L + 1 even without a head), else the model's ``group_matcher()``
+    (timm: the top is the largest id).
+    """
+    if layers is not None:
+        return _from_blocks(model, layers, set(trainable))
+    matcher = getattr(model, "group_matcher", None)
+    if not callable(matcher):
+        raise OptionError(f"layer-wise LR decay needs the blocks: pass layers=<block pattern> (e.g. layers='blocks.*'); "
+                          f"{type(model).__name__} has no timm-style group_matcher() to read them from")
+    ids = _from_matcher(matcher(coarse=False), trainable)
+    return ids, max(ids.values(), default=0)
+
+
+def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequence[str]) -> dict[str, int]:
+    """timm's ``group_with_matcher``: ordinals per name, sorted, renumbered; ``(…, 99999)`` joins the group before.
+
+    Only trainable names are numbered, so a frozen module (an EMA copy, a frozen stem) shifts no
+    trained layer's scale (timm #2691 counts frozen ones, and scales every trained layer down).
+    """
+    if callable(spec):
+        def ordinal(name: str) -> tuple[float, ...]:
+            value = spec(name)
+            return tuple(map(float, value)) if isinstance(value, Iterable) else (float(value),)
+    else:
+        rules = []
+        for group, (_, pattern) in enumerate(spec.items()):
+            if pattern is None:
+                continue
+            pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
+            rules += [(re.compile(regex), (group,), suffix) for regex, suffix in pairs]
+
+        def ordinal(name: str) -> tuple[float, ...]:
+            for regex, prefix, suffix in rules:
+                found = regex.match(name)  # re.match, as timm: anchored at the start only
+                if found:
+                    return tuple(map(float, chain.from_iterable(filter(None, (prefix, found.groups(), suffix)))))
+            return (float("inf"),)  # matched by no rule: the head (and timm #2712's forgotten reg_token)
+
+    keys = {name: ordinal(name) for name in names}
+    ids: dict[tuple[float, ...], int] = {}
+    lid = -1
+    for key in sorted(set(keys.values())):
+        lid += 0 if lid >= 0 and key[-1] == MATCH_PREV_GROUP else 1
+        ids[key] = lid
+    return {name: ids[key] for name, key in keys.items()}
+
+
+def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tuple[dict[str, int], int]:
+    """Blocks 1..L in model order; before the first 0; the norms right after the last L; the rest L + 1."""
+    if not isinstance(layers, str) or parse(layers).kind == "re":
+        raise SelectionError(f"layers={layers!r} must be a module path pattern like 'encoder.layers.*' "
+                             "or a type selector like 'type:TransformerEncoderLayer'")
+    if parse(layers).kind == "type":
+        blocks: list[str] = []  # each outermost module of that type is one block
+        for path, _ in select_modules(model, layers):
+            if not any(path.startswith(b + ".") for b in blocks):
+                blocks.append(path)
+
+        def block(name: str) -> str | None:
+            return next((b for b in blocks if name.startswith(b + ".")), None)
+    else:
+        def block(name: str) -> str | None:
+            return path_prefix(layers, name)
+
+    everything = select(model)
+    norms = {id(p) for p in select(model, "type:norm", missing_ok=True).params()}
+    order: dict[str, int] = {}
+    assigned: list[tuple[str, int | None, bool]] = []
+    for names, p in zip(everything.aliases(), everything.params()):
+        key = next((b for b in map(block, names) if b is not None), None)
+        if key is not None and key not in order:
+            order[key] = len(order) + 1
+        assigned.append((names[0], order.get(key) if key is not None else None, id(p) in norms))
+    if not order:
+        raise SelectionError(f"layers={layers!r} matches no numbered blocks of {type(model).__name__}; "
+                             "give the pattern of the repeated blocks, e.g. 'encoder.layers.*' or 'blocks.*'")
+    top = len(order)
+    ids: dict[str, int] = {}
+    seen, after_top = 0, False
+    for name, layer, is_norm in assigned:
+        if layer is not None:
+            seen, after_top = layer, False
+        elif seen == top and not after_top and is_norm:
+            layer = top  # the final norm closes the last block (timm's MATCH_PREV_GROUP for ViTs)
+        else:
+            after_top = seen == top
+            # Before the first block: embeddings (0). Between blocks: the block before. After: the head.
+            layer = 0 if seen == 0 else top + 1 if seen == top else seen
+        if name in trainable:
+            ids[name] = layer
+    return ids, top + 1
