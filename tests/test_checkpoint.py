@@ -339,3 +339,57 @@ def test_metadata_must_be_strings_and_round_trips(tmp_path):
 
     with safe_open(tmp_path / "m.safetensors", "pt") as f:
         assert f.metadata()["epoch"] == "3" and f.metadata()["format"] == "pt"
+
+
+# --------------------------------------------------------------------------- .pt files that are not checkpoints
+
+
+_NOISE = torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello world", _NOISE, b"\x80\x04\x95" + _NOISE[:50]],
+                         ids=["empty", "text", "noise", "pickle-noise"])
+def test_bytes_that_are_not_a_torch_checkpoint_are_named_as_such(tmp_path, content):
+    (tmp_path / "x.pt").write_bytes(content)
+    with pytest.raises(lw.CheckpointError, match=r"x\.pt: not a PyTorch checkpoint"):
+        lw.load(tmp_path / "x.pt")
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_a_truncated_torch_checkpoint_is_named_as_such(tmp_path, zipfile):
+    torch.save({"w": torch.randn(100)}, tmp_path / "full.pt", _use_new_zipfile_serialization=zipfile)
+    (tmp_path / "x.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:150])
+    with pytest.raises(lw.CheckpointError, match=r"x\.pt: not a PyTorch checkpoint"):
+        lw.load(tmp_path / "x.pt")
+
+
+def test_sparse_and_meta_tensors_are_named(tmp_path):
+    torch.save({"w": torch.eye(3).to_sparse(), "b": torch.ones(1)}, tmp_path / "sparse.pt")
+    with pytest.raises(lw.CheckpointError, match="tensor 'w' is sparse_coo"):
+        lw.load(tmp_path / "sparse.pt")
+    torch.save({"w": torch.empty(3, device="meta")}, tmp_path / "meta.pt")
+    with pytest.raises(lw.CheckpointError, match="tensor 'w' is on the meta device"):
+        lw.load(tmp_path / "meta.pt")
+    for bad, why in (({"w": torch.eye(2).to_sparse()}, "sparse_coo"), ({"w": torch.empty(2, device="meta")}, "meta")):
+        with pytest.raises(lw.CheckpointError, match=why):
+            lw.save(bad, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- compiled models
+
+
+def test_a_compiled_model_is_saved_under_its_inner_names_and_loads_back_into_it(tmp_path):
+    model = net(0)
+    compiled = torch.compile(model, backend="eager")
+    outer = nn.ModuleDict({"body": torch.compile(net(1), backend="eager")})
+    lw.save(compiled, tmp_path / "c.safetensors")
+    lw.save(outer, tmp_path / "o.safetensors")
+    assert same(lw.load(tmp_path / "c.safetensors"), model.state_dict())
+    assert all("_orig_mod" not in k for k in lw.load(tmp_path / "o.safetensors"))
+    fresh = torch.compile(net(5), backend="eager")
+    lw.load(tmp_path / "c.safetensors", into=fresh)
+    assert same(fresh._orig_mod.state_dict(), model.state_dict())
+    target = nn.ModuleDict({"body": torch.compile(net(6), backend="eager")})
+    lw.load(tmp_path / "o.safetensors", into=target)
+    assert same(target.state_dict(), outer.state_dict())

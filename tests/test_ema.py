@@ -189,6 +189,14 @@ def test_a_model_converted_to_another_dtype_is_refused_by_name():
         ema.update()
 
 
+def test_buffers_replaced_by_a_conversion_are_refused_by_name():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = lw.EMA(net)
+    net.double()
+    with pytest.raises(lw.StateError, match=r"buffer 1\.running_mean was replaced"):
+        ema.update()
+
+
 def test_a_replaced_or_added_parameter_is_refused_by_name():
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     ema = lw.EMA(net)

@@ -307,4 +307,138 @@ def unfreeze_under_a_process_group(rank, world_size):
 
 def test_unfreezing_under_torch_distributed_warns_about_ddp(run_ranks):
     (messages,) = run_ranks(unfreeze_under_a_process_group, world_size=1)
-    assert any("find_unused_parameters=True" in m for m in messages)
+    assert any("pass the wrapper" in m for m in messages)
+
+
+# --------------------------------------------------------------------------- validation, all or nothing
+
+
+@pytest.mark.parametrize("key, error", [(1.7, lw.OptionTypeError), ("1", lw.OptionTypeError), (True, lw.OptionTypeError),
+                                        (-1, lw.OptionError)])
+def test_gradual_unfreeze_schedule_keys_are_non_negative_ints(key, error):
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lw.freeze(net, "1")
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    with pytest.raises(error, match="schedule keys are epochs or steps"):
+        lw.GradualUnfreeze(net, opt, {key: "1"})
+    with pytest.raises(lw.OptionTypeError, match="GradualUnfreeze.step takes the epoch"):
+        lw.GradualUnfreeze(net, opt, {1: "1"}).step("1")
+
+
+@pytest.mark.parametrize("make", [
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=10),
+    # the first inner scheduler could be extended, the second cannot: neither may change
+    lambda o: torch.optim.lr_scheduler.SequentialLR(o, [torch.optim.lr_scheduler.ConstantLR(o, 0.5, total_iters=1),
+                                                        torch.optim.lr_scheduler.CyclicLR(o, 0.01, 0.1)],
+                                                    milestones=[1]),
+])
+def test_a_gradual_unfreeze_step_that_fails_changes_nothing(make):
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 2))
+    lw.freeze(net, "1", "2")
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    scheduler = make(opt)
+    inner = getattr(scheduler, "_schedulers", [scheduler])
+    before = copy.deepcopy([{k: v for k, v in vars(s).items() if k != "optimizer"} for s in inner])
+    schedule = lw.GradualUnfreeze(net, opt, {1: "1", 2: "2"}, scheduler=scheduler)
+    with pytest.raises(lw.OptionError, match="cannot be extended"):
+        schedule.step(2)
+    assert lw.frozen(net) == ["1.weight", "1.bias", "2.weight", "2.bias"]
+    assert not net.train()[1].training and len(opt.param_groups) == 1 and schedule.state_dict() == {"done": []}
+    after = [{k: v for k, v in vars(s).items() if k != "optimizer"} for s in inner]
+    assert repr(after) == repr(before)
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def _batches(steps: int = 6) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)) for _ in range(steps)]
+
+
+def _train_unfreezing(model: nn.Module, prefix: str, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
+    """Layers 0 and 2 frozen, unfrozen at steps 2 and 3, layer 4 frozen at step 4; SGD with momentum."""
+    opt = torch.optim.SGD(lw.param_groups(model, weight_decay=0.01), lr=0.1, momentum=0.9)
+    schedule = lw.GradualUnfreeze(model, opt, {2: prefix + "2", 3: prefix + "0"}, lr=0.05)
+    for step, (x, y) in enumerate(_batches()):
+        schedule.step(step)
+        if step == 4:
+            lw.freeze(model, prefix + "4")
+        opt.zero_grad()
+        part = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)  # this rank's share
+        torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
+        opt.step()
+    inner = getattr(model, "module", model)
+    return {k: v.detach().clone() for k, v in inner.state_dict().items()}
+
+
+def _ddp_unfreezing(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _mlp()
+    lw.freeze(model, "0", "2")
+    return _train_unfreezing(DistributedDataParallel(model), "module.", rank, world_size)
+
+
+def test_unfreezing_and_freezing_a_ddp_model_equals_one_process_over_the_global_batch(run_ranks):
+    ranks = run_ranks(_ddp_unfreezing)
+    model = _mlp()
+    lw.freeze(model, "0", "2")
+    expected = _train_unfreezing(model, "")
+    for name, value in expected.items():
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-6, atol=1e-6, msg=name)
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the replicas never drift apart
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def _train_fsdp_style(model: nn.Module, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """One fully_shard unit: layer 0 frozen throughout, 2.weight unfrozen at step 1, 4.bias frozen at step 2."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    snapshot = {}
+    for step, (x, y) in enumerate(_batches(4)):
+        if step == 1:
+            lw.unfreeze(model, "2.weight")
+        if step == 2:
+            lw.freeze(model, "4.bias")
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items() if k == "4.bias"}
+        opt.zero_grad()
+        shares = [rank] if world_size > 1 else [0, 1]  # one process does both ranks' halves, averaged
+        for r in shares:
+            part = slice(r * 4, r * 4 + 4)
+            (torch.nn.functional.mse_loss(model(x[part]), y[part]) / len(shares)).backward()
+        opt.step()
+    gather = (lambda v: v.full_tensor()) if world_size > 1 else (lambda v: v)
+    return {"final": {k: gather(v.detach()).clone() for k, v in model.state_dict().items()},
+            "at_freeze": {k: gather(v) for k, v in snapshot.items()}}
+
+
+def _fsdp_freezing(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    lw.freeze(model, "0", "2.weight")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    return _train_fsdp_style(model, rank, world_size)
+
+
+def test_freezing_inside_one_fsdp2_unit_keeps_frozen_weights_bit_identical(run_ranks):
+    ranks = run_ranks(_fsdp_freezing)
+    model = _mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    lw.freeze(model, "0", "2.weight")
+    expected = _train_fsdp_style(model, 0, 1)
+    for result in ranks:
+        final = result["final"]
+        assert torch.equal(final["0.weight"], initial["0.weight"]) and torch.equal(final["0.bias"], initial["0.bias"])
+        assert torch.equal(final["4.bias"], result["at_freeze"]["4.bias"])  # frozen mid-run: not one ulp since
+        assert not torch.equal(final["2.weight"], initial["2.weight"])  # unfrozen mid-run: it trained
+        for name, value in expected["final"].items():
+            torch.testing.assert_close(final[name], value, rtol=1e-6, atol=1e-6, msg=name)

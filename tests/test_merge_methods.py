@@ -317,3 +317,12 @@ def test_average_into_leaves_the_model_untouched_when_the_result_does_not_fit():
         with pytest.raises(lw.MergeError, match="nothing was loaded"):
             lw.average([a, b], into=target)
         assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+def test_the_readme_table_is_the_registry():
+    from pathlib import Path
+
+    from layerwise._merge_methods import methods_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert methods_markdown() in readme, "regenerate the README table with _merge_methods.methods_markdown()"

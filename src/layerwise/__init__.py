@@ -43,6 +43,8 @@ __version__ = "0.1.0"
 # one line here (and one in __all__), plus the same import in the TYPE_CHECKING block for IDEs.
 _LAZY = {
     "EMA": "ema",
+    "FlatParameters": "flat",
+    "flatten_parameters": "flat",
     "average": "average",
     "greedy_soup": "average",
     "merge": "average",
@@ -57,42 +59,56 @@ _LAZY = {
     "freeze": "freeze",
     "frozen": "freeze",
     "unfreeze": "freeze",
+    "GradCheck": "grads",
+    "GradStats": "grads",
+    "NonFiniteWatch": "grads",
     "check_grads": "grads",
     "grad_stats": "grads",
     "watch_nonfinite": "grads",
     "add_param_group": "groups",
+    "audit": "audit",
     "param_groups": "groups",
     "show": "inspect",
-    "CSVSink": "monitor",
     "GradMonitor": "monitor",
-    "JSONLSink": "monitor",
-    "TensorBoardSink": "monitor",
+    "CSVSink": "sinks",
+    "Histogram": "sinks",
+    "JSONLSink": "sinks",
+    "Sink": "sinks",
+    "TensorBoardSink": "sinks",
     "Selection": "select",
     "select": "select",
     "shared": "share",
     "tie": "share",
-    "GradReverse": "surgery",
-    "clip_grad_norm": "surgery",
+    "clip_grad_norm": "clip",
+    "pcgrad": "pcgrad",
+    "GradReverse": "reverse",
+    "grad_reverse": "reverse",
+    "GradHooks": "surgery",
+    "GradScale": "surgery",
     "grad_hook": "surgery",
-    "grad_reverse": "surgery",
-    "pcgrad": "surgery",
     "scale_grad": "surgery",
     "set_grad": "surgery",
 }
 
 if TYPE_CHECKING:
+    from .audit import audit
     from .average import average, greedy_soup, merge
     from .checkpoint import Diff, diff_files, load, merge_files, save
+    from .clip import clip_grad_norm
     from .distributed import PeriodicAverager, average_parameters
     from .ema import EMA
+    from .flat import FlatParameters, flatten_parameters
     from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
-    from .grads import check_grads, grad_stats, watch_nonfinite
+    from .grads import GradCheck, GradStats, NonFiniteWatch, check_grads, grad_stats, watch_nonfinite
     from .groups import add_param_group, param_groups
     from .inspect import show
-    from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
+    from .monitor import GradMonitor
+    from .pcgrad import pcgrad
+    from .reverse import GradReverse, grad_reverse
     from .select import Selection, select
     from .share import shared, tie
-    from .surgery import GradReverse, clip_grad_norm, grad_hook, grad_reverse, pcgrad, scale_grad, set_grad
+    from .sinks import CSVSink, Histogram, JSONLSink, Sink, TensorBoardSink
+    from .surgery import GradHooks, GradScale, grad_hook, scale_grad, set_grad
 
 
 def __getattr__(name: str) -> Any:
@@ -125,15 +141,23 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "Sink",
+    "Histogram",
+    "NonFiniteWatch",
+    "GradStats",
+    "GradCheck",
     "CSVSink",
     "CheckpointError",
     "CheckpointNotFoundError",
     "Diff",
     "DistributedError",
     "EMA",
+    "FlatParameters",
     "GradError",
+    "GradHooks",
     "GradMonitor",
     "GradReverse",
+    "GradScale",
     "GradualUnfreeze",
     "JSONLSink",
     "LayerwiseError",
@@ -151,11 +175,13 @@ __all__ = [
     "TensorBoardSink",
     "VerificationError",
     "add_param_group",
+    "audit",
     "average",
     "average_parameters",
     "check_grads",
     "clip_grad_norm",
     "diff_files",
+    "flatten_parameters",
     "freeze",
     "frozen",
     "grad_hook",

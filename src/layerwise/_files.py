@@ -3,44 +3,39 @@
 Streaming works on safetensors headers: every key's shape and dtype is known before any
 tensor is read, and each tensor is read with plain file reads into a buffer of its own. (The
 ``safetensors`` library memory-maps whole files, so every page it touches stays resident;
-reading the simple format directly keeps resident memory to the tensors in use.) Output goes
-to a temporary name in the destination folder and is renamed into place when complete.
+reading the simple format directly keeps resident memory to the tensors in use.) Headers are
+checked in ``_safetensors.py``; outputs are published atomically by ``_publish.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
+from ._publish import INDEXES
+from ._publish import check_output as check_output  # re-exported: the writers' entry points
+from ._publish import staged as staged
+from ._safetensors import ALIASES, parse_json, read_header
 from ._tensors import aliases_of
-from .errors import CheckpointError
+from ._write import Plan as Plan
+from ._write import write as write
+from .errors import CheckpointError, CheckpointNotFoundError
 
 PathLike = str | os.PathLike
 
-_CODES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-}
-_DTYPE_CODES = {v: k for k, v in _CODES.items()}
 _DTYPE_NAMES = {"fp64": torch.float64, "float64": torch.float64, "fp32": torch.float32, "float32": torch.float32,
                 "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-ALIASES = "layerwise.aliases"  # metadata key: {alias: stored key} for tied tensors
-_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLES = ("model.safetensors", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -77,45 +72,6 @@ class _Stored:
     path: Path
     offset: int
     nbytes: int
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
-    """Parse and check a safetensors header: (tensors, metadata, offset of the data)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size < 8:
-            raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
-        n = int.from_bytes(f.read(8), "little")
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated or not a safetensors file (the header claims {n:,} bytes, "
-                                  f"the file has {size:,})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data = size - 8 - n
-    spans = []
-    for key, info in header.items():
-        try:
-            dtype, shape, (start, end) = _CODES[info["dtype"]], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt entry for tensor {key!r}: {info!r}") from None
-        expected = math.prod(shape) * dtype.itemsize
-        if end - start != expected or start < 0:
-            raise CheckpointError(f"{path}: tensor {key!r} has {end - start} bytes for shape {list(shape)} "
-                                  f"of {info['dtype']} ({expected} expected): the file is corrupt")
-        if end > data:
-            raise CheckpointError(f"{path}: truncated: tensor {key!r} ends at byte {end:,} of the data, "
-                                  f"which has only {data:,} bytes")
-        spans.append((start, end, key))
-    spans.sort()
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        if start < end:
-            raise CheckpointError(f"{path}: corrupt: tensors {a!r} and {b!r} overlap")
-    return header, metadata, 8 + n
 
 
 def _nested(obj: Any, key: str | None, path: Path) -> Mapping[str, torch.Tensor]:
@@ -160,15 +116,33 @@ def _torch_load(path: Path) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        lines = [line.strip() for line in str(e).splitlines()]
+        detail = next((line for line in lines if "GLOBAL" in line), None)
+        if detail is None:  # torch reports any broken pickle stream this way too
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file is corrupt, truncated or of another "
+                                  f"kind: {next((x for x in lines if 'Unsupported' in x), 'unreadable pickle')})") from None
         raise CheckpointError(
-            f"{path}: refused to unpickle: it holds Python objects beyond tensors ({detail.strip()}); layerwise "
+            f"{path}: refused to unpickle: it holds Python objects beyond tensors ({detail}); layerwise "
             "loads with weights_only=True and never runs code from a checkpoint. If you trust the file, convert "
             f"it once: python -c \"import torch, layerwise as lw; lw.save(torch.load('{path}', weights_only=False)"
             f"['state_dict'], '{path.with_suffix('.safetensors')}')\" (adjust the key)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # torch's unpickler fails on random bytes with IndexError, KeyError, EOFError...
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file is corrupt, truncated or of another "
+                              f"kind: {why[:200]})") from None
+
+
+def _plain_tensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    for k, t in state.items():
+        if t.layout != torch.strided or t.is_quantized:
+            raise CheckpointError(f"{path}: tensor {k!r} is {str(t.layout).removeprefix('torch.')}"
+                                  f"{' quantized' if t.is_quantized else ''}; layerwise reads dense tensors: "
+                                  "convert it (t.to_dense()) and save again")
+        if t.is_meta:
+            raise CheckpointError(f"{path}: tensor {k!r} is on the meta device: it has a shape but no values "
+                                  "(saved from a model that was never materialized)")
 
 
 @dataclass
@@ -238,37 +212,51 @@ class Checkpoint:
 
 
 def _add_safetensors(ckpt: Checkpoint, path: Path, keys: Sequence[str] | None = None) -> dict[str, str]:
-    header, metadata, data = _read_header(path)
-    for key, info in header.items():
+    header = read_header(path)
+    for key, e in header.tensors.items():
         if keys is not None and key not in keys:
             continue
-        shape, dtype = tuple(info["shape"]), _CODES[info["dtype"]]
-        start, end = info["data_offsets"]
-        ckpt.specs[key] = (shape, dtype)
-        ckpt._stored[key] = _Stored(path, data + start, end - start)
-    return metadata
+        ckpt.specs[key] = (e.shape, e.dtype)
+        ckpt._stored[key] = _Stored(path, header.data_start + e.start, e.end - e.start)
+    return header.metadata
 
 
-def _record_aliases(ckpt: Checkpoint, aliases: Mapping[str, str], where: Path) -> None:
-    for alias, stored in aliases.items():
-        if stored not in ckpt.specs:
-            raise CheckpointError(f"{where}: alias {alias!r} points to {stored!r}, which the checkpoint lacks")
-        ckpt.aliases[alias] = stored
-        ckpt.specs[alias] = ckpt.specs[stored]
+def _record_aliases(ckpt: Checkpoint, aliases: Any, where: Path) -> None:
+    """Tied tensors from metadata, which is data: each alias is checked, a bad one ignored with a warning."""
+    if isinstance(aliases, str):
+        try:
+            aliases = json.loads(aliases)
+        except ValueError:
+            aliases = None
+    if not isinstance(aliases, dict):
+        warnings.warn(f"{where}: ignored the tied-tensor map {ALIASES!r}: it is not a JSON object of names",
+                      stacklevel=3)
+        return
+    stored = dict(ckpt.specs)
+    for alias, target in aliases.items():
+        if not isinstance(target, str) or target not in stored or target in aliases:
+            why = f"points to {target!r:.100}, which the checkpoint does not store"
+        elif alias in stored:
+            why = f"would hide the stored tensor {alias!r}"
+        else:
+            ckpt.aliases[alias] = target
+            ckpt.specs[alias] = stored[target]
+            continue
+        warnings.warn(f"{where}: ignored the tied-tensor alias {alias!r:.100}: it {why}", stacklevel=3)
 
 
 def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     """Open a checkpoint file or folder and check its header(s); no tensor is read yet."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointNotFoundError(f"{path}: no such file or folder")
     if path.is_dir() or path.name.endswith(".index.json"):
         folder = path if path.is_dir() else path.parent
-        index = path if path.is_file() else next((folder / n for n in _INDEXES if (folder / n).exists()), None)
+        index = path if path.is_file() else next((folder / n for n in INDEXES if (folder / n).is_file()), None)
         if index is None:
-            single = next((folder / n for n in _SINGLES if (folder / n).exists()), None)
+            single = next((folder / n for n in _SINGLES if (folder / n).is_file()), None)
             if single is None:
-                raise CheckpointError(f"{folder}: no {' or '.join(_INDEXES + _SINGLES)} in this folder")
+                raise CheckpointError(f"{folder}: no {' or '.join(INDEXES + _SINGLES)} in this folder")
             return open_checkpoint(single, key=key)
         return _open_sharded(index, key)
     if key is not None and path.suffix == ".safetensors":
@@ -276,211 +264,75 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     ckpt = Checkpoint(path)
     if path.suffix == ".safetensors":
         metadata = _add_safetensors(ckpt, path)
-        _record_aliases(ckpt, json.loads(metadata.get(ALIASES, "{}")), path)
+        if ALIASES in metadata:
+            _record_aliases(ckpt, metadata[ALIASES], path)
         return ckpt
     if path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type; use .safetensors, {', '.join(TORCH_SUFFIXES)} or a folder")
     state = _nested(_torch_load(path), key, path)
+    _plain_tensors(state, path)
     ckpt.aliases = aliases_of(state)
     ckpt.specs = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
     ckpt._tensors = {k: t for k, t in state.items() if k not in ckpt.aliases}
     return ckpt
 
 
+def _shard_path(index: Path, shard: Any, key: str) -> Path:
+    """The shard a weight map names, which must be a file inside the index's folder."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{index}: corrupt index: tensor {key!r} is placed in {shard!r:.200}, {why}")
+
+    if not isinstance(shard, str):
+        raise bad("not a file name")
+    try:
+        shard.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad("which is not valid Unicode") from None
+    parts = Path(shard).parts
+    # lexical, not resolve(): a Hugging Face cache links shards to blobs elsewhere, legitimately
+    if not shard or "\0" in shard or Path(shard).is_absolute() or ".." in parts or shard.strip("/. ") == "":
+        raise bad("a path outside the folder; shards are files inside it")
+    target = index.parent / shard
+    if target.name.endswith(".index.json") or target.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise bad("which is not a .safetensors or .bin shard")
+    if not target.is_file():
+        raise bad("which is missing" if not target.exists() else "which is not a file")
+    return target
+
+
 def _open_sharded(index: Path, key: str | None) -> Checkpoint:
     try:
-        spec = json.loads(index.read_text())
-        weight_map: dict[str, str] = spec["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: corrupt index file ({e})") from None
+        raw = index.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror})") from None
+    spec = parse_json(raw, index, "index file")
+    weight_map = spec.get("weight_map") if isinstance(spec, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: corrupt index file: it needs a \"weight_map\" object of tensor → shard")
+    metadata = spec.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{index}: corrupt index file: \"metadata\" is not an object")
     ckpt = Checkpoint(index.parent)
-    shards: dict[str, list[str]] = {}
+    shards: dict[Path, list[str]] = {}
     for k, shard in weight_map.items():
-        shards.setdefault(shard, []).append(k)
-    for shard, keys in shards.items():
-        shard_path = index.parent / shard
-        if not shard_path.exists():
-            raise CheckpointError(f"{index}: shard {shard} (holding {keys[0]} ...) is missing")
+        try:
+            k.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(f"{index}: corrupt index: the tensor name {k!r} is not valid Unicode") from None
+        shards.setdefault(_shard_path(index, shard, k), []).append(k)
+    for shard_path, keys in shards.items():
         if shard_path.suffix == ".safetensors":
-            _add_safetensors(ckpt, shard_path, keys)
+            _add_safetensors(ckpt, shard_path, set(keys))
         else:
             part = open_checkpoint(shard_path, key=key)
             for k in keys:
-                ckpt.specs[k] = part.specs[k]
-            ckpt._tensors = {**ckpt._tensors, **{k: part.read(k) for k in keys}}
+                if k in part.specs:
+                    ckpt.specs[k] = part.specs[k]
+            ckpt._tensors = {**ckpt._tensors, **{k: part.read(k) for k in keys if k in part.specs}}
         missing = [k for k in keys if k not in ckpt.specs]
         if missing:
-            raise CheckpointError(f"{shard_path}: lacks {', '.join(missing[:5])} that {index.name} places there")
-    _record_aliases(ckpt, spec.get("metadata", {}).get(ALIASES, {}), index)
+            raise CheckpointError(f"{shard_path}: lacks {', '.join(map(repr, missing[:5]))} that {index.name} "
+                                  "places there")
+    if ALIASES in metadata:
+        _record_aliases(ckpt, metadata[ALIASES], index)
     return ckpt
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _bytes_of(t: torch.Tensor) -> Any:
-    """A zero-copy buffer of a tensor's bytes (little-endian, as safetensors stores them)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _header_bytes(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, dtype, shape in entries:
-        if dtype not in _DTYPE_CODES:
-            raise CheckpointError(f"tensor {key!r} has dtype {dtype}, which safetensors cannot store")
-        n = math.prod(shape) * dtype.itemsize
-        header[key] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
-    return len(raw).to_bytes(8, "little") + raw
-
-
-def default_permissions(path: Path) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; results get what open() would give them."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@dataclass
-class Plan:
-    """What will be written: stored tensors in order, the aliases, shards, metadata."""
-
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]]
-    aliases: dict[str, str]
-    metadata: dict[str, str]
-    max_shard_size: int | None = None
-
-    def shards(self) -> list[list[tuple[str, torch.dtype, tuple[int, ...]]]]:
-        if self.max_shard_size is None:
-            return [self.entries]
-        shards: list[list] = [[]]
-        size = 0
-        for entry in self.entries:
-            n = math.prod(entry[2]) * entry[1].itemsize
-            if shards[-1] and size + n > self.max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(entry)
-            size += n
-        return shards
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(math.prod(s) * d.itemsize for _, d, s in self.entries)
-
-
-def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
-    for p in inputs:
-        same = output.resolve() == p.resolve() or (output.exists() and p.exists() and os.path.samefile(output, p))
-        inside = output.exists() and output.is_dir() and p.resolve().is_relative_to(output.resolve())
-        if same or inside:
-            raise CheckpointError(f"{output}: the output would overwrite the input {p}; write to another path")
-    if output.exists() and not overwrite:
-        raise CheckpointError(f"{output}: already exists; pass overwrite=True (--force) to replace it")
-    folder = output.parent
-    if not folder.is_dir():
-        raise CheckpointError(f"{output}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise CheckpointError(f"{output}: the folder {folder} is not writable")
-
-
-@contextlib.contextmanager
-def staged(output: Path, *, folder: bool, overwrite: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
-    """A temporary file (or folder) beside ``output`` for the block to fill and fsync; renamed to
-    ``output`` when the block ends cleanly, removed on any error or interruption. A process
-    killed meanwhile leaves only the hidden temporary name, never a partial ``output``."""
-    check_output(output, inputs, overwrite)
-    try:
-        if folder:
-            temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
-        else:
-            fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-            os.close(fd)
-            temp = Path(name)
-    except OSError as e:
-        raise CheckpointError(f"{output}: cannot write in {output.parent} ({e.strerror})") from None
-    try:
-        default_permissions(temp)
-        yield temp
-        if folder:
-            _fsync_dir(temp)
-        if output.exists():  # overwrite=True, checked above: swap the old result out, the new one in
-            old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
-            os.replace(output, old / "old")
-            os.replace(temp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temp, output)
-        _fsync_dir(output.parent)
-    except BaseException:
-        if temp.is_dir():
-            shutil.rmtree(temp, ignore_errors=True)
-        else:
-            temp.unlink(missing_ok=True)
-        raise
-
-
-def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor]], *, overwrite: bool,
-          inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None,
-          model_folder: Callable[[Path], None] | None = None) -> Path:
-    """Write ``plan`` to ``output`` atomically (see :func:`staged`); ``pieces_of(key)`` gives each
-    stored tensor, whole or as consecutive pieces of its flattened elements, in order.
-
-    A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder of shards
-    and an index. With ``model_folder``, ``output`` is a model folder: ``model.safetensors`` (or
-    shards and an index above ``max_shard_size``), and ``model_folder(folder)`` adds its other files
-    (config, tokenizer, card) before the folder is published, all at once.
-    """
-    sharded = plan.max_shard_size is not None and (model_folder is None or len(plan.shards()) > 1)
-    folder = sharded or model_folder is not None
-    if not folder and output.suffix != ".safetensors":
-        raise CheckpointError(f"{output}: write a .safetensors file, or a folder with max_shard_size set")
-    with staged(output, folder=folder, overwrite=overwrite, inputs=inputs) as temp:
-        shards = plan.shards() if sharded else [plan.entries]
-        weight_map = {}
-        for i, entries in enumerate(shards):
-            if sharded:
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                target = temp / name
-                weight_map.update({key: name for key, _, _ in entries})
-            else:
-                target = temp / _SINGLES[0] if folder else temp
-            metadata = {"format": "pt", **plan.metadata}
-            if plan.aliases and not sharded:
-                metadata[ALIASES] = json.dumps(plan.aliases)
-            with open(target, "wb") as f:
-                f.write(_header_bytes(entries, metadata))
-                for key, dtype, shape in entries:
-                    written = 0
-                    for piece in pieces_of(key):
-                        if piece.dtype != dtype:
-                            raise CheckpointError(f"{output}: tensor {key!r} came out as {piece.dtype}, planned {dtype}")
-                        f.write(_bytes_of(piece))
-                        written += piece.numel()
-                        if progress is not None:
-                            progress(piece.numel() * dtype.itemsize)
-                        del piece
-                    if written != math.prod(shape):
-                        raise CheckpointError(f"{output}: tensor {key!r} came out with {written} elements, "
-                                              f"planned {math.prod(shape)} {shape}")
-                f.flush()
-                os.fsync(f.fileno())
-        if sharded:
-            index = {"metadata": {"total_size": plan.total_bytes, **({ALIASES: plan.aliases} if plan.aliases else {})},
-                     "weight_map": weight_map}
-            (temp / _INDEXES[0]).write_text(json.dumps(index, indent=2))
-        if model_folder is not None:
-            model_folder(temp)
-    return output

@@ -118,17 +118,24 @@ def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, ke
     return out / math.fsum(w) if o["normalize"] else out
 
 
-def _gta(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str, sparsify: str | None,
+def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, sparsify: str | None,
          consensus: bool) -> torch.Tensor:
     """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize."""
-    w = o["weight"]
-    deltas = [x - base for x in xs]
-    if sparsify:
-        deltas = [_SPARSIFY[sparsify](d, o, i, key) for i, d in enumerate(deltas)]
+    w, n = o["weight"], len(xs)
+    weighted = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device) if consensus else None
+    mixed = None
+    for i in range(n):
+        delta = xs[i] - base
+        xs[i] = None  # this list is merge_tensor's own: a streamed input is freed here, one at a time
+        if sparsify:
+            delta = _SPARSIFY[sparsify](delta, o, i, key)
+        if consensus:
+            torch.mul(delta, w[i], out=weighted[i])
+        else:
+            mixed = delta.mul_(w[i]) if mixed is None else mixed.add_(delta, alpha=w[i])
+        del delta
     if consensus:
         weights = torch.tensor(w, dtype=base.dtype, device=base.device).view(-1, *([1] * base.ndim))
-        weighted = torch.stack(deltas) * weights
-        del deltas
         total = weighted.sum(0)
         if o.get("convention") == "layerwise":  # a zero sum elects no sign: nothing is added there
             elected = total.sign()
@@ -139,16 +146,13 @@ def _gta(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str, s
         divisor = torch.where(agree, weights, 0.0).sum(0)
         divisor = torch.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = deltas[0] * w[0]
-        for wi, d in zip(w[1:], deltas[1:]):
-            mixed.add_(d, alpha=wi)
         divisor = math.fsum(w)
         divisor = 1.0 if abs(divisor) < 1e-8 else divisor
     if o["normalize"]:
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     if o["lambda"] != 1:
-        mixed = mixed * o["lambda"]
-    return base + mixed
+        mixed.mul_(o["lambda"])
+    return mixed.add_(base)
 
 
 def _lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
@@ -356,10 +360,8 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         compute_dtype = compute_dtype_of([t.dtype for t in tensors] + ([base.dtype] if base is not None else []))
     dtypes: list[torch.dtype] = []
     xs: list[torch.Tensor] = []
-    first: torch.Tensor | None = None
     for x in tensors:
-        if first is None:
-            first = x
+        if not xs:
             if not (x.is_floating_point() or x.is_complex()):
                 return (base if base is not None else x).clone()
             if x.is_complex() and not m.complex_ok:
@@ -369,10 +371,11 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
             cdt = compute_dtype_of([x.dtype] + ([base.dtype] if base is not None else []), compute_dtype)
         dtypes.append(x.dtype)
         xs.append(x.to(cdt))
-    if first is None:
+        del x  # a streamed input in another dtype is released as soon as it is converted
+    if not xs:
         raise MergeError(f"{key}: no tensors to merge")
     out_dtype = dtype or _promote(dtypes + ([base.dtype] if base is not None and base.is_floating_point() else []))
-    if first.numel() == 0:
-        return torch.empty(first.shape, dtype=out_dtype, device=first.device)
+    if xs[0].numel() == 0:
+        return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
     b = base.to(cdt) if base is not None and m.base != "none" else None
     return _function(m)(xs, b, options, key).to(out_dtype)

@@ -209,3 +209,13 @@ def describe_methods() -> str:
             default = "required" if o.default is REQUIRED else f"default {o.default!r}"
             lines.append(f"      {o.name}{' (per model)' if o.per_model else ''}: {o.help}; {default}")
     return "\n".join(lines)
+
+
+def methods_markdown() -> str:
+    """The README's table of methods (a test keeps the README equal to it)."""
+    rows = ["| method | result per floating tensor | base | options (defaults; ᵢ: per model) |", "|---|---|---|---|"]
+    for m in METHODS.values():
+        options = ", ".join(f"`{o.name}{'ᵢ' if o.per_model else ''}={'required' if o.default is REQUIRED else o.default}`"
+                            for o in m.options)
+        rows.append(f"| `{m.name}` | {m.summary} | {m.base} | {options} |")
+    return "\n".join(rows)

@@ -92,10 +92,10 @@ def compile_setting(setting: Any, keys: Sequence[str], where: str) -> Callable[[
                              f"{{filter, value}} rules, not {list(setting)!r}")
         return lambda key, t: _gradient(setting, t)
     if isinstance(setting, Mapping):
-        from .select import select
+        from .select import Walk, select_keys
 
-        names = dict.fromkeys(keys)
-        entries = [(set(select(names, selector).names()), compile_setting(v, keys, where))
+        names = Walk(keys)  # one walk of the keys for every selector of the map
+        entries = [(set(select_keys(names, selector)), compile_setting(v, keys, where))
                    for selector, v in setting.items()]
 
         def last_selector(key: str, t: float) -> Any:
@@ -224,10 +224,9 @@ def merge_plan(method: Method, keys: Sequence[str], models: int, *, weights: Seq
                select: Any = None) -> tuple[dict[str, dict[str, Any]], set[str]]:
     """What ``merge`` and ``merge_files`` both decide before touching a tensor: each key's options, and
     the keys to merge (``select``; the rest come from the base or the first model)."""
-    from .select import as_selectors
-    from .select import select as _select
+    from .select import as_selectors, select_keys
 
     selectors = as_selectors(select)
-    chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
+    chosen = set(select_keys(keys, *selectors)) if selectors else set(keys)
     per_key = resolve_options(method, keys, models, weights=weights, options=options, model_options=model_options)
     return per_key, chosen

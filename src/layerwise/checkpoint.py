@@ -44,29 +44,45 @@ from ._files import (
 from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
+from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import console
 from .average import check_compatible
 from .errors import CheckpointError
-from .select import Selector
-from .select import select as _select
+from .select import Selector, select_keys
 
 __all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
 
 # Element-wise methods (the registry's ``elementwise``) are streamed in slices of this many elements
 # (4 MB of float32), which gives the same result as whole tensors.
+_RESERVED = "layerwise."  # metadata keys layerwise writes and reads back (the tied-tensor map)
 _SLICE = 1 << 20
 
 
-def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+def _unwrapped(name: str) -> str:
+    """A key without torch.compile's wrapper segment: files never hold ``_orig_mod.`` names."""
+    return ".".join(p for p in name.split(".") if p != "_orig_mod") if "_orig_mod" in name else name
+
+
+def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor], path: Path) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, Mapping):
-        bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise CheckpointError(f"not a state dict: {', '.join(map(repr, bad[:5]))} are not tensors")
-        return obj
-    raise CheckpointError(f"save takes an nn.Module or a state dict, not {type(obj).__name__}")
+        obj = obj.state_dict()
+    elif not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: save takes an nn.Module or a state dict, not {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict: {', '.join(map(repr, bad[:5]))} are not tensors")
+    state = {_unwrapped(k): v for k, v in obj.items()}
+    if len(state) < len(obj):
+        raise CheckpointError(f"{path}: keys differ only by torch.compile's '_orig_mod.': save the model once")
+    for k, t in state.items():
+        if not isinstance(k, str) or k == METADATA:
+            raise CheckpointError(f"{path}: a tensor cannot be named {k!r}; rename it")
+        if t.layout != torch.strided or t.is_meta or t.is_quantized:
+            kind = "on the meta device (no values)" if t.is_meta else "quantized" if t.is_quantized else str(t.layout)
+            raise CheckpointError(f"{path}: tensor {k!r} is {kind}; save dense tensors with values "
+                                  "(t.to_dense(), or materialize the model first)")
+    return state
 
 
 def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: PathLike, *,
@@ -79,7 +95,10 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
     ``max_shard_size`` (bytes or ``"5GB"``) ``path`` is a folder in Hugging Face's layout
     (``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json``). The file is
     written under a temporary name and renamed when complete; an existing ``path`` is
-    replaced only with ``overwrite=True``.
+    replaced only with ``overwrite=True`` (a folder keeps the files it holds beside the weights,
+    such as ``config.json``). A ``torch.compile``d model is saved under its inner names (no
+    ``_orig_mod.``). ``metadata`` maps strings to strings; keys starting ``layerwise.`` are
+    reserved.
 
     Example:
         >>> import layerwise as lw, torch, tempfile, os
@@ -92,10 +111,14 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
         True
     """
     path = Path(path)
-    state = _state_dict(model_or_state_dict)
+    state = _state_dict(model_or_state_dict, path)
     bad = [f"{k!r}: {type(v).__name__}" for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise CheckpointError(f"{path}: safetensors metadata maps strings to strings; not {', '.join(bad)}")
+    reserved = [k for k in metadata or {} if k.startswith(_RESERVED)]
+    if reserved:
+        raise CheckpointError(f"{path}: metadata keys starting with {_RESERVED!r} are layerwise's own "
+                              f"({', '.join(map(repr, reserved))}); choose other names")
     if path.suffix in TORCH_SUFFIXES and max_shard_size is None:
         with staged(path, folder=False, overwrite=overwrite) as temp, open(temp, "wb") as f:
             torch.save(dict(state), f)  # torch.save keeps shared storage shared
@@ -128,7 +151,9 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
         stored = {k: ckpt.read(k) for k in ckpt.specs if k not in ckpt.aliases}
         state = {k: stored[ckpt.aliases.get(k, k)] for k in ckpt.specs}
     if into is not None:
-        into.load_state_dict(state, strict=True)
+        # a compiled module (or one holding compiled parts) names its tensors with '_orig_mod.'
+        own = {_unwrapped(k): k for k in into.state_dict()}
+        into.load_state_dict({own.get(k, k): v for k, v in state.items()}, strict=True)
     return state
 
 
@@ -312,7 +337,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
     with _opened([a, b], key) as (ca, cb):
         keys = [k for k in ca.specs if k in cb.specs]
         if selectors:
-            keys = _select(dict.fromkeys(ca.specs), *selectors).names()
+            keys = select_keys(ca.specs, *selectors)
             keys = [k for k in keys if k in cb.specs]
         rows, mismatched = [], []
         for k in keys:
@@ -328,7 +353,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
 def describe_file(path: PathLike, *selectors: Selector, key: str | None = None) -> Table:
     """A table of a checkpoint's tensors from its header(s): name, dtype, shape, numel, bytes, totals."""
     with open_checkpoint(path, key=key) as ckpt:
-        keys = _select(dict.fromkeys(ckpt.specs), *selectors).names() if selectors else list(ckpt.specs)
+        keys = select_keys(ckpt.specs, *selectors) if selectors else list(ckpt.specs)
         stored = [k for k in ckpt.specs if k not in ckpt.aliases]
         total = sum(ckpt.nbytes(k) for k in stored)
         numel = sum(math.prod(ckpt.specs[k][0]) for k in stored)

@@ -206,6 +206,9 @@ class EMA:
             self._buckets.append(bucket)
         copied = [i for i, f in enumerate(floats) if not f]
         self._copied = ([_local(self.shadow_buffers[i]) for i in copied], [_local(self._buffers[i]) for i in copied])
+        self._walk = list(self.model.modules())
+        self._tracked = [_local(t) for t in self._params + self._buffers]
+        self._shapes = [(t.dtype, t.device, t.shape) for t in self._params + self._buffers]
         self._layout = self._signature()
 
     def _rebind_shadows(self, old: list[torch.Tensor], flat: torch.Tensor) -> None:
@@ -217,9 +220,11 @@ class EMA:
         self.shadow_buffers = [views.get(id(s), s) for s in self.shadow_buffers]
 
     def _signature(self) -> tuple:
-        # ~10 µs for 150 tensors: the model's parameter objects, and each tracked one's dtype, device, shape, memory
-        return (tuple(id(p) for m in self.model.modules() for p in m._parameters.values()),
-                tuple((p.dtype, p.device, p.shape, _local(p).data_ptr()) for p in self._params + self._buffers))
+        """What must not change under the EMA, in ~40 µs for 150 tensors: the identity of every module's
+        parameters, buffers and children, and the memory each tracked tensor is in (the old memory
+        stays referenced by the prebuilt buckets, so a re-allocated tensor cannot reuse its address)."""
+        return (tuple(id(t) for m in self._walk for d in (m._parameters, m._buffers, m._modules) for t in d.values()),
+                tuple(t.data_ptr() for t in self._tracked))
 
     def _check_unchanged(self) -> None:
         if self._signature() == self._layout:
@@ -231,13 +236,17 @@ class EMA:
         tracked = {id(p) for p in self._params}
         new = {id(p) for p in wanted} - tracked
         changes += [f"{n} is a new parameter" for n, p in params.items() if id(p) in new]
-        for name, t, (dtype, device, shape, _) in zip(self.names + self._buffer_names, self._params + self._buffers,
-                                                     self._layout[1]):
+        named_buffers = dict(self.model.named_buffers())
+        changes += [f"buffer {n} was replaced (by model.to()?)" for n, b in zip(self._buffer_names, self._buffers)
+                    if named_buffers.get(n) is not b]
+        for name, t, (dtype, device, shape) in zip(self.names + self._buffer_names, self._params + self._buffers,
+                                                   self._shapes):
             if (t.dtype, t.device, t.shape) != (dtype, device, shape):
                 changes.append(f"{name} was {dtype} {tuple(shape)} on {device}, is now {t.dtype} {tuple(t.shape)} "
                                f"on {t.device}")
         if not changes:
-            if self._signature()[1] == self._layout[1]:  # only untracked parameters came or went
+            if self._signature()[1] == self._layout[1]:  # only untracked tensors or modules came or went
+                self._walk = list(self.model.modules())
                 self._layout = self._signature()
                 return
             changes = ["parameters were moved to new memory (model.to(), load_state_dict(assign=True), re-flattened)"]

@@ -119,9 +119,12 @@ class CheckpointError(LayerwiseError, ValueError):
     """A checkpoint that cannot be read or written as asked; the message names the file and key.
 
     Example:
-        >>> import layerwise as lw
-        >>> issubclass(lw.CheckpointError, ValueError)
-        True
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> lw.save({"w": torch.ones(2)}, path, metadata={"epoch": 3})
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.CheckpointError: .../m.safetensors: safetensors metadata maps strings to strings; not 'epoch': int
     """
 
 
@@ -130,8 +133,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
     Example:
         >>> import layerwise as lw
-        >>> issubclass(lw.CheckpointNotFoundError, FileNotFoundError)
-        True
+        >>> lw.load("no-such-model.safetensors")
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.CheckpointNotFoundError: no-such-model.safetensors: no such file or folder
     """
 
 
@@ -139,9 +144,13 @@ class OutputExistsError(CheckpointError, FileExistsError):
     """An output path that already exists: pass ``overwrite=True`` (``--force``) to replace it.
 
     Example:
-        >>> import layerwise as lw
-        >>> issubclass(lw.OutputExistsError, FileExistsError)
-        True
+        >>> import layerwise as lw, torch, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> _ = lw.save({"w": torch.ones(2)}, path)
+        >>> lw.save({"w": torch.zeros(2)}, path)
+        Traceback (most recent call last):
+        ...
+        layerwise.errors.OutputExistsError: .../m.safetensors: already exists; pass overwrite=True (--force) to replace it
     """
 
 

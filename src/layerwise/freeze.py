@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -11,8 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._ddp import ddp_wrapper, fsdp_sharded, rebuild_reducer
+from .errors import OptionError, OptionTypeError
 from .groups import add_group, group_index
-from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, parse, select, select_modules
+from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, resolve, select
 
 __all__ = ["GradualUnfreeze", "freeze", "frozen", "unfreeze"]
 
@@ -63,17 +66,6 @@ def _parents(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     return {path: (m, modules[path.rpartition(".")[0]] if path else m) for path, m in modules.items()}
 
 
-def _check_found(model: nn.Module, selectors: Sequence[Selector]) -> None:
-    """Every selector (a negation's body too) must reach a parameter or a module, else the usual error."""
-    for s in selectors:
-        body = parse(s).body if isinstance(s, str) else s
-        if not select(model, body, missing_ok=True) and not select_modules(model, body):
-            try:
-                select(model, body)  # raises the usual error, naming the closest names
-            except SelectionError as e:
-                raise SelectionError(str(e) if body is s else f"in {s!r}: {e}") from None
-
-
 def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze", "train"] = "freeze",
            missing_ok: bool = False) -> Selection:
     """Freeze the selected parameters (all of them with no selector) so that nothing moves them.
@@ -99,10 +91,11 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
     """
     if norm_stats not in ("freeze", "train"):
         raise ValueError(f"norm_stats must be 'freeze' or 'train', got {norm_stats!r}")
-    if not missing_ok:
-        _check_found(model, selectors)
-    chosen = select(model, *selectors, missing_ok=True)
-    reached = {id(m) for _, m in (select_modules(model, *selectors) if selectors else model.named_modules())}
+    # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
+    resolution = resolve(model, *selectors, missing_ok=missing_ok)
+    chosen = resolution.selection()
+    reached = {id(m) for _, m in resolution.modules}
+    changed = any(p.requires_grad for p in chosen.params())
     for p in chosen.params():
         p.requires_grad_(False)
         p.grad = None
@@ -115,16 +108,18 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
             by_params = all(not p.requires_grad for p in scope) and any(id(p) in touched for p in scope)
             if id(module) in reached or by_params:
                 _freeze_stats(module, parent)
+    if changed and (ddp := ddp_wrapper(model)) is not None:
+        rebuild_reducer(ddp)
     return chosen
 
 
-def _warn_if_distributed(names: Sequence[str]) -> None:
-    if names and dist.is_available() and dist.is_initialized():
+def _warn_if_distributed(model: nn.Module, names: Sequence[str]) -> None:
+    if names and dist.is_available() and dist.is_initialized() and not fsdp_sharded(model):
         warnings.warn(
             f"unfreezing {names[0]}{' ...' if len(names) > 1 else ''} under torch.distributed: "
             "DistributedDataParallel synchronizes only the parameters that required grad when it was "
-            "built. Freeze after wrapping (with find_unused_parameters=True) so that unfrozen layers "
-            "stay in sync, or wrap the model again.", stacklevel=3)
+            "built. If this module is wrapped in DistributedDataParallel, pass the wrapper "
+            "(lw.unfreeze(ddp_model, 'module.<name>')) so that its reducer is rebuilt.", stacklevel=3)
 
 
 def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -> Selection:
@@ -133,8 +128,15 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
     Every selected parameter gets ``requires_grad=True``, however it was frozen. A
     normalization layer whose statistics were frozen is released once any parameter deciding
     it trains (or it lies in the unfrozen subtree): it returns to the mode it had when frozen,
-    or, if the model's train/eval mode changed since, to the model's mode. Under DDP, see the
-    warning this gives about layers frozen when the model was wrapped.
+    or, if the model's train/eval mode changed since, to the model's mode.
+
+    DistributedDataParallel: pass the wrapper itself. DDP all-reduces only the parameters that
+    required grad when it was built; :func:`freeze` and :func:`unfreeze` on the wrapper rebuild
+    its reducer for the new trainable set (as DDP does when unpickled), so an unfrozen layer
+    stays in sync and a frozen one is not waited for, without ``find_unused_parameters``.
+    Every rank must make the same calls. FSDP2 (``fully_shard``) needs nothing more. Under
+    torch.distributed, unfreezing a module that is neither warns that a wrapper around it
+    would not see the change.
 
     Example:
         >>> import layerwise as lw, torch
@@ -144,17 +146,22 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
         >>> net.train()[1].training, lw.frozen(net)
         (True, ['0.weight', '0.bias'])
     """
-    if not missing_ok:
-        _check_found(model, selectors)
-    chosen = select(model, *selectors, missing_ok=True)
-    reached = {id(m) for _, m in (select_modules(model, *selectors) if selectors else model.named_modules())}
-    _warn_if_distributed([name for name, p in chosen if not p.requires_grad])
+    # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
+    resolution = resolve(model, *selectors, missing_ok=missing_ok)
+    chosen = resolution.selection()
+    reached = {id(m) for _, m in resolution.modules}
+    newly = [name for name, p in chosen if not p.requires_grad]
+    ddp = ddp_wrapper(model)
+    if ddp is None:
+        _warn_if_distributed(model, newly)
     for p in chosen.params():
         p.requires_grad_(True)
     for path, (module, parent) in _parents(model).items():
         if _frozen_stats(module) is not None and (
                 id(module) in reached or any(p.requires_grad for p in _scope(model, path))):
             _thaw_stats(module, parent)
+    if newly and ddp is not None:
+        rebuild_reducer(ddp)
     return chosen
 
 
@@ -186,6 +193,10 @@ class GradualUnfreeze:
     made, not when it fires. ``state_dict`` records which entries each step unfroze; restore
     it before ``optimizer.load_state_dict`` so that the groups exist.
 
+    Under DistributedDataParallel pass the wrapper (selectors then start with ``module.``):
+    each unfreezing rebuilds its reducer so the new layers are all-reduced, with no
+    ``find_unused_parameters`` (see :func:`unfreeze`). Under FSDP2 nothing more is needed.
+
     Example:
         >>> import layerwise as lw, torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
@@ -204,15 +215,26 @@ class GradualUnfreeze:
         self.model, self.optimizer, self.group_options = model, optimizer, group_options
         self.schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) \
             else [scheduler]
+        for at in schedule:
+            if isinstance(at, bool) or not isinstance(at, numbers.Integral):
+                raise OptionTypeError(f"GradualUnfreeze: schedule keys are epochs or steps (ints >= 0), got {at!r} "
+                                      f"({type(at).__name__}); a fraction would be truncated, so give the int you mean")
+            if at < 0:
+                raise OptionError(f"GradualUnfreeze: schedule keys are epochs or steps (ints >= 0), got {at}")
         self.schedule = {int(at): as_selectors(s) for at, s in sorted(schedule.items())}
         for at, sels in self.schedule.items():
             if not sels:
                 raise SelectionError(f"the schedule entry at {at} has no selector")
-            _check_found(model, sels)
+            resolve(model, *sels)  # fail now, not when the entry fires
         self.done: list[list[int]] = []  # the schedule entries each step() unfroze, in order
 
     def step(self, epoch: int) -> list[str]:
-        """Unfreeze what is due at ``epoch``; returns the names newly added to the optimizer."""
+        """Unfreeze what is due at ``epoch``; returns the names newly added to the optimizer.
+
+        All or nothing: the new group and the schedulers are checked before any layer is
+        unfrozen, so a step that raises leaves model, optimizer and schedulers as they were."""
+        if isinstance(epoch, bool) or not isinstance(epoch, numbers.Real):
+            raise OptionTypeError(f"GradualUnfreeze.step takes the epoch or step number, got {type(epoch).__name__}")
         finished = {at for entries in self.done for at in entries}
         due = [at for at in self.schedule if at <= epoch and at not in finished]
         return self._apply(due) if due else []
@@ -221,9 +243,9 @@ class GradualUnfreeze:
         selectors = [s for at in entries for s in self.schedule[at]]
         held = group_index(self.optimizer)
         new = [(name, p) for name, p in select(self.model, *selectors, missing_ok=True) if id(p) not in held]
-        unfreeze(self.model, *selectors, missing_ok=True)
-        if new:
+        if new:  # first: it checks the schedulers and options before it changes anything, unfreeze cannot fail
             add_group(self.optimizer, new, self.group_options, self.schedulers)
+        unfreeze(self.model, *selectors, missing_ok=True)
         self.done.append(entries)
         return [name for name, _ in new]
 

@@ -13,8 +13,9 @@ from torch import nn
 
 from ..ema import EMA
 from ..freeze import GradualUnfreeze, freeze
-from ..monitor import GradMonitor, Sink
+from ..monitor import GradMonitor
 from ..select import Selector, as_selectors
+from ..sinks import Sink
 
 Selectors = Selector | Sequence[Selector]
 

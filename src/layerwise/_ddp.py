@@ -1,0 +1,54 @@
+"""Keeping a DistributedDataParallel wrapper in step with the parameters that train.
+
+DDP decides at construction which parameters it all-reduces: those with ``requires_grad``.
+A layer unfrozen later is never synchronised (its replicas drift apart), and a layer frozen
+later leaves the reducer waiting for a gradient that never comes. ``find_unused_parameters``
+hides only the second problem, at the cost of a graph walk every step; ``_set_static_graph``
+fixes neither. So after every freeze or unfreeze on a DDP model the reducer is rebuilt for
+the new set of trainable parameters, as DDP itself does when it is unpickled
+(``DistributedDataParallel.__setstate__``): same process group, bucket size, options and
+communication hooks; no collective, so it costs no synchronisation, but every rank must
+freeze and unfreeze alike, as they must build the wrapper alike.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+
+def ddp_wrapper(model: nn.Module) -> nn.Module | None:
+    """``model`` if it is a DistributedDataParallel wrapper (never imports torch.distributed)."""
+    parallel = sys.modules.get("torch.nn.parallel.distributed")
+    ddp = getattr(parallel, "DistributedDataParallel", None)
+    return model if ddp is not None and isinstance(model, ddp) else None
+
+
+def rebuild_reducer(ddp: nn.Module) -> None:
+    """Give ``ddp`` a new reducer over the parameters that require grad now."""
+    import torch.distributed as dist
+
+    if getattr(ddp, "_delay_all_reduce_all_params", False):
+        return  # every parameter is all-reduced by one hook after backward: no reducer to rebuild
+    ddp.reducer._remove_autograd_hooks()
+    parameters, expect_sparse = ddp._build_params_for_reducer()
+    names = ddp._build_debug_param_to_name_mapping(parameters)
+    ddp._ddp_init_helper(parameters, expect_sparse, names, ddp.static_graph)
+    if ddp.static_graph:
+        ddp.reducer._set_static_graph()
+        ddp.logger._set_static_graph()
+    for hook, state in ddp._comm_hooks:
+        dist._register_comm_hook(ddp.reducer, state, hook)
+    ddp._has_rebuilt_buckets = False
+    if ddp._use_python_reducer:
+        for handle in ddp._accum_grad_hooks:
+            handle.remove()
+        ddp._accum_grad_hooks = []
+        ddp._register_accum_grad_hook()
+
+
+def fsdp_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) manages ``model``: it follows requires_grad by itself."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    return fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())

@@ -1,0 +1,113 @@
+"""PCGrad: backward through several task losses with their conflicting gradients projected away."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ._tensors import buckets, pick
+from .errors import GradError
+from .select import Selector, describe, select
+from .surgery import like, trainable
+
+__all__ = ["pcgrad"]
+
+
+def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selector,
+           reduction: Literal["mean", "sum"] = "mean", generator: torch.Generator | None = None) -> None:
+    """Backward through several task losses with projected conflicting gradients (PCGrad).
+
+    Each task's gradient of the selected parameters ``g_i`` is projected onto the normal plane
+    of every other task's ``g_j`` with which it conflicts (``g_i . g_j < 0``), the others taken
+    in a random order drawn from ``generator``, a CPU ``torch.Generator`` (torch's default
+    one if None) (Yu et al., 2020, "Gradient Surgery for Multi-Task Learning"). The projected
+    gradients are combined and written into ``.grad``, replacing it: call ``pcgrad`` instead
+    of ``loss.backward()``.
+
+    ``reduction`` ("mean" or "sum") combines the gradients of parameters every loss reaches;
+    a selected parameter that only some losses reach (a task's head) gets the sum, as in the
+    reference implementation, so it is not divided by the number of tasks. A loss that does
+    not reach a parameter counts as a zero gradient there. Parameters outside the selection
+    get the plain sum of the losses' gradients; parameters no loss reaches are left alone.
+    Select the shared trunk to leave task heads out of the projection.
+
+    The projections are done on the ``T x T`` Gram matrix of the task gradients, so beyond the
+    ``T`` backward passes the surgery costs two matrix products per (device, dtype) of
+    parameters, and nothing waits for the device. Under DistributedDataParallel the
+    gradients written are local to each rank, as with :func:`set_grad`.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 1, bias=False)
+        >>> _ = torch.nn.init.ones_(net.weight)
+        >>> losses = [net(torch.tensor([1.0, 0.0])).sum(), net(torch.tensor([-1.0, 1.0])).sum()]
+        >>> lw.pcgrad(losses, net)
+        >>> net.weight.grad  # the mean of (1, 0) + 0.5 (-1, 1) and (-1, 1) + (1, 0)
+        tensor([[0.2500, 0.7500]])
+    """
+    losses = list(losses)
+    if len(losses) < 2:
+        raise GradError(f"pcgrad needs two losses or more, got {len(losses)}: with one task, call loss.backward()")
+    if reduction not in ("mean", "sum"):
+        raise GradError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise GradError(f"pcgrad: loss {i} must be a one-element tensor, got {got}")
+        if not loss.requires_grad:
+            raise GradError(f"pcgrad changed nothing: loss {i} does not require grad (it depends on no trainable parameter)")
+    chosen = [p for _, p in trainable(model, selectors, "pcgrad")]
+    ids = {id(p) for p in chosen}
+    others = [p for p in select(model).params() if p.requires_grad and id(p) not in ids]
+    tasks = len(losses)
+    grads = [torch.autograd.grad(loss, chosen + others, retain_graph=i < tasks - 1, allow_unused=True)
+             for i, loss in enumerate(losses)]
+    unreached = [str(i) for i, g in enumerate(grads) if all(x is None for x in g[:len(chosen)])]
+    if unreached:
+        raise GradError(f"pcgrad changed nothing: loss {', '.join(unreached)} reaches none of the selected parameters "
+                        f"({', '.join(map(describe, selectors)) or 'all'}). Select parameters every loss depends on "
+                        "(the shared trunk), or leave those losses out.")
+    # By parameter: each task's gradient, None where the task does not reach it.
+    by_param = list(zip(*grads))
+    projected = [(p, gs) for p, gs in zip(chosen, by_param) if any(g is not None for g in gs)]
+
+    with torch.no_grad():
+        groups = buckets([p for p, _ in projected])
+        mats = {key: _task_matrix(pick(projected, idx), tasks, torch.promote_types(key[1], torch.float32))
+                for key, idx in groups.items()}
+        first = next(iter(mats.values()))
+        gram = sum((m @ m.T).to(first.device) for m in mats.values())
+        # Each projected gradient stays a combination of the original ones, pc_i = coef[i] @ G,
+        # so a projection is a few ops on T numbers: pc_i . g_j = coef[i] @ gram[:, j].
+        coef = torch.eye(tasks, dtype=gram.dtype, device=gram.device)
+        for i in range(tasks):
+            rest = [j for j in range(tasks) if j != i]
+            for r in torch.randperm(tasks - 1, generator=generator).tolist():
+                j = rest[r]
+                dot = coef[i] @ gram[:, j]
+                coef[i, j] -= torch.where(dot < 0, dot / gram[j, j], 0.0)
+        weights = coef.sum(0)
+        for key, idx in groups.items():
+            entries = pick(projected, idx)
+            merged = weights.to(mats[key]) @ mats[key]
+            for (p, gs), flat in zip(entries, merged.split([p.numel() for p, _ in entries])):
+                if reduction == "mean" and all(g is not None for g in gs):
+                    flat = flat / tasks
+                p.grad = like(p).copy_(flat.view(p.shape))
+        for p, gs in zip(others, by_param[len(chosen):]):
+            reached = [g for g in gs if g is not None]
+            if reached:
+                p.grad = like(p).copy_(reached[0])
+                for g in reached[1:]:
+                    p.grad.add_(g)
+
+
+def _task_matrix(entries: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor | None]]], tasks: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """(tasks x numel): row t is task t's gradient of the entries' parameters, zero where it does not reach one."""
+    rows = [torch.cat([(gs[t] if gs[t] is not None else p.new_zeros(p.shape)).reshape(-1) for p, gs in entries])
+            for t in range(tasks)]
+    return torch.stack(rows).to(dtype)
