@@ -49,6 +49,7 @@ def main(rounds: int = 3) -> None:
         "lw_flat": timed(ema_flat.update),
         "swa_multi": timed(lambda: swa_multi.update_parameters(model)),
         "swa_default": timed(lambda: swa_default.update_parameters(model)),
+        "check": ema_flat._check_unchanged,  # lw's fixed cost per update: is the model still the one tracked?
     }
     print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads; "
           f"{numel / 1e6:.2f} M parameters in {len(list(model.parameters()))} tensors")
@@ -73,6 +74,8 @@ def main(rounds: int = 3) -> None:
     print(f"AveragedModel(multi) ÷ lw:    {spread(lambda t: t['swa_multi'] / t['lw'])}   target >= 1.5 in "
           f"{rounds} of {rounds}: {sum(f >= 1.5 for f in faster)} of {rounds}")
     print(f"AveragedModel() ÷ lw:         {spread(lambda t: t['swa_default'] / t['lw'])}")
+    print(f"lw's change check ÷ limit:    {spread(lambda t: t['check'] / t['limit'])}   "
+          f"({ms(sorted(t['check'] for t in results)[len(results) // 2])} per update)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import layerwise as lw
-from layerwise.demo import SiameseLSTM
+from layerwise_demo import SiameseLSTM
 
 torch.manual_seed(0)
 model = SiameseLSTM(hidden=16)

@@ -140,3 +140,59 @@ def test_max_norm_zero_zeroes_and_inf_leaves_bit_identical(vit):
     assert_same_grads(vit, before)
     lw.clip_grad_norm(vit, 0.0)
     assert all((p.grad == 0).all() for p in vit.parameters())
+
+
+# --------------------------------------------------------------------------- sharded (FSDP2)
+
+
+def _uneven_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)  # sizes that do not divide by 2 ranks
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 3))
+
+
+def _backward_half(model: torch.nn.Module, rank: int, world_size: int) -> None:
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    model(x[rank::world_size]).square().mean().mul(100).backward()  # big enough that every layer clips
+
+
+def _fsdp_clip(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_uneven_mlp(), mesh=init_device_mesh("cpu", (world_size,)))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": [*model[2:].parameters()]}], lr=0.1)
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: calls.append(1) or all_reduce(*a, **k)
+    out = {}
+    for per, optimizer in (("layer", None), ("group", opt), ("selection", None)):
+        model.zero_grad()
+        _backward_half(model, rank, world_size)
+        calls.clear()
+        norms = lw.clip_grad_norm(model, 1.0, per=per, optimizer=optimizer)
+        out[per] = ({k: v.clone() for k, v in norms.items()}, len(calls),
+                    {n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    dist.all_reduce = all_reduce
+    return out
+
+
+def test_clipping_an_fsdp2_model_equals_one_process_with_one_collective_per_call(run_ranks):
+    ranks = run_ranks(_fsdp_clip)
+    model = _uneven_mlp()
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": [*model[2:].parameters()]}], lr=0.1)
+    for per, optimizer in (("layer", None), ("group", opt), ("selection", None)):
+        model.zero_grad()
+        for rank in range(2):  # the mean of the two ranks' losses: what FSDP2's averaged gradient is
+            _backward_half(model, rank, 2)
+        for p in model.parameters():
+            p.grad /= 2
+        expected = lw.clip_grad_norm(model, 1.0, per=per, optimizer=optimizer)
+        for norms, collectives, grads in (r[per] for r in ranks):
+            assert collectives == 1, per
+            assert list(norms) == list(expected) and all(norms[k] > 1.0 for k in norms)
+            for key, value in expected.items():
+                torch.testing.assert_close(norms[key], value, rtol=1e-6, atol=0, msg=f"{per} {key}")
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-7, msg=f"{per} {name}")

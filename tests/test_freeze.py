@@ -393,3 +393,52 @@ def test_unfreezing_and_freezing_a_ddp_model_equals_one_process_over_the_global_
     for name, value in expected.items():
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-6, atol=1e-6, msg=name)
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # the replicas never drift apart
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def _train_fsdp_style(model: nn.Module, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """One fully_shard unit: layer 0 frozen throughout, 2.weight unfrozen at step 1, 4.bias frozen at step 2."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    snapshot = {}
+    for step, (x, y) in enumerate(_batches(4)):
+        if step == 1:
+            lw.unfreeze(model, "2.weight")
+        if step == 2:
+            lw.freeze(model, "4.bias")
+            snapshot = {k: v.detach().clone() for k, v in model.state_dict().items() if k == "4.bias"}
+        opt.zero_grad()
+        shares = [rank] if world_size > 1 else [0, 1]  # one process does both ranks' halves, averaged
+        for r in shares:
+            part = slice(r * 4, r * 4 + 4)
+            (torch.nn.functional.mse_loss(model(x[part]), y[part]) / len(shares)).backward()
+        opt.step()
+    gather = (lambda v: v.full_tensor()) if world_size > 1 else (lambda v: v)
+    return {"final": {k: gather(v.detach()).clone() for k, v in model.state_dict().items()},
+            "at_freeze": {k: gather(v) for k, v in snapshot.items()}}
+
+
+def _fsdp_freezing(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _mlp()
+    lw.freeze(model, "0", "2.weight")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    return _train_fsdp_style(model, rank, world_size)
+
+
+def test_freezing_inside_one_fsdp2_unit_keeps_frozen_weights_bit_identical(run_ranks):
+    ranks = run_ranks(_fsdp_freezing)
+    model = _mlp()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    lw.freeze(model, "0", "2.weight")
+    expected = _train_fsdp_style(model, 0, 1)
+    for result in ranks:
+        final = result["final"]
+        assert torch.equal(final["0.weight"], initial["0.weight"]) and torch.equal(final["0.bias"], initial["0.bias"])
+        assert torch.equal(final["4.bias"], result["at_freeze"]["4.bias"])  # frozen mid-run: not one ulp since
+        assert not torch.equal(final["2.weight"], initial["2.weight"])  # unfrozen mid-run: it trained
+        for name, value in expected["final"].items():
+            torch.testing.assert_close(final[name], value, rtol=1e-6, atol=1e-6, msg=name)

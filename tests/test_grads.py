@@ -138,6 +138,66 @@ def test_unknown_statistic_and_grouping_are_errors_that_say_what_is_valid(vit):
         lw.grad_stats(vit, by=0)
 
 
+class SparseBag(nn.Module):
+    """A sparse embedding (its gradient is a sparse COO tensor) feeding a dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 3, sparse=True)
+        self.out = nn.Linear(3, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(tokens)).sum()
+
+
+def sparse_backward(tokens=((1, 1, 4), (2, 4, 4))) -> SparseBag:
+    torch.manual_seed(0)
+    model = SparseBag()
+    for row in tokens:  # two backwards: an uncoalesced gradient with repeated rows
+        model(torch.tensor(row)).backward()
+    assert model.embed.weight.grad.is_sparse and not model.embed.weight.grad.is_coalesced()
+    return model
+
+
+@pytest.mark.parametrize("foreach", [None, False])
+def test_sparse_gradients_get_the_statistics_of_their_dense_form(foreach):
+    model = sparse_backward()
+    dense = model.embed.weight.grad.to_dense()
+    got = lw.grad_stats(model, foreach=foreach)
+    assert_stats_close(got["embed.weight"], by_hand(dense))
+    assert got["embed.weight"]["zero_frac"] == pytest.approx(7 / 10), "rows 0, 3, 5-9 are implicit zeros"
+    pooled = lw.grad_stats(model, by="module")["embed"]
+    assert_stats_close(pooled, by_hand(dense))
+    assert lw.check_grads(model).ok
+
+
+def test_sparse_gradients_are_checked_for_nonfinite_values():
+    model = sparse_backward()
+    with lw.watch_nonfinite(model):  # finite: every backward of a sparse model passes
+        model(torch.tensor([3])).backward()
+    model.embed.weight.grad = torch.sparse_coo_tensor([[2]], [[0.0, math.nan, 0.0]], (10, 3))
+    assert lw.check_grads(model).nonfinite == ["embed.weight"]
+    assert lw.grad_stats(model).nonfinite == ["embed.weight"]
+    model.zero_grad()
+    model.out.weight.data[0, 0] = math.inf
+    with lw.watch_nonfinite(model), pytest.raises(lw.NonFiniteGradError) as e:
+        model(torch.tensor([3])).backward()
+    assert e.value.names[0] == "embed.weight"
+
+
+def test_complex_gradients_get_magnitude_statistics_and_a_named_refusal_of_the_rest():
+    holder = nn.Module()
+    holder.z = nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+    holder.z.grad = torch.tensor([3 + 4j, 0j, -1j, 0j], dtype=torch.complex64)
+    got = lw.grad_stats(holder, stats=["norm", "max_abs", "zero_frac"])["z"]
+    assert got == pytest.approx({"norm": math.sqrt(26), "max_abs": 5.0, "zero_frac": 0.5})
+    with pytest.raises(lw.GradError, match="'z' has a complex gradient.*stats=\\['norm', 'max_abs', 'zero_frac'\\]"):
+        lw.grad_stats(holder)
+    assert lw.check_grads(holder).ok
+    holder.z.grad[1] = complex(math.nan, 0)
+    assert lw.check_grads(holder).nonfinite == ["z"]
+
+
 # --------------------------------------------------------------------------- anomaly checks
 
 

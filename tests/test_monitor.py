@@ -25,8 +25,8 @@ def make_data(n: int = 6) -> list[torch.Tensor]:
 
 def test_monitor_counts_optimizer_steps_and_logs_only_on_log_steps(vit, monkeypatch):
     calls = []
-    real = monitor_module._primitives
-    monkeypatch.setattr(monitor_module, "_primitives", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = monitor_module.local_primitives
+    monkeypatch.setattr(monitor_module, "local_primitives", lambda *a, **k: calls.append(1) or real(*a, **k))
     opt = torch.optim.SGD(vit.parameters(), lr=0.01)
     expected: list[float] = []
 
@@ -108,9 +108,14 @@ def test_monitor_warn_and_ignore_policies(vit):
 
 
 def test_monitor_arguments_are_checked_at_construction(vit):
-    with pytest.raises(lw.GradError, match="every=0"):
+    with pytest.raises(lw.OptionError, match="every=0"):
         lw.GradMonitor(vit, every=0)
-    with pytest.raises(lw.GradError, match="on_nonfinite='stop'"):
+    with pytest.raises(lw.OptionTypeError, match="every=1.5") as e:
+        lw.GradMonitor(vit, every=1.5)
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(lw.OptionError, match="flush_every=0"):
+        lw.GradMonitor(vit, flush_every=0)
+    with pytest.raises(lw.OptionError, match="on_nonfinite='stop'"):
         lw.GradMonitor(vit, on_nonfinite="stop")
     with pytest.raises(lw.GradError, match="unknown statistic 'l2'"):
         lw.GradMonitor(vit, stats=["l2"])
@@ -289,3 +294,66 @@ def test_a_step_that_raised_still_counts(vit):
     backward(vit)
     monitor.step()
     assert sorted({r["step"] for r in monitor.history}) == [0, 1]
+
+
+# --------------------------------------------------------------------------- batched transfers, layouts
+
+
+def test_every_step_logging_moves_rows_to_the_host_in_batches(vit, tmp_path, monkeypatch):
+    transfers = []
+    real = monitor_module.to_host
+    monkeypatch.setattr(monitor_module, "to_host", lambda ts: transfers.append(1) or real(ts))
+    opt = torch.optim.SGD(vit.parameters(), lr=0.01)
+    monitor = lw.GradMonitor(vit, every=1, optimizer=opt, on_nonfinite="warn", flush_every=5,
+                             sinks=[lw.CSVSink(tmp_path / "g.csv")])
+    data = make_data(12)
+    vit(data[0]).square().mean().backward()
+    opt.step()
+    assert transfers == [] and not (tmp_path / "g.csv").exists(), "nothing waits for the device on a log step"
+    vit.head.bias.grad.fill_(math.nan)  # found when the batch reaches the host, with its step
+    with pytest.warns(RuntimeWarning, match="step 1 in head.bias"):
+        for x in data[1:]:
+            vit(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(transfers) == 2, "steps 0-4 and 5-9, one transfer each"
+    with open(tmp_path / "g.csv", newline="") as f:
+        assert sorted({int(row["step"]) for row in csv.DictReader(f)}) == list(range(10))
+    monitor.remove()
+    with open(tmp_path / "g.csv", newline="") as f:
+        assert sorted({int(row["step"]) for row in csv.DictReader(f)}) == list(range(12))
+    assert len(transfers) == 3
+
+
+def test_a_sparse_embedding_is_monitored_by_its_stored_values(tmp_path):
+    from test_grads import sparse_backward
+
+    model = sparse_backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    want = lw.grad_stats(model).to_dict()
+    dense = model.embed.weight.grad.to_dense()
+    with lw.GradMonitor(model, optimizer=opt, sinks=[lw.TensorBoardSink(tmp_path, histograms=True)]) as monitor:
+        opt.step()
+    rows = {r["layer"]: r for r in monitor.history}
+    assert {s: rows["embed.weight"][f"grad_{s}"] for s in lw.grads.STATS} == pytest.approx(want["embed.weight"])
+    assert rows["embed.weight"]["update_ratio"] == pytest.approx(0.1 * dense.norm().item() / rows["embed.weight"]
+                                                                 ["weight_norm"], rel=1e-5)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path)).Reload()
+    h = events.Histograms("grad/embed.weight")[0].histogram_value
+    assert (h.num, h.min, h.max) == (30, dense.min().item(), dense.max().item())
+    assert sum(h.bucket) == 30, "the 21 implicit zeros are counted"
+
+
+def test_complex_parameters_are_monitored_by_magnitude_or_refused_by_name():
+    holder = nn.Module()
+    holder.z = nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    holder.z.grad = torch.tensor([3 + 4j, 0j])
+    with pytest.raises(lw.GradError, match="'z' has a complex gradient"):
+        lw.GradMonitor(holder)
+    with lw.GradMonitor(holder, stats=["norm", "max_abs", "zero_frac"]) as monitor:
+        monitor.step()
+    (row,) = monitor.history
+    assert (row["grad_norm"], row["grad_max_abs"], row["grad_zero_frac"], row["weight_norm"]) == pytest.approx(
+        (5.0, 5.0, 0.5, math.sqrt(2)))

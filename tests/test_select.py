@@ -1,12 +1,13 @@
 import re
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
-from layerwise.select import path_prefix
+from layerwise.select import Walk, path_prefix, resolve, select_keys
 
 from conftest import random_models
 
@@ -103,7 +104,7 @@ def test_select_works_on_a_state_dict_grouping_aliases(tied_lm):
     sd = tied_lm.state_dict()
     sel = lw.select(sd, "decoder")
     assert sel.aliases() == [("embed.weight", "decoder.weight"), ("decoder.bias",)]
-    with pytest.raises(lw.SelectionError, match="need a model"):
+    with pytest.raises(lw.SelectionError, match="needs a model"):
         lw.select(sd, "type:norm")
 
 
@@ -239,3 +240,161 @@ def test_wildcards_keep_the_name_they_came_from(model, data):
     assert name in lw.select(model, "re:" + re.escape(name))
     sel = lw.select(model, "re:" + re.escape(name))
     assert len(sel) == 1
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def test_double_star_runs_in_linear_time_and_collapses(vit):
+    # v0.1 backtracked through every split of the segments among the stars: seconds for this.
+    assert lw.select(vit, "**." * 12 + "bias").names() == lw.select(vit, "**.bias").names()
+    deep = nn.Module()
+    leaf = deep
+    for _ in range(24):
+        leaf.a = nn.Module()
+        leaf = leaf.a
+    leaf.w = nn.Parameter(torch.zeros(1))
+    # Twelve `**` each followed by a segment that occurs 24 times and a last one that never does.
+    assert len(lw.select(deep, "**.a." * 12 + "nothing", missing_ok=True)) == 0
+    assert lw.select(deep, "**.a." * 12 + "w").names() == [".".join(["a"] * 24 + ["w"])]
+
+
+@pytest.mark.parametrize("selector", ["layers.[\u00b2]", "layers.[\u0663]", "layers.[1-\u00b2]", "re:a{99999999999}",
+                                      "re:" + "(?:" * 5000 + ")" * 5000, "re:(?i", "type:L\u00e9", "a.[1,,2]", "a.[]"])
+def test_hostile_selectors_are_selection_errors(selector, vit):
+    with pytest.raises(lw.SelectionError):
+        lw.select(vit, selector)
+
+
+_ALPHABET = st.sampled_from(list("ab.*[]-,!:0123456789 \u00b2{}()?+|^$\\") + ["re:", "type:", "**", "blocks", "norm"])
+
+
+@given(st.one_of(st.text(max_size=30), st.lists(_ALPHABET, max_size=12).map("".join)))
+def test_any_string_gives_a_result_or_a_selection_error(text):
+    model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    for source in (model, model.state_dict()):
+        try:
+            sel = lw.select(source, text, missing_ok=True)
+        except lw.SelectionError:
+            continue
+        assert all(name in all_names(model) for names in sel.aliases() for name in names)
+    try:
+        select_keys(["0.weight", "1.bias"], text, missing_ok=True)
+    except lw.SelectionError:
+        pass
+
+
+@given(st.integers(0, 10**12), st.integers(0, 10**12), st.integers(0, 10**12), st.integers(0, 3))
+def test_numeric_ranges_match_exactly_their_integers(a, b, n, zeros):
+    lo, hi = min(a, b), max(a, b)
+    for probe in (n, lo, hi, lo - 1, hi + 1):
+        if probe < 0:
+            continue
+        key = f"layers.{'0' * zeros}{probe}.w"
+        assert bool(select_keys([key], f"layers.[{lo}-{hi}]", missing_ok=True)) == (lo <= probe <= hi)
+    assert select_keys(["b.7", "b.07", "b.70", "b.3"], "b.[7,3]") == ["b.7", "b.07", "b.3"]
+
+
+def _selectors(model: nn.Module, data) -> object:
+    """A selector built from the model's own names: paths, stars, `**`, regexes, types, classes, callables."""
+    name = data.draw(st.sampled_from(all_names(model)))
+    parts = name.split(".")
+    cut = parts[: data.draw(st.integers(1, len(parts)))]
+    kind = data.draw(st.sampled_from(["path", "star", "deep", "re", "type", "class", "callable"]))
+    if kind == "path":
+        return ".".join(cut)
+    if kind == "star":
+        return ".".join("*" if data.draw(st.booleans()) else p for p in cut)
+    if kind == "deep":
+        return "**." + ".".join(cut[data.draw(st.integers(0, len(cut) - 1)):])
+    if kind == "re":
+        return "re:" + re.escape(".".join(cut[:-1])) + (r"\.\w+" if len(cut) > 1 else r"\w*")
+    if kind == "type":
+        return "type:" + data.draw(st.sampled_from(["norm", "linear", "embedding", "ModuleList", "Linear"]))
+    if kind == "class":
+        return data.draw(st.sampled_from([nn.Linear, nn.LayerNorm, nn.ModuleDict]))
+    prefix = ".".join(cut) + "."
+    return lambda n, p: n.startswith(prefix)
+
+
+@given(random_models(), st.data())
+def test_the_parameter_matcher_and_the_module_matcher_agree(model, data):
+    selector = _selectors(model, data)
+    res = resolve(model, selector, missing_ok=True)
+    reached = {path for path, _ in res.modules}
+    selected = {n for names, _ in res.groups for n in names}
+    groups = {id(p) for _, p in res.groups}
+    owner_paths = {n: n.rpartition(".")[0] for n in all_names(model)}
+    # Reaching is closed downwards, and everything under a reached module is selected.
+    for path, _ in model.named_modules(remove_duplicate=False):
+        up = path.rpartition(".")[0] if path else None
+        if up is not None and up in reached:
+            assert path in reached
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if owner_paths[name] in reached:
+            assert id(p) in groups
+    if isinstance(selector, str) and not selector.startswith("type:"):
+        # Strings: the module matcher is the key matcher applied to module paths, and the parameter
+        # matcher the key matcher applied to every name (a tied tensor comes with all its names).
+        paths = [path for path, _ in model.named_modules(remove_duplicate=False)]
+        assert reached == set(select_keys(paths, selector, missing_ok=True))
+        assert set(select_keys(all_names(model), selector, missing_ok=True)) <= selected
+    else:
+        # Types and classes select exactly what the modules they reach hold.
+        held = {id(p) for name, p in model.named_parameters(remove_duplicate=False) if owner_paths[name] in reached}
+        if callable(selector) and not isinstance(selector, type):
+            assert held <= groups
+        else:
+            assert held == groups
+
+
+def test_a_callable_reaches_the_modules_whose_parameters_it_all_selects(convbn):
+    res = resolve(convbn, lambda name, p: name.startswith("features.0"))
+    assert [path for path, _ in res.modules] == ["features.0"]
+    frozen = lw.freeze(convbn, lambda name, p: name.startswith("features.1"))
+    assert frozen.names() == ["features.1.weight", "features.1.bias"] and not convbn.train().features[1].training
+
+
+def test_resolution_reports_unmatched_selectors_and_paramless_modules(convbn):
+    res = resolve(convbn, "features.4", "!head", "features.9", missing_ok=True)
+    assert len(res.groups) == 0 and [p for p, _ in res.modules] == ["features.4"]
+    assert res.unmatched == ("!head", "features.9")
+    with pytest.raises(lw.SelectionError, match="'features.9'.*Closest names: features"):
+        resolve(convbn, "features.9")
+
+
+def test_regex_selects_a_module_subtree_like_a_path(interleaved):
+    # The model itself has the empty path: a regex matching it selects everything, like `**`.
+    assert len(lw.select(interleaved, "re:(lstm)?")) == len(lw.select(interleaved, "**"))
+    assert [p for p, _ in resolve(interleaved, "re:(lstm)?").modules] == [p for p, _ in interleaved.named_modules()]
+    # `*` is one whole segment: never the model's empty path.
+    assert "" not in [p for p, _ in resolve(interleaved, "*").modules]
+    assert lw.select(interleaved, r"re:lstm\d").names() == lw.select(interleaved, "lstm1", "lstm2").names()
+    assert lw.select(interleaved, "re:(?i)LINEAR").names() == ["linear.weight", "linear.bias"]
+    assert lw.select(interleaved, "re:(?x) lin ear  # verbose, with a comment").names() == ["linear.weight", "linear.bias"]
+
+
+def test_select_keys_keeps_key_order_and_refuses_what_needs_a_model():
+    keys = ["b.1.w", "a.0.w", "a.0.b", "b.10.w"]
+    assert select_keys(keys, "**.w", "!b.[10-99]") == ["b.1.w", "a.0.w"]
+    assert select_keys(keys, "!a") == ["b.1.w", "b.10.w"]
+    for selector in ("type:norm", nn.Linear, lambda n, p: True):
+        with pytest.raises(lw.SelectionError, match="names only|needs tensors"):
+            select_keys(keys, selector)
+    with pytest.raises(lw.SelectionError, match="'c'.*missing_ok"):
+        select_keys(keys, "c")
+
+
+def test_one_walk_serves_many_resolutions(vit):
+    walk = Walk(vit)
+    assert [len(walk.resolve(s).groups) for s in ("blocks.0", "**.bias", "type:norm")] == [8, 19, 10]
+    assert walk.resolve("blocks.[1-2]").selection().names() == lw.select(vit, "blocks.[1-2]").names()
+
+
+def test_a_compiled_model_is_addressed_by_its_inner_names():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    compiled = torch.compile(net)
+    assert lw.select(compiled, "0").params() == [net[0].weight, net[0].bias]
+    assert lw.freeze(compiled, "0").names() == ["0.weight", "0.bias"] and not net[0].weight.requires_grad
+    assert [g["names"] for g in lw.param_groups(compiled)] == [["1.weight"], ["1.bias"]]
+    assert [r["name"] for r in lw.show(compiled, quiet=True)] == ["0.weight", "0.bias", "1.weight", "1.bias"]

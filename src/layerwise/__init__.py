@@ -59,16 +59,22 @@ _LAZY = {
     "freeze": "freeze",
     "frozen": "freeze",
     "unfreeze": "freeze",
+    "GradCheck": "grads",
+    "GradStats": "grads",
+    "NonFiniteWatch": "grads",
     "check_grads": "grads",
     "grad_stats": "grads",
     "watch_nonfinite": "grads",
     "add_param_group": "groups",
+    "audit": "audit",
     "param_groups": "groups",
     "show": "inspect",
-    "CSVSink": "monitor",
     "GradMonitor": "monitor",
-    "JSONLSink": "monitor",
-    "TensorBoardSink": "monitor",
+    "CSVSink": "sinks",
+    "Histogram": "sinks",
+    "JSONLSink": "sinks",
+    "Sink": "sinks",
+    "TensorBoardSink": "sinks",
     "Selection": "select",
     "select": "select",
     "shared": "share",
@@ -85,6 +91,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .audit import audit
     from .average import average, greedy_soup, merge
     from .checkpoint import Diff, diff_files, load, merge_files, save
     from .clip import clip_grad_norm
@@ -92,14 +99,15 @@ if TYPE_CHECKING:
     from .ema import EMA
     from .flat import FlatParameters, flatten_parameters
     from .freeze import GradualUnfreeze, freeze, frozen, unfreeze
-    from .grads import check_grads, grad_stats, watch_nonfinite
+    from .grads import GradCheck, GradStats, NonFiniteWatch, check_grads, grad_stats, watch_nonfinite
     from .groups import add_param_group, param_groups
     from .inspect import show
-    from .monitor import CSVSink, GradMonitor, JSONLSink, TensorBoardSink
+    from .monitor import GradMonitor
     from .pcgrad import pcgrad
     from .reverse import GradReverse, grad_reverse
     from .select import Selection, select
     from .share import shared, tie
+    from .sinks import CSVSink, Histogram, JSONLSink, Sink, TensorBoardSink
     from .surgery import GradHooks, GradScale, grad_hook, scale_grad, set_grad
 
 
@@ -133,6 +141,11 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = [
+    "Sink",
+    "Histogram",
+    "NonFiniteWatch",
+    "GradStats",
+    "GradCheck",
     "CSVSink",
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -162,6 +175,7 @@ __all__ = [
     "TensorBoardSink",
     "VerificationError",
     "add_param_group",
+    "audit",
     "average",
     "average_parameters",
     "check_grads",

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import OptionError, SelectionError
-from .select import Selector, parse, path_prefix, select, select_modules
+from .select import Selector, Walk, parse, path_prefix, resolve
 
 MATCH_PREV_GROUP = 99999.0  # timm: an ordinal ending in this joins the group before it (a ViT's final norm)
 
@@ -38,31 +38,26 @@ def layer_ids(model: nn.Module, layers: Selector | None, trainable: Sequence[str
     return ids, max(ids.values(), default=0)
 
 
+def unmatched_before_blocks(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Names (in model order) that no rule of the model's ``group_matcher()`` matches although a
+    matched name follows them: they fall back to the head's layer (timm #2712's ``reg_token``)."""
+    matcher = getattr(model, "group_matcher", None)
+    spec = matcher(coarse=False) if callable(matcher) else None
+    if not isinstance(spec, Mapping):
+        return []
+    ordinal = _ordinal(spec)
+    matched = [ordinal(n)[0] != float("inf") for n in names]
+    last = max((i for i, m in enumerate(matched) if m), default=-1)
+    return [n for i, (n, m) in enumerate(zip(names, matched)) if not m and i < last]
+
+
 def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequence[str]) -> dict[str, int]:
     """timm's ``group_with_matcher``: ordinals per name, sorted, renumbered; ``(…, 99999)`` joins the group before.
 
     Only trainable names are numbered, so a frozen module (an EMA copy, a frozen stem) shifts no
     trained layer's scale (timm #2691 counts frozen ones, and scales every trained layer down).
     """
-    if callable(spec):
-        def ordinal(name: str) -> tuple[float, ...]:
-            value = spec(name)
-            return tuple(map(float, value)) if isinstance(value, Iterable) else (float(value),)
-    else:
-        rules = []
-        for group, (_, pattern) in enumerate(spec.items()):
-            if pattern is None:
-                continue
-            pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
-            rules += [(re.compile(regex), (group,), suffix) for regex, suffix in pairs]
-
-        def ordinal(name: str) -> tuple[float, ...]:
-            for regex, prefix, suffix in rules:
-                found = regex.match(name)  # re.match, as timm: anchored at the start only
-                if found:
-                    return tuple(map(float, chain.from_iterable(filter(None, (prefix, found.groups(), suffix)))))
-            return (float("inf"),)  # matched by no rule: the head (and timm #2712's forgotten reg_token)
-
+    ordinal = _ordinal(spec)
     keys = {name: ordinal(name) for name in names}
     ids: dict[tuple[float, ...], int] = {}
     lid = -1
@@ -72,14 +67,38 @@ def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequenc
     return {name: ids[key] for name, key in keys.items()}
 
 
+def _ordinal(spec: Mapping[str, Any] | Callable[[str], Any]) -> Callable[[str], tuple[float, ...]]:
+    """timm's ordinal of a name: (group index, *regex groups, *suffix) of the first rule that matches."""
+    if callable(spec):
+        def from_callable(name: str) -> tuple[float, ...]:
+            value = spec(name)
+            return tuple(map(float, value)) if isinstance(value, Iterable) else (float(value),)
+        return from_callable
+    rules = []
+    for group, (_, pattern) in enumerate(spec.items()):
+        if pattern is None:
+            continue
+        pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
+        rules += [(re.compile(regex), (group,), suffix) for regex, suffix in pairs]
+
+    def from_rules(name: str) -> tuple[float, ...]:
+        for regex, prefix, suffix in rules:
+            found = regex.match(name)  # re.match, as timm: anchored at the start only
+            if found:
+                return tuple(map(float, chain.from_iterable(filter(None, (prefix, found.groups(), suffix)))))
+        return (float("inf"),)  # matched by no rule: the head (and timm #2712's forgotten reg_token)
+    return from_rules
+
+
 def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tuple[dict[str, int], int]:
     """Blocks 1..L in model order; before the first 0; the norms right after the last L; the rest L + 1."""
     if not isinstance(layers, str) or parse(layers).kind == "re":
         raise SelectionError(f"layers={layers!r} must be a module path pattern like 'encoder.layers.*' "
                              "or a type selector like 'type:TransformerEncoderLayer'")
+    walk = Walk(model)
     if parse(layers).kind == "type":
         blocks: list[str] = []  # each outermost module of that type is one block
-        for path, _ in select_modules(model, layers):
+        for path, _ in resolve(walk, layers, missing_ok=True).modules:
             if not any(path.startswith(b + ".") for b in blocks):
                 blocks.append(path)
 
@@ -89,8 +108,8 @@ def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tup
         def block(name: str) -> str | None:
             return path_prefix(layers, name)
 
-    everything = select(model)
-    norms = {id(p) for p in select(model, "type:norm", missing_ok=True).params()}
+    everything = resolve(walk).selection()
+    norms = {id(p) for _, p in resolve(walk, "type:norm", missing_ok=True).groups}
     order: dict[str, int] = {}
     assigned: list[tuple[str, int | None, bool]] = []
     for names, p in zip(everything.aliases(), everything.params()):

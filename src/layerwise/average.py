@@ -1,60 +1,56 @@
-"""Averaging and merging models in memory: mean, task arithmetic, TIES, DARE, SLERP, greedy soup (EMA: ``ema.py``).
+"""Averaging and merging models in memory: every merge method, greedy soup (EMA: ``ema.py``).
 
-The per-tensor math lives in :func:`merge_tensors` and the checks and option resolution in
-:func:`check_compatible` and :func:`merge_plan`;
-``checkpoint.merge_files`` streams files through exactly these functions.
+The methods themselves live in the private merge engine: ``_merge_methods`` (the registry),
+``_merge_options`` (per-tensor option values) and ``_merge_math`` (the per-tensor math).
+``checkpoint.merge_files`` streams files through the same engine, so a file equals the
+in-memory result.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._merge_math import merge_tensor
+from ._merge_methods import METHODS, REQUIRED, check_method
+from ._merge_options import merge_plan
 from ._tensors import alias_key
 from .errors import MergeError
-from .select import Selector, as_selectors
-from .select import select as _select
+from .select import Selector
 
 __all__ = ["average", "greedy_soup", "merge"]
 
 StateDict = Mapping[str, torch.Tensor]
 ModelLike = nn.Module | StateDict
 
-#: Each method's options and their defaults (``None``: required).
-METHODS: dict[str, dict[str, float | None]] = {
-    "linear": {},
-    "task_arithmetic": {"scale": 1.0},
-    "ties": {"density": 0.2, "scale": 1.0},  # Yadav et al. keep the top 20 % by default
-    "dare": {"density": 0.1, "scale": 1.0, "seed": 0},  # Yu et al. drop 90 %
-    "slerp": {"t": 0.5},
-}
-_NEEDS_BASE = ("task_arithmetic", "ties", "dare")
-_COLINEAR = 0.9995  # |cos| above this: SLERP falls back to linear interpolation
 
-
-# --------------------------------------------------------------------------- checks and options
+# --------------------------------------------------------------------------- checks
 
 
 def state_dict_of(model: ModelLike) -> StateDict:
     if isinstance(model, nn.Module):
         return model.state_dict()
-    if isinstance(model, Mapping):
+    if isinstance(model, Mapping) and all(isinstance(t, torch.Tensor) for t in model.values()):
         return model
-    raise MergeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+    raise MergeError(f"expected an nn.Module or a state dict of tensors, got {type(model).__name__}")
 
 
-def check_compatible(specs: Sequence[tuple[str, Mapping[str, tuple[tuple[int, ...], torch.dtype]]]]) -> None:
+def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
+    return a == b or (a.is_floating_point and b.is_floating_point)
+
+
+def check_compatible(specs: Sequence[tuple[str, Mapping[str, tuple[tuple[int, ...], torch.dtype]]]], *,
+                     mixed_floats: bool = False) -> None:
     """Raise one :class:`MergeError` listing every key, shape and dtype difference to the first spec.
 
-    ``specs`` are ``(label, {key: (shape, dtype)})``, from tensors or from file headers.
+    ``specs`` are ``(label, {key: (shape, dtype)})``, from tensors or from file headers. With
+    ``mixed_floats`` floating dtypes may differ (a merge promotes them).
     """
     (ref_label, ref), problems = specs[0], []
+    same_dtype = _same_kind if mixed_floats else (lambda a, b: a == b)
     for label, spec in specs[1:]:
         missing = [k for k in ref if k not in spec]
         extra = [k for k in spec if k not in ref]
@@ -64,10 +60,11 @@ def check_compatible(specs: Sequence[tuple[str, Mapping[str, tuple[tuple[int, ..
             problems.append(f"{label} has {len(extra)} key(s) {ref_label} lacks: {', '.join(extra)}")
         for key in ref:
             if key in spec:
-                for what, a, b in (("shape", ref[key][0], spec[key][0]), ("dtype", ref[key][1], spec[key][1])):
-                    if a != b:
-                        a, b = (tuple(a), tuple(b)) if what == "shape" else (a, b)
-                        problems.append(f"{key}: {what} {a} in {ref_label} but {b} in {label}")
+                if tuple(ref[key][0]) != tuple(spec[key][0]):
+                    problems.append(f"{key}: shape {tuple(ref[key][0])} in {ref_label} but {tuple(spec[key][0])} "
+                                    f"in {label}")
+                if not same_dtype(ref[key][1], spec[key][1]):
+                    problems.append(f"{key}: dtype {ref[key][1]} in {ref_label} but {spec[key][1]} in {label}")
     if problems:
         hint = next((h for _, spec in specs[1:] if (h := _prefix_hint(ref, spec))), "")
         raise MergeError(f"the models differ ({len(problems)} difference{'s' * (len(problems) > 1)}): "
@@ -88,173 +85,11 @@ def _prefix_hint(a: Iterable[str], b: Iterable[str]) -> str:
     return ""
 
 
-def check_method(method: str, *, has_base: bool, models: int) -> None:
-    """The method exists and has what it needs: a base for task vectors, two models for SLERP."""
-    if method not in METHODS:
-        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    if not models:
-        raise MergeError("no models to merge")
-    if method in _NEEDS_BASE and not has_base:
-        raise MergeError(f"{method} adds task vectors (model − base) to a base: pass base=<the common ancestor> "
-                         "(--base on the command line)")
-    if method == "slerp" and models != 2:
-        raise MergeError(f"slerp interpolates exactly two models; got {models}")
-
-
-def method_weights(method: str, weights: Sequence[float] | None, n: int) -> list[float]:
-    """Validated weights: normalized to sum 1 for ``linear``; per-model task-vector scales otherwise."""
-    if method == "slerp":
-        if weights is not None:
-            raise MergeError("slerp interpolates two models with t=...; it takes no weights")
-        return [1.0] * n
-    if weights is None:
-        return [1.0 / n] * n if method == "linear" else [1.0] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise MergeError(f"got {len(weights)} weights for {n} models; give one weight per model")
-    bad = [f"weight {i} is {w}" for i, w in enumerate(weights) if not math.isfinite(w) or w < 0]
-    if bad:
-        raise MergeError(f"weights must be finite and non-negative: {'; '.join(bad)}")
-    total = sum(weights)
-    if total <= 0:
-        raise MergeError(f"weights {weights} sum to zero; give at least one model a positive weight")
-    return [w / total for w in weights] if method == "linear" else weights
-
-
-def resolve_options(method: str, keys: Sequence[str], options: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Per-key option values. A value may be ``{selector: value}`` over the keys, applied in order
-    (later entries override); keys no entry matches keep the method's default."""
-    if method not in METHODS:
-        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    allowed = METHODS[method]
-    unknown = [k for k in options if k not in allowed]
-    if unknown:
-        raise MergeError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; "
-                         f"its options are {', '.join(allowed) or 'none'}")
-    per_key = {k: dict(allowed) for k in keys}
-    names = dict.fromkeys(keys)
-    for option, value in options.items():
-        entries = value.items() if isinstance(value, Mapping) else [(None, value)]
-        for selector, v in entries:
-            chosen = keys if selector is None else _select(names, selector).names()
-            for k in chosen:
-                per_key[k][option] = v
-    for k, opts in per_key.items():
-        for option, v in opts.items():
-            _check_option(method, option, v, k)
-    return per_key
-
-
-def merge_plan(method: str, keys: Sequence[str], models: int, weights: Sequence[float] | None,
-               options: Mapping[str, Any], select: Selector | Iterable[Selector] | None
-               ) -> tuple[list[float], dict[str, dict[str, float]], set[str]]:
-    """What ``merge`` and ``merge_files`` both decide before touching a tensor: the weights, each
-    key's options, and the keys to merge (the rest come from the base or the first model)."""
-    selectors = as_selectors(select)
-    chosen = set(_select(dict.fromkeys(keys), *selectors).names()) if selectors else set(keys)
-    return method_weights(method, weights, models), resolve_options(method, keys, options), chosen
-
-
-def _check_option(method: str, option: str, value: Any, key: str) -> None:
-    if option == "seed":
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise MergeError(f"{method} option seed={value!r} for {key} must be an integer")
-        return
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise MergeError(f"{method} option {option}={value!r} for {key} must be a finite number")
-    if option == "density" and not 0 < value <= 1:
-        raise MergeError(f"{method} option density={value} for {key} must be in (0, 1]: the fraction of each "
-                         "task vector kept")
-    if option == "t" and not 0 <= value <= 1:
-        raise MergeError(f"slerp option t={value} for {key} must be in [0, 1]")
-
-
-# --------------------------------------------------------------------------- the per-tensor math
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``density`` fraction (at least one) of entries with the largest magnitude (ties at the cut kept)."""
-    if density >= 1.0:
-        return tau
-    keep = max(1, int(tau.numel() * density))  # a 4-element bias at 20 % keeps its largest entry, not none
-    magnitude = tau.abs().flatten()
-    threshold = magnitude.kthvalue(magnitude.numel() - keep + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
-
-
-def _dare(tau: torch.Tensor, density: float, seed: int, key: str, index: int) -> torch.Tensor:
-    """Drop entries with probability 1 - density and rescale the rest; seeded per (seed, key, model)."""
-    if density >= 1.0:
-        return tau
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{index}".encode()))
-    keep = (torch.rand(tau.shape, generator=gen) < density).to(tau.device)
-    return torch.where(keep, tau / density, torch.zeros_like(tau))
-
-
-def _slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return torch.lerp(a, b, t)
-    cos = torch.clamp((a.flatten() @ b.flatten()) / (na * nb), -1.0, 1.0)
-    if cos.abs() > _COLINEAR:
-        return torch.lerp(a, b, t)
-    theta = torch.arccos(cos)
-    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-
-
-def merge_tensors(method: str, tensors: Iterable[torch.Tensor], base: torch.Tensor | None,
-                  weights: Sequence[float], options: Mapping[str, float], *, key: str = "",
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Combine one tensor from each model into a new tensor (the math of ``merge`` and ``merge_files``).
-
-    Floating tensors are combined in float32 (float64 for float64 inputs) and cast to ``dtype``
-    (default: the input dtype); integer and bool tensors are copied from ``base``, else from the
-    first model. ``weights`` come from :func:`method_weights`, ``options`` from
-    :func:`resolve_options`. ``tensors`` is consumed one at a time by the summing methods
-    (linear, task arithmetic, DARE), so a streaming caller holds one input tensor at a time;
-    TIES and SLERP need them all. Input tensors are never written to.
-    """
-    inputs = iter(tensors)
-    first = next(inputs)
-    out_dtype = dtype or first.dtype
-    if not (first.is_floating_point() or first.is_complex()):
-        return (base if base is not None else first).clone()
-    acc = _acc_dtype(first.dtype)
-    if method == "linear":
-        out = first.to(acc) * weights[0]
-        del first
-        for w, x in zip(weights[1:], inputs):
-            out.add_(x, alpha=w)
-            del x  # before the next read: one input alive at a time
-    elif method in ("task_arithmetic", "dare"):
-        b = base.to(acc)
-        out = torch.zeros_like(b)
-        everything = itertools.chain([first], inputs)
-        del first
-        for i, (w, x) in enumerate(zip(weights, everything)):
-            tau = x.to(acc, copy=True).sub_(b)
-            del x
-            if method == "dare":
-                tau = _dare(tau, options["density"], int(options["seed"]), key, i)
-            out.add_(tau, alpha=w)
-            del tau
-        out.mul_(options["scale"]).add_(b)
-    elif method == "slerp":
-        out = _slerp(first.to(acc), next(inputs).to(acc), options["t"])
-    else:  # ties: trim each task vector, elect a sign per entry, average the agreeing entries
-        b = base.to(acc)
-        trimmed = torch.stack([_trim(x.to(acc) - b, options["density"]) for x in itertools.chain([first], inputs)])
-        w = torch.tensor(weights, dtype=acc, device=b.device).view(-1, *([1] * b.ndim))
-        sign = torch.sign((w * trimmed).sum(0))
-        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
-        mass = (w * agree).sum(0)
-        merged = torch.where(mass > 0, (w * agree * trimmed).sum(0) / mass.clamp_min(torch.finfo(acc).tiny), 0.0)
-        out = b + options["scale"] * merged
-    return out.to(out_dtype)
+def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 # --------------------------------------------------------------------------- merge and average
@@ -269,31 +104,45 @@ def _alias_groups(state_dicts: Sequence[StateDict], keys: Sequence[str]) -> list
     return list(groups.values())
 
 
+def _check_into(into: nn.Module, result: StateDict) -> None:
+    """Everything ``load_state_dict(strict=True)`` would refuse, before it writes the first tensor."""
+    if not isinstance(into, nn.Module):
+        raise MergeError(f"into= takes an nn.Module to load the result into, not {type(into).__name__}")
+    target = into.state_dict()
+    try:
+        check_compatible([("the merged models", {k: (tuple(t.shape), t.dtype) for k, t in result.items()}),
+                          ("into", {k: (tuple(t.shape), t.dtype) for k, t in target.items()})], mixed_floats=True)
+    except MergeError as e:
+        raise MergeError(f"into={type(into).__name__} cannot hold the result, nothing was loaded: {e}") from None
+
+
 def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "linear", *,
-          weights: Sequence[float] | None = None, select: Sequence[Selector] | Selector | None = None,
-          into: nn.Module | None = None, **options: Any) -> dict[str, torch.Tensor]:
-    """Merge ``models`` (modules or state dicts) into a new state dict.
+          weights: Sequence[Any] | None = None, select: Sequence[Selector] | Selector | None = None,
+          into: nn.Module | None = None, compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+          model_options: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> dict[str, torch.Tensor]:
+    """Merge ``models`` (modules or state dicts) into a new state dict with any of mergekit's methods.
 
-    ==================  =======================================================  ===================
-    method              result per floating tensor                               options
-    ==================  =======================================================  ===================
-    ``linear``          weighted mean (weights normalized to sum 1)
-    ``task_arithmetic`` base + scale · Σ wᵢ (modelᵢ − base)                      scale=1
-    ``ties``            base + scale · disjoint mean of the sign-elected,        density=0.2, scale=1
-                        top-``density`` task vectors (Yadav et al., 2023)
-    ``dare``            base + scale · Σ wᵢ · drop-and-rescale(modelᵢ − base)    density=0.1, scale=1,
-                        (Yu et al., 2024), seeded per tensor                     seed=0
-    ``slerp``           spherical interpolation of two models at ``t``; linear   t=0.5
-                        when they are nearly colinear
-    ==================  =======================================================  ===================
+    METHODS_TABLE
 
-    Any numeric option may instead be ``{selector: value}`` over the state-dict keys, applied
-    in order (e.g. ``t={"**.attn.**": 0.3, "**.mlp.**": 0.7}``); unmatched keys keep the
-    default. ``select=`` restricts merging to those keys; the others come from ``base`` (or the
-    first model). Integer and bool tensors (``num_batches_tracked``) are copied, never
-    averaged. Tied tensors are merged once and stay tied. Inputs are never modified;
-    ``into=model`` loads the result strictly. Every key, shape or dtype difference is reported
-    in one :class:`MergeError`.
+    Option names are mergekit's; ``weights=[...]`` gives each model's ``weight``,
+    ``model_options=[{...}, ...]`` any per-model option of one model (it overrides the value
+    given for all). Any option may be a scalar, a list of numbers interpolated across the layer
+    index (mergekit's gradient: ``t=[0, 0.5, 1]``), a list of ``{"filter": substring, "value": v}``
+    rules (the first whose filter is in the key wins), or ``{selector: value}`` (later entries
+    override). ``lambda`` is also spelled ``scale`` (layerwise 0.1) or ``lambda_``.
+
+    Defaults give mergekit 0.1.5's numbers. ``convention="layerwise"`` keeps layerwise 0.1's: TIES
+    keeps every entry tied at the trim threshold and elects no sign where the weighted sum is zero;
+    SLERP with a zero tensor interpolates linearly. ``rescale="density"`` gives DARE's paper's
+    1/density rescaling instead of mergekit's norm-preserving one.
+
+    Floating tensors are computed in ``compute_dtype`` (default float32, or wider when an input
+    is) and returned in ``dtype`` (default: the inputs' promoted dtype); mixed float dtypes are
+    promoted. ``select=`` restricts merging to those keys; the others come from ``base`` (or the
+    first model). Integer and bool tensors (``num_batches_tracked``) are copied, never averaged.
+    Tied tensors are merged once and stay tied. Inputs are never modified; ``into=model`` loads
+    the result strictly, after checking that it fits (a failed call leaves ``into`` untouched).
+    Every key, shape or dtype difference is reported in one :class:`MergeError`.
 
     Example:
         >>> import layerwise as lw, torch
@@ -301,17 +150,23 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
         >>> a, b = {"w": torch.tensor([1.0, -2.0, 0.5])}, {"w": torch.tensor([3.0, 1.0, 0.0])}
         >>> lw.merge(base, [a, b], "task_arithmetic", scale=0.5)["w"]
         tensor([ 2.0000, -0.5000,  0.2500])
-        >>> lw.merge(base, [a, b], "ties", density=1.0)["w"]   # sign of entry 1 elected negative
+        >>> lw.merge(base, [a, b], "ties")["w"]   # sign of entry 1 elected negative
         tensor([ 2.0000, -2.0000,  0.5000])
+        >>> ones = {f"layers.{i}.w": torch.ones(1) for i in range(3)}
+        >>> threes = {k: torch.full((1,), 3.0) for k in ones}
+        >>> lw.merge(None, [ones, threes], "slerp", t=[0.0, 1.0])   # t from 0 to 1 across the layers
+        {'layers.0.w': tensor([1.]), 'layers.1.w': tensor([2.]), 'layers.2.w': tensor([3.])}
     """
-    check_method(method, has_base=base is not None, models=len(models))
-    sds = [state_dict_of(m) for m in models]
+    m = check_method(method, has_base=base is not None, models=len(models))
+    sds = [state_dict_of(x) for x in models]
     base_sd = state_dict_of(base) if base is not None else None
     labelled = ([("base", base_sd)] if base_sd is not None else []) + [(f"model {i}", sd) for i, sd in enumerate(sds)]
-    check_compatible([(label, {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}) for label, sd in labelled])
+    check_compatible([(label, {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}) for label, sd in labelled],
+                     mixed_floats=True)
 
     keys = list(sds[0])
-    w, per_key, chosen = merge_plan(method, keys, len(sds), weights, options, select)
+    per_key, chosen = merge_plan(m, keys, len(sds), weights=weights, options=options, model_options=model_options,
+                                 select=select)
     fallback = base_sd if base_sd is not None else sds[0]
 
     result: dict[str, torch.Tensor] = {}
@@ -319,16 +174,33 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
         for group in _alias_groups([sd for _, sd in labelled], keys):
             k = group[0]
             if k in chosen:
-                out = merge_tensors(method, [sd[k] for sd in sds], base_sd[k] if base_sd is not None else None,
-                                    w, per_key[k], key=k)
+                out = merge_tensor(m, [sd[k] for sd in sds], base_sd[k] if base_sd is not None else None,
+                                   per_key[k], compute_dtype, key=k, dtype=dtype)
+            elif fallback[k].is_floating_point():  # the dtype the merged tensors get
+                out = fallback[k].to(dtype or _promoted([sd[k].dtype for _, sd in labelled]), copy=True)
             else:
                 out = fallback[k].clone()
             for alias in group:
                 result[alias] = out
     result = {k: result[k] for k in keys}
     if into is not None:
+        _check_into(into, result)
         into.load_state_dict(result, strict=True)
     return result
+
+
+def _methods_table() -> str:
+    rows = [(f"``{m.name}``", m.summary + (" (needs a base)" if m.base == "required" else ""),
+             ", ".join(f"{o.name}{'ᵢ' if o.per_model else ''}={'…' if o.default is REQUIRED else o.default}"
+                       for o in m.options)) for m in METHODS.values()]
+    widths = [max(len(r[i]) for r in rows + [("method", "result per floating tensor", "options")]) for i in range(3)]
+    rule = "  ".join("=" * w for w in widths)
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n    ".join([rule, line(("method", "result per floating tensor", "options")), rule,
+                          *map(line, rows), rule])
+
+
+merge.__doc__ = merge.__doc__.replace("METHODS_TABLE", _methods_table())  # the registry is the one source
 
 
 def average(models: Sequence[ModelLike], weights: Sequence[float] | None = None, *,
@@ -338,7 +210,8 @@ def average(models: Sequence[ModelLike], weights: Sequence[float] | None = None,
     Floating tensors are averaged in float32 or wider and cast back to their dtype; integer
     and bool tensors (``num_batches_tracked``) are copied from the first model. Weights are
     normalized to sum 1. Models that differ raise one :class:`MergeError` listing every
-    difference. ``into=model`` loads the result with ``strict=True``; tied parameters stay tied.
+    difference. ``into=model`` loads the result with ``strict=True`` after checking it fits (a
+    failed call leaves ``into`` as it was); tied parameters stay tied.
 
     Example:
         >>> import layerwise as lw, torch

@@ -41,24 +41,20 @@ from ._files import (
     staged,
     write,
 )
+from ._merge_math import compute_dtype_of, merge_tensor
+from ._merge_methods import check_method
+from ._merge_options import merge_plan
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import console
-from .average import (
-    check_compatible,
-    check_method,
-    merge_plan,
-    merge_tensors,
-)
+from .average import check_compatible
 from .errors import CheckpointError
-from .select import Selector
-from .select import select as _select
+from .select import Selector, select_keys
 
 __all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
 
-# Methods whose result at an element depends on that element alone: merge_files streams them in
-# slices of this many elements (4 MB of float32), which gives the same result as whole tensors.
-_ELEMENTWISE = ("linear", "task_arithmetic")
+# Element-wise methods (the registry's ``elementwise``) are streamed in slices of this many elements
+# (4 MB of float32), which gives the same result as whole tensors.
 _RESERVED = "layerwise."  # metadata keys layerwise writes and reads back (the tied-tensor map)
 _SLICE = 1 << 20
 
@@ -184,19 +180,23 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 weights: Sequence[float] | None = None, base: PathLike | None = None,
                 dtype: str | torch.dtype | None = None, select: Selector | Sequence[Selector] | None = None, *,
                 key: str | None = None, max_shard_size: int | str | None = None, overwrite: bool = False,
-                progress: bool = False, **options: Any) -> Path:
+                progress: bool = False, compute_dtype: str | torch.dtype | None = None,
+                model_options: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> Path:
     """Merge checkpoint files tensor by tensor into ``output``, in memory bounded by a few tensors.
 
     The methods and options are those of :func:`layerwise.merge` and use the same per-tensor
     function, so the file equals the in-memory result. Everything is checked before the first
     byte is written: every key, shape and dtype difference between the inputs (all listed in
     one error), the options, and the output path (never an input; an existing output only
-    with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...).
+    with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...);
+    without it, inputs of mixed float dtypes give their promoted dtype. ``compute_dtype``
+    (default float32) is the precision of the arithmetic.
     The output is a ``.safetensors`` file, or with ``max_shard_size`` a sharded folder; it
     appears only when complete (a process killed mid-merge leaves only a hidden
     ``.NAME.*.tmp`` beside it, safe to delete). ``progress=True`` shows bytes and throughput
-    on stderr. Linear and task-arithmetic merges stream each tensor in slices of 1M elements,
-    so their working memory is a few slices; the other methods hold one tensor of each input.
+    on stderr. Element-wise methods (linear, task arithmetic, nearswap, passthrough) stream each
+    tensor in slices of 1M elements, so their working memory is a few slices; the other methods
+    hold one tensor of each input.
 
     Example:
         >>> import layerwise as lw, torch, tempfile, os
@@ -207,22 +207,25 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         >>> lw.load(out)["w"]
         tensor([2., 4.])
     """
-    check_method(method, has_base=base is not None, models=len(inputs))
-    output, out_dtype = Path(output), parse_dtype(dtype)
+    m = check_method(method, has_base=base is not None, models=len(inputs))
+    output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype)
     paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
     with _opened(paths, key) as opened:
         models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
         labelled = ([base_ckpt] if base_ckpt is not None else []) + models
-        check_compatible([(c.label, c.specs) for c in labelled])
+        check_compatible([(c.label, c.specs) for c in labelled], mixed_floats=True)
         keys = list(models[0].specs)
-        w, per_key, chosen = merge_plan(method, keys, len(models), weights, options, select)
+        per_key, chosen = merge_plan(m, keys, len(models), weights=weights, options=options,
+                                     model_options=model_options, select=select)
         first = labelled[0]
         aliases = {a: s for a, s in first.aliases.items() if all(c.aliases.get(a) == s for c in labelled)}
         entries = []
         for k in keys:
             if k not in aliases:
                 shape, in_dtype = first.specs[k]
-                entries.append((k, out_dtype if out_dtype is not None and in_dtype.is_floating_point else in_dtype, shape))
+                if in_dtype.is_floating_point:  # mixed float inputs: the promoted dtype
+                    in_dtype = out_dtype or _promoted([c.specs[k][1] for c in labelled])
+                entries.append((k, in_dtype, shape))
         plan = Plan(entries, aliases, {"layerwise.merge": method}, parse_size(max_shard_size))
 
         def pieces_of(k: str) -> Iterator[torch.Tensor]:
@@ -232,23 +235,31 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 source = base_ckpt if base_ckpt is not None else models[0]
                 for start, stop in slices:
                     yield source.read_flat(k, start, stop).to(planned[k])
-            elif method in _ELEMENTWISE and first.specs[k][1].is_floating_point:
-                # Elementwise methods stream each tensor in slices, combining the same elements of
+            elif m.elementwise and first.specs[k][1].is_floating_point:
+                # Element-wise methods stream each tensor in slices, combining the same elements of
                 # every input: memory stays at a few slices and the slices stay in cache.
                 for start, stop in slices:
-                    base_t = base_ckpt.read_flat(k, start, stop) if base_ckpt is not None and method != "linear" else None
-                    yield merge_tensors(method, (m.read_flat(k, start, stop) for m in models), base_t, w,
-                                        per_key[k], key=k, dtype=planned[k])
+                    base_t = base_ckpt.read_flat(k, start, stop) if base_ckpt is not None and m.base != "none" else None
+                    yield merge_tensor(m, (x.read_flat(k, start, stop) for x in models), base_t, per_key[k],
+                                       work[k], key=k, dtype=planned[k])
             else:
                 base_t = base_ckpt.read(k) if base_ckpt is not None else None
-                yield merge_tensors(method, (m.read(k) for m in models), base_t, w, per_key[k], key=k,
-                                    dtype=planned[k])
+                yield merge_tensor(m, (x.read(k) for x in models), base_t, per_key[k], work[k], key=k,
+                                   dtype=planned[k])
 
         planned = {k: d for k, d, _ in entries}
+        work = {k: compute_dtype_of([c.specs[k][1] for c in labelled], work_dtype) for k in keys}
         check_output(output, paths, overwrite)  # before the progress bar starts
         with _byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
             return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths,
                          progress=lambda n: bar.advance(bar.task_ids[0], n))
+
+
+def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 @dataclass
@@ -326,7 +337,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
     with _opened([a, b], key) as (ca, cb):
         keys = [k for k in ca.specs if k in cb.specs]
         if selectors:
-            keys = _select(dict.fromkeys(ca.specs), *selectors).names()
+            keys = select_keys(ca.specs, *selectors)
             keys = [k for k in keys if k in cb.specs]
         rows, mismatched = [], []
         for k in keys:
@@ -342,7 +353,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
 def describe_file(path: PathLike, *selectors: Selector, key: str | None = None) -> Table:
     """A table of a checkpoint's tensors from its header(s): name, dtype, shape, numel, bytes, totals."""
     with open_checkpoint(path, key=key) as ckpt:
-        keys = _select(dict.fromkeys(ckpt.specs), *selectors).names() if selectors else list(ckpt.specs)
+        keys = select_keys(ckpt.specs, *selectors) if selectors else list(ckpt.specs)
         stored = [k for k in ckpt.specs if k not in ckpt.aliases]
         total = sum(ckpt.nbytes(k) for k in stored)
         numel = sum(math.prod(ckpt.specs[k][0]) for k in stored)

@@ -42,11 +42,30 @@ def _merge(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in ("density", "scale", "t", "seed")
                if getattr(args, name, None) is not None}
+    for text in getattr(args, "option", None) or []:
+        name, value = _option(text)
+        options[name] = value
     out = merge_files(args.inputs, args.output, getattr(args, "method", "linear"), weights=args.weights,
                       base=getattr(args, "base", None), dtype=args.dtype, select=args.select or None, key=args.key,
-                      max_shard_size=args.max_shard_size, overwrite=args.force, progress=not args.quiet, **options)
+                      max_shard_size=args.max_shard_size, overwrite=args.force, progress=not args.quiet,
+                      compute_dtype=getattr(args, "compute_dtype", None), **options)
     console(quiet=args.quiet).print(f"wrote {out}")
     return 0
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with VALUE read as JSON (numbers, true/false, lists), else kept as a string."""
+    import json
+
+    from .errors import OptionError
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise OptionError(f"--option {text!r}: write NAME=VALUE, e.g. --option lambda=0.5 or --option 't=[0, 1]'")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
 
 
 def _diff(args: argparse.Namespace) -> int:
@@ -93,10 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     _output_options(average)
     average.set_defaults(run=_merge)
 
-    merge = sub.add_parser("merge", help="merge checkpoints: task arithmetic, TIES, DARE, SLERP, linear")
+    from ._merge_methods import METHODS, describe_methods  # no torch: --help stays fast
+
+    merge = sub.add_parser("merge", help="merge checkpoints: mergekit's methods (ties, dare, slerp, model_stock...)",
+                           epilog="methods and their options (give them with --option NAME=VALUE):\n"
+                           + describe_methods(), formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("inputs", nargs="+", metavar="CHECKPOINT")
-    merge.add_argument("--method", required=True, choices=["linear", "task_arithmetic", "ties", "dare", "slerp"])
-    merge.add_argument("--base", help="the common ancestor (task_arithmetic, ties, dare)")
+    merge.add_argument("--method", required=True, choices=list(METHODS), metavar="METHOD",
+                       help="one of: " + ", ".join(METHODS))
+    merge.add_argument("--base", help="the common ancestor (the task-vector methods need it)")
+    merge.add_argument("--option", action="append", metavar="NAME=VALUE",
+                       help="a method option, VALUE as JSON: lambda=0.5, 't=[0, 0.5, 1]', normalize=false; repeatable")
+    merge.add_argument("--compute-dtype", help="precision of the arithmetic: fp32 (default), fp64")
     merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per input")
     merge.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept")
     merge.add_argument("--scale", type=float, help="task_arithmetic/ties/dare: scale of the merged task vector")

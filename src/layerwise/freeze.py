@@ -15,7 +15,7 @@ from torch import nn
 from ._ddp import ddp_wrapper, fsdp_sharded, rebuild_reducer
 from .errors import OptionError, OptionTypeError
 from .groups import add_group, group_index
-from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, parse, select, select_modules
+from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, resolve, select
 
 __all__ = ["GradualUnfreeze", "freeze", "frozen", "unfreeze"]
 
@@ -66,17 +66,6 @@ def _parents(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
     return {path: (m, modules[path.rpartition(".")[0]] if path else m) for path, m in modules.items()}
 
 
-def _check_found(model: nn.Module, selectors: Sequence[Selector]) -> None:
-    """Every selector (a negation's body too) must reach a parameter or a module, else the usual error."""
-    for s in selectors:
-        body = parse(s).body if isinstance(s, str) else s
-        if not select(model, body, missing_ok=True) and not select_modules(model, body):
-            try:
-                select(model, body)  # raises the usual error, naming the closest names
-            except SelectionError as e:
-                raise SelectionError(str(e) if body is s else f"in {s!r}: {e}") from None
-
-
 def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze", "train"] = "freeze",
            missing_ok: bool = False) -> Selection:
     """Freeze the selected parameters (all of them with no selector) so that nothing moves them.
@@ -102,10 +91,10 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
     """
     if norm_stats not in ("freeze", "train"):
         raise ValueError(f"norm_stats must be 'freeze' or 'train', got {norm_stats!r}")
-    if not missing_ok:
-        _check_found(model, selectors)
-    chosen = select(model, *selectors, missing_ok=True)
-    reached = {id(m) for _, m in (select_modules(model, *selectors) if selectors else model.named_modules())}
+    # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
+    resolution = resolve(model, *selectors, missing_ok=missing_ok)
+    chosen = resolution.selection()
+    reached = {id(m) for _, m in resolution.modules}
     changed = any(p.requires_grad for p in chosen.params())
     for p in chosen.params():
         p.requires_grad_(False)
@@ -157,10 +146,10 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
         >>> net.train()[1].training, lw.frozen(net)
         (True, ['0.weight', '0.bias'])
     """
-    if not missing_ok:
-        _check_found(model, selectors)
-    chosen = select(model, *selectors, missing_ok=True)
-    reached = {id(m) for _, m in (select_modules(model, *selectors) if selectors else model.named_modules())}
+    # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
+    resolution = resolve(model, *selectors, missing_ok=missing_ok)
+    chosen = resolution.selection()
+    reached = {id(m) for _, m in resolution.modules}
     newly = [name for name, p in chosen if not p.requires_grad]
     ddp = ddp_wrapper(model)
     if ddp is None:
@@ -236,7 +225,7 @@ class GradualUnfreeze:
         for at, sels in self.schedule.items():
             if not sels:
                 raise SelectionError(f"the schedule entry at {at} has no selector")
-            _check_found(model, sels)
+            resolve(model, *sels)  # fail now, not when the entry fires
         self.done: list[list[int]] = []  # the schedule entries each step() unfroze, in order
 
     def step(self, epoch: int) -> list[str]:

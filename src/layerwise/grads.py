@@ -15,219 +15,38 @@ ranks makes the statistics of sharded (FSDP2 / DTensor) parameters those of the 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
 import torch
-import torch.distributed as dist
 from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
+from ._grad_engine import (
+    STATS,
+    chosen,
+    derive,
+    local_primitives,
+    local_tensors,
+    needed,
+    pool,
+    reduce_shards,
+    refuse_complex,
+    stat_names,
+    to_host,
+)
 from ._hooks import Hooks
-from ._tensors import pick, use_foreach
+from ._tensors import pick
 from ._term import console
-from .errors import GradError, NonFiniteGradError
-from .select import Selector, closest, select
+from .errors import GradError, NonFiniteGradError, NotFoundError
+from .select import Selector, closest
 
 __all__ = ["STATS", "GradCheck", "GradStats", "NonFiniteWatch", "check_grads", "grad_stats", "watch_nonfinite"]
 
-#: The statistics :func:`grad_stats` and :class:`GradMonitor` know, in their default order.
-STATS = ("norm", "mean", "std", "max_abs", "zero_frac")
-
-# The primitives each statistic is derived from. They pool exactly over tensors, shards and
-# modules: max_abs by taking the maximum, the others by summing. max_abs is kept last so that
-# the summed ones are one contiguous block of rows.
-_PRIMITIVES = ("sumsq", "sum", "nonzero", "max_abs")
-_NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs": {"max_abs"}, "zero_frac": {"nonzero"}}
-
-
-# --------------------------------------------------------------------------- primitives
-
-
-def _stat_names(stats: str | Iterable[str]) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys((stats,) if isinstance(stats, str) else stats))
-    for name in names:
-        if name not in STATS:
-            near = closest(str(name), STATS, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise GradError(f"unknown statistic {name!r}{hint}. Valid: {', '.join(STATS)}.")
-    if not names:
-        raise GradError(f"no statistic asked for. Valid: {', '.join(STATS)}.")
-    return names
-
-
-def _needed(stats: Iterable[str], *extra: str) -> tuple[str, ...]:
-    """The primitives behind ``stats``, in canonical order; ``sumsq`` always (it decides "dead")."""
-    wanted = {"sumsq", *extra}.union(*(_NEEDS[s] for s in stats))
-    return tuple(p for p in _PRIMITIVES if p in wanted)
-
-
-# On CPU torch's foreach ops are a C++ loop over per-tensor kernels, and for these two it calls
-# slow ones: on 144 tensors / 9.5 M elements, norm(ord=inf) takes 25 ms where aminmax takes
-# 1.5 ms, and norm(ord=0) 8.3 ms where count_nonzero takes 4.6 ms (torch 2.13, 2 cores; rerun by
-# benchmarks/bench_grad_stats.py). On CUDA _foreach_norm fuses ord 2 and inf into a few launches
-# for all tensors (ord 0 runs per tensor there too).
-_LOOP_ON_CPU = {"max_abs", "nonzero"}
-
-
-def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> Tensor:
-    """One primitive of each tensor in ``xs`` (one device and dtype, none empty), as a 1-D tensor."""
-    if primitive == "sumsq":
-        norms = torch._foreach_norm(xs, 2, dtype=acc) if fused else [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
-        return torch.stack(norms).double().square()
-    if primitive == "sum":
-        # torch has no fused signed sum; 2·Σrelu(x) − Σ|x| would need a copy of every gradient.
-        return torch.stack([x.sum(dtype=acc) for x in xs])
-    if primitive == "nonzero":
-        return torch.stack(torch._foreach_norm(xs, 0, dtype=acc) if fused else [torch.count_nonzero(x) for x in xs])
-    if fused:
-        return torch.stack(torch._foreach_norm(xs, math.inf, dtype=acc))
-    lo, hi = zip(*(torch.aminmax(x) for x in xs))
-    return torch.maximum(torch.stack(hi), torch.stack(lo).neg())
-
-
-def _unshard(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list[Tensor], list[tuple | None]]:
-    """Local tensors, and for each the (mesh, sharded mesh dims) its primitives must be reduced over."""
-    local: list[Tensor] = [t.detach() for t in tensors]
-    shards: list[tuple | None] = [None] * len(local)
-    if not (dist.is_available() and dist.is_initialized()):
-        return local, shards
-    from torch.distributed.tensor import DTensor
-
-    for i, (t, name) in enumerate(zip(local, names)):
-        if isinstance(t, DTensor):
-            if any(p.is_partial() for p in t.placements):
-                raise GradError(f"{name!r} is a DTensor with placements {t.placements}: a Partial one is not reduced "
-                                "yet. Compute statistics once the gradients are reduced (after backward).")
-            dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
-            local[i], shards[i] = t.to_local(), ((t.device_mesh, dims) if dims else None)
-    return local, shards
-
-
-@dataclass
-class _Prims:
-    """Primitives of some tensors: per device, the tensors' indices and a (primitives, tensors) float64 block."""
-
-    needed: tuple[str, ...]
-    count: int
-    blocks: list[tuple[list[int], Tensor]]
-
-    def tensors(self) -> list[Tensor]:
-        return [block for _, block in self.blocks]
-
-    def load(self, blocks: Sequence[Tensor]) -> None:
-        self.blocks = [(cols, block) for (cols, _), block in zip(self.blocks, blocks)]
-
-    def values(self) -> dict[str, Tensor]:
-        """Primitive name -> (count,) tensor, in the tensors' order (call once the blocks are on the host)."""
-        out = torch.full((len(self.needed), self.count), math.nan, dtype=torch.float64)
-        for cols, block in self.blocks:
-            out[:, cols] = block
-        return dict(zip(self.needed, out))
-
-
-def _primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
-                foreach: bool | None) -> _Prims:
-    """The ``needed`` primitives of each tensor, computed and kept on its device.
-
-    Sharded tensors are reduced across their mesh (SUM, and MAX for max_abs) in two collectives
-    per mesh. Empty tensors (a rank's empty shard) count as one zero, which leaves every sum
-    and maximum unchanged; element counts come from the caller, not from here.
-    """
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (x, shard) in enumerate(zip(local, shards)):
-        groups[(x.device, x.dtype, shard)].append(i)
-    blocks: dict[tuple, Tensor] = {}
-    for key, idx in groups.items():
-        device, dtype, _ = key
-        xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
-        acc, fused = torch.promote_types(dtype, torch.float32), use_foreach(xs, device, foreach)
-        default_cpu = foreach is None and device.type == "cpu"
-        blocks[key] = torch.stack([_kernel(p, xs, acc, fused and not (default_cpu and p in _LOOP_ON_CPU)).double()
-                                   for p in needed])
-
-    by_mesh: dict[tuple, list[tuple]] = defaultdict(list)
-    for key in blocks:
-        if key[2] is not None:
-            by_mesh[key[2]].append(key)
-    n_sum = len(needed) - ("max_abs" in needed)
-    for (mesh, dims), keys in by_mesh.items():
-        for op, rows in ((dist.ReduceOp.SUM, slice(0, n_sum)), (dist.ReduceOp.MAX, slice(n_sum, None))):
-            parts = [blocks[k][rows] for k in keys]
-            if parts[0].shape[0] == 0:
-                continue
-            flat = torch.cat(parts, dim=1)
-            for d in dims:
-                dist.all_reduce(flat, op=op, group=mesh.get_group(d))
-            for k, part in zip(keys, flat.split([p.shape[1] for p in parts], dim=1)):
-                blocks[k][rows] = part
-
-    per_device: dict[torch.device, tuple[list[int], list[Tensor]]] = defaultdict(lambda: ([], []))
-    for key, idx in groups.items():
-        cols, parts = per_device[key[0]]
-        cols += idx
-        parts.append(blocks[key])
-    return _Prims(needed, len(local), [(cols, torch.cat(parts, dim=1)) for cols, parts in per_device.values()])
-
-
-def _to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Copy small tensors to the host as float64, with one transfer per device."""
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        by_device[t.device].append(i)
-    out: list[Tensor] = [torch.empty(0)] * len(tensors)
-    for idx in by_device.values():
-        flat = torch.cat([tensors[i].reshape(-1).double() for i in idx]).cpu()
-        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-            out[i] = part.view(tensors[i].shape)
-    return out
-
-
-def _unscale(values: dict[str, Tensor], scale: Tensor | None) -> None:
-    if scale is not None:
-        for name, power in (("sum", 1), ("sumsq", 2), ("max_abs", 1)):
-            if name in values:
-                values[name] = values[name] / scale ** power
-
-
-def _derive(values: dict[str, Tensor], numel: Tensor, stats: Sequence[str]) -> dict[str, Tensor]:
-    """Statistics from primitives; ``std`` with Bessel's correction, like ``torch.std``."""
-    out = {}
-    for stat in stats:
-        if stat == "norm":
-            out[stat] = values["sumsq"].sqrt()
-        elif stat == "mean":
-            out[stat] = values["sum"] / numel
-        elif stat == "std":
-            var = (values["sumsq"] - values["sum"].square() / numel).clamp_min(0) / (numel - 1)
-            out[stat] = torch.where(numel > 1, var.sqrt(), math.nan)
-        elif stat == "max_abs":
-            out[stat] = values["max_abs"]
-        else:
-            out[stat] = 1 - values["nonzero"] / numel
-    return out
-
-
-def _pool(values: dict[str, Tensor], numel: Tensor, group: Tensor, count: int) -> tuple[dict[str, Tensor], Tensor]:
-    pooled = {}
-    for name, v in values.items():
-        if name == "max_abs":
-            pooled[name] = torch.zeros(count, dtype=v.dtype).scatter_reduce(0, group, v, "amax", include_self=False)
-        else:
-            pooled[name] = torch.zeros(count, dtype=v.dtype).index_add(0, group, v)
-    return pooled, torch.zeros(count, dtype=numel.dtype).index_add(0, group, numel)
-
 
 # --------------------------------------------------------------------------- grad_stats
-
-
-def _chosen(model: nn.Module, selectors: Sequence[Selector]) -> tuple[list[str], list[nn.Parameter]]:
-    """The parameters to look at: those selected, or with no selector every trainable one."""
-    pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
-    return [n for n, _ in pairs], [p for _, p in pairs]
 
 
 def _grouper(by: str | int) -> Callable[[str], str]:
@@ -240,6 +59,16 @@ def _grouper(by: str | int) -> Callable[[str], str]:
         return lambda name: ".".join(name.split(".")[:by])
     raise GradError(f"by={by!r}: group by 'param', 'module', or a depth k >= 1 (the first k name segments, "
                     "e.g. by=3 groups 'encoder.layers.0.attn.weight' under 'encoder.layers.0').")
+
+
+def _measure(names: list[str], params: list[nn.Parameter], need: tuple[str, ...],
+             foreach: bool | None) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """The indices of the parameters that have a gradient, and their gradients' primitives, on the host."""
+    have = [i for i, p in enumerate(params) if p.grad is not None]
+    prims = local_primitives(*local_tensors([params[i].grad for i in have], pick(names, have)), need, foreach)
+    reduce_shards(prims)
+    prims.load(to_host(prims.tensors()))
+    return have, prims.values()
 
 
 class GradStats:
@@ -281,7 +110,7 @@ class GradStats:
         if name not in self._rows:
             near = closest(name, list(self._rows))
             hint = f"; closest: {', '.join(near)}" if near else ""
-            raise KeyError(f"{name!r} is not a row of these statistics{hint}")
+            raise NotFoundError(f"{name!r} is not a row of these statistics{hint}")
         row = self._rows[name]
         return None if row is None else dict(row)
 
@@ -342,20 +171,20 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         >>> lw.grad_stats(net, "**", stats="norm", by="module")["0"] is None
         True
     """
-    stats = _stat_names(stats)
+    stats = stat_names(stats)
     group_of = _grouper(by)
-    names, params = _chosen(model, selectors)
-    have = [i for i, p in enumerate(params) if p.grad is not None]
-    local, shards = _unshard([params[i].grad for i in have], pick(names, have))
-    prims = _primitives(local, shards, _needed(stats), foreach)
-    prims.load(_to_host(prims.tensors()))
+    names, params = chosen(model, selectors)
+    need = needed(stats)
+    if "sum" in need:
+        refuse_complex(names, [p.grad for p in params], "a signed mean or std")
+    have, values = _measure(names, params, need, foreach)
 
     rows = list(dict.fromkeys(group_of(n) for n in names))
     index = {row: r for r, row in enumerate(rows)}
     group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
     numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
-    pooled, pooled_numel = _pool(prims.values(), numel, group, len(rows))
-    derived = {s: v.tolist() for s, v in _derive(pooled, pooled_numel, stats).items()}
+    pooled, pooled_numel = pool(values, numel, group, len(rows))
+    derived = {s: v.tolist() for s, v in derive(pooled, pooled_numel, stats).items()}
     dead = (pooled["sumsq"] == 0).tolist()
     finite = (pooled["sumsq"].isfinite() & pooled.get("max_abs", pooled["sumsq"]).isfinite()).tolist()
     present = set(group.tolist())
@@ -417,12 +246,9 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
         >>> result.ok, result.nonfinite, result.no_grad
         (False, ['1.weight'], ['0.weight', '0.bias'])
     """
-    names, params = _chosen(model, selectors)
-    have = [i for i, p in enumerate(params) if p.grad is not None]
-    local, shards = _unshard([params[i].grad for i in have], pick(names, have))
-    prims = _primitives(local, shards, ("max_abs",), foreach)
-    prims.load(_to_host(prims.tensors()))
-    finite = prims.values()["max_abs"].isfinite().tolist()
+    names, params = chosen(model, selectors)
+    have, values = _measure(names, params, ("max_abs",), foreach)
+    finite = values["max_abs"].isfinite().tolist()
     return GradCheck(nonfinite=[names[i] for i, ok in zip(have, finite) if not ok],
                      no_grad=[names[i] for i, p in enumerate(params) if p.grad is None])
 
@@ -456,10 +282,8 @@ class NonFiniteWatch(Hooks):
     @torch.no_grad()
     def _check(self) -> None:
         order, self._order = self._order, []
-        local, shards = _unshard([self._params[i].grad for i in order], pick(self._names, order))
-        prims = _primitives(local, shards, ("max_abs",), None)
-        prims.load(_to_host(prims.tensors()))
-        finite = prims.values()["max_abs"].isfinite().tolist()
+        _, values = _measure(pick(self._names, order), pick(self._params, order), ("max_abs",), None)
+        finite = values["max_abs"].isfinite().tolist()
         bad = [self._names[i] for i, ok in zip(order, finite) if not ok]
         if bad:
             then = f" (then, in backward order: {', '.join(bad[1:])})" if bad[1:] else ""
@@ -490,4 +314,4 @@ def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:
         ['1.weight', '0.weight']
         >>> watch.remove()
     """
-    return NonFiniteWatch(*_chosen(model, selectors))
+    return NonFiniteWatch(*chosen(model, selectors))

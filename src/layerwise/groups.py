@@ -15,7 +15,7 @@ from torch import nn
 from ._layer_ids import layer_ids
 from ._term import console
 from .errors import OptionError, OptionTypeError, SelectionError
-from .select import Selector, closest, describe, select
+from .select import Selector, Walk, closest, describe, resolve
 
 __all__ = ["add_param_group", "param_groups"]
 
@@ -92,18 +92,18 @@ def _rule_list(rules: Rules | None, optimizer: Any) -> list[tuple[tuple[Selector
     return out
 
 
-def _no_decay_ids(model: nn.Module, no_decay: str | Iterable[Selector] | None) -> set[int]:
+def _no_decay_ids(model: nn.Module, walk: Walk, no_decay: str | Iterable[Selector] | None) -> set[int]:
     if no_decay is None:
         return set()
     if no_decay == "default":
         ids = {id(p) for p in model.parameters() if p.ndim <= 1}
         names = getattr(model, "no_weight_decay", lambda: ())()
         if names:
-            ids |= {id(p) for p in select(model, *names, missing_ok=True).params()}
+            ids |= {id(p) for _, p in resolve(walk, *names, missing_ok=True).groups}
         return ids
     if isinstance(no_decay, str):
         no_decay = [no_decay]
-    return {id(p) for p in select(model, *no_decay).params()}
+    return {id(p) for _, p in resolve(walk, *no_decay).groups}
 
 
 def _key(options: Mapping[str, Any]) -> str:
@@ -164,11 +164,12 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     if layers is not None and layer_decay is None:
         raise OptionError("layers= says which blocks layer-wise LR decay numbers; give the factor too: layer_decay=0.75")
 
-    everything = select(model)
+    walk = Walk(model)  # every rule resolves against this one walk
+    everything = resolve(walk).selection()
     trainable = [(name, p) for name, p in everything if p.requires_grad]
     options: dict[int, dict[str, Any]] = {id(p): dict(base) for _, p in trainable}
     for selectors, rule in rule_list:
-        chosen = select(model, *selectors)
+        chosen = resolve(walk, *selectors).selection()
         hit = [p for p in chosen.params() if id(p) in options]
         if not hit:
             warnings.warn(f"rule {', '.join(map(describe, selectors))} matches only frozen parameters "
@@ -176,7 +177,7 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         for p in hit:
             options[id(p)].update(rule)
 
-    for pid in _no_decay_ids(model, no_decay) & options.keys():
+    for pid in _no_decay_ids(model, walk, no_decay) & options.keys():
         options[pid]["weight_decay"] = 0.0
 
     if layer_decay is not None:
@@ -294,7 +295,7 @@ def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selecto
         ...
         layerwise.errors.SelectionError: cannot add to the optimizer: 1.bias is already in param group 1. ...
     """
-    chosen = select(model, *selectors)
+    chosen = resolve(model, *selectors).selection()
     named = [(name, p) for name, p in chosen if p.requires_grad]
     if not named:
         raise SelectionError(f"every parameter selected by {', '.join(map(describe, selectors))} is frozen; "

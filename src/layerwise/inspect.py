@@ -18,7 +18,7 @@ from torch import nn
 from ._term import console
 from .errors import OptionError, OptionTypeError
 from .groups import group_index
-from .select import Selector, select
+from .select import Selector, Walk, resolve
 
 __all__ = ["show"]
 
@@ -244,10 +244,11 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     if depth is not None and depth < 1:
         raise OptionError(f"depth={depth}: roll up to modules at least 1 level deep, or pass depth=None for "
                           "one row per parameter.")
-    chosen = select(model, *selectors)
+    walk = Walk(model)  # one walk: the rows and the modules that own them
+    chosen = resolve(walk, *selectors).selection()
     in_group = group_index(optimizer) if optimizer is not None else {}
     calls = count_calls(model, inputs) if inputs is not None else None
-    owners = dict(model.named_modules(remove_duplicate=False))
+    owners = dict(zip(walk.paths, walk.modules))
     extra = {**(_monitor_columns(monitor) if monitor is not None else {}),
              **(_ema_column(model, ema) if ema is not None else {})}
 

@@ -7,193 +7,57 @@ transfer, only when a sink writes, a non-finite check needs them, or they are as
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._grad_engine import (
+    STATS,
+    Prims,
+    chosen,
+    derive,
+    local_primitives,
+    local_tensors,
+    needed,
+    reduce_shards,
+    refuse_complex,
+    stat_names,
+    to_host,
+    unscale,
+)
 from ._tensors import pick
-from .errors import GradError, NonFiniteGradError
-from .grads import STATS, _chosen, _derive, _needed, _primitives, _Prims, _stat_names, _to_host, _unscale, _unshard
+from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
+from .sinks import Histogram, Sink, plot_grad_norms, writable_file
 
-__all__ = ["CSVSink", "GradMonitor", "Histogram", "JSONLSink", "Sink", "TensorBoardSink"]
+__all__ = ["GradMonitor"]
 
 _BINS = 64  # TensorBoard histogram buckets
 _MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
 
 
-# --------------------------------------------------------------------------- sinks
-
-
-class Histogram(NamedTuple):
-    """One gradient's histogram, in the arguments of ``SummaryWriter.add_histogram_raw``."""
-
-    min: float
-    max: float
-    num: int
-    sum: float
-    sum_squares: float
-    bucket_limits: list[float]
-    bucket_counts: list[float]
-
-
-class Sink(Protocol):
-    """What :class:`GradMonitor` writes to: ``write`` gets one log step's rows (one dict per layer)
-    and, if the sink has ``histograms = True``, each layer's :class:`Histogram`; ``close`` ends it."""
-
-    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None) -> None: ...
-
-    def close(self) -> None: ...
-
-
-def _writable_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise GradError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist. Create it first.")
-    if path.is_dir():
-        raise GradError(f"cannot write {str(path)!r}: it is a folder. Pass a file path.")
-    if not os.access(path if path.exists() else folder, os.W_OK):
-        raise GradError(f"cannot write {str(path)!r}: permission denied.")
-    return path
-
-
-def _writable_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise GradError(f"cannot write into {str(path)!r}: {str(existing)!r} is not a writable folder.")
-    return path
-
-
-class _FileSink:
-    """A text file opened at the first write (so ranks other than 0 never create it), flushed at every write."""
-
-    histograms = False
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = _writable_file(path)
-        self._file: IO[str] | None = None
-
-    def _open(self) -> IO[str]:
-        if self._file is None:
-            self._file = open(self.path, "w", newline="")
-        return self._file
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-class CSVSink(_FileSink):
-    """Write the monitor's rows to a CSV file (replacing it): a header, then one line per layer and log step.
-
-    Example:
-        >>> import layerwise as lw, torch, tempfile, pathlib
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "grads.csv"
-        >>> net = torch.nn.Linear(2, 1)
-        >>> net(torch.ones(1, 2)).sum().backward()
-        >>> with lw.GradMonitor(net, stats=["norm"], sinks=[lw.CSVSink(path)]) as monitor:
-        ...     monitor.step()
-        >>> path.read_text().splitlines()[0]
-        'step,layer,grad_norm,weight_norm,dead'
-    """
-
-    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None = None) -> None:
-        first = self._file is None
-        writer = csv.DictWriter(self._open(), fieldnames=list(rows[0]))
-        if first:
-            writer.writeheader()
-        writer.writerows(rows)
-        self._file.flush()
-
-
-class JSONLSink(_FileSink):
-    """Write the monitor's rows to a JSON Lines file (replacing it), one object per layer and log step.
-
-    A missing gradient is ``null``; non-finite values are ``NaN`` / ``Infinity``, as Python's json writes them.
-
-    Example:
-        >>> import layerwise as lw, torch, tempfile, pathlib, json
-        >>> path = pathlib.Path(tempfile.mkdtemp()) / "grads.jsonl"
-        >>> net = torch.nn.Linear(2, 1)
-        >>> net(torch.ones(1, 2)).sum().backward()
-        >>> with lw.GradMonitor(net, stats=["max_abs"], sinks=[lw.JSONLSink(path)]) as monitor:
-        ...     monitor.step()
-        >>> [json.loads(line)["grad_max_abs"] for line in path.read_text().splitlines()]
-        [1.0, 1.0]
-    """
-
-    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None = None) -> None:
-        file = self._open()
-        file.writelines(json.dumps(row) + "\n" for row in rows)
-        file.flush()
-
-
-class TensorBoardSink:
-    """Write the monitor's rows as TensorBoard scalars ``<column>/<layer>``, and with ``histograms=True``
-    a gradient histogram per layer (computed on the device; whole gradients never reach the host).
-
-    Needs the ``tensorboard`` extra. The event file is created at the first write, on rank 0 only.
-
-    Example:
-        >>> import layerwise as lw, torch, tempfile, pathlib
-        >>> log_dir = pathlib.Path(tempfile.mkdtemp()) / "run1"
-        >>> net = torch.nn.Linear(2, 1)
-        >>> net(torch.ones(1, 2)).sum().backward()
-        >>> with lw.GradMonitor(net, sinks=[lw.TensorBoardSink(log_dir, histograms=True)]) as monitor:
-        ...     monitor.step()
-        >>> [p.name.split(".")[0] for p in log_dir.iterdir()]
-        ['events']
-    """
-
-    def __init__(self, log_dir: str | os.PathLike, histograms: bool = False):
-        try:
-            import tensorboard  # noqa: F401  (fail now, not at the first log step)
-        except ImportError:
-            raise ImportError("TensorBoardSink needs tensorboard: pip install 'layerwise[tensorboard]'") from None
-        self.log_dir, self.histograms = _writable_dir(log_dir), histograms
-        self._writer = None
-
-    def write(self, step: int, rows: list[dict[str, Any]], histograms: dict[str, Histogram] | None = None) -> None:
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.log_dir))
-        for row in rows:
-            for key, value in row.items():
-                if isinstance(value, float):
-                    self._writer.add_scalar(f"{key}/{row['layer']}", value, step)
-        for layer, h in (histograms or {}).items():
-            if h.num and math.isfinite(h.min) and math.isfinite(h.max):
-                self._writer.add_histogram_raw(f"grad/{layer}", **h._asdict(), global_step=step)
-        self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def _histogram(x: Tensor, bins: int) -> Tensor:
-    """(min, max, counts of ``bins`` equal buckets) of one tensor, on its device and without a sync."""
-    if x.numel() == 0:
+def _histogram(x: Tensor, bins: int, zeros: int = 0) -> Tensor:
+    """(min, max, counts of ``bins`` equal buckets) of ``x`` and ``zeros`` more zeros (a sparse
+    gradient's implicit ones), on its device and without a sync."""
+    if x.numel() + zeros == 0:
         return x.new_zeros(bins + 2, dtype=torch.float32)
-    lo, hi = torch.aminmax(x.detach().flatten().float())
+    x = x.detach().flatten().float()
+    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    if zeros:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float32).tiny)
     # histc with a fixed range needs no host round trip; the data-dependent range is applied on the device.
-    counts = torch.histc(((x.float() - lo) / width).clamp_(0, bins), bins, 0, bins)
+    counts = torch.histc(((x - lo) / width).clamp_(0, bins), bins, 0, bins)
+    if zeros:
+        counts.index_add_(0, (-lo / width).clamp(0, bins - 1).long().reshape(1), counts.new_full((1,), zeros))
     return torch.cat([lo.reshape(1), hi.reshape(1), counts])
 
 
@@ -210,11 +74,11 @@ class _Record:
 
     step: int
     have: list[int]  # indices of the monitored parameters that had a gradient
-    grad: _Prims
-    weight: _Prims
+    grad: Prims
+    weight: Prims
     hist: list[Tensor]
     scale: Tensor | None  # the GradScaler scale the gradients still carry
-    delta: _Prims | None = None  # ‖Δw‖² across the optimizer step
+    delta: Prims | None = None  # ‖Δw‖² across the optimizer step
 
     def _parts(self) -> list[list[Tensor]]:
         return [self.grad.tensors(), self.weight.tensors(), self.delta.tensors() if self.delta else [], self.hist,
@@ -240,17 +104,25 @@ class GradMonitor:
     Every ``every``-th step (the first included) the monitor computes, on the device, the
     ``stats`` of each layer's gradient (columns ``grad_<stat>``), its weight norm, with an
     ``optimizer`` the update-to-weight ratio ‖Δw‖/‖w‖ across the step, and ``dead`` (gradient
-    entirely zero). Other steps cost one counter increment. Results reach the host, in one
-    transfer each time, when ``on_nonfinite`` must check them (before the optimizer step, so
-    that it can stop it), when a sink writes, or at :meth:`flush` / :attr:`history`. Under
-    ``torch.distributed`` every rank computes and rank 0 writes.
+    entirely zero). Other steps cost one counter increment. Measurements stay on the device
+    and reach the host in batches, one transfer each: when the oldest is ``flush_every`` steps
+    old, at :meth:`flush` / :attr:`history` / :meth:`remove`; the sinks then get every log step
+    in order. The one per-step exception is ``on_nonfinite="raise"`` (the default): to stop
+    the optimizer step it reads one flag per log step (a host sync on CUDA); "warn" and
+    "ignore" never wait for the device. Under ``torch.distributed`` every rank computes (one
+    collective per log step for sharded parameters) and rank 0 writes.
 
     Steps: given an ``optimizer`` the monitor hooks its ``step()``, so it counts optimizer
     steps and gradient accumulation logs once per step; ``step(closure)`` (Lightning, LBFGS)
     is measured after the closure's backward. Without an optimizer, call :meth:`step` after
     each ``backward()``. ``on_nonfinite`` ("raise", "warn", "ignore") acts on a log step whose
-    gradients hold NaN/inf, naming the layers and the step, and raises before the optimizer
-    updates the weights. The measurement of Δw copies the monitored weights on log steps.
+    gradients hold NaN/inf, naming the layers and the step: "raise" before the optimizer
+    updates the weights, "warn" when the step reaches the host. The measurement of Δw copies
+    the monitored weights on log steps.
+
+    Sparse gradients (``Embedding(sparse=True)``) are measured by their stored values, the
+    implicit zeros counted. Complex gradients get ``norm``, ``max_abs`` (of ``|z|``) and
+    ``zero_frac``; asking for ``mean`` or ``std`` of one is refused by name.
 
     Mixed precision: with an ``optimizer``, call ``scaler.step(optimizer)`` as usual. The hooks
     run inside it once the gradients are unscaled; a step the scaler skips for inf/NaN never
@@ -260,7 +132,7 @@ class GradMonitor:
     or pass ``scaler=`` and call it right after ``backward()``: the statistics are then divided
     by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
 
-    Sharded parameters (FSDP2 ``fully_shard``, DTensor) get the statistics of the full tensors.
+    Sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) get the statistics of the full tensors.
 
     Example:
         >>> import layerwise as lw, torch
@@ -277,30 +149,37 @@ class GradMonitor:
 
     def __init__(self, model: nn.Module, *selectors: Selector, every: int = 50, stats: str | Iterable[str] = STATS,
                  sinks: Sequence[Sink] = (), optimizer: torch.optim.Optimizer | None = None,
-                 on_nonfinite: str = "raise", scaler: torch.amp.GradScaler | None = None, foreach: bool | None = None):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise GradError(f"every={every!r}: log every n-th step with an integer n >= 1.")
+                 on_nonfinite: str = "raise", scaler: torch.amp.GradScaler | None = None, foreach: bool | None = None,
+                 flush_every: int = 50):
+        for option, value in (("every", every), ("flush_every", flush_every)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise OptionTypeError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
+            if value < 1:
+                raise OptionError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
         if on_nonfinite not in ("raise", "warn", "ignore"):
-            raise GradError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
+            raise OptionError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
         if optimizer is not None and scaler is not None:
             raise GradError("pass scaler= only without optimizer=: with an optimizer the monitor runs inside "
                             "scaler.step(optimizer), where it finds the gradients unscaled.")
-        self.names, self._params = _chosen(model, selectors)
+        self.names, self._params = chosen(model, selectors)
         if not self._params:
             raise GradError(f"nothing to monitor: {type(model).__name__} has no trainable parameter. "
                             "Select frozen ones explicitly to watch them anyway.")
-        self.stats = _stat_names(stats)
+        self.stats = stat_names(stats)
         self.every, self.optimizer, self.scaler, self.foreach = every, optimizer, scaler, foreach
+        self.flush_every = flush_every
         self.on_nonfinite = on_nonfinite
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.steps = 0
         self._model = model
         self._with_histograms = any(getattr(s, "histograms", False) for s in self.sinks)
-        if self._with_histograms and any(_unshard(self._params, self.names)[1]):
+        if self._with_histograms and any(local_tensors(self._params, self.names)[1]):
             raise GradError("gradient histograms of sharded (DTensor) parameters are not supported: "
                             "use TensorBoardSink(histograms=False), or select unsharded parameters.")
-        self._needed = _needed(self.stats, *(("max_abs",) if on_nonfinite != "ignore" else ()),
-                               *(("sum",) if self._with_histograms else ()))
+        self._needed = needed(self.stats, *(("max_abs",) if on_nonfinite != "ignore" else ()),
+                              *(("sum",) if self._with_histograms else ()))
+        if "sum" in self._needed:
+            refuse_complex(self.names, self._params, "a signed mean, std or histogram")
         self._pending: list[_Record] = []  # measured, still on the device
         self._done: list[_Record] = []  # on the host: rows are built when asked for, to keep memory small
         self._current: _Record | None = None
@@ -328,7 +207,7 @@ class GradMonitor:
         # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
         scale, scaler_in_charge = getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf")
         with torch.no_grad():
-            self._snapshot = [w.clone() for w in _unshard(self._params, self.names)[0]]
+            self._snapshot = [w.clone() for w in local_tensors(self._params, self.names)[0]]
         # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
@@ -352,13 +231,14 @@ class GradMonitor:
         record, snapshot = self._current, self._snapshot
         self._current = self._snapshot = None
         if record is not None and snapshot is not None:
-            weights, shards = _unshard(self._params, self.names)
+            weights, shards = local_tensors(self._params, self.names)
             if self.foreach is False:
                 for before, after in zip(snapshot, weights):
                     before.sub_(after)
             else:
                 torch._foreach_sub_(snapshot, weights)
-            record.delta = _primitives(snapshot, shards, ("sumsq",), self.foreach)
+            record.delta = local_primitives(snapshot, shards, ("sumsq",), self.foreach)
+            reduce_shards(record.delta)
             self._finish(record)
         self.steps += 1
 
@@ -367,46 +247,53 @@ class GradMonitor:
     @torch.no_grad()
     def _measure(self, scale: Tensor | None, scaler_in_charge: bool) -> _Record:
         have = [i for i, p in enumerate(self._params) if p.grad is not None]
-        grads, grad_shards = _unshard([self._params[i].grad for i in have], pick(self.names, have))
-        weights, weight_shards = _unshard(self._params, self.names)
-        record = _Record(self.steps, have, _primitives(grads, grad_shards, self._needed, self.foreach),
-                         _primitives(weights, weight_shards, ("sumsq",), self.foreach),
-                         [_histogram(g, _BINS) for g in grads] if self._with_histograms else [],
-                         None if scale is None else scale.detach().reshape(1))
-        if self.on_nonfinite == "ignore" or scaler_in_charge:
+        grads, grad_shards = local_tensors([self._params[i].grad for i in have], pick(self.names, have))
+        weights, weight_shards = local_tensors(self._params, self.names)
+        grad = local_primitives(grads, grad_shards, self._needed, self.foreach)
+        weight = local_primitives(weights, weight_shards, ("sumsq",), self.foreach)
+        reduce_shards(grad, weight)  # one collective for both, if any parameter is sharded
+        hist = []
+        if self._with_histograms:
+            hist = [_histogram(g, _BINS, self._params[i].numel() - g.numel()) for i, g in zip(have, grads)]
+        record = _Record(self.steps, have, grad, weight, hist, None if scale is None else scale.detach().reshape(1))
+        if self.on_nonfinite != "raise" or scaler_in_charge:
             return record
-        self._materialize([record])
-        finite = record.grad.values()["max_abs"].isfinite().tolist()
-        bad = [self.names[i] for i, ok in zip(have, finite) if not ok]
-        if bad:
-            message = (f"non-finite gradient at step {record.step} in {', '.join(bad)}. Run lw.watch_nonfinite(model) "
-                       "to find the layer where it first appears, and check the learning rate and the loss.")
-            if self.on_nonfinite == "raise":
-                self._pending.append(record)
-                self.flush()
-                self.steps += 1  # the step counts as taken: the next one gets the next number
-                self._snapshot = None
-                raise NonFiniteGradError(message, bad, record.step)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        # The one host read of a log step: a flag, so that the optimizer step can still be stopped.
+        finite = torch.cat([block[-1] for block in grad.tensors()]).isfinite().all() if have else True
+        if not bool(finite):
+            self._pending.append(record)
+            self.flush()
+            self.steps += 1  # the step counts as taken: the next one gets the next number
+            self._snapshot = None
+            raise NonFiniteGradError(self._nonfinite_message(record), self._nonfinite(record), record.step)
         return record
+
+    def _nonfinite(self, record: _Record) -> list[str]:
+        finite = record.grad.values()["max_abs"].isfinite().tolist()
+        return [self.names[i] for i, ok in zip(record.have, finite) if not ok]
+
+    def _nonfinite_message(self, record: _Record) -> str:
+        return (f"non-finite gradient at step {record.step} in {', '.join(self._nonfinite(record))}. Run "
+                "lw.watch_nonfinite(model) to find the layer where it first appears, and check the learning rate "
+                "and the loss.")
 
     def _finish(self, record: _Record) -> None:
         self._pending.append(record)
-        # Sinks get each step at once; otherwise results wait on the device, a bounded number of them.
-        if (self.sinks and _is_writer()) or len(self._pending) >= _MAX_PENDING:
+        # Results wait on the device and travel in batches: one transfer per flush_every steps.
+        if record.step + self.every - self._pending[0].step >= self.flush_every:
             self.flush()
 
     def _materialize(self, records: list[_Record]) -> None:
         parts = [r.tensors() for r in records]
-        host = iter(_to_host([t for part in parts for t in part]))
+        host = iter(to_host([t for part in parts for t in part]))
         for record, part in zip(records, parts):
             record.load([next(host) for _ in part])
 
     def _rows(self, record: _Record) -> list[dict[str, Any]]:
         grad = record.grad.values()
-        _unscale(grad, record.scale)
+        unscale(grad, record.scale)
         numel = torch.tensor([float(self._params[i].numel()) for i in record.have], dtype=torch.float64)
-        derived = {s: v.tolist() for s, v in _derive(grad, numel, self.stats).items()}
+        derived = {s: v.tolist() for s, v in derive(grad, numel, self.stats).items()}
         sumsq = grad["sumsq"].tolist()
         weight = record.weight.values()["sumsq"].sqrt().tolist()
         delta = record.delta.values()["sumsq"].sqrt().tolist() if record.delta else None
@@ -425,7 +312,7 @@ class GradMonitor:
 
     def _histograms(self, record: _Record) -> dict[str, Histogram]:
         grad = record.grad.values()
-        _unscale(grad, record.scale)
+        unscale(grad, record.scale)
         scale = 1.0 if record.scale is None else float(record.scale)
         out = {}
         for j, (i, h) in enumerate(zip(record.have, record.hist)):
@@ -442,6 +329,8 @@ class GradMonitor:
         pending, self._pending = self._pending, []
         self._materialize(pending)
         for record in pending:
+            if self.on_nonfinite == "warn" and "max_abs" in record.grad.needed and self._nonfinite(record):
+                warnings.warn(self._nonfinite_message(record), RuntimeWarning, stacklevel=2)
             if self.sinks and _is_writer():
                 rows = self._rows(record)
                 histograms = self._histograms(record) if self._with_histograms else None
@@ -473,13 +362,9 @@ class GradMonitor:
             >>> png.read_bytes()[:4]
             b'\\x89PNG'
         """
-        try:
-            from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError("GradMonitor.plot needs matplotlib: pip install 'layerwise[plot]'") from None
         if "norm" not in self.stats:
             raise GradError("GradMonitor.plot draws gradient norms: monitor with 'norm' in stats.")
-        path = _writable_file(path)
+        path = writable_file(path)
         rows = self.history
         if not rows:
             raise GradError(f"nothing to plot into {str(path)!r} yet: no step has been logged.")
@@ -494,26 +379,7 @@ class GradMonitor:
             lines = [i for i, n in enumerate(self.names) if n in picked]
         else:
             lines = sorted({round(k * (len(self.names) - 1) / 3) for k in range(4)})
-
-        n_layers = len(self.names)
-        fig = Figure(figsize=(10, 4 + min(0.16 * n_layers, 24)), layout="constrained")
-        heat, curves = fig.subplots(2, 1, height_ratios=[max(2.0, min(0.16 * n_layers, 24)), 3])
-        image = heat.imshow(torch.where(norms > 0, norms.log10(), math.nan).numpy(), aspect="auto",
-                            interpolation="nearest", cmap="viridis")
-        fig.colorbar(image, ax=heat, label="log10 gradient norm")
-        every_k = max(1, n_layers // 40)
-        heat.set_yticks(range(0, n_layers, every_k), labels=self.names[::every_k], fontsize="small")
-        every_s = max(1, len(steps) // 12)
-        heat.set_xticks(range(0, len(steps), every_s), labels=[str(s) for s in steps[::every_s]])
-        heat.set_xlabel("step")
-        for i in lines:
-            curves.plot(steps, norms[i].numpy(), marker="." if len(steps) < 50 else None, label=self.names[i])
-        curves.set_yscale("log")
-        curves.set_xlabel("step")
-        curves.set_ylabel("gradient norm")
-        curves.legend(fontsize="small")
-        fig.savefig(path, dpi=100)
-        return path
+        return plot_grad_norms(path, self.names, steps, norms, lines)
 
     def remove(self) -> None:
         """Unhook from the optimizer, flush, and close the sinks. Safe to call again."""

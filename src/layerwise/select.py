@@ -10,7 +10,8 @@ form                meaning
 ``**``              any number of segments, zero included: ``**.bias``, ``encoder.**``
 ``[0-5]``           a numeric segment in a range (inclusive) or a list: ``layers.[0-5]``,
 ``[1,3,7]``         ``layers.[1,3,7]``
-``re:PATTERN``      Python regex, full match against the parameter name
+``re:PATTERN``      Python regex, full match against the parameter name (or a module path
+                    above it, which selects its subtree like a path does)
 ``type:NAME``       parameters of modules of that class (or subclasses), or of a family:
                     ``norm``, ``embedding``, ``linear``, ``conv``, ``rnn``
 ``!SELECTOR``       remove what it matches from the union of the positive selectors
@@ -20,370 +21,297 @@ A selector may also be an ``nn.Module`` subclass (like ``type:``) or a callable
 ``(name, param) -> bool``. Strings match the names of
 ``named_parameters(remove_duplicate=False)``, so a shared parameter is reachable through
 each of its names; it is selected when any of its names matches and removed by a negation
-when any of its names matches.
+when any of its names matches. A ``torch.compile``d model is addressed by its inner names.
+
+Every consumer (``freeze``, ``param_groups``, ``show``, ``grad_stats``, ``merge``, the CLI...)
+goes through :func:`resolve`: one walk of the model, each selector string parsed and compiled
+once (cached), giving the parameters, the modules reached and the selectors that matched nothing.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
-import re
+import sys
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ._selector import (
+    FAMILIES,
+    Pattern,
+    Selector,
+    as_selectors,
+    closest,
+    describe,
+    mro_names,
+    parse,
+    path_prefix,
+    unknown_type,
+)
 from ._tensors import named_tensor_groups
 from .errors import NotFoundError, SelectionError
 
-__all__ = ["FAMILIES", "Selection", "SelectionError", "Selector", "select", "select_modules"]
-
-Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
-
-
-def _is_norm(m: nn.Module) -> bool:
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm)
-    # Libraries define their own norms (LlamaRMSNorm, FrozenBatchNorm2d, LayerNorm2d).
-    return isinstance(m, norms) or re.search(r"Norm(\d[dD])?$", type(m).__name__) is not None
+__all__ = ["FAMILIES", "Resolution", "Selection", "SelectionError", "Selector", "Walk", "as_selectors", "closest",
+           "describe", "parse", "path_prefix", "resolve", "select", "select_keys", "unwrap_compiled"]
 
 
-#: The ``type:`` families: a name and the test a module passes to belong to it.
-FAMILIES: dict[str, Callable[[nn.Module], bool]] = {
-    "norm": _is_norm,
-    "embedding": lambda m: isinstance(m, (nn.Embedding, nn.EmbeddingBag))
-    or type(m).__name__.endswith(("Embedding", "Embeddings")),
-    "linear": lambda m: isinstance(m, (nn.Linear, nn.Bilinear)),
-    "conv": lambda m: isinstance(m, nn.modules.conv._ConvNd),
-    "rnn": lambda m: isinstance(m, (nn.RNNBase, nn.RNNCellBase)),
-}
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d wrapper (``OptimizedModule``) runs, so that names are the inner ones.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> lw.select(torch.compile(net), "weight").params() == [net.weight]
+        True
+    """
+    # Never import torch._dynamo: if it is not loaded, nothing can be compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
-# --------------------------------------------------------------------------- parsing
+class Walk:
+    """The one walk of a model, a state dict or a key list that every resolution reads.
 
+    Build it once and resolve many selector lists against it (``param_groups`` resolves each
+    rule against one walk). For a model it holds every parameter once with all of its names
+    (``named_parameters(remove_duplicate=False)``) and every module path.
 
-@dataclass(frozen=True)
-class _Segment:
-    """One dot-separated piece of a path selector."""
+    Example:
+        >>> import layerwise as lw, torch
+        >>> from layerwise.select import Walk
+        >>> walk = Walk(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+        >>> [walk.resolve(s).selection().names() for s in ("0", "*.bias")]
+        [['0.weight', '0.bias'], ['0.bias', '1.bias']]
+    """
 
-    deep: bool = False  # `**`
-    pattern: re.Pattern | None = None  # literal text or a `*` glob
-    numbers: Callable[[int], bool] | None = None  # `[0-5]` or `[1,3,7]`
-
-    def matches(self, segment: str) -> bool:
-        if self.numbers is not None:
-            return segment.isdigit() and self.numbers(int(segment))
-        return self.pattern.fullmatch(segment) is not None
-
-
-@dataclass(frozen=True)
-class ParsedSelector:
-    """A string selector parsed once (cached) into a plain object."""
-
-    text: str
-    negate: bool
-    kind: str  # "path", "re" or "type"
-    segments: tuple[_Segment, ...] = ()
-    regex: re.Pattern | None = None
-    type_name: str = ""
-
-    @property
-    def body(self) -> str:
-        return self.text[1:] if self.negate else self.text
-
-
-def _fail(text: str, start: int, end: int, problem: str, hint: str) -> SelectionError:
-    caret = " " * start + "^" * max(1, end - start)
-    return SelectionError(f"{problem} in selector {text!r}\n    {text}\n    {caret}\n{hint}")
-
-
-_RANGE_HINT = "A numeric segment is a range [a-b] with integers a <= b, or a list [i,j,k]: e.g. 'layers.[0-5]'."
-
-
-def _parse_numbers(text: str, start: int, inner: str) -> Callable[[int], bool]:
-    end = start + len(inner) + 2
-    range_match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", inner)
-    if range_match:
-        lo, hi = int(range_match[1]), int(range_match[2])
-        if lo > hi:
-            raise _fail(text, start, end, f"empty range {lo} > {hi}", _RANGE_HINT)
-        return lambda n: lo <= n <= hi
-    items = inner.split(",")
-    if all(i.strip().isdigit() for i in items):
-        wanted = frozenset(int(i) for i in items)
-        return wanted.__contains__
-    raise _fail(text, start, end, f"bad numeric segment [{inner}]", _RANGE_HINT)
-
-
-def _parse_path(text: str, offset: int) -> tuple[_Segment, ...]:
-    body = text[offset:]
-    depth = 0
-    for i, char in enumerate(text[offset:], start=offset):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth == 0 and char in ", \t":
-            raise _fail(text, i, i + 1, f"unexpected {char!r}",
-                        "Pass several selectors as separate arguments: select(model, 'lstm', 'head').")
-    segments = []
-    pos = offset
-    for piece in body.split("."):
-        end = pos + len(piece)
-        if piece == "":
-            raise _fail(text, pos, pos + 1, "empty name segment", "Segments are separated by single dots: 'encoder.layers.0'.")
-        if piece == "**":
-            segments.append(_Segment(deep=True))
-        elif "**" in piece:
-            raise _fail(text, pos, end, "'**' inside a segment", "'**' stands alone between dots ('**.bias'); use '*' within a segment ('weight_*').")
-        elif "[" in piece or "]" in piece:
-            if not (piece.startswith("[") and piece.endswith("]")) or piece.count("[") != 1:
-                raise _fail(text, pos, end, "a numeric range must be a whole segment", _RANGE_HINT)
-            segments.append(_Segment(numbers=_parse_numbers(text, pos, piece[1:-1])))
+    def __init__(self, source: nn.Module | Mapping[str, torch.Tensor] | Iterable[str]):
+        self.paths: list[str] = []  # module paths, in model order (pre-order)
+        self.modules: list[nn.Module] = []
+        self.parent: list[int] = []  # index of each module's parent (-1 for the root)
+        self.own: list[list[int]] = []  # groups held directly by each module
+        self.names: list[str] = []  # every name of every group
+        self.name_group: list[int] = []
+        self.name_owner: list[int] = []  # module index holding the name (-1 without a model)
+        self._sorted: dict[str, tuple[list[str], list[int]]] = {}
+        if isinstance(source, nn.Module):
+            model = unwrap_compiled(source)
+            self.what, self.has_modules = type(model).__name__, True
+            # named_parameters(remove_duplicate=False) is this very loop; doing it here gives the
+            # modules too, in one pass.
+            index: dict[str, int] = {}
+            by_id: dict[int, int] = {}
+            self.groups: list[tuple[tuple[str, ...], torch.Tensor | None]] = []
+            members: list[list[str]] = []
+            for path, module in model.named_modules(remove_duplicate=False):
+                m = index[path] = len(self.paths)
+                self.paths.append(path)
+                self.modules.append(module)
+                self.parent.append(index[path.rpartition(".")[0]] if path else -1)
+                own = []
+                for key, p in module._parameters.items():
+                    if p is None:
+                        continue
+                    g = by_id.setdefault(id(p), len(members))
+                    if g == len(members):
+                        members.append([])
+                        self.groups.append(((), p))
+                    name = f"{path}.{key}" if path else key
+                    members[g].append(name)
+                    own.append(g)
+                    self.names.append(name)
+                    self.name_group.append(g)
+                    self.name_owner.append(m)
+                self.own.append(own)
+            self.groups = [(tuple(names), p) for names, (_, p) in zip(members, self.groups)]
+            return
+        self.has_modules = False
+        if isinstance(source, Mapping):
+            self.what = "the state dict"
+            self.groups = list(named_tensor_groups(source))
         else:
-            glob = ".*".join(re.escape(part) for part in piece.split("*")).replace(".*", "[^.]*")
-            segments.append(_Segment(pattern=re.compile(glob)))
-        pos = end + 1
-    return tuple(segments)
+            self.what = "the keys"
+            self.groups = [((key,), None) for key in source]
+        for g, (names, _) in enumerate(self.groups):
+            self.names += names
+            self.name_group += [g] * len(names)
+            self.name_owner += [-1] * len(names)
 
+    def resolve(self, *selectors: Selector, missing_ok: bool = False) -> Resolution:
+        """See :func:`resolve`."""
+        positive_groups: set[int] = set()
+        negative_groups: set[int] = set()
+        positive_modules: set[int] = set()
+        negative_modules: set[int] = set()
+        unmatched = []
+        any_positive = False
+        for selector in selectors:
+            negate, groups, modules = self._one(selector)
+            any_positive |= not negate
+            if not groups and not modules:
+                unmatched.append(selector)
+            (negative_groups if negate else positive_groups).update(groups)
+            (negative_modules if negate else positive_modules).update(modules)
+        if unmatched and not missing_ok:
+            raise SelectionError(" ".join(self._missing(s) for s in unmatched)
+                                 + " (Pass missing_ok=True to allow an empty match.)")
+        # With no positive selector the union is everything: select(model, "!head") is all but the head.
+        groups = positive_groups if any_positive else range(len(self.groups))
+        modules = positive_modules if any_positive else range(len(self.modules))
+        return Resolution(
+            tuple(self.groups[g] for g in sorted(set(groups) - negative_groups)),
+            tuple((self.paths[m], self.modules[m]) for m in sorted(set(modules) - negative_modules)),
+            tuple(unmatched))
 
-@functools.lru_cache(maxsize=4096)
-def parse(text: str) -> ParsedSelector:
-    """Parse a string selector; raise :class:`SelectionError` quoting it with a caret under the fault."""
-    if not isinstance(text, str):
-        raise SelectionError(f"a selector string was expected, got {type(text).__name__}: {text!r}")
-    if text.strip() == "":
-        raise SelectionError(f"empty selector {text!r}: use '**' for every parameter, or a module path like 'encoder'")
-    negate = text.startswith("!")
-    offset = int(negate)
-    if negate and text[1:2] in ("", "!"):
-        raise _fail(text, 0, 2, "'!' must be followed by one selector", "Write '!head' to remove what 'head' matches.")
-    if text.startswith("re:", offset):
-        pattern = text[offset + 3:]
-        if not pattern:
-            raise _fail(text, offset, offset + 3, "empty regular expression", "Write re:PATTERN, e.g. 're:.*\\.bias'.")
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            at = offset + 3 + (e.pos or 0)
-            raise _fail(text, at, at + 1, f"invalid regular expression ({e.msg})", "The pattern after 're:' is a Python regex, matched against the whole name.") from None
-        return ParsedSelector(text, negate, "re", regex=regex)
-    if text.startswith("type:", offset):
-        name = text[offset + 5:]
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise _fail(text, offset + 5, len(text), "expected a module class or family name", f"Write type:NAME with NAME a class (type:LSTM) or a family: {', '.join(FAMILIES)}.")
-        return ParsedSelector(text, negate, "type", type_name=name)
-    return ParsedSelector(text, negate, "path", segments=_parse_path(text, offset))
+    # ------------------------------------------------------------------ one selector
 
-
-def _prefix_match_len(segments: Sequence[_Segment], parts: Sequence[str], i: int = 0, j: int = 0) -> int | None:
-    """Shortest j such that ``segments[i:]`` matches ``parts[...:j]``; the rest of the name is the subtree."""
-    if i == len(segments):
-        return j
-    seg = segments[i]
-    if seg.deep:
-        for k in range(j, len(parts) + 1):
-            end = _prefix_match_len(segments, parts, i + 1, k)
-            if end is not None:
-                return end
-        return None
-    if j < len(parts) and seg.matches(parts[j]):
-        return _prefix_match_len(segments, parts, i + 1, j + 1)
-    return None
-
-
-def path_prefix(selector: str, name: str) -> str | None:
-    """The module path at which a path selector matches ``name`` (``None`` if it does not).
-
-    ``path_prefix("layers.*", "layers.3.attn.weight") == "layers.3"``; layer-wise decay uses it
-    to tell the numbered blocks apart.
-    """
-    parsed = parse(selector)
-    if parsed.kind != "path":
-        raise SelectionError(f"selector {selector!r} must be a module path pattern like 'encoder.layers.*'")
-    parts = name.split(".")
-    end = _prefix_match_len(parsed.segments, parts)
-    return None if end is None else ".".join(parts[:end])
-
-
-# --------------------------------------------------------------------------- matching
-
-
-class _Context:
-    """What matching needs to know of the thing being selected from, built lazily."""
-
-    def __init__(self, source: nn.Module | Mapping[str, torch.Tensor]):
-        self.source = source
-        self.groups = named_tensor_groups(source)
-        self._modules: dict[str, nn.Module] | None = None
-
-    @property
-    def what(self) -> str:
-        return type(self.source).__name__ if isinstance(self.source, nn.Module) else "the state dict"
-
-    @property
-    def modules(self) -> dict[str, nn.Module]:
-        if self._modules is None:
-            if not isinstance(self.source, nn.Module):
-                raise SelectionError("type: selectors and module classes need a model; a state dict has names only")
-            self._modules = dict(self.source.named_modules(remove_duplicate=False))
-        return self._modules
-
-    def chain(self, parts: Sequence[str]) -> Iterator[nn.Module]:
-        """The module at path ``parts`` and every module above it."""
-        for k in range(len(parts) + 1):
-            module = self.modules.get(".".join(parts[:k]))
-            if module is not None:
-                yield module
-
-    def owners(self, name: str) -> Iterator[nn.Module]:
-        """The module that holds parameter ``name`` and every module above it."""
-        return self.chain(name.split(".")[:-1])
-
-    def names(self) -> list[str]:
-        return [n for names, _ in self.groups for n in names]
-
-    def module_paths(self) -> list[str]:
-        if not isinstance(self.source, nn.Module):
-            return sorted({n.rsplit(".", 1)[0] for n in self.names() if "." in n})
-        return [p for p in self.modules if p]
-
-
-def _class_names(module: nn.Module) -> frozenset[str]:
-    return _mro_names(type(module))
-
-
-@functools.cache
-def _mro_names(cls: type) -> frozenset[str]:
-    return frozenset(c.__name__ for c in cls.__mro__ if c not in (nn.Module, object))
-
-
-def _module_test(parsed: ParsedSelector, ctx: _Context) -> Callable[[nn.Module], bool]:
-    """For a ``type:`` selector: does one module (not its parents) belong to the type or family?"""
-    name = parsed.type_name
-    family = FAMILIES.get(name)
-    if family is not None:
-        return family
-    present = sorted({n for m in ctx.modules.values() for n in _class_names(m)})
-    if name not in present:
-        close = difflib.get_close_matches(name, present + list(FAMILIES), n=1, cutoff=0.6)
-        hint = f"did you mean type:{close[0]}? " if close else ""
-        start = len(parsed.text) - len(name)
-        raise _fail(parsed.text, start, len(parsed.text), f"unknown module type {name!r}",
-                    f"{hint}Families: {', '.join(FAMILIES)}. Classes in {ctx.what}: {', '.join(present)}.")
-    return lambda m: name in _class_names(m)
-
-
-def _predicate(selector: Selector, ctx: _Context) -> tuple[bool, Callable[[str, torch.Tensor], bool]]:
-    """(negate, predicate on one name) for any selector form."""
-    if isinstance(selector, str):
-        parsed = parse(selector)
-        if parsed.kind == "path":
-            return parsed.negate, lambda n, _: _prefix_match_len(parsed.segments, n.split(".")) is not None
-        if parsed.kind == "re":
-            return parsed.negate, lambda n, _: parsed.regex.fullmatch(n) is not None
-        test = _module_test(parsed, ctx)
-        return parsed.negate, lambda n, _: any(test(m) for m in ctx.owners(n))
-    if isinstance(selector, type) and issubclass(selector, nn.Module):
-        return False, lambda n, _: any(isinstance(m, selector) for m in ctx.owners(n))
-    if callable(selector):
-        return False, lambda n, p: bool(selector(n, p))
-    raise SelectionError(
-        f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
-        "an nn.Module subclass, or a callable (name, param) -> bool")
-
-
-def select_modules(model: nn.Module, *selectors: Selector) -> list[tuple[str, nn.Module]]:
-    """The modules the selectors reach, in model order: the module at a matched path and everything
-    below it, modules of a selected type and everything below them. Callables reach no module.
-
-    Freezing uses this to find normalization layers without parameters (``affine=False``).
-    """
-    ctx = _Context(model)
-    tests = []
-    for selector in selectors:
-        negate, test = False, None
+    def _one(self, selector: Selector) -> tuple[bool, set[int], set[int]]:
+        """(negated?, groups it matches, modules it reaches) for any selector form."""
         if isinstance(selector, str):
-            parsed = parse(selector)
-            negate = parsed.negate
-            if parsed.kind == "path":
-                test = lambda parts, s=parsed.segments: _prefix_match_len(s, parts) is not None
-            elif parsed.kind == "re":
-                test = lambda parts, r=parsed.regex: any(r.fullmatch(".".join(parts[:k])) for k in range(1, len(parts) + 1))
-            else:
-                is_type = _module_test(parsed, ctx)
-                test = lambda parts, t=is_type: any(t(m) for m in ctx.chain(parts))
-        elif isinstance(selector, type) and issubclass(selector, nn.Module):
-            test = lambda parts, c=selector: any(isinstance(m, c) for m in ctx.chain(parts))
-        if test is not None:
-            tests.append((negate, test))
-    positive = [t for neg, t in tests if not neg]
-    negative = [t for neg, t in tests if neg]
-    only_negations = all(isinstance(s, str) and parse(s).negate for s in selectors)
-    out = []
-    for path, module in ctx.modules.items():
-        parts = path.split(".") if path else []
-        wanted = only_negations or any(t(parts) for t in positive)
-        if wanted and not any(t(parts) for t in negative):
-            out.append((path, module))
-    return out
+            pattern = parse(selector)
+            if pattern.kind == "type":
+                return pattern.negate, *self._by_type(self._type_test(pattern))
+            if pattern.matches(""):  # the model's own path (`**`, re:.*): it and everything below it
+                return pattern.negate, set(range(len(self.groups))), set(range(len(self.modules)))
+            names = self._scan(pattern, self.names, "names")
+            return pattern.negate, {self.name_group[i] for i in names}, set(self._scan(pattern, self.paths, "paths"))
+        if isinstance(selector, type) and issubclass(selector, nn.Module):
+            return False, *self._by_type(lambda m: isinstance(m, selector))
+        if callable(selector):
+            if self.what == "the keys":
+                raise SelectionError(f"cannot select {self.what} with {describe(selector)}: a callable (name, param) "
+                                     "needs tensors; use a string selector")
+            groups = {g for g, (names, p) in enumerate(self.groups) if any(selector(n, p) for n in names)}
+            return False, groups, self._fully_selected(groups)
+        raise SelectionError(
+            f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
+            "an nn.Module subclass, or a callable (name, param) -> bool")
+
+    def _scan(self, pattern: Pattern, items: list[str], which: str) -> list[int]:
+        """Indices of ``items`` the pattern matches; with a literal prefix, only the candidates that
+        start with it (found by bisection in a sorted copy, built once per walk)."""
+        match = pattern.regex.match
+        if not pattern.literal or len(items) < 64:
+            return [i for i, item in enumerate(items) if match(item)]
+        if which not in self._sorted:
+            order = sorted(range(len(items)), key=items.__getitem__)
+            self._sorted[which] = ([items[i] for i in order], order)
+        keys, order = self._sorted[which]
+        out = []
+        literal = pattern.literal
+        for k in range(bisect_left(keys, literal), len(keys)):
+            if not keys[k].startswith(literal):
+                break
+            if match(keys[k]):
+                out.append(order[k])
+        return out
+
+    def _need_modules(self, what: str) -> None:
+        if not self.has_modules:
+            raise SelectionError(f"{what} needs a model; {self.what} has names only: "
+                                 "select by name ('**.norm.*') instead")
+
+    def _type_test(self, pattern: Pattern) -> Callable[[nn.Module], bool]:
+        self._need_modules(f"the selector {pattern.text!r}")
+        family = FAMILIES.get(pattern.type_name)
+        return family if family is not None else lambda m: pattern.type_name in mro_names(type(m))
+
+    def _by_type(self, test: Callable[[nn.Module], bool]) -> tuple[set[int], set[int]]:
+        """Modules passing ``test`` and everything below them; the parameters they hold."""
+        self._need_modules("a module class selector")
+        reached = [False] * len(self.modules)
+        for m, module in enumerate(self.modules):
+            reached[m] = test(module) or (m > 0 and reached[self.parent[m]])
+        groups = {self.name_group[i] for i, owner in enumerate(self.name_owner) if reached[owner]}
+        return groups, {m for m, r in enumerate(reached) if r}
+
+    def _fully_selected(self, groups: set[int]) -> set[int]:
+        """Modules whose parameters (below them too; at least one) are all in ``groups``: what a
+        callable reaches, so that it agrees with the module paths it could have been written as."""
+        has = [bool(own) for own in self.own]
+        full = [all(g in groups for g in own) for own in self.own]
+        for m in range(len(self.modules) - 1, 0, -1):  # pre-order reversed: children before parents
+            up = self.parent[m]
+            has[up] |= has[m]
+            full[up] &= full[m]
+        return {m for m in range(len(self.modules)) if has[m] and full[m]}
+
+    def _missing(self, selector: Selector) -> str:
+        msg = f"selector {describe(selector)} matched no parameter of {self.what}."
+        if isinstance(selector, str):
+            pattern = parse(selector)
+            if pattern.kind == "type":
+                present = sorted({n for m in self.modules for n in mro_names(type(m))})
+                if pattern.type_name not in FAMILIES and pattern.type_name not in present:
+                    return str(unknown_type(pattern, present, self.what))
+                return msg + f" Modules present: {', '.join(sorted({type(m).__name__ for m in self.modules}))}."
+            near = closest(pattern.body.removeprefix("re:"), self.names + [p for p in self.paths if p])
+            if near:
+                msg += f" Closest names: {', '.join(near)}."
+        return msg
 
 
-def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector, ...]:
-    """One selector or several (a list or tuple; None for none) as a tuple of selectors."""
-    if value is None:
-        return ()
-    if isinstance(value, (str, type)) or callable(value):
-        return (value,)
-    return tuple(value)
+@dataclass(frozen=True)
+class Resolution:
+    """What selectors resolve to: the parameters (each once, in model order, with all names),
+    the modules reached (``(path, module)`` in model order) and the selectors that matched nothing.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> from layerwise.select import resolve
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2, affine=False))
+        >>> res = resolve(net, "type:norm", "head", missing_ok=True)
+        >>> res.selection().names(), [path for path, _ in res.modules], res.unmatched
+        ([], ['1'], ('head',))
+    """
+
+    groups: tuple[tuple[tuple[str, ...], torch.Tensor | None], ...]
+    modules: tuple[tuple[str, nn.Module], ...]
+    unmatched: tuple[Selector, ...]
+
+    def selection(self) -> Selection:
+        return Selection(self.groups)
 
 
-def describe(selector: Selector) -> str:
-    if isinstance(selector, str):
-        return repr(selector)
-    if isinstance(selector, type):
-        return f"type {selector.__name__}"
-    return f"callable {getattr(selector, '__qualname__', selector)!r}"
+def resolve(source: nn.Module | Mapping[str, torch.Tensor] | Walk, *selectors: Selector,
+            missing_ok: bool = False) -> Resolution:
+    """Resolve selectors against a model (or a state dict, or a :class:`Walk` of either) in one walk.
+
+    Several selectors are a union and ``!`` negations are removed from it afterwards, for
+    parameters and modules alike; with no positive selector the union is everything. A
+    selector that matches no parameter and reaches no module raises :class:`SelectionError`
+    naming it and the closest existing names, unless ``missing_ok=True``; then it is listed in
+    ``unmatched``. The modules a selector reaches: those at a matching path and everything
+    below them (``type:``, classes: modules of that type and below); for a callable, the
+    modules whose parameters it all selects.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> from layerwise.select import resolve
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> res = resolve(net, "1", "!**.bias")
+        >>> [names for names, _ in res.groups], [path for path, _ in res.modules]
+        ([('1.weight',)], ['1'])
+    """
+    walk = source if isinstance(source, Walk) else Walk(source)
+    return walk.resolve(*selectors, missing_ok=missing_ok)
 
 
-def closest(text: str, candidates: Sequence[str], n: int = 5) -> list[str]:
-    """Up to ``n`` candidates nearest to ``text``: names extending it first, then by similarity."""
-    extending = [c for c in candidates if c.startswith(text) and c != text]
-    similar = difflib.get_close_matches(text, candidates, n=n, cutoff=0.5)
-    out: list[str] = []
-    for c in extending + similar:
-        if c not in out:
-            out.append(c)
-    return out[:n]
+def select_keys(keys: Iterable[str] | Walk, *selectors: Selector, missing_ok: bool = False) -> list[str]:
+    """The keys (of a state dict, a checkpoint header...) the selectors select, in their order.
 
+    Names only: ``type:``, classes and callables need a model and are refused.
 
-def _missing_message(selector: Selector, ctx: _Context) -> str:
-    msg = f"selector {describe(selector)} matched no parameter of {ctx.what}."
-    if isinstance(selector, str):
-        body = parse(selector).body
-        if body.startswith("type:"):
-            present = sorted({type(m).__name__ for m in ctx.modules.values()})
-            return msg + f" Modules present: {', '.join(present)}."
-        near = closest(body.removeprefix("re:"), ctx.names() + ctx.module_paths())
-        if near:
-            msg += f" Closest names: {', '.join(near)}."
-    return msg
-
-
-def match(source: nn.Module | Mapping[str, torch.Tensor], *selectors: Selector,
-          missing_ok: bool = False) -> list[tuple[tuple[str, ...], torch.Tensor]]:
-    ctx = _Context(source)
-    compiled = [(s, *_predicate(s, ctx)) for s in selectors]
-    hits = [[any(pred(n, t) for n in names) for names, t in ctx.groups] for _, _, pred in compiled]
-    if not missing_ok:
-        missing = [_missing_message(s, ctx) for (s, _, _), h in zip(compiled, hits) if not any(h)]
-        if missing:
-            raise SelectionError(" ".join(missing) + " (Pass missing_ok=True to allow an empty match.)")
-    positive = [h for (_, neg, _), h in zip(compiled, hits) if not neg]
-    negative = [h for (_, neg, _), h in zip(compiled, hits) if neg]
-    chosen = []
-    for i, group in enumerate(ctx.groups):
-        wanted = any(h[i] for h in positive) if positive else True
-        if wanted and not any(h[i] for h in negative):
-            chosen.append(group)
-    return chosen
+    Example:
+        >>> from layerwise.select import select_keys
+        >>> select_keys(["enc.0.weight", "enc.0.bias", "head.weight"], "enc.**", "!**.bias")
+        ['enc.0.weight']
+    """
+    walk = keys if isinstance(keys, Walk) else Walk(keys)
+    return [names[0] for names, _ in resolve(walk, *selectors, missing_ok=missing_ok).groups]
 
 
 # --------------------------------------------------------------------------- the result
@@ -466,4 +394,4 @@ def select(model: nn.Module | Mapping[str, torch.Tensor], *selectors: Selector, 
         >>> lw.select(lstm, "re:weight_.*", "!*_l1").names()
         ['weight_ih_l0', 'weight_hh_l0']
     """
-    return Selection(match(model, *selectors, missing_ok=missing_ok))
+    return resolve(model, *selectors, missing_ok=missing_ok).selection()

@@ -1,0 +1,311 @@
+"""The gradient engine: per-tensor primitives computed on the device, pooled exactly.
+
+Every statistic layerwise reports is derived from four per-tensor *primitives* (sum of
+squares, sum, count of non-zeros, largest magnitude) plus the element count. They pool
+exactly over tensors, shards and modules (sums add, maxima take the maximum), so per-module
+statistics and those of sharded (FSDP2 / HSDP DTensor) parameters are those of the full
+tensors. ``grads.py`` (one-shot statistics and checks), ``monitor.py`` (the training monitor)
+and clipping (:func:`unit_norms`) are built on this module; nothing here touches the host
+unless asked (:func:`to_host`).
+
+Gradients of every layout are read as what they store: a sparse gradient
+(``Embedding(sparse=True)``) by its coalesced values, its implicit zeros counted by the
+caller from the parameter's size; a complex gradient by magnitudes (norm, max |x|, zeros),
+its signed sum refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ._tensors import pick, use_foreach
+from .errors import GradError
+from .select import Selector, closest, select
+
+#: The statistics :func:`grad_stats` and :class:`GradMonitor` know, in their default order.
+STATS = ("norm", "mean", "std", "max_abs", "zero_frac")
+
+# Summed primitives first, max_abs last: one block of rows adds across shards, the other maxes.
+PRIMITIVES = ("sumsq", "sum", "nonzero", "max_abs")
+_NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs": {"max_abs"}, "zero_frac": {"nonzero"}}
+
+# Kernel per primitive and device type when foreach=None, chosen by benchmarks/bench_grad_stats.py
+# (its kernel table; torch 2.13). On CPU torch's foreach ops are a C++ loop over per-tensor
+# kernels, and for max |x| and non-zeros it calls slow ones (norm(ord=inf) ~6x aminmax, norm(ord=0)
+# ~2x count_nonzero): there a per-tensor loop of the fast kernel wins. On CUDA _foreach_norm fuses
+# ord 2 and inf into a few launches for all tensors. torch has no fused signed sum (Σrelu(x) − Σ|x|
+# would copy every gradient), so it is always a per-tensor loop.
+_FUSED = {"cpu": {"sumsq"}, "cuda": {"sumsq", "max_abs", "nonzero"}}
+
+
+def stat_names(stats: str | Iterable[str]) -> tuple[str, ...]:
+    """``stats`` validated and deduplicated, in the caller's order."""
+    names = tuple(dict.fromkeys((stats,) if isinstance(stats, str) else stats))
+    for name in names:
+        if name not in STATS:
+            near = closest(str(name), STATS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise GradError(f"unknown statistic {name!r}{hint}. Valid: {', '.join(STATS)}.")
+    if not names:
+        raise GradError(f"no statistic asked for. Valid: {', '.join(STATS)}.")
+    return names
+
+
+def needed(stats: Iterable[str], *extra: str) -> tuple[str, ...]:
+    """The primitives behind ``stats``, in canonical order; ``sumsq`` always (it decides "dead")."""
+    wanted = {"sumsq", *extra}.union(*(_NEEDS[s] for s in stats))
+    return tuple(p for p in PRIMITIVES if p in wanted)
+
+
+def chosen(model: nn.Module, selectors: Sequence[Selector]) -> tuple[list[str], list[nn.Parameter]]:
+    """The parameters to look at: those selected, or with no selector every trainable one."""
+    pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
+    return [n for n, _ in pairs], [p for _, p in pairs]
+
+
+def refuse_complex(names: Sequence[str], tensors: Sequence[Tensor | None], what: str) -> None:
+    """Raise naming the first complex tensor: ``what`` (e.g. a signed mean) is not defined for it."""
+    for name, t in zip(names, tensors):
+        if t is not None and t.is_complex():
+            raise GradError(f"{name!r} has a complex gradient ({t.dtype}): {what} is not defined for it. Ask for "
+                            "stats=['norm', 'max_abs', 'zero_frac'] (magnitudes), or leave it out with a selector.")
+
+
+# --------------------------------------------------------------------------- local tensors
+
+
+def local_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list[Tensor], list[tuple | None]]:
+    """What each tensor stores on this rank, and the (mesh, sharded mesh dims) to reduce it over.
+
+    A DTensor gives its local shard; a sparse tensor its (coalesced) stored values, dense.
+    """
+    local: list[Tensor] = []
+    shards: list[tuple | None] = []
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        from torch.distributed.tensor import DTensor
+    for t, name in zip(tensors, names):
+        t, shard = t.detach(), None
+        if distributed and isinstance(t, DTensor):
+            if any(p.is_partial() for p in t.placements):
+                raise GradError(f"{name!r} is a DTensor with placements {t.placements}: a Partial one is not reduced "
+                                "yet. Compute statistics once the gradients are reduced (after backward).")
+            dims = tuple(d for d, p in enumerate(t.placements) if p.is_shard())
+            t, shard = t.to_local(), ((t.device_mesh, dims) if dims else None)
+        if t.layout == torch.sparse_coo:
+            t = t.coalesce().values()  # duplicate indices hold parts of one value: coalescing adds them
+        elif t.layout != torch.strided:
+            t = t.values()  # compressed layouts store each element once
+        local.append(t)
+        shards.append(shard)
+    return local, shards
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> Tensor:
+    """One primitive of each tensor in ``xs`` (one device and dtype, none empty), as a 1-D tensor."""
+    if xs[0].is_complex():
+        acc = xs[0].real.dtype if acc.is_complex else acc
+        if primitive == "sumsq":  # Σ|z|² is the sum of squares of the real view
+            xs = [torch.view_as_real(x) for x in xs]
+        elif primitive == "max_abs":  # aminmax has no complex form; the inf-norm is max |z|
+            return torch.stack([torch.linalg.vector_norm(x, math.inf) for x in xs]).to(acc)
+    if primitive == "sumsq":
+        norms = torch._foreach_norm(xs, 2, dtype=acc) if fused else [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
+        return torch.stack(norms).double().square()
+    if primitive == "sum":
+        return torch.stack([x.sum(dtype=acc) for x in xs])
+    if primitive == "nonzero":
+        return torch.stack(torch._foreach_norm(xs, 0, dtype=acc) if fused else [torch.count_nonzero(x) for x in xs])
+    if fused:
+        return torch.stack(torch._foreach_norm(xs, math.inf, dtype=acc))
+    lo, hi = zip(*(torch.aminmax(x) for x in xs))
+    return torch.maximum(torch.stack(hi), torch.stack(lo).neg())
+
+
+@dataclass
+class Prims:
+    """Primitives of some tensors: per (device, dtype, shard) group, the tensors' indices and a
+    (primitives × tensors) float64 block on the group's device."""
+
+    needed: tuple[str, ...]
+    count: int
+    groups: dict[tuple, tuple[list[int], Tensor]] = field(default_factory=dict)
+
+    def tensors(self) -> list[Tensor]:
+        return [block for _, block in self.groups.values()]
+
+    def load(self, blocks: Sequence[Tensor]) -> None:
+        """Replace the blocks by ``blocks`` (as :meth:`tensors` ordered them), e.g. once on the host."""
+        self.groups = {key: (cols, block) for (key, (cols, _)), block in zip(self.groups.items(), blocks)}
+
+    def values(self) -> dict[str, Tensor]:
+        """Primitive name -> (count,) tensor, in the tensors' order (call once the blocks are on the host)."""
+        out = torch.full((len(self.needed), self.count), math.nan, dtype=torch.float64)
+        for cols, block in self.groups.values():
+            out[:, cols] = block
+        return dict(zip(self.needed, out))
+
+
+def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
+                     foreach: bool | None) -> Prims:
+    """The ``needed`` primitives of each tensor's local part, on its device; sharded ones still unreduced.
+
+    Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
+    unchanged; element counts come from the caller, not from here.
+    """
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (x, shard) in enumerate(zip(local, shards)):
+        groups[(x.device, x.dtype, shard)].append(i)
+    prims = Prims(needed, len(local))
+    for key, idx in groups.items():
+        device, dtype, _ = key
+        xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
+        acc, fused = torch.promote_types(dtype, torch.float32), use_foreach(xs, device, foreach)
+        default = _FUSED.get(device.type, _FUSED["cuda"]) if foreach is None else set(needed)
+        prims.groups[key] = (idx, torch.stack([_kernel(p, xs, acc, fused and p in default).double() for p in needed]))
+    return prims
+
+
+def reduce_shards(*all_prims: Prims) -> None:
+    """Make the primitives of sharded tensors those of the full tensors, in place: ONE collective per
+    mesh dimension for everything passed (an ``all_gather`` of the small blocks, then a sum or a
+    maximum in rank order, so that every rank holds bit-identical results)."""
+    by_mesh: dict[tuple, list[tuple[Prims, tuple]]] = defaultdict(list)
+    for prims in all_prims:
+        for key in prims.groups:
+            if key[2] is not None:
+                by_mesh[key[2]].append((prims, key))
+    for (mesh, dims), members in by_mesh.items():
+        blocks = [prims.groups[key][1] for prims, key in members]
+        n_sum = [len(prims.needed) - ("max_abs" in prims.needed) for prims, _ in members]
+        sums = [b[:n].reshape(-1) for b, n in zip(blocks, n_sum)]
+        maxes = [b[n:].reshape(-1) for b, n in zip(blocks, n_sum)]
+        flat = torch.cat(sums + maxes)
+        split = sum(s.numel() for s in sums)
+        for d in dims:
+            group = mesh.get_group(d)
+            parts = [torch.empty_like(flat) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, flat, group=group)
+            gathered = torch.stack(parts)
+            flat = torch.cat([gathered[:, :split].sum(0), gathered[:, split:].amax(0)])
+        sum_parts = flat[:split].split([s.numel() for s in sums])
+        max_parts = flat[split:].split([m.numel() for m in maxes])
+        for (prims, key), b, s, m in zip(members, blocks, sum_parts, max_parts):
+            cols = prims.groups[key][0]
+            prims.groups[key] = (cols, torch.cat([s, m]).view(b.shape))
+
+
+def primitives(tensors: Sequence[Tensor], names: Sequence[str], needed: tuple[str, ...],
+               foreach: bool | None = None) -> Prims:
+    """The ``needed`` primitives of each whole tensor (sharded ones reduced), kept on the device."""
+    prims = local_primitives(*local_tensors(tensors, names), needed, foreach)
+    reduce_shards(prims)
+    return prims
+
+
+def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copy small tensors to the host as float64, with one transfer per device."""
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_device[t.device].append(i)
+    out: list[Tensor] = [torch.empty(0)] * len(tensors)
+    for idx in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1).double() for i in idx]).cpu()
+        for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+            out[i] = part.view(tensors[i].shape)
+    return out
+
+
+# --------------------------------------------------------------------------- statistics from primitives
+
+
+def unscale(values: dict[str, Tensor], scale: Tensor | None) -> None:
+    """Divide primitives measured on gradients still multiplied by a GradScaler's ``scale``."""
+    if scale is not None:
+        for name, power in (("sum", 1), ("sumsq", 2), ("max_abs", 1)):
+            if name in values:
+                values[name] = values[name] / scale ** power
+
+
+def derive(values: dict[str, Tensor], numel: Tensor, stats: Sequence[str]) -> dict[str, Tensor]:
+    """Statistics from primitives; ``std`` with Bessel's correction, like ``torch.std``."""
+    out = {}
+    for stat in stats:
+        if stat == "norm":
+            out[stat] = values["sumsq"].sqrt()
+        elif stat == "mean":
+            out[stat] = values["sum"] / numel
+        elif stat == "std":
+            var = (values["sumsq"] - values["sum"].square() / numel).clamp_min(0) / (numel - 1)
+            out[stat] = torch.where(numel > 1, var.sqrt(), math.nan)
+        elif stat == "max_abs":
+            out[stat] = values["max_abs"]
+        else:
+            out[stat] = 1 - values["nonzero"] / numel
+    return out
+
+
+def pool(values: dict[str, Tensor], numel: Tensor, group: Tensor, count: int) -> tuple[dict[str, Tensor], Tensor]:
+    """Primitives and element counts of ``count`` groups, from those of tensors in group ``group[i]``."""
+    pooled = {}
+    for name, v in values.items():
+        if name == "max_abs":
+            pooled[name] = torch.zeros(count, dtype=v.dtype).scatter_reduce(0, group, v, "amax", include_self=False)
+        else:
+            pooled[name] = torch.zeros(count, dtype=v.dtype).index_add(0, group, v)
+    return pooled, torch.zeros(count, dtype=numel.dtype).index_add(0, group, numel)
+
+
+# --------------------------------------------------------------------------- norms for clipping
+
+
+def unit_norms(grads: Sequence[Tensor], units: Sequence[int], count: int, norm_type: float = 2.0,
+               foreach: bool | None = None, names: Sequence[str] | None = None) -> Tensor:
+    """The ``norm_type``-norm of each of ``count`` units, unit ``units[i]`` holding ``grads[i]``, on the device.
+
+    Exact for sharded (FSDP2 / HSDP DTensor) gradients with ONE all-reduce per sharded mesh
+    dimension for all units together; no host sync. Sparse gradients count their stored values,
+    complex ones their magnitudes. A unit with no gradient has norm 0. The result is a float32
+    (or wider) tensor of shape ``(count,)`` on the first gradient's device.
+    """
+    names = names if names is not None else [str(i) for i in range(len(grads))]
+    local, shards = local_tensors(grads, names)
+    p = float(norm_type)
+    if not local:
+        return torch.zeros(count)
+    device = local[0].device
+    acc = torch.promote_types(*{x.dtype if not x.is_complex() else x.real.dtype for x in local}, torch.float32)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (x, shard) in enumerate(zip(local, shards)):
+        groups[(x.device, x.dtype, shard)].append(i)
+    totals: dict[tuple | None, Tensor] = {}
+    for (dev, _, shard), idx in groups.items():
+        xs = [torch.view_as_real(x) if x.is_complex() and p == 2 else x for x in pick(local, idx)]
+        xs = [x if x.numel() else x.new_zeros(1) for x in xs]
+        fused = use_foreach(xs, dev, foreach) and (foreach is not None or p == 2 or dev.type != "cpu")
+        norms = torch._foreach_norm(xs, p) if fused else [torch.linalg.vector_norm(x, p) for x in xs]
+        part = torch.stack(norms).to(device=device, dtype=torch.float64)
+        part = part if math.isinf(p) else part.pow(p)
+        where = torch.tensor(pick(units, idx), device=device)
+        total = totals.setdefault(shard, torch.zeros(count, dtype=torch.float64, device=device))
+        if math.isinf(p):
+            total.scatter_reduce_(0, where, part, "amax")
+        else:
+            total.index_add_(0, where, part)
+    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+    for shard, total in totals.items():
+        for d in shard[1] if shard is not None else ():
+            dist.all_reduce(total, op=op, group=shard[0].get_group(d))
+    combined = torch.stack(list(totals.values()))
+    result = combined.amax(0) if math.isinf(p) else combined.sum(0).pow(1 / p)
+    return result.to(acc)

@@ -1,0 +1,379 @@
+"""The per-tensor math of every merge method, and :func:`merge_tensor`, the one entry point to it.
+
+Each method function takes the models' tensors and the base's (already in the compute dtype),
+the options resolved for this tensor (globals as values, per-model options as tuples) and the
+tensor's key (which seeds the random methods), and returns a new tensor. Inputs are never
+written to. The definitions follow mergekit 0.1.5 (``mergekit/merge_methods/``,
+``mergekit/sparsify.py``) so that a recipe gives the same numbers; where layerwise 0.1 differed,
+``convention="layerwise"`` keeps the old numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._merge_methods import Method, get_method
+from .errors import MergeError
+
+Options = Mapping[str, Any]
+_COLINEAR = 0.9995  # |cos| above this: SLERP interpolates linearly (mergekit's DOT_THRESHOLD)
+
+
+# --------------------------------------------------------------------------- sparsification (mergekit's sparsify.py)
+
+
+def _generator(seed: int, key: str, index: int) -> torch.Generator:
+    """One stream per (seed, tensor, model): a file merge and an in-memory merge draw the same masks."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{index}".encode()))
+
+
+def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float) -> torch.Tensor:
+    """``tau`` masked by ``keep``, its norm restored (``rescale`` l1/l2/linf, ``True`` = l1) or divided by density."""
+    masked = torch.where(keep, tau, 0.0)
+    if rescale is False:
+        return masked
+    if rescale == "density":
+        return masked / density
+    norm = {"l2": lambda x: torch.linalg.vector_norm(x), "linf": lambda x: x.abs().max()}.get(
+        rescale, lambda x: x.abs().sum())
+    before, after = norm(tau), norm(masked)
+    if before < 1e-7 or after < 1e-7:  # mergekit's eps: nothing sensible to restore
+        return masked
+    return masked * (before / after)
+
+
+def _magnitude(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries of largest magnitude (at least one)."""
+    density = o["density"][i]
+    if density >= 1:
+        return tau
+    k = max(1, int(density * tau.numel()))  # mergekit asserts k > 0: a 4-entry bias at 0.2 keeps its largest
+    magnitude = tau.abs().flatten()
+    if o.get("convention") == "layerwise":  # every entry tied with the k-th largest is kept
+        keep = tau.abs() >= magnitude.kthvalue(magnitude.numel() - k + 1).values
+    else:
+        keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
+        keep[magnitude.topk(k).indices] = True
+        keep = keep.view(tau.shape)
+    return _rescaled(tau, keep, o["rescale"], density)
+
+
+def _random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density``, seeded per (seed, key, model)."""
+    density = o["density"][i]
+    if density >= 1:
+        return tau
+    keep = torch.rand(tau.shape, generator=_generator(o["seed"], key, i)).to(tau.device) < density
+    return _rescaled(tau, keep, o["rescale"], density)
+
+
+def _magnitude_outliers(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
+    """Breadcrumbs: drop the ``gamma`` fraction of largest entries, then the smallest down to ``density``."""
+    density, gamma = o["density"][i], o["gamma"][i]
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    n_top = int(gamma * n)
+    n_bottom = n - int(density * n) - n_top
+    if n_bottom < 0:  # fewer outliers dropped, to keep density
+        n_top, n_bottom = n_top + n_bottom, 0
+    order = tau.abs().flatten().argsort()
+    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
+    # mergekit slices [n_bottom:-n_top], which keeps nothing when n_top == 0 (tensors under 1/gamma entries)
+    keep[order[n_bottom:n - n_top]] = True
+    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
+
+
+def _della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
+    """DELLA's MagPrune: keep probability from density − ε (smallest) to density + ε (largest), ranked per row."""
+    density, epsilon = o["density"][i], o["epsilon"][i]
+    if density >= 1:
+        return tau
+    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(tau.dtype)  # 0 = smallest in its row
+    top = ranks.amax(dim=1, keepdim=True)
+    rank_norm = torch.where(top > 0, ranks / top.clamp_min(1), 0.5)  # a one-entry row: the middle probability
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    keep = torch.rand(rows.shape, generator=_generator(o["seed"], key, i)).to(tau.device) < probs
+    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
+
+
+_SPARSIFY = {"magnitude": _magnitude, "random": _random, "magnitude_outliers": _magnitude_outliers,
+             "della_magprune": _della_magprune}
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    w = o["weight"]
+    out = xs[0] * w[0]
+    for wi, x in zip(w[1:], xs[1:]):
+        out.add_(x, alpha=wi)
+    return out / math.fsum(w) if o["normalize"] else out
+
+
+def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, sparsify: str | None,
+         consensus: bool) -> torch.Tensor:
+    """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize."""
+    w, n = o["weight"], len(xs)
+    weighted = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device) if consensus else None
+    mixed = None
+    for i in range(n):
+        delta = xs[i] - base
+        xs[i] = None  # this list is merge_tensor's own: a streamed input is freed here, one at a time
+        if sparsify:
+            delta = _SPARSIFY[sparsify](delta, o, i, key)
+        if consensus:
+            torch.mul(delta, w[i], out=weighted[i])
+        else:
+            mixed = delta.mul_(w[i]) if mixed is None else mixed.add_(delta, alpha=w[i])
+        del delta
+    if consensus:
+        weights = torch.tensor(w, dtype=base.dtype, device=base.device).view(-1, *([1] * base.ndim))
+        total = weighted.sum(0)
+        if o.get("convention") == "layerwise":  # a zero sum elects no sign: nothing is added there
+            elected = total.sign()
+        else:  # mergekit: a zero sum elects +
+            elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+        agree = (weighted.sign() == elected) & (weighted != 0)
+        mixed = torch.where(agree, weighted, 0.0).sum(0)
+        divisor = torch.where(agree, weights, 0.0).sum(0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        divisor = math.fsum(w)
+        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    if o["normalize"]:
+        mixed.div_(divisor)
+    if o["lambda"] != 1:
+        mixed.mul_(o["lambda"])
+    return mixed.add_(base)
+
+
+def _lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    return (1 - t) * a + t * b
+
+
+def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    a, b = (base, xs[0]) if len(xs) == 1 else xs
+    t = o["t"]
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    if o["convention"] == "layerwise" and (na == 0 or nb == 0):
+        return _lerp(a, b, t)
+    # mergekit: a vector of norm <= 1e-8 is left unnormalized, so a zero tensor meets the other at 90°
+    ua, ub = (a / na if na > 1e-8 else a), (b / nb if nb > 1e-8 else b)
+    dot = (ua.flatten() @ ub.flatten())
+    if dot.abs() > _COLINEAR:
+        return _lerp(a, b, t)
+    theta = torch.arccos(dot.clamp(-1, 1))
+    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+
+
+def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
+    shape = v0.shape
+    if flatten or v0.ndim == 0:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1, 1))
+    sin = torch.sin(theta)
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
+    res = torch.where(sin.abs() < 1e-8, _lerp(v0, v1, t), res)
+    if row_wise and not flatten and res.ndim:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def nuslerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    w0, w1 = o["weight"]
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    if base is None:
+        return _nuslerp_pair(t, xs[0], xs[1], o["nuslerp_row_wise"], o["nuslerp_flatten"])
+    return base + _nuslerp_pair(t, xs[0] - base, xs[1] - base, o["nuslerp_row_wise"], o["nuslerp_flatten"])
+
+
+def multislerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    if len(xs) == 1:
+        return xs[0].clone()
+    eps = o["eps"]
+    stacked = torch.stack(list(xs)) - (base if base is not None else 0)
+    flat = stacked.view(len(xs), -1)
+    w = torch.tensor(o["weight"], dtype=flat.dtype, device=flat.device)
+    if o["normalize_weights"]:
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if len(xs) != 2:
+            raise MergeError(f"multislerp: the weighted directions of {key} cancel out (antipodal tensors with "
+                             "balancing weights); change the weights")
+        res = (stacked[0] * w[0] + stacked[1] * w[1])
+    else:
+        mean = mean / mean_norm
+        tangent = units - (units * mean).sum(-1, keepdim=True) * mean
+        step = (tangent * w.view(-1, 1)).sum(0)
+        length = torch.linalg.vector_norm(step) + eps
+        res = (mean * torch.cos(length) + step * (torch.sin(length) / length)) * (norms.squeeze(-1) * w).sum()
+        res = res.view(stacked.shape[1:])
+    return res + base if base is not None else res
+
+
+def karcher(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    if len(xs) == 1:
+        return xs[0].clone()
+    tol, total = o["tol"], math.fsum(o["weight"])
+    alphas = [w / total for w in o["weight"]]
+    norms = [torch.linalg.vector_norm(x).item() for x in xs]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    units = [xs[i].flatten() / norms[i] for i in valid]
+    weights = [alphas[i] / math.fsum(alphas[j] for j in valid) for i in valid]
+    u = sum(a * x for a, x in zip(weights, units))
+    norm_u = torch.linalg.vector_norm(u).item()
+    u = units[0].clone() if norm_u < tol else u / norm_u
+    for _ in range(o["max_iter"]):
+        step = torch.zeros_like(u)
+        for a, x in zip(weights, units):
+            dot = torch.clamp(u @ x, -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() >= tol:
+                step += a * (theta / torch.sin(theta)) * (x - dot * u)
+        norm_step = torch.linalg.vector_norm(step)
+        if norm_step.item() < tol:
+            break
+        u = torch.cos(norm_step) * u + torch.sin(norm_step) * (step / norm_step)
+        if (n := torch.linalg.vector_norm(u).item()) > tol:
+            u = u / n
+    return (math.fsum(a * n for a, n in zip(alphas, norms)) * u).view(xs[0].shape)
+
+
+def model_stock(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
+    def rows(x: torch.Tensor) -> torch.Tensor:  # one ratio per row (filter_wise) or per tensor
+        if not o["filter_wise"]:
+            return x.reshape(-1)
+        return x.reshape(1, -1) if x.ndim <= 1 else x
+
+    shape = base.shape
+    w0, ws = rows(base), [rows(x) for x in xs]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    t = (n * cos) / (1 + (n - 1) * cos)
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
+
+
+def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
+    tvs = torch.stack([x - base for x in xs])
+    topk = o["select_topk"]
+    if topk < 1:
+        var = torch.var(tvs, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var).item() * topk)
+        keep = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
+        if k:
+            keep[var.abs().flatten().topk(k).indices] = True
+        tvs = tvs * keep.view(var.shape)
+    elected = torch.where(tvs.sum(0) >= 0, 1.0, -1.0).to(tvs.dtype)
+    agree = tvs.sign() == elected
+    energy = (tvs ** 2).mean(dim=tuple(range(1, tvs.ndim))) if tvs.ndim > 1 else tvs ** 2
+    total = energy.sum().item()
+    energy = torch.full_like(energy, 1 / len(xs)) if abs(total) < 1e-6 else energy / total
+    weights = torch.where(agree, energy.view(-1, *([1] * base.ndim)), 0.0)
+    return base + (tvs * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
+
+
+def nearswap(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
+    weight = (o["t"] / (base - xs[0]).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * xs[0] + (1 - weight) * base
+
+
+def passthrough(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    scale = o["scale"][0]
+    return xs[0].clone() if scale == 1 else xs[0] * scale
+
+
+def _function(method: Method):
+    if method.function.startswith("gta:"):
+        _, sparsify, consensus = method.function.split(":")
+        sparse = None if sparsify == "none" else sparsify
+        return lambda xs, base, o, key: _gta(xs, base, o, key, sparse, consensus == "sum")
+    return globals()[method.function]
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def compute_dtype_of(dtypes: Iterable[torch.dtype], compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """float32 unless an input is wider (float64, complex) or ``compute_dtype`` says otherwise."""
+    if compute_dtype is not None:
+        return compute_dtype
+    out = torch.float32
+    for d in dtypes:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: torch.Tensor | None,
+                 options: Options, compute_dtype: torch.dtype | None = None, *, key: str = "",
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Merge one tensor of each model (and the base's) with ``method``: the math behind every merge.
+
+    ``options`` are this tensor's resolved options (``_merge_options.resolve_options``: globals as
+    values, per-model options as one value per model). Floating tensors are computed in
+    ``compute_dtype`` (default float32, or float64/complex when an input is) and returned in
+    ``dtype`` (default: the inputs' promoted dtype). Integer and bool tensors are copied from
+    ``base``, else from the first model; empty tensors give an empty result. ``tensors`` may be
+    a generator: each input is converted as it is read, so a caller streaming from files holds one
+    raw tensor at a time. ``key`` names the tensor in errors and seeds the random methods.
+
+    Example:
+        >>> import torch
+        >>> merge_tensor("linear", [torch.tensor([1.0, 3.0]), torch.tensor([3.0, 5.0])], None,
+        ...              {"weight": (1.0, 1.0), "normalize": True})
+        tensor([2., 4.])
+    """
+    m = get_method(method) if isinstance(method, str) else method
+    if isinstance(tensors, Sequence) and compute_dtype is None:  # all dtypes known up front
+        compute_dtype = compute_dtype_of([t.dtype for t in tensors] + ([base.dtype] if base is not None else []))
+    dtypes: list[torch.dtype] = []
+    xs: list[torch.Tensor] = []
+    for x in tensors:
+        if not xs:
+            if not (x.is_floating_point() or x.is_complex()):
+                return (base if base is not None else x).clone()
+            if x.is_complex() and not m.complex_ok:
+                raise MergeError(f"{key}: {m.name} needs magnitudes, signs or angles, which complex tensors lack; "
+                                 "merge complex tensors with linear, task_arithmetic or passthrough, or leave "
+                                 "them out with select=")
+            cdt = compute_dtype_of([x.dtype] + ([base.dtype] if base is not None else []), compute_dtype)
+        dtypes.append(x.dtype)
+        xs.append(x.to(cdt))
+        del x  # a streamed input in another dtype is released as soon as it is converted
+    if not xs:
+        raise MergeError(f"{key}: no tensors to merge")
+    out_dtype = dtype or _promote(dtypes + ([base.dtype] if base is not None and base.is_floating_point() else []))
+    if xs[0].numel() == 0:
+        return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
+    b = base.to(cdt) if base is not None and m.base != "none" else None
+    return _function(m)(xs, b, options, key).to(out_dtype)
