@@ -105,6 +105,8 @@ class Plan:
                 self.unfrozen = UnfrozenGroups(optimizer, self.unfreeze_options, self.warmup_steps, self.warmup_ratio)
         if self.monitor_options is not None and self.monitor is None:
             options = {"sinks": sinks, "every": every, **self.monitor_options}
+            # Each log step reaches the framework's loggers at that step: they expect steps in order.
+            options.setdefault("flush_every", options["every"])
             selectors = as_selectors(options.pop("select", None)) or [self._trained_at_some_point()]
             self.monitor = GradMonitor(model, *selectors, optimizer=optimizer, **options)
             self.monitor.steps = step
