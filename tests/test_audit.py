@@ -251,3 +251,15 @@ def test_findings_print_as_a_table_naming_check_parameters_and_fix(vit):
 def test_audit_refuses_what_is_not_an_optimizer(vit):
     with pytest.raises(lw.OptionTypeError, match="torch.optim.Optimizer"):
         lw.audit(vit, lw.param_groups(vit, lr=1e-3))
+
+
+def test_schedulers_that_cannot_step_now_are_audited_from_the_current_lrs(vit):
+    opt = torch.optim.AdamW(timm_style(vit), lr=BASE)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    assert [f.check for f in lw.audit(vit, opt, plateau)] == ["lr-scale-ignored"]
+    cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt.step(), cycle.step()  # the last step: one more raises
+    before = [g["lr"] for g in opt.param_groups]
+    assert lw.audit(vit, opt, cycle) == [] and [g["lr"] for g in opt.param_groups] == before

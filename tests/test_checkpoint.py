@@ -393,3 +393,32 @@ def test_a_compiled_model_is_saved_under_its_inner_names_and_loads_back_into_it(
     target = nn.ModuleDict({"body": torch.compile(net(6), backend="eager")})
     lw.load(tmp_path / "o.safetensors", into=target)
     assert same(target.state_dict(), outer.state_dict())
+
+
+@pytest.mark.parametrize("size, error, message", [
+    (1.5, lw.OptionTypeError, "max_shard_size=1.5"), (True, lw.OptionTypeError, "max_shard_size=True"),
+    (-5, lw.OptionError, "max_shard_size=-5"), (0, lw.OptionError, "at least one byte"),
+    ("1.5", lw.OptionError, "not a whole number of bytes"), ("5 parsecs", lw.OptionError, "write e.g. 500MB"),
+])
+def test_shard_sizes_are_checked_by_type_and_value(tmp_path, size, error, message):
+    with pytest.raises(error, match=message):
+        lw.save({"w": torch.ones(2)}, tmp_path / "m", max_shard_size=size)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_sizes_in_units(tmp_path):
+    from layerwise._files import parse_size
+
+    assert [parse_size(s) for s in ("500MB", "2GiB", "1.5kB", 7, None)] == [500_000_000, 2 * 1024**3, 1500, 7, None]
+
+
+def test_load_into_a_model_that_does_not_fit_changes_nothing(tmp_path):
+    lw.save({**net(0).state_dict(), "extra": torch.ones(1)}, tmp_path / "m.safetensors")
+    model = net(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lw.CheckpointError, match="extra: not in the model"):
+        lw.load(tmp_path / "m.safetensors", into=model)
+    lw.save({k: v[:1] if k == "2.bias" else v for k, v in net(0).state_dict().items()}, tmp_path / "s.safetensors")
+    with pytest.raises(lw.CheckpointError, match=r"2.bias: shape \(1,\) in the file, \(3,\) in the model"):
+        lw.load(tmp_path / "s.safetensors", into=model)
+    assert same(model.state_dict(), before)

@@ -112,9 +112,60 @@ def test_existing_output_needs_force(ckpts, tmp_path, capsys):
     assert "0.weight" in lw.load(out)
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    with pytest.raises(lw.CheckpointError):
-        main(["--debug", "show", str(tmp_path / "missing.safetensors")])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path, where):
+    argv = ["show", str(tmp_path / "missing.safetensors")]
+    with pytest.raises(lw.CheckpointNotFoundError):
+        main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"layerwise {lw.__version__}"
+
+
+def test_help_of_every_command_imports_neither_torch_nor_rich():
+    from layerwise.cli import _parser
+
+    commands = [[]] + [[c] for c in _parser()._subparsers._group_actions[0].choices]
+    code = ("import sys, contextlib, io\nfrom layerwise.cli import main\n"
+            f"for argv in {commands!r}:\n"
+            "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            "        main([*argv, '--help'])\n"
+            "print(sorted(m for m in ('torch', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_every_option_with_a_default_shows_it_in_help():
+    from layerwise.cli import _parser
+
+    for name, command in _parser()._subparsers._group_actions[0].choices.items():
+        text = command.format_help()
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0 and action.default not in (None, False, "==SUPPRESS=="):
+                assert f"(default: {action.default})" in " ".join(text.split()), (name, action.dest)
+
+
+@pytest.mark.parametrize("raised, code, fragments", [
+    (ZeroDivisionError("division by zero"), 1, ["unexpected ZeroDivisionError", "run with --debug for the traceback"]),
+    (PermissionError(13, "Permission denied", "m.safetensors"), 2, ["Permission denied", "m.safetensors"]),
+    (lw.CheckpointError("m.safetensors: corrupt header: tensor 'w' has shape [-1]"), 2, ["tensor 'w'"]),
+    (lw.VerificationError("a check failed"), 1, ["a check failed"]),
+    (KeyboardInterrupt(), 130, ["interrupted"]),
+])
+def test_exit_codes_follow_the_type_of_the_error_with_one_line(monkeypatch, ckpts, capsys, raised, code, fragments):
+    import layerwise.checkpoint
+
+    def fail(*args, **kwargs):
+        raise raised
+    monkeypatch.setattr(layerwise.checkpoint, "describe_file", fail)
+    assert main(["show", str(ckpts[0])]) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err
 
 
 def test_the_console_script(ckpts):

@@ -338,3 +338,21 @@ def test_add_param_group_extends_a_timm_rule_scheduler(interleaved):
     lw.add_param_group(opt, interleaved, "linear", lr=0.01, scheduler=scheduler)
     scheduler.step(1)
     assert [g["lr"] for g in opt.param_groups] == [0.05, 0.005]
+
+
+@given(st.dictionaries(st.sampled_from(["lr", "momentum", "weight_decay", "nesterov", "lrr"]),
+                       st.one_of(st.floats(allow_nan=True), st.integers(-2, 2), st.text(max_size=2), st.none()),
+                       max_size=3))
+def test_add_param_group_with_any_options_adds_a_working_group_or_changes_nothing(options):
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.9 ** t)
+    before = (len(opt.param_groups), list(scheduler.base_lrs), len(scheduler.lr_lambdas))
+    try:
+        lw.add_param_group(opt, net, "1", scheduler=scheduler, **options)
+    except lw.LayerwiseError:
+        assert (len(opt.param_groups), list(scheduler.base_lrs), len(scheduler.lr_lambdas)) == before
+        return
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    scheduler.step()

@@ -29,7 +29,7 @@ from ._safetensors import ALIASES, parse_json, read_header
 from ._tensors import aliases_of
 from ._write import Plan as Plan
 from ._write import write as write
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, OptionError, OptionTypeError
 
 PathLike = str | os.PathLike
 
@@ -42,24 +42,40 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"``, ``"float16"``, ``torch.float32`` ... to a floating ``torch.dtype``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
         return dtype
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # casting merged floats to integers would silently truncate them
+            raise OptionError(f"dtype {dtype} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
+        return dtype
+    if not isinstance(dtype, str):
+        raise OptionTypeError(f"dtype must be a string such as 'bf16' or a torch.dtype, not {type(dtype).__name__}")
     try:
         return _DTYPE_NAMES[dtype.lower()]
     except KeyError:
         raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
-def parse_size(size: int | str | None) -> int | None:
-    """``5_000_000``, ``"500MB"``, ``"2GiB"`` ... to bytes (decimal units as Hugging Face uses)."""
-    if size is None or isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*", size.lower())
-    if not m:
-        raise CheckpointError(f"bad size {size!r}; write e.g. 500MB, 5GB or 2GiB")
-    prefix, binary = m[2], m[3]
-    scale = (1024 if binary else 1000) ** ("kmgt".index(prefix) + 1) if prefix else 1
-    return int(float(m[1]) * scale)
+def parse_size(size: int | str | None, option: str = "max_shard_size") -> int | None:
+    """``5_000_000``, ``"500MB"``, ``"2GiB"`` ... to a positive number of bytes (decimal units as
+    Hugging Face uses them; ``KiB``/``MiB``/``GiB`` binary)."""
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise OptionTypeError(f"{option}={size!r}: give whole bytes (an int) or a string such as '5GB'")
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?))?b?\s*", size.lower())
+        if not m:
+            raise OptionError(f"{option}={size!r}: write e.g. 500MB, 5GB or 2GiB")
+        prefix, binary = m[2], m[3]
+        scale = (1024 if binary else 1000) ** ("kmgt".index(prefix) + 1) if prefix else 1
+        value = float(m[1]) * scale
+        if value != int(value):
+            raise OptionError(f"{option}={size!r} is not a whole number of bytes")
+        size = int(value)
+    if size < 1:
+        raise OptionError(f"{option}={size!r}: a shard holds at least one byte")
+    return size
 
 
 # --------------------------------------------------------------------------- reading

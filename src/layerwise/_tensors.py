@@ -71,7 +71,7 @@ def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: 
 
 
 def human_bytes(n: float) -> str:
-    for unit, size in (("GB", 1 << 30), ("MB", 1 << 20), ("kB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+    """Decimal units (kB = 1000 B), the one convention of the CLI, rich's progress bars and Hugging Face."""
+    from rich.filesize import decimal
+
+    return decimal(int(n))

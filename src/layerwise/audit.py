@@ -229,12 +229,15 @@ def _scheduler_findings(optimizers: Sequence[torch.optim.Optimizer], scheduler: 
                                 "no trained layer has lr_scale 1: the layer decay counted layers that are not "
                                 "trained (a frozen module numbered above the blocks)", "number only trained "
                                 "layers: lw.param_groups(model, lr=..., layer_decay=...) leaves frozen parameters out"))
-    if scheduler is None or hasattr(scheduler, "mode") and hasattr(scheduler, "min_lrs"):  # none, ReduceLROnPlateau
+    if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # it scales no group
         now = [g["lr"] for g in groups]
         applies = False
     else:
-        now = _step_lrs(optimizers, scheduler)
-        applies = not all(_close(a, b) for a, b in zip(now, _step_lrs(optimizers, scheduler, scale=2.0)))
+        try:
+            now = _step_lrs(optimizers, scheduler)
+            applies = not all(_close(a, b) for a, b in zip(now, _step_lrs(optimizers, scheduler, scale=2.0)))
+        except (ValueError, IndexError, TypeError, RuntimeError, ZeroDivisionError):  # past its end (OneCycleLR)
+            return findings
     # Does each group's own lr already hold its scale? Then lr / lr_scale is the same across groups.
     base = [g.get("initial_lr", g["lr"]) for g in groups]
     holds = sum(_close(base[i] / groups[i]["lr_scale"], base[scaled[0]] / groups[scaled[0]]["lr_scale"]) for i in scaled)

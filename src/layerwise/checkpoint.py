@@ -152,8 +152,15 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
         state = {k: stored[ckpt.aliases.get(k, k)] for k in ckpt.specs}
     if into is not None:
         # a compiled module (or one holding compiled parts) names its tensors with '_orig_mod.'
-        own = {_unwrapped(k): k for k in into.state_dict()}
-        into.load_state_dict({own.get(k, k): v for k, v in state.items()}, strict=True)
+        own = {_unwrapped(k): (k, t) for k, t in into.state_dict().items()}
+        problems = [f"{k}: not in the model" for k in state if k not in own]
+        problems += [f"{k}: missing from the file" for k in own if k not in state]
+        problems += [f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k][1].shape)} in the model"
+                     for k, v in state.items() if k in own and v.shape != own[k][1].shape]
+        if problems:  # checked first: torch would copy the tensors that fit before raising
+            raise CheckpointError(f"{path}: does not fit {type(into).__name__} ({len(problems)} differences): "
+                                  + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
+        into.load_state_dict({own[k][0]: v for k, v in state.items()}, strict=True)
     return state
 
 

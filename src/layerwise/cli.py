@@ -1,7 +1,10 @@
 """The ``layerwise`` command line: a thin layer over the library.
 
-Exit status 0 on success, 2 on bad input with one line naming the culprit (a traceback only
-with ``--debug``), 1 when the demo's own verification fails.
+Exit status, chosen by the type of what went wrong: 0 on success; 2 on bad input
+(a :class:`~layerwise.LayerwiseError`, or a file the system refused), with one line naming the
+file and key; 1 when the demo's own verification fails or on an unexpected error (one line, and
+"run with --debug for the traceback"); 130 on Ctrl-C. ``--help`` and ``--version`` never import
+torch: commands import the library when they run.
 """
 
 from __future__ import annotations
@@ -9,17 +12,39 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from ._term import console
-from .errors import LayerwiseError
+from . import __version__
+from .errors import LayerwiseError, VerificationError
 
 __all__ = ["main"]
 
 
+def console(**kwargs: Any):
+    from ._term import console as make  # rich loads when a command prints, not for --help
+
+    return make(**kwargs)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option that has a default shows it in its help line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and "%(default)" not in text
+                and action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _demo(args: argparse.Namespace) -> int:
     import layerwise_demo  # a package of its own, outside the library's import path
-
-    from .errors import VerificationError
 
     try:
         layerwise_demo.run(args.out, seed=args.seed, epochs=args.epochs, device=args.device,
@@ -88,9 +113,10 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerwise", description="Per-layer control of PyTorch training.")
+    parser = _Parser(prog="layerwise", description="Per-layer control of PyTorch training.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="walk through the techniques on a Siamese LSTM over the digits data")
     demo.add_argument("--out", default="layerwise-demo", help="report folder (default: %(default)s)")
@@ -138,7 +164,19 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("selectors", nargs="*", metavar="SELECTOR")
     diff.add_argument("--key", help="the state dict inside nested .pt checkpoints")
     diff.set_defaults(run=_diff)
+
+    for command in sub.choices.values():  # global flags work after the command too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the full traceback of an error")
     return parser
+
+
+def _exit_code(error: BaseException) -> int:
+    if isinstance(error, VerificationError):
+        return 1
+    if isinstance(error, (LayerwiseError, OSError)):  # bad input, or a file the system refused
+        return 2
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,13 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     try:
         return args.run(args)
-    except (LayerwiseError, ValueError, OSError) as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"layerwise {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        code, message = _exit_code(e), " ".join(str(e).split()) or type(e).__name__
+        if code == 1 and not isinstance(e, LayerwiseError):
+            message = f"unexpected {type(e).__name__}: {message} (run with --debug for the traceback)"
         print(f"layerwise {args.command}: error: {message}", file=sys.stderr)
-        return 2
-
+        return code
 
 if __name__ == "__main__":
     sys.exit(main())

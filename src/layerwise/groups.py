@@ -158,9 +158,15 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     base = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
     check_options(base, "param_groups", optimizer)
     rule_list = _rule_list(rules, optimizer)
-    if layer_decay is not None and not (_real(layer_decay) is not None and 0 < layer_decay <= 1):
-        raise (OptionTypeError if _real(layer_decay) is None else OptionError)(
-            f"layer_decay={layer_decay!r}: the factor between a layer's lr and the next's, a number in (0, 1], e.g. 0.75")
+    if layer_decay is not None:
+        factor = _real(layer_decay)
+        if factor is None or not 0 < factor <= 1:
+            raise (OptionTypeError if factor is None else OptionError)(
+                f"layer_decay={layer_decay!r}: the factor between a layer's lr and the next's, a number in (0, 1], "
+                "e.g. 0.75")
+    if not (no_decay is None or isinstance(no_decay, (str, Iterable))):
+        raise OptionTypeError(f"no_decay={no_decay!r}: give selectors (no_decay=['head', '**.bias']), "
+                              "'default' (1-D parameters and the model's no_weight_decay()) or None")
     if layers is not None and layer_decay is None:
         raise OptionError("layers= says which blocks layer-wise LR decay numbers; give the factor too: layer_decay=0.75")
 
