@@ -343,3 +343,23 @@ def test_bad_shard_sizes_are_refused_before_anything_is_written(tmp_path, size, 
     with pytest.raises(error, match=match):
         lw.merge_files(paths, tmp_path / "out", max_shard_size=size)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors"]
+
+
+def test_cli_lists_every_method_with_its_options_and_takes_options(tmp_path, capsys):
+    from layerwise.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = capsys.readouterr().out
+    for m in METHODS.values():
+        assert f"  {m.name}: " in help_text
+        for o in m.options:
+            assert o.name in help_text
+    paths = [lw.save({f"layers.{i}.w": T([float(j)]) for i in range(3)}, tmp_path / f"{j}.safetensors") for j in (0, 1, 3)]
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", "--method", "task_arithmetic", "--base", str(paths[0]), str(paths[1]), str(paths[2]),
+                 "--option", "lambda=[0, 1]", "--option", "normalize=true", "-o", str(out), "--quiet"]) == 0
+    assert [t.item() for t in lw.load(out).values()] == [0.0, 1.0, 2.0]  # mean task vector 2, λ from 0 to 1
+    assert main(["merge", "--method", "ties", "--base", str(paths[0]), str(paths[1]), "--option", "gama=1",
+                 "-o", str(tmp_path / "bad.safetensors"), "--quiet"]) == 2
+    assert "takes no option 'gama'" in capsys.readouterr().err
