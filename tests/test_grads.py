@@ -270,6 +270,33 @@ def test_check_grads_names_nonfinite_and_missing_gradients(vit):
 # --------------------------------------------------------------------------- several processes
 
 
+def counting_collectives(fn):
+    """``fn()`` and the names of the torch.distributed collectives it issued."""
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    names = ("all_gather", "all_gather_into_tensor", "all_reduce", "reduce_scatter_tensor", "broadcast", "gather")
+    originals = {name: getattr(dist, name) for name in names}
+    for name, real in originals.items():
+        setattr(dist, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    try:
+        return fn(), calls
+    finally:
+        for name, real in originals.items():
+            setattr(dist, name, real)
+
+
+def module_norms(model: nn.Module) -> dict[str, float]:
+    """Per-module gradient norms with the engine's clipping primitive, and how many collectives they took."""
+    from layerwise._grad_engine import unit_norms
+
+    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    owners = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in named))
+    units = [owners.index(n.rpartition(".")[0]) for n, _ in named]
+    norms, calls = counting_collectives(lambda: unit_norms([p.grad for _, p in named], units, len(owners)))
+    return dict(zip(owners, norms.tolist())), calls
+
+
 def fsdp_rank(rank: int, world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -282,8 +309,11 @@ def fsdp_rank(rank: int, world_size: int):
     reference(x).sum().backward()
     fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     model(x).sum().backward()
-    sharded = lw.grad_stats(model).to_dict()
-    by_module = lw.grad_stats(model, by="module").to_dict()
+    sharded, calls = counting_collectives(lambda: lw.grad_stats(model).to_dict())
+    by_module, more = counting_collectives(lambda: lw.grad_stats(model, by="module").to_dict())
+    norms, clip_calls = module_norms(model)
+    assert calls == more == ["all_gather"] and clip_calls == ["all_reduce"], "one collective per call, for all layers"
+    assert {m: pytest.approx(row["norm"], rel=1e-6) for m, row in by_module.items()} == norms
     with lw.GradMonitor(model, every=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as monitor:
         monitor.optimizer.step()
     updates = {r["layer"]: (r["weight_norm"], r["update_ratio"]) for r in monitor.history}
@@ -311,3 +341,62 @@ def test_sharded_parameters_get_the_statistics_of_the_full_tensors(run_ranks):
         for name, want in ref["module"].items():
             assert_stats_close(by_module[name], want)
         assert updates == {n: pytest.approx(v, rel=1e-4) for n, v in ref["updates"].items()}
+
+
+def hsdp_rank(rank: int, world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 1))
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 4)
+    reference(x).square().mean().backward()
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(x[2 * rank: 2 * rank + 2]).square().mean().backward()  # HSDP averages the four ranks' gradients
+    stats, calls = counting_collectives(lambda: lw.grad_stats(model).to_dict())
+    by_module = lw.grad_stats(model, by="module").to_dict()
+    norms, clip_calls = module_norms(model)
+    want = lw.grad_stats(reference).to_dict(), lw.grad_stats(reference, by="module").to_dict()
+    return stats, by_module, norms, calls + clip_calls, want
+
+
+def test_hsdp_statistics_and_norms_equal_one_process_with_one_collective_per_call(run_ranks):
+    results = run_ranks(hsdp_rank, world_size=4)
+    for stats, by_module, norms, calls, (want, want_module) in results:
+        assert calls == ["all_gather", "all_reduce"], "over the shard dimension only, once per call"
+        for name, row in want.items():
+            assert_stats_close(stats[name], row)
+            assert stats[name]["norm"] == pytest.approx(row["norm"], rel=1e-6)
+        for name, row in want_module.items():
+            assert_stats_close(by_module[name], row)
+            assert norms[name] == pytest.approx(row["norm"], rel=1e-6)
+    assert len({repr(r[0]) for r in results}) == 1, "every rank holds the same values, bit for bit (NaN std too)"
+
+
+def ddp_rank(rank: int, world_size: int):
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 4)
+    reference(x).square().mean().backward()
+    ddp = DistributedDataParallel(model)
+    ddp(x[4 * rank: 4 * rank + 4]).square().mean().backward()
+    (stats, norms), calls = counting_collectives(lambda: (lw.grad_stats(ddp).to_dict(), module_norms(ddp)[0]))
+    return stats, norms, calls, lw.grad_stats(reference).to_dict()
+
+
+def test_ddp_statistics_equal_one_process_over_the_global_batch_with_no_collective(run_ranks):
+    for stats, norms, calls, want in run_ranks(ddp_rank):
+        assert calls == [], "DDP gradients are already reduced"
+        assert {n.removeprefix("module."): row for n, row in stats.items()} == {
+            n: pytest.approx(row, rel=1e-6, abs=1e-7) for n, row in want.items()}
+        for module in ("0", "1", "2"):
+            rows = [row for n, row in want.items() if n.startswith(module + ".")]
+            if rows:
+                assert norms[f"module.{module}"] == pytest.approx(math.sqrt(sum(r["norm"] ** 2 for r in rows)), rel=1e-6)

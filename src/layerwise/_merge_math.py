@@ -171,7 +171,9 @@ def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key
     if dot.abs() > _COLINEAR:
         return _lerp(a, b, t)
     theta = torch.arccos(dot.clamp(-1, 1))
-    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    # Scalar coefficients first, as mergekit: t = 0 gives exactly a, t = 1 exactly b.
+    s0, s1 = torch.sin(theta - theta * t) / torch.sin(theta), torch.sin(theta * t) / torch.sin(theta)
+    return s0 * a + s1 * b
 
 
 def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:

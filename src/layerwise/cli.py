@@ -63,6 +63,12 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
+    if getattr(args, "config", None):
+        return _merge_recipe(args)
+    if not args.inputs:
+        raise _usage("give the checkpoints to merge, or a recipe with --config")
+    if getattr(args, "method", "linear") is None:
+        raise _usage("give --method (or a recipe with --config)")
     from .checkpoint import merge_files
 
     options = {name: getattr(args, name) for name in ("density", "scale", "t", "seed")
@@ -76,6 +82,28 @@ def _merge(args: argparse.Namespace) -> int:
                       compute_dtype=getattr(args, "compute_dtype", None), **options)
     console(quiet=args.quiet).print(f"wrote {out}")
     return 0
+
+
+def _merge_recipe(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("CHECKPOINT", args.inputs), ("--method", args.method), ("--base", args.base),
+                                      ("--weights", args.weights), ("--option", args.option), ("--select", args.select))
+             if value]
+    if given:
+        raise _usage(f"--config takes the models, method and options from the recipe; drop {', '.join(given)}")
+    from . import __version__
+    from ._recipe_run import DEFAULT_SHARD, run_recipe
+
+    out = run_recipe(args.config, args.output, overwrite=args.force, max_shard_size=args.max_shard_size or DEFAULT_SHARD,
+                     compute_dtype=args.compute_dtype, copy_from=args.copy_from, dtype=args.dtype,
+                     version=__version__)
+    console(quiet=args.quiet).print(f"wrote {out}")
+    return 0
+
+
+def _usage(message: str) -> Exception:
+    from .errors import OptionError
+
+    return OptionError(message)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -143,8 +171,12 @@ def _parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="merge checkpoints: mergekit's methods (ties, dare, slerp, model_stock...)",
                            epilog="methods and their options (give them with --option NAME=VALUE):\n"
                            + describe_methods(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    merge.add_argument("inputs", nargs="+", metavar="CHECKPOINT")
-    merge.add_argument("--method", required=True, choices=list(METHODS), metavar="METHOD",
+    merge.add_argument("inputs", nargs="*", metavar="CHECKPOINT")
+    merge.add_argument("--config", metavar="RECIPE.yml", help="run a mergekit recipe (models, method, parameters, "
+                       "slices) into the model folder -o DIR")
+    merge.add_argument("--copy-from", metavar="DIR", help="take config and tokenizer from this model folder "
+                       "(default: the base model, else the first model)")
+    merge.add_argument("--method", choices=list(METHODS), metavar="METHOD",
                        help="one of: " + ", ".join(METHODS))
     merge.add_argument("--base", help="the common ancestor (the task-vector methods need it)")
     merge.add_argument("--option", action="append", metavar="NAME=VALUE",

@@ -160,7 +160,14 @@ class EMA:
         except (RuntimeError, TypeError) as e:
             raise OptionError(f"EMA option device={device!r} is not a device: {e}") from None
         self.buffers, self.foreach, self.model = buffers, foreach, model
-        self.selectors = as_selectors(select)
+        try:
+            self.selectors = as_selectors(select)
+        except TypeError:
+            self.selectors = (select,)
+        bad = [s for s in self.selectors if not (isinstance(s, (str, type)) or callable(s))]
+        if bad:
+            raise OptionTypeError(f"EMA option select={select!r}: {bad[0]!r} is not a selector (a string, a module "
+                                  "class or a callable (name, param) -> bool), nor a list of them")
         groups = named_tensor_groups(model)
         if self.selectors:
             chosen = {id(t) for t in _select(model, *self.selectors).params()}
