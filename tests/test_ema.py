@@ -90,6 +90,19 @@ def test_ema_swap_into_another_model_checks_names(interleaved, tied_lm):
             pass
 
 
+def test_a_compiled_model_is_tracked_by_its_inner_names():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    compiled = torch.compile(net)
+    ema = lw.EMA(compiled, decay=0.5)
+    assert ema.names == ["0.weight", "0.bias", "1.weight", "1.bias"] and ema._buffer_names[0] == "1.running_mean"
+    with torch.no_grad():
+        net[0].weight.add_(2.0)
+    ema.update()
+    with ema.swapped(compiled):
+        assert torch.equal(net[0].weight, ema.shadow[0])
+    assert set(ema.state_dict()["shadow"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
 def test_ema_plain_loop_equals_fused():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
