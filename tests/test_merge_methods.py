@@ -363,3 +363,44 @@ def test_cli_lists_every_method_with_its_options_and_takes_options(tmp_path, cap
     assert main(["merge", "--method", "ties", "--base", str(paths[0]), str(paths[1]), "--option", "gama=1",
                  "-o", str(tmp_path / "bad.safetensors"), "--quiet"]) == 2
     assert "takes no option 'gama'" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=st.sampled_from(list(METHODS)), shape=st.sampled_from([(), (1,), (2,), (3, 1), (1, 4), (2, 3, 2)]),
+       seed=st.integers(0, 2**16), zero=st.booleans())
+def test_every_method_keeps_the_shape_and_stays_finite_on_small_and_degenerate_tensors(method, shape, seed, zero):
+    with_base, n, options = _needs(method)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=gen) for _ in range(n + 1)]
+    if zero:
+        xs[1] = xs[0].clone()  # a model equal to the base: a zero task vector
+    try:
+        out = merge_tensor(method, xs[1:], xs[0] if with_base else None, opts(method, n, **options), key="w")
+    except lw.MergeError as e:  # only multislerp may refuse: directions that cancel out
+        assert "cancel out" in str(e)
+        return
+    assert out.shape == shape and torch.isfinite(out).all(), (method, out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.one_of(st.floats(), st.integers(-5, 5), st.booleans()), min_size=0, max_size=4),
+       method=st.sampled_from(["linear", "task_arithmetic", "ties", "multislerp", "karcher"]))
+def test_any_weights_give_a_finite_result_or_a_layerwise_error(weights, method):
+    sds = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    base = sds[0] if METHODS[method].base == "required" else None
+    try:
+        out = lw.merge(base, sds[1:], method, weights=weights)
+    except lw.LayerwiseError:
+        return
+    assert len(weights) == 3 and torch.isfinite(out["w"]).all()
+
+
+def test_an_overflowing_merge_is_an_error_but_inputs_holding_inf_merge_as_they_are():
+    sds = [{"w": T([1.0, -2.0])}, {"w": T([3.0, 4.0])}, {"w": T([-1.0, 0.5])}]
+    assert torch.allclose(lw.merge(None, sds, weights=[1.5e308, 1, 1])["w"], sds[0]["w"])  # normalized first
+    with pytest.raises(lw.MergeError, match="overflows torch.float32"):
+        lw.merge(sds[0], sds[1:], "task_arithmetic", weights=[1.5e38, 1])
+    wide = lw.merge(sds[0], sds[1:], "task_arithmetic", weights=[1.5e38, 1], compute_dtype="fp64", dtype="fp64")["w"]
+    assert wide.dtype == torch.float64 and torch.isfinite(wide).all()
+    masks = [{"m": T([0.0, -math.inf])}, {"m": T([0.0, -math.inf])}]
+    assert lw.average(masks)["m"].tolist() == [0.0, -math.inf]  # an attention-mask buffer stays -inf
