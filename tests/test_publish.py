@@ -164,7 +164,10 @@ def test_overwriting_a_folder_keeps_files_the_writer_did_not_produce_and_drops_i
 
 
 @pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
-def test_without_overwrite_concurrent_writers_exactly_one_wins(tmp_path, monkeypatch, folder):
+@pytest.mark.parametrize("kernel", [True, False], ids=["renameat2", "link-or-rename"])
+def test_without_overwrite_concurrent_writers_exactly_one_wins(tmp_path, monkeypatch, folder, kernel):
+    if not kernel:
+        monkeypatch.setattr(publish, "_renameat2", lambda: None)
     out = tmp_path / ("race" if folder else "race.safetensors")
     writers = 6
     barrier = threading.Barrier(writers)
