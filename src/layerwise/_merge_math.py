@@ -385,8 +385,9 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
     b = base.to(cdt) if base is not None and m.base != "none" else None
     given = list(tensors) if isinstance(tensors, Sequence) else []
     out = _function(m)(xs, b, options, key)
-    if not torch.isfinite(out).all():  # rare: only now look at the inputs (a consumed one counts as finite)
-        inputs = [t for t in [*xs, *given, b] if t is not None]
+    # A sum is finite when every entry is (or overflows: rare); only then the exact, slower checks.
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        inputs = [t for t in [*xs, *given, b] if t is not None]  # a consumed input counts as finite
         if all(torch.isfinite(t).all() for t in inputs):
             raise MergeError(f"{key}: {m.name} overflows {cdt} (inf or nan) with these weights and options; "
                              "lower the weights or lambda, or pass compute_dtype=torch.float64")
