@@ -102,3 +102,12 @@ def test_bad_periods_are_named():
         lw.PeriodicAverager(nn.Linear(2, 2), period=1.5)
     with pytest.raises(lw.OptionError, match="warmup_steps=-1"):
         lw.PeriodicAverager(nn.Linear(2, 2), period=2, warmup_steps=-1)
+
+
+def test_a_malformed_averager_state_changes_nothing():
+    averager = lw.PeriodicAverager(nn.Linear(2, 2), period=2)
+    for bad in ({"steps": 1.5}, {"step": 3}, {"steps": -1}, [3]):
+        with pytest.raises(lw.StateError, match="steps"):
+            averager.load_state_dict(bad)
+    averager.load_state_dict({"steps": 4})
+    assert averager.state_dict() == {"steps": 4}

@@ -1,5 +1,9 @@
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
@@ -86,6 +90,19 @@ def test_ema_swap_into_another_model_checks_names(interleaved, tied_lm):
             pass
 
 
+def test_a_compiled_model_is_tracked_by_its_inner_names():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    compiled = torch.compile(net)
+    ema = lw.EMA(compiled, decay=0.5)
+    assert ema.names == ["0.weight", "0.bias", "1.weight", "1.bias"] and ema._buffer_names[0] == "1.running_mean"
+    with torch.no_grad():
+        net[0].weight.add_(2.0)
+    ema.update()
+    with ema.swapped(compiled):
+        assert torch.equal(net[0].weight, ema.shadow[0])
+    assert set(ema.state_dict()["shadow"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
 def test_ema_plain_loop_equals_fused():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
@@ -153,6 +170,38 @@ def test_ema_load_state_dict_reports_every_missing_tensor():
 def test_bad_options_are_named(options, error, match):
     with pytest.raises(error, match=match):
         lw.EMA(nn.Linear(2, 2), **options)
+
+
+ANYTHING = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.floats(allow_nan=True, allow_infinity=True),
+                     st.text(max_size=4), st.lists(st.integers(), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(option=st.sampled_from(["decay", "warmup", "every", "buffers", "device", "foreach", "select"]), value=ANYTHING)
+def test_any_option_value_gives_an_ema_or_a_layerwise_error(option, value):
+    try:
+        lw.EMA(nn.Linear(2, 2), **{option: value})
+    except lw.LayerwiseError:
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(decay=st.floats(0, 1), every=st.integers(1, 3), warmup=st.integers(0, 3), calls=st.integers(0, 8),
+       steps=st.lists(st.floats(-4, 4), min_size=8, max_size=8))
+def test_the_average_is_the_recursion_on_every_every_th_call(decay, every, warmup, calls, steps):
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    ema = lw.EMA(net, decay=decay, every=every, warmup=warmup)
+    expected, n = 0.0, 0
+    for i in range(calls):
+        with torch.no_grad():
+            net.weight.fill_(steps[i])
+        ema.update()
+        if (i + 1) % every == 0:
+            d = min(decay, (1 + n) / (10 + n)) if n < warmup else decay
+            expected, n = d * expected + (1 - d) * steps[i], n + 1
+    assert ema.num_updates == n == calls // every
+    assert math.isclose(ema.shadow[0].item(), expected, rel_tol=1e-5, abs_tol=1e-5)
 
 
 def test_decay_bounds_are_allowed():
@@ -252,6 +301,14 @@ def test_a_new_parameter_outside_the_selection_is_fine():
     net.append(LoRALinear(4))
     with pytest.raises(lw.StateError, match=r"2\.lora_a is a new parameter"):
         ema.update()
+
+
+def test_shadows_on_another_device_take_the_copying_path():
+    net = nn.Linear(3, 3).bfloat16()
+    ema = lw.EMA(net, decay=0.5, device="meta")  # the only second device every machine has
+    assert [b.elsewhere and b.mixed and not b.fused for b in ema._buckets] == [True]
+    ema.update()
+    assert ema.shadow[0].device.type == "meta" and ema.shadow[0].dtype == torch.float32
 
 
 def test_device_keeps_the_shadow_there():

@@ -117,3 +117,20 @@ def test_ema_of_a_flattened_model_is_one_kernel_and_equals_the_plain_ema():
     flat_net.double()
     with pytest.raises(lw.StateError, match="float64"):
         fast.update()
+
+
+def test_gradient_tools_and_torch_clipping_work_on_flat_gradients():
+    flat_net, plain = twins()
+    flat = lw.flatten_parameters(flat_net)
+    x = torch.randn(4, 5)
+    for net in (flat_net, plain):
+        net(x).square().sum().backward()
+    stats, reference = lw.grad_stats(flat_net), lw.grad_stats(plain)
+    rows, expected = stats.to_dict(), reference.to_dict()
+    assert list(rows) == list(expected)
+    for name in rows:
+        assert rows[name] == pytest.approx(expected[name], rel=1e-5), name
+    before = flat.grads[CPU32].norm()  # the flat buffer holds every gradient
+    total = torch.nn.utils.clip_grad_norm_(flat_net.parameters(), 0.1)
+    assert torch.isclose(total, before)
+    assert torch.isclose(flat.grads[CPU32].norm(), torch.tensor(0.1), rtol=1e-4)

@@ -326,3 +326,81 @@ def test_the_readme_table_is_the_registry():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert methods_markdown() in readme, "regenerate the README table with _merge_methods.methods_markdown()"
+
+
+def test_weights_may_be_a_tensor_and_dtypes_may_be_named():
+    a, b = {"w": T([1.0, 2.0])}, {"w": T([3.0, 6.0])}
+    out = lw.merge(None, [a, b], weights=torch.tensor([1.0, 3.0]), dtype="bf16", compute_dtype="fp64")["w"]
+    assert out.dtype == torch.bfloat16 and out.tolist() == [2.5, 5.0]
+    with pytest.raises(lw.LayerwiseError, match="not a floating dtype"):
+        lw.merge(None, [a, b], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("size, error, match", [(1.5, lw.OptionTypeError, "whole bytes"), (-5, lw.OptionError, "at least one byte"),
+                                                 ("0MB", lw.OptionError, "at least one byte"), (True, lw.OptionTypeError, "True")])
+def test_bad_shard_sizes_are_refused_before_anything_is_written(tmp_path, size, error, match):
+    paths = [lw.save({"w": torch.ones(2) * i}, tmp_path / f"{i}.safetensors") for i in range(2)]
+    with pytest.raises(error, match=match):
+        lw.merge_files(paths, tmp_path / "out", max_shard_size=size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors"]
+
+
+def test_cli_lists_every_method_with_its_options_and_takes_options(tmp_path, capsys):
+    from layerwise.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = capsys.readouterr().out
+    for m in METHODS.values():
+        assert f"  {m.name}: " in help_text
+        for o in m.options:
+            assert o.name in help_text
+    paths = [lw.save({f"layers.{i}.w": T([float(j)]) for i in range(3)}, tmp_path / f"{j}.safetensors") for j in (0, 1, 3)]
+    out = tmp_path / "out.safetensors"
+    assert main(["merge", "--method", "task_arithmetic", "--base", str(paths[0]), str(paths[1]), str(paths[2]),
+                 "--option", "lambda=[0, 1]", "--option", "normalize=true", "-o", str(out), "--quiet"]) == 0
+    assert [t.item() for t in lw.load(out).values()] == [0.0, 1.0, 2.0]  # mean task vector 2, λ from 0 to 1
+    assert main(["merge", "--method", "ties", "--base", str(paths[0]), str(paths[1]), "--option", "gama=1",
+                 "-o", str(tmp_path / "bad.safetensors"), "--quiet"]) == 2
+    assert "takes no option 'gama'" in capsys.readouterr().err
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=st.sampled_from(list(METHODS)), shape=st.sampled_from([(), (1,), (2,), (3, 1), (1, 4), (2, 3, 2)]),
+       seed=st.integers(0, 2**16), zero=st.booleans())
+def test_every_method_keeps_the_shape_and_stays_finite_on_small_and_degenerate_tensors(method, shape, seed, zero):
+    with_base, n, options = _needs(method)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=gen) for _ in range(n + 1)]
+    if zero:
+        xs[1] = xs[0].clone()  # a model equal to the base: a zero task vector
+    try:
+        out = merge_tensor(method, xs[1:], xs[0] if with_base else None, opts(method, n, **options), key="w")
+    except lw.MergeError as e:  # only multislerp may refuse: directions that cancel out
+        assert "cancel out" in str(e)
+        return
+    assert out.shape == shape and torch.isfinite(out).all(), (method, out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.one_of(st.floats(), st.integers(-5, 5), st.booleans()), min_size=0, max_size=4),
+       method=st.sampled_from(["linear", "task_arithmetic", "ties", "multislerp", "karcher"]))
+def test_any_weights_give_a_finite_result_or_a_layerwise_error(weights, method):
+    sds = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    base = sds[0] if METHODS[method].base == "required" else None
+    try:
+        out = lw.merge(base, sds[1:], method, weights=weights)
+    except lw.LayerwiseError:
+        return
+    assert len(weights) == 3 and torch.isfinite(out["w"]).all()
+
+
+def test_an_overflowing_merge_is_an_error_but_inputs_holding_inf_merge_as_they_are():
+    sds = [{"w": T([1.0, -2.0])}, {"w": T([3.0, 4.0])}, {"w": T([-1.0, 0.5])}]
+    assert torch.allclose(lw.merge(None, sds, weights=[1.5e308, 1, 1])["w"], sds[0]["w"])  # normalized first
+    with pytest.raises(lw.MergeError, match="overflows torch.float32"):
+        lw.merge(sds[0], sds[1:], "task_arithmetic", weights=[1.5e38, 1])
+    wide = lw.merge(sds[0], sds[1:], "task_arithmetic", weights=[1.5e38, 1], compute_dtype="fp64", dtype="fp64")["w"]
+    assert wide.dtype == torch.float64 and torch.isfinite(wide).all()
+    masks = [{"m": T([0.0, -math.inf])}, {"m": T([0.0, -math.inf])}]
+    assert lw.average(masks)["m"].tolist() == [0.0, -math.inf]  # an attention-mask buffer stays -inf

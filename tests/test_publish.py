@@ -164,7 +164,10 @@ def test_overwriting_a_folder_keeps_files_the_writer_did_not_produce_and_drops_i
 
 
 @pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
-def test_without_overwrite_concurrent_writers_exactly_one_wins(tmp_path, monkeypatch, folder):
+@pytest.mark.parametrize("kernel", [True, False], ids=["renameat2", "link-or-rename"])
+def test_without_overwrite_concurrent_writers_exactly_one_wins(tmp_path, monkeypatch, folder, kernel):
+    if not kernel:
+        monkeypatch.setattr(publish, "_renameat2", lambda: None)
     out = tmp_path / ("race" if folder else "race.safetensors")
     writers = 6
     barrier = threading.Barrier(writers)
@@ -238,3 +241,14 @@ def test_a_file_and_a_folder_replace_each_other_only_with_overwrite(tmp_path):
     with pytest.raises(lw.CheckpointError, match="is a folder; the new output is a file"):
         lw.save(NEW, odd, overwrite=True)
     assert _digest(odd) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("old_weights", ["model.safetensors", "pytorch_model.bin"])
+def test_new_weights_supersede_the_old_single_file_of_a_model_folder(tmp_path, old_weights):
+    out = tmp_path / "model"
+    out.mkdir()
+    lw.save(OLD, out / old_weights)
+    (out / "config.json").write_bytes(FOREIGN["config.json"])
+    lw.save(NEW, out, max_shard_size=20, overwrite=True)
+    assert not (out / old_weights).exists(), "stale weights would shadow the new index"
+    assert (out / "config.json").read_bytes() == FOREIGN["config.json"] and _same(lw.load(out), NEW)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import layerwise as lw
-from layerwise.recipes import layer_plan, parse_recipe, read_recipe, stack_of, value_at
+from layerwise.recipes import layer_plan, parse_recipe, read_recipe, stack_of
 
 
 @pytest.fixture
@@ -62,21 +62,19 @@ def test_read_recipe_parses_yaml_and_names_a_syntax_error(models):
         read_recipe(bad)
 
 
-@pytest.mark.parametrize("setting, name, t, expected", [
-    (0.3, "x", 0.5, 0.3),
-    ([0.0, 1.0], "x", 0.25, 0.25),
-    ([0.0, 0.5, 1.0], "x", 0.75, 0.75),
-    ([1.0, 0.0, 1.0], "x", 1.0, 1.0),
-    ([2.0], "x", 0.7, 2.0),
-    ([{"filter": "self_attn", "value": 0.1}, {"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.9}],
-     "model.layers.1.mlp.up_proj.weight", 0.5, 0.5),
-    ([{"filter": "self_attn", "value": 0.1}, {"value": 0.9}], "model.norm.weight", 0.0, 0.9),
-    ([{"filter": "self_attn", "value": 0.1}], "model.norm.weight", 0.0, None),
-    ({"filter": "*", "value": 4}, "anything", 0.0, 4),
+@pytest.mark.parametrize("levels, name, expected", [
+    (([{"filter": "attn", "value": 0.1}], 0.5), "layers.0.mlp.w", 0.5),  # a model's rule misses: the global value
+    (([{"filter": "attn", "value": 0.1}], 0.5), "layers.0.attn.w", 0.1),
+    (([0.0, 1.0], 0.5), "layers.0.attn.w", [0.0, 1.0]),  # a gradient always answers
+    ((None, [{"filter": "mlp", "value": 2}], 3), "x.mlp", 2),
+    ((None, [{"filter": "mlp", "value": 2}], 3), "x.attn", 3),
 ])
-def test_value_at_follows_mergekit(setting, name, t, expected):
-    assert value_at(setting, name, t) == pytest.approx(expected) if expected is not None else value_at(
-        setting, name, t) is None
+def test_parameters_fall_through_levels_as_mergekit(levels, name, expected):
+    from layerwise._merge_options import UNSET, value_at
+    from layerwise._recipe_run import _layered
+
+    got = value_at(_layered(*levels), name, 0.0)
+    assert got is not UNSET and got == expected if not isinstance(expected, list) else got == expected[0]
 
 
 LLAMA_KEYS = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"] + [

@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CheckpointError,
@@ -90,7 +89,10 @@ _LAZY = {
     "set_grad": "surgery",
 }
 
+TYPE_CHECKING = False  # typing itself costs a CLI --help ~10 ms; type checkers read this block
 if TYPE_CHECKING:
+    from typing import Any
+
     from .audit import audit
     from .average import average, greedy_soup, merge
     from .checkpoint import Diff, diff_files, load, merge_files, save

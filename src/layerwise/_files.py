@@ -42,8 +42,14 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"bf16"``, ``"float16"``, ``torch.float32`` ... to a floating ``torch.dtype``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
         return dtype
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # casting merged floats to integers would silently truncate them
+            raise OptionError(f"dtype {dtype} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
+        return dtype
+    if not isinstance(dtype, str):
+        raise OptionTypeError(f"dtype must be a string such as 'bf16' or a torch.dtype, not {type(dtype).__name__}")
     try:
         return _DTYPE_NAMES[dtype.lower()]
     except KeyError:

@@ -112,16 +112,21 @@ _SPARSIFY = {"magnitude": _magnitude, "random": _random, "magnitude_outliers": _
 
 def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
     w = o["weight"]
+    if o["normalize"]:  # divide the weights, not the sum: huge weights cannot overflow it
+        total = math.fsum(w)
+        w = [wi / total for wi in w]
     out = xs[0] * w[0]
     for wi, x in zip(w[1:], xs[1:]):
         out.add_(x, alpha=wi)
-    return out / math.fsum(w) if o["normalize"] else out
+    return out
 
 
 def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, sparsify: str | None,
          consensus: bool) -> torch.Tensor:
     """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize."""
     w, n = o["weight"], len(xs)
+    if o["normalize"] and (top := max(abs(wi) for wi in w)) > 0:
+        w = [wi / top for wi in w]  # a normalized result does not change; huge weights no longer overflow
     weighted = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device) if consensus else None
     mixed = None
     for i in range(n):
@@ -171,7 +176,9 @@ def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key
     if dot.abs() > _COLINEAR:
         return _lerp(a, b, t)
     theta = torch.arccos(dot.clamp(-1, 1))
-    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    # Scalar coefficients first, as mergekit: t = 0 gives exactly a, t = 1 exactly b.
+    s0, s1 = torch.sin(theta - theta * t) / torch.sin(theta), torch.sin(theta * t) / torch.sin(theta)
+    return s0 * a + s1 * b
 
 
 def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
@@ -376,4 +383,12 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
     if xs[0].numel() == 0:
         return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
     b = base.to(cdt) if base is not None and m.base != "none" else None
-    return _function(m)(xs, b, options, key).to(out_dtype)
+    given = list(tensors) if isinstance(tensors, Sequence) else []
+    out = _function(m)(xs, b, options, key)
+    # A sum is finite when every entry is (or overflows: rare); only then the exact, slower checks.
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        inputs = [t for t in [*xs, *given, b] if t is not None]  # a consumed input counts as finite
+        if all(torch.isfinite(t).all() for t in inputs):
+            raise MergeError(f"{key}: {m.name} overflows {cdt} (inf or nan) with these weights and options; "
+                             "lower the weights or lambda, or pass compute_dtype=torch.float64")
+    return out.to(out_dtype)

@@ -86,6 +86,7 @@ _DENSITY = Option("density", 1.0, _number(0, 1, lo_open=True), "fraction of each
 _LAMBDA = Option("lambda", 1.0, _number(), "scale of the merged task vector (alias: scale)")
 _SEED = Option("seed", 0, _number(0, 2**63 - 1, integer=True), "seed of the random drop (per tensor and model)")
 _RESCALE_CHOICES = (False, True, "l1", "l2", "linf", "density")
+_INT8_MASK = Option("int8_mask", False, _boolean, "accepted for mergekit recipes; masks are boolean here anyway")
 _CONVENTION = Option("convention", "mergekit", _one_of("mergekit", "layerwise"),
                      "mergekit: as mergekit 0.1.5; layerwise: layerwise 0.1 (see the docs of merge)")
 _T = Option("t", 0.5, _number(0, 1), "interpolation position: 0 is the first model (or the base), 1 the second")
@@ -95,7 +96,7 @@ def _gta(name: str, summary: str, *, sparsify: str | None, consensus: bool, norm
          reference: str, density: float = 1.0, convention: bool = False) -> Method:
     """A generalized task-arithmetic method (mergekit's GeneralizedTaskArithmeticMerge)."""
     options = [_weight(), Option("normalize", normalize, _boolean, "divide by the sum of the (agreeing) weights"),
-               _LAMBDA]
+               _LAMBDA, _INT8_MASK]
     if sparsify:
         options += [Option("density", density, _DENSITY.check, _DENSITY.help, per_model=True),
                     Option("rescale", rescale, _one_of(*_RESCALE_CHOICES),
@@ -158,7 +159,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            (Option("filter_wise", False, _boolean, "one ratio per row instead of per tensor"),),
            base="required", models=(2, math.inf), reference="https://arxiv.org/abs/2403.19522"),
     Method("sce", "select high-variance entries, weight by energy, sign election (SCE)", "sce",
-           (Option("select_topk", 1.0, _number(0, 1), "fraction of entries (by variance across models) kept"),),
+           (Option("select_topk", 1.0, _number(0, 1), "fraction of entries (by variance across models) kept"),
+            _INT8_MASK),
            base="required", reference="https://arxiv.org/abs/2408.07990"),
     Method("nearswap", "take the model's value where it is within t of the base, blend further out", "nearswap",
            (Option("t", REQUIRED, _number(0, lo_open=True), "distance below which the model's value is taken"),),

@@ -155,6 +155,8 @@ def resolve_options(method: Method, keys: Sequence[str], models: int, *, weights
     if len(model_options) != models:
         raise MergeError(f"got options for {len(model_options)} models, but {models} models")
     if weights is not None:
+        if hasattr(weights, "tolist") and not isinstance(weights, (list, tuple)):  # a tensor or a NumPy array
+            weights = weights.tolist()
         if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
             raise MergeError(f"weights must be a list with one weight per model, not {weights!r}")
         if len(weights) != models:

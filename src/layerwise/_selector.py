@@ -9,10 +9,13 @@ which is always the best one because a chunk spans a fixed number of segments.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import gc
 import re
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +23,7 @@ from torch import nn
 
 from .errors import SelectionError
 
-__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "mro_names", "parse", "path_prefix"]
+__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
 
 Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
 
@@ -269,3 +272,33 @@ def path_prefix(selector: str, name: str) -> str | None:
         raise SelectionError(f"selector {selector!r} must be a module path pattern like 'encoder.layers.*'")
     m = pattern.regex.match(name)
     return None if m is None else name[:m.end()]
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Walking a big model allocates tens of thousands of small objects, which would trigger
+    several full collections over every object of the model (up to 10x the walk's own cost);
+    the walk creates no reference cycles, so collecting is deferred to its end."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d wrapper (``OptimizedModule``) runs, so that names are the inner ones.
+
+    Example:
+        >>> import layerwise as lw, torch
+        >>> net = torch.nn.Linear(2, 2)
+        >>> lw.select(torch.compile(net), "weight").params() == [net.weight]
+        True
+    """
+    # Never import torch._dynamo: if it is not loaded, nothing can be compiled.
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model

@@ -55,17 +55,22 @@ class Plan:
 
 
 def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor]], *, overwrite: bool,
-          inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None) -> Path:
+          inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None,
+          model_folder: Callable[[Path], None] | None = None) -> Path:
     """Write ``plan`` to ``output`` atomically (see :func:`staged`); ``pieces_of(key)`` gives each
     stored tensor, whole or as consecutive pieces of its flattened elements, in order.
 
-    A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder.
+    A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder of shards
+    and an index. With ``model_folder``, ``output`` is a model folder: ``model.safetensors`` (shards
+    and an index only above ``max_shard_size``), and ``model_folder(folder)`` adds the other files
+    (config, tokenizer, card) before the folder is published with them, in one step.
     """
-    sharded = plan.max_shard_size is not None
-    if not sharded and output.suffix != ".safetensors":
+    sharded = plan.max_shard_size is not None and (model_folder is None or len(plan.shards()) > 1)
+    folder = sharded or model_folder is not None
+    if not folder and output.suffix != ".safetensors":
         raise CheckpointError(f"{output}: write a .safetensors file, or a folder with max_shard_size set")
-    with staged(output, folder=sharded, overwrite=overwrite, inputs=inputs) as temp:
-        shards = plan.shards()
+    with staged(output, folder=folder, overwrite=overwrite, inputs=inputs) as temp:
+        shards = plan.shards() if sharded else [plan.entries]
         weight_map = {}
         for i, entries in enumerate(shards):
             if sharded:
@@ -73,7 +78,7 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
                 target = temp / name
                 weight_map.update({key: name for key, _, _ in entries})
             else:
-                target = temp
+                target = temp / "model.safetensors" if folder else temp
             metadata = {"format": "pt", **plan.metadata}
             if plan.aliases and not sharded:
                 metadata[ALIASES] = json.dumps(plan.aliases)
@@ -98,4 +103,6 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
             index = {"metadata": {"total_size": plan.total_bytes, **({ALIASES: plan.aliases} if plan.aliases else {})},
                      "weight_map": weight_map}
             (temp / INDEXES[0]).write_text(json.dumps(index, indent=2))
+        if model_folder is not None:
+            model_folder(temp)
     return output

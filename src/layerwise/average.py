@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._files import parse_dtype
 from ._merge_math import merge_tensor
 from ._merge_methods import METHODS, REQUIRED, check_method
 from ._merge_options import merge_plan
@@ -118,7 +119,8 @@ def _check_into(into: nn.Module, result: StateDict) -> None:
 
 def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "linear", *,
           weights: Sequence[Any] | None = None, select: Sequence[Selector] | Selector | None = None,
-          into: nn.Module | None = None, compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+          into: nn.Module | None = None, compute_dtype: torch.dtype | str | None = None,
+          dtype: torch.dtype | str | None = None,
           model_options: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> dict[str, torch.Tensor]:
     """Merge ``models`` (modules or state dicts) into a new state dict with any of mergekit's methods.
 
@@ -158,6 +160,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
         {'layers.0.w': tensor([1.]), 'layers.1.w': tensor([2.]), 'layers.2.w': tensor([3.])}
     """
     m = check_method(method, has_base=base is not None, models=len(models))
+    dtype, compute_dtype = parse_dtype(dtype), parse_dtype(compute_dtype)
     sds = [state_dict_of(x) for x in models]
     base_sd = state_dict_of(base) if base is not None else None
     labelled = ([("base", base_sd)] if base_sd is not None else []) + [(f"model {i}", sd) for i, sd in enumerate(sds)]

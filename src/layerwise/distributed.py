@@ -126,7 +126,13 @@ class PeriodicAverager:
         return due
 
     def state_dict(self) -> dict[str, int]:
+        """The step counter: ``{"steps": n}``."""
         return {"steps": self.steps}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.steps = int(state["steps"])
+        """Resume the schedule from :meth:`state_dict`; a malformed state changes nothing."""
+        steps = state.get("steps") if isinstance(state, dict) else None
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise StateError(f"PeriodicAverager state {state!r} must be {{'steps': n}} with an int n >= 0, "
+                             "as state_dict() returns")
+        self.steps = steps

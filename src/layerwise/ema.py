@@ -18,7 +18,7 @@ from torch import nn
 
 from ._tensors import named_tensor_groups, use_foreach
 from .errors import OptionError, OptionTypeError, StateError
-from .select import Selector, as_selectors
+from .select import Selector, as_selectors, unwrap_compiled
 from .select import select as _select
 
 __all__ = ["EMA"]
@@ -119,7 +119,8 @@ class EMA:
     whose names it matches; by default every parameter and buffer. Buffers (BatchNorm
     statistics) are copied from the model (``buffers="copy"``) or averaged too (``"ema"``).
     ``device=`` keeps the shadows elsewhere (e.g. ``"cpu"`` for a GPU model). Tied parameters
-    are averaged once. The average of a float16/bfloat16 model is kept in float32: with a
+    are averaged once; a ``torch.compile``d model is tracked by its inner names (no ``_orig_mod.``).
+    The average of a float16/bfloat16 model is kept in float32: with a
     decay of 0.999 most half-precision updates would round away.
 
     On an FSDP2 model (``fully_shard``) each shadow is a DTensor sharded like its parameter:
@@ -159,8 +160,16 @@ class EMA:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise OptionError(f"EMA option device={device!r} is not a device: {e}") from None
+        model = unwrap_compiled(model)  # a torch.compile'd model is tracked by its inner names
         self.buffers, self.foreach, self.model = buffers, foreach, model
-        self.selectors = as_selectors(select)
+        try:
+            self.selectors = as_selectors(select)
+        except TypeError:
+            self.selectors = (select,)
+        bad = [s for s in self.selectors if not (isinstance(s, (str, type)) or callable(s))]
+        if bad:
+            raise OptionTypeError(f"EMA option select={select!r}: {bad[0]!r} is not a selector (a string, a module "
+                                  "class or a callable (name, param) -> bool), nor a list of them")
         groups = named_tensor_groups(model)
         if self.selectors:
             chosen = {id(t) for t in _select(model, *self.selectors).params()}
@@ -278,6 +287,7 @@ class EMA:
 
     def _targets(self, model: nn.Module | None) -> list[torch.Tensor]:
         """The local tensors of ``model`` (default: the tracked one) that the shadows belong in."""
+        model = None if model is None else unwrap_compiled(model)
         if model is None or model is self.model:
             self._check_unchanged()
             return [_local(t.detach()) for t in self._params + self._buffers]

@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._tensors import buckets, named_tensor_groups
 from .errors import StateError
+from .select import unwrap_compiled
 
 __all__ = ["FlatParameters", "flatten_parameters"]
 
@@ -79,8 +80,8 @@ def flatten_parameters(model: nn.Module) -> FlatParameters:
         >>> net[1].bias.grad.data_ptr() == flat.grads[(torch.device("cpu"), torch.float32)][-2:].data_ptr()
         True
     """
-    params = [p for _, p in named_tensor_groups(model)]
-    names = [names[0] for names, _ in named_tensor_groups(model)]
+    groups = named_tensor_groups(unwrap_compiled(model))
+    params, names = [p for _, p in groups], [names[0] for names, _ in groups]
     sharded = [n for n, p in zip(names, params) if hasattr(p, "_local_tensor")]
     if sharded:
         raise StateError(f"{', '.join(sharded[:3])} {'is a' if len(sharded) == 1 else 'are'} sharded (DTensor) "

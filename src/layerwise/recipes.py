@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import MissingExtraError, OptionError
 
-__all__ = ["Recipe", "Slice", "Source", "OutputTensor", "parse_recipe", "read_recipe", "value_at", "layer_plan"]
+__all__ = ["Recipe", "Slice", "Source", "OutputTensor", "parse_recipe", "read_recipe", "layer_plan", "stack_of"]
 
 _TOP = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _REFUSED = {
@@ -257,36 +257,6 @@ def read_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise OptionError(f"{path}: not a YAML recipe ({' '.join(str(e).split())})") from None
     return parse_recipe(data, text=text)
-
-
-def value_at(setting: Any, name: str, t: float) -> Any:
-    """The value of one recipe setting for tensor ``name`` at layer position ``t`` in [0, 1], as mergekit
-    evaluates it: a scalar as is, a number list interpolated linearly at ``t``, rules by their
-    first ``filter`` that is part of ``name`` (no filter or ``*`` matches all); None when no rule applies.
-
-    Example:
-        >>> from layerwise.recipes import value_at
-        >>> value_at([0.0, 0.5, 1.0], "model.layers.3.mlp.up_proj.weight", 0.75)
-        0.75
-        >>> value_at([{"filter": "self_attn", "value": 0.2}, {"value": 0.8}], "model.layers.0.mlp.up_proj.weight", 0)
-        0.8
-    """
-    if isinstance(setting, (bool, int, float, str)):
-        return setting
-    if isinstance(setting, Mapping):
-        setting = [setting]
-    if all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
-        scaled = t * (len(setting) - 1)
-        i0 = int(scaled)
-        i1, frac = min(len(setting) - 1, i0 + 1), scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
-    if all(isinstance(e, (int, float, bool, str)) for e in setting):
-        return setting[int(t * (len(setting) - 1))]
-    for rule in setting:
-        f = rule.get("filter")
-        if f is None or f == "*" or f in name:
-            return value_at(rule["value"], name, t)
-    return None
 
 
 @dataclass(frozen=True)

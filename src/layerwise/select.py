@@ -30,7 +30,6 @@ once (cached), giving the parameters, the modules reached and the selectors that
 
 from __future__ import annotations
 
-import sys
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,32 +44,18 @@ from ._selector import (
     as_selectors,
     closest,
     describe,
+    gc_paused,
     mro_names,
     parse,
     path_prefix,
     unknown_type,
+    unwrap_compiled,
 )
 from ._tensors import named_tensor_groups
 from .errors import NotFoundError, SelectionError
 
 __all__ = ["FAMILIES", "Resolution", "Selection", "SelectionError", "Selector", "Walk", "as_selectors", "closest",
            "describe", "parse", "path_prefix", "resolve", "select", "select_keys", "unwrap_compiled"]
-
-
-def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile``d wrapper (``OptimizedModule``) runs, so that names are the inner ones.
-
-    Example:
-        >>> import layerwise as lw, torch
-        >>> net = torch.nn.Linear(2, 2)
-        >>> lw.select(torch.compile(net), "weight").params() == [net.weight]
-        True
-    """
-    # Never import torch._dynamo: if it is not loaded, nothing can be compiled.
-    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-        model = model._orig_mod
-    return model
 
 
 class Walk:
@@ -92,41 +77,14 @@ class Walk:
         self.paths: list[str] = []  # module paths, in model order (pre-order)
         self.modules: list[nn.Module] = []
         self.parent: list[int] = []  # index of each module's parent (-1 for the root)
-        self.own: list[list[int]] = []  # groups held directly by each module
         self.names: list[str] = []  # every name of every group
         self.name_group: list[int] = []
         self.name_owner: list[int] = []  # module index holding the name (-1 without a model)
         self._sorted: dict[str, tuple[list[str], list[int]]] = {}
         if isinstance(source, nn.Module):
-            model = unwrap_compiled(source)
-            self.what, self.has_modules = type(model).__name__, True
-            # named_parameters(remove_duplicate=False) is this very loop; doing it here gives the
-            # modules too, in one pass.
-            index: dict[str, int] = {}
-            by_id: dict[int, int] = {}
-            self.groups: list[tuple[tuple[str, ...], torch.Tensor | None]] = []
-            members: list[list[str]] = []
-            for path, module in model.named_modules(remove_duplicate=False):
-                m = index[path] = len(self.paths)
-                self.paths.append(path)
-                self.modules.append(module)
-                self.parent.append(index[path.rpartition(".")[0]] if path else -1)
-                own = []
-                for key, p in module._parameters.items():
-                    if p is None:
-                        continue
-                    g = by_id.setdefault(id(p), len(members))
-                    if g == len(members):
-                        members.append([])
-                        self.groups.append(((), p))
-                    name = f"{path}.{key}" if path else key
-                    members[g].append(name)
-                    own.append(g)
-                    self.names.append(name)
-                    self.name_group.append(g)
-                    self.name_owner.append(m)
-                self.own.append(own)
-            self.groups = [(tuple(names), p) for names, (_, p) in zip(members, self.groups)]
+            self.what, self.has_modules = type(unwrap_compiled(source)).__name__, True
+            with gc_paused():
+                self._walk(unwrap_compiled(source))
             return
         self.has_modules = False
         if isinstance(source, Mapping):
@@ -139,6 +97,34 @@ class Walk:
             self.names += names
             self.name_group += [g] * len(names)
             self.name_owner += [-1] * len(names)
+
+    def _walk(self, model: nn.Module) -> None:
+        # named_parameters(remove_duplicate=False) is this very loop; doing it here gives the
+        # modules too, in one pass.
+        index: dict[str, int] = {}
+        by_id: dict[int, int] = {}
+        tensors: list[torch.Tensor] = []
+        for path, module in model.named_modules(remove_duplicate=False):
+            m = index[path] = len(self.paths)
+            self.paths.append(path)
+            self.modules.append(module)
+            self.parent.append(index[path.rpartition(".")[0]] if path else -1)
+            prefix = f"{path}." if path else ""
+            for key, p in module._parameters.items():
+                if p is not None:
+                    g = by_id.setdefault(id(p), len(tensors))
+                    if g == len(tensors):
+                        tensors.append(p)
+                    self.names.append(prefix + key)
+                    self.name_group.append(g)
+                    self.name_owner.append(m)
+        if len(tensors) == len(self.names):  # nothing shared: one name per tensor, in order
+            self.groups = [((n,), p) for n, p in zip(self.names, tensors)]
+            return
+        members: list[list[str]] = [[] for _ in tensors]
+        for name, g in zip(self.names, self.name_group):
+            members[g].append(name)
+        self.groups = [(tuple(names), p) for names, p in zip(members, tensors)]
 
     def resolve(self, *selectors: Selector, missing_ok: bool = False) -> Resolution:
         """See :func:`resolve`."""
@@ -231,8 +217,11 @@ class Walk:
     def _fully_selected(self, groups: set[int]) -> set[int]:
         """Modules whose parameters (below them too; at least one) are all in ``groups``: what a
         callable reaches, so that it agrees with the module paths it could have been written as."""
-        has = [bool(own) for own in self.own]
-        full = [all(g in groups for g in own) for own in self.own]
+        has = [False] * len(self.modules)
+        full = [True] * len(self.modules)
+        for g, m in zip(self.name_group, self.name_owner):
+            has[m] = True
+            full[m] &= g in groups
         for m in range(len(self.modules) - 1, 0, -1):  # pre-order reversed: children before parents
             up = self.parent[m]
             has[up] |= has[m]

@@ -1,0 +1,166 @@
+"""Running a mergekit recipe: validate it against every input's header, then stream the merge into a
+model folder (weights, config, tokenizer, card) published in one step.
+
+The per-tensor math and the option resolution are the merge engine's (``_merge_math``,
+``_merge_options``), so a recipe gives what ``merge_files`` gives for the same method and options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._files import Checkpoint, Plan, open_checkpoint, parse_dtype, parse_size, write
+from ._merge_math import compute_dtype_of, merge_tensor
+from ._merge_methods import check_method, get_method
+from ._merge_options import resolve_options
+from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
+from .errors import MergeError
+from .recipes import Recipe, layer_plan, read_recipe
+
+
+def _layered(*settings: Any) -> Any:
+    """One setting that looks in ``settings`` in order, as mergekit does: filter rules that match nothing
+    fall through to the next level; a scalar or a gradient always answers."""
+    rules: list[Any] = []
+    for s in settings:
+        if s is None:
+            continue
+        if isinstance(s, list) and s and all(isinstance(r, Mapping) for r in s):
+            rules += s
+            continue
+        rules.append({"value": s})
+        break
+    if not rules:
+        return None
+    return rules[0]["value"] if len(rules) == 1 and "filter" not in rules[0] else rules
+
+
+def _merged(*levels: Mapping[str, Any]) -> dict[str, Any]:
+    names = [n for level in levels for n in level]
+    return {n: _layered(*(level.get(n) for level in levels)) for n in dict.fromkeys(names)}
+
+
+@dataclass
+class _Job:
+    key: str
+    sources: list[tuple[Checkpoint, str]]
+    base: tuple[Checkpoint, str] | None
+    options: dict[str, Any]
+
+
+def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
+    method = get_method(recipe.method)
+    plan = layer_plan(recipe, {p: [k for k in c.specs] for p, c in opened.items()})
+    jobs: list[_Job] = []
+    for i, s in enumerate(recipe.slices):
+        base = (s.base_model or recipe.base_model) if method.base != "none" else None
+        positions = [j for j, src in enumerate(s.sources) if src.model != base]
+        base_at = next((j for j, src in enumerate(s.sources) if src.model == base), None)
+        if base is not None and base_at is None and recipe.stacked:
+            raise MergeError(f"slices[{i}]: base_model {base} must be one of the slice's sources (as in mergekit)")
+        check_method(method, has_base=base is not None, models=len(positions))
+        outs = [o for o in plan if o.slice == i]
+        glob = _merged(s.parameters, recipe.parameters)
+        per_model = [{n: v for n, v in _merged(s.sources[j].parameters, glob).items()
+                      if any(o.name == n and o.per_model for o in method.options)} for j in positions]
+        per_key = resolve_options(method, [o.key for o in outs], len(positions),
+                                  options={n: v for n, v in glob.items()
+                                           if not any(o.name == n and o.per_model for o in method.options)},
+                                  model_options=per_model, positions={o.key: o.t for o in outs})
+        for o in outs:
+            sources = [(opened[s.sources[j].model], o.source_keys[j]) for j in positions]
+            base_src = None
+            if base is not None:
+                base_src = (opened[base], o.source_keys[base_at] if base_at is not None else o.key)
+            jobs.append(_Job(o.key, sources, base_src, per_key[o.key]))
+    return jobs
+
+
+def _check(jobs: Sequence[_Job]) -> None:
+    """Every tensor each job reads exists with one shape: all differences in one error."""
+    problems = []
+    for job in jobs:
+        shapes = {}
+        for ckpt, key in job.sources + ([job.base] if job.base else []):
+            if key not in ckpt.specs:
+                problems.append(f"{job.key}: {ckpt.label} lacks {key}")
+            else:
+                shapes[f"{ckpt.label}:{key}"] = ckpt.specs[key][0]
+        if len(set(shapes.values())) > 1:
+            problems.append(f"{job.key}: shapes differ: " + ", ".join(f"{w} {list(s)}" for w, s in shapes.items()))
+    if problems:
+        raise MergeError(f"the recipe's inputs do not fit ({len(problems)} problems): " + "; ".join(problems[:8])
+                         + (" ..." if len(problems) > 8 else ""))
+
+
+@contextlib.contextmanager
+def _opened(paths: Sequence[Path]) -> Iterator[dict[Path, Checkpoint]]:
+    opened: dict[Path, Checkpoint] = {}
+    try:
+        for p in paths:
+            opened[p] = open_checkpoint(p)
+        yield opened
+    finally:
+        for c in opened.values():
+            c.close()
+
+
+def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bool = False,
+               max_shard_size: int | str | None = DEFAULT_SHARD, compute_dtype: str | torch.dtype | None = None,
+               copy_from: str | Path | None = None, dtype: str | torch.dtype | None = None, progress: Any = None) -> Path:
+    """Run a mergekit recipe into the model folder ``output``; see :mod:`layerwise.recipes`.
+
+    Everything is checked before the first tensor byte is read: the recipe, every input's header
+    (keys, shapes, layer ranges) and every option of every tensor. The folder holds
+    ``model.safetensors`` (or shards and an index above ``max_shard_size``), the config and
+    generation config of the base model (else the first model, or ``copy_from``) with its dtype
+    and layer count updated, the tokenizer of ``tokenizer_source`` (default: the same model), and a
+    ``README.md`` recording the recipe. Output tensors are in ``dtype`` if given, else the recipe's
+    ``out_dtype``, else its ``dtype``, else the inputs' (promoted) dtype; arithmetic is in
+    ``compute_dtype`` (default float32; mergekit computes in the recipe's ``dtype``).
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)
+    output = Path(output)
+    out_dtype = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
+    work_dtype = parse_dtype(compute_dtype)
+    paths = recipe.models()
+    method = get_method(recipe.method)
+    with _opened(paths) as opened:
+        jobs = _jobs(recipe, opened)
+        _check(jobs)
+        entries, dtypes = [], {}
+        for job in jobs:
+            ckpt, key = job.sources[0]
+            shape, dtype = ckpt.specs[key]
+            ins = [c.specs[k][1] for c, k in job.sources + ([job.base] if job.base else [])]
+            if dtype.is_floating_point:
+                dtype = out_dtype or functools.reduce(torch.promote_types, ins)
+            dtypes[job.key] = (dtype, compute_dtype_of(ins, work_dtype))
+            entries.append((job.key, dtype, shape))
+        by_key = {job.key: job for job in jobs}
+
+        def pieces_of(key: str) -> Iterator[torch.Tensor]:
+            job = by_key[key]
+            base = job.base[0].read(job.base[1]) if job.base else None
+            yield merge_tensor(method, (c.read(k) for c, k in job.sources), base, job.options, dtypes[key][1],
+                               key=key, dtype=dtypes[key][0])
+
+        first = recipe.slices[0].sources[0].model
+        source = Path(copy_from) if copy_from else source_folder(recipe.base_model or first)
+        finish = folder_finisher(
+            inputs=paths, source=source, method=recipe.method, options={}, recipe_text=recipe.text,
+            tokenizer_source=None if copy_from else source_folder(recipe.tokenizer_source or recipe.base_model or first),
+            dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
+            layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None)
+        plan = Plan(entries, {}, {"layerwise.merge": recipe.method}, parse_size(max_shard_size))
+        return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
+                     progress=progress)
+
+

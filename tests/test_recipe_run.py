@@ -1,0 +1,127 @@
+"""Running mergekit recipes end to end: model folders that load, values equal to merge_files, slices."""
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import layerwise as lw
+from layerwise.cli import main
+
+
+def _recipe(tmp_path, text):
+    path = tmp_path / "recipe.yml"
+    path.write_text(text)
+    return path
+
+
+def test_linear_recipe_equals_merge_files_and_loads_as_a_model(tiny_llamas, tmp_path):
+    a, b = tiny_llamas["a"], tiny_llamas["b"]
+    recipe = _recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+                               f"  - model: {b}\n    parameters: {{weight: 3}}\n")
+    out = tmp_path / "merged"
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 0
+    expected = lw.merge_files([a, b], tmp_path / "ref.safetensors", weights=[1, 3])
+    got, ref = lw.load(out), lw.load(expected)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    ids = torch.tensor([[1, 4, 7, 2]])
+    assert torch.isfinite(model(ids).logits).all()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False) == "w1 "
+    card = (out / "README.md").read_text()
+    assert "method `linear`" in card and str(a) in card and "weight: 3" in card
+
+
+def test_gradient_and_filter_parameters_vary_per_layer_as_mergekit(tiny_llamas, tmp_path):
+    base, a = tiny_llamas["base"], tiny_llamas["a"]
+    recipe = _recipe(tmp_path, f"merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+                               f"  - model: {a}\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 1]\n"
+                               f"    - value: 0\n")
+    out = tmp_path / "slerp"
+    main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"])
+    got, x, y = lw.load(out), lw.load(base), lw.load(a)
+    for i, t in enumerate([0, 1 / 3, 2 / 3, 1]):
+        q = f"model.layers.{i}.self_attn.q_proj.weight"
+        expected = lw.merge_files([a], tmp_path / f"q{i}.safetensors", "slerp", base=base, select=q, t=t)
+        torch.testing.assert_close(got[q], lw.load(expected)[q])
+        up = f"model.layers.{i}.mlp.up_proj.weight"
+        assert torch.equal(got[up], x[up])  # t = 0: the base
+    assert torch.equal(got["model.embed_tokens.weight"], x["model.embed_tokens.weight"])
+    assert not torch.equal(got["model.layers.3.self_attn.q_proj.weight"], x["model.layers.3.self_attn.q_proj.weight"])
+    torch.testing.assert_close(got["model.layers.3.self_attn.q_proj.weight"], y["model.layers.3.self_attn.q_proj.weight"])
+
+
+def test_passthrough_slices_stack_a_deeper_model_that_loads(tiny_llamas, tmp_path):
+    a, b = tiny_llamas["a"], tiny_llamas["b"]
+    recipe = _recipe(tmp_path, f"merge_method: passthrough\ndtype: bfloat16\nslices:\n"
+                               f"  - sources:\n      - model: {a}\n        layer_range: [0, 3]\n"
+                               f"  - sources:\n      - model: {b}\n        layer_range: [1, 4]\n")
+    out = tmp_path / "franken"
+    main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+    got, x, y = lw.load(out), lw.load(a), lw.load(b)
+    assert got["model.layers.2.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], x["model.layers.2.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], y["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(got["lm_head.weight"], y["lm_head.weight"].bfloat16())
+    assert torch.equal(got["model.embed_tokens.weight"], x["model.embed_tokens.weight"].bfloat16())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 6 and model.dtype == torch.bfloat16
+
+
+def test_ties_with_mixed_dtypes_promotes_and_matches_merge_files(tiny_llamas, tmp_path):
+    base, a, b = tiny_llamas["base"], tiny_llamas["a"], tiny_llamas["b"]
+    half = tmp_path / "b16"
+    half.mkdir()
+    lw.save({k: v.bfloat16() for k, v in lw.load(b).items()}, half / "model.safetensors")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (half / name).write_bytes((b / name).read_bytes())
+    recipe = _recipe(tmp_path, f"merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.5}}\n"
+                               f"models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
+                               f"  - model: {half}\n    parameters: {{weight: 0.3}}\n")
+    out = tmp_path / "ties"
+    main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"])
+    ref = lw.merge_files([a, half], tmp_path / "ties.safetensors", "ties", base=base, weights=[0.7, 0.3], density=0.5)
+    got, expected = lw.load(out), lw.load(ref)
+    assert got["model.norm.weight"].dtype == torch.float32
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_bad_recipe_fails_before_writing_and_names_the_problem(tiny_llamas, tmp_path, capsys):
+    a = tiny_llamas["a"]
+    recipe = _recipe(tmp_path, f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n"
+                               f"        layer_range: [2, 9]\n")
+    out = tmp_path / "never"
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 2
+    assert "layer_range [2, 9) but" in capsys.readouterr().err and not out.exists()
+    assert list(tmp_path.iterdir()) == [recipe]
+    recipe = _recipe(tmp_path, f"merge_method: ties\nmodels:\n  - model: {a}\n")
+    assert main(["merge", "--config", str(recipe), "-o", str(out)]) == 2
+    assert "pass base=" in capsys.readouterr().err
+    assert main(["merge", "--config", str(recipe), str(a), "--method", "ties", "-o", str(out)]) == 2
+    assert "drop CHECKPOINT, --method" in capsys.readouterr().err and not out.exists()
+
+
+def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card(tiny_llamas, tmp_path):
+    base, a, b = tiny_llamas["base"], tiny_llamas["a"], tiny_llamas["b"]
+    out = tmp_path / "merged"
+    (base / "training_args.bin").write_bytes(b"")  # not part of a model: not copied
+    assert main(["merge", str(a), str(b), "--method", "ties", "--base", str(base), "--density", "0.5",
+                 "--dtype", "bf16", "-o", str(out), "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"README.md", "model.safetensors", "tokenizer.json", "config.json",
+                                                "generation_config.json", "tokenizer_config.json", "chat_template.jinja"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    ref = lw.merge_files([a, b], tmp_path / "ref.safetensors", "ties", base=base, density=0.5, dtype="bf16")
+    got, expected = lw.load(out), lw.load(ref)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    card = (out / "README.md").read_text()
+    assert "method `ties`" in card and str(base) in card and '"density": 0.5' in card
+    # above --max-shard-size: shards and an index, still a model
+    sharded = tmp_path / "sharded"
+    lw.merge_files([a, b], sharded, max_shard_size="20kB", copy_from=b)
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(sharded).config.num_hidden_layers == 4
