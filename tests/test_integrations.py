@@ -81,6 +81,92 @@ def test_lightning_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_val
     assert module.restored == [True, True, True]
 
 
+class _Metrics:
+    """A Lightning logger that keeps what it is given: {step: {key: value}}."""
+
+    def __new__(cls):
+        from lightning.pytorch.loggers.logger import Logger
+
+        class Keep(Logger):
+            name, version = "keep", 0
+
+            def __init__(self):
+                super().__init__()
+                self.steps: dict[int, dict[str, float]] = {}
+
+            def log_metrics(self, metrics, step=None):
+                self.steps.setdefault(step, {}).update(metrics)
+
+            def log_hyperparams(self, *args, **kwargs):
+                pass
+
+        return Keep()
+
+
+def test_lightning_unfrozen_layers_get_columns_from_their_first_step_their_options_a_warmup_and_resume(tmp_path):
+    import lightning.pytorch as pl
+
+    from layerwise.integrations.lightning import LayerwiseCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+            self.applied = []  # (global step, lr the step applied to encoder.weight, measured from Δw = -lr·g)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.encoder(x)))
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def on_before_optimizer_step(self, optimizer):  # inside step(): after the callback's pre-step hook
+            self._before = (self.encoder.weight.detach().clone(), None if self.encoder.weight.grad is None
+                            else self.encoder.weight.grad.clone())
+
+        def on_train_batch_end(self, *_):
+            w, g = self._before
+            if g is not None and g.abs().max() > 0:
+                self.applied.append((self.trainer.global_step - 1,
+                                     ((w - self.encoder.weight.detach()).norm() / g.norm()).item()))
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)  # one group, plain SGD: Δw = -lr·g
+            return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.5 ** epoch)]
+
+    def fit(epochs: int, ckpt_path=None, save: bool = False):
+        torch.manual_seed(0)
+        module, logger = Module(), _Metrics()
+        callback = LayerwiseCallback(freeze="encoder", unfreeze_schedule={1: "encoder"}, unfreeze_options={"lr": 0.04},
+                                     unfreeze_warmup_steps=4, unfreeze_warmup_ratio=0.25, grad_monitor=True,
+                                     ema=0.5, ema_apply_at_end=True)
+        saving = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt")] if save else []
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback, *saving], logger=logger,
+                             enable_checkpointing=save,
+                             log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, num_sanity_val_steps=0)
+        trainer.fit(module, DataLoader(toy_data(), batch_size=8), ckpt_path=ckpt_path)  # 4 steps an epoch
+        return module, logger, callback, trainer
+
+    module, logger, callback, trainer = fit(3)
+    # Epoch 1 (steps 4-7): base lr 0.04 at the schedule's 0.5, warmed up 0.25 → 1 over 4 steps; epoch 2 at 0.25.
+    expected = [0.04 * 0.5 * (0.25 + 0.75 * k / 4) for k in range(4)] + [0.04 * 0.25] * 4
+    assert [step for step, _ in module.applied] == list(range(4, 12)), "encoder frozen through epoch 0"
+    assert [lr for _, lr in module.applied] == pytest.approx(expected, rel=1e-4)
+    assert len(trainer.optimizers[0].param_groups) == 1 and trainer.optimizers[0].param_groups[0]["lr"] == 0.0125
+    first = {key: min(s for s, metrics in logger.steps.items() if key in metrics)
+             for key in ("grad_norm/head.weight", "grad_norm/encoder.weight")}
+    assert first == {"grad_norm/head.weight": 0, "grad_norm/encoder.weight": 4}, "columns from the first trained step"
+    shadow = dict(zip(callback.ema.names, callback.ema.shadow))
+    assert all(torch.equal(p, shadow[n]) for n, p in module.named_parameters()), "EMA weights kept at the end"
+
+    fit(2, save=True)  # a checkpoint after epoch 1: the encoder unfrozen, its 4 warm-up steps taken
+    resumed_module, _, resumed, _ = fit(3, ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
+    assert resumed.ema.num_updates == 12 and resumed.plan.unfrozen.state_dict() == {1: 8}
+    assert all(torch.equal(x, y) for x, y in zip(resumed.ema.shadow, callback.ema.shadow)), "as if never stopped"
+    assert [lr for _, lr in resumed_module.applied] == pytest.approx([0.04 * 0.25] * 4, rel=1e-4)
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
@@ -137,6 +223,7 @@ def test_hf_trainer_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_ev
         disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(16), eval_dataset=Tokens(8),
                                    callbacks=[probe, ours])
+    ours.set_trainer(trainer)
     trainer.train()
 
     final = model.state_dict()
@@ -147,10 +234,93 @@ def test_hf_trainer_callback_freezes_unfreezes_monitors_and_swaps_the_ema_for_ev
     assert not torch.equal(final[layer0], initial[layer0]), "trained once unfrozen at epoch 1"
     assert all(p.requires_grad for p in lw.select(model, "bert.encoder.layer.0").params())
     assert trainer.lr_scheduler.get_last_lr()[0] < 1e-2, "the LR schedule ran on"
-    assert sorted({r["step"] for r in ours.monitor.history}) == [0, 2, 4]
+    assert sorted({r["step"] for r in ours.monitor.history}) == [2, 4, 6], "the Trainer's global steps"
     assert probe.during_eval and all(probe.during_eval)
     assert probe.restored and all(probe.restored)
     assert torch.equal(model.classifier.weight, probe.trained), "training weights back after the last evaluation"
+
+
+def _tiny_bert():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    return transformers.BertForSequenceClassification(config)
+
+
+def test_hf_trainer_logs_unfrozen_layers_from_their_first_step_warms_them_up_and_resumes_the_ema(tmp_path):
+    import transformers
+
+    from layerwise.integrations.hf import STATE_FILE, LayerwiseTrainerCallback
+
+    layer0 = "bert.encoder.layer.0.output.dense.weight"
+
+    class Probe(transformers.TrainerCallback):
+        """After ours: the lr each optimizer step applies to layer 0 and to the classifier, and what on_log gets
+        (what every report_to integration gets)."""
+
+        def __init__(self, ours):
+            self.ours, self.lrs, self.logged = ours, [], []
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            self.ema_at_start = {k: v.clone() for k, v in self.ours.ema.state_dict()["shadow"].items()}
+            params = dict(model.named_parameters())
+
+            def record(opt, *_):
+                lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+                self.lrs.append((lr_of[id(params[layer0])], lr_of[id(params["classifier.weight"])],
+                                 len(opt.param_groups)))
+
+            self.hook = optimizer.optimizer.register_step_pre_hook(record)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.logged.append((state.global_step, dict(logs)))
+
+    def run(resume: bool):
+        model = _tiny_bert()
+        ours = LayerwiseTrainerCallback(freeze="bert.encoder.layer.0", unfreeze_schedule={1: "bert.encoder.layer.0"},
+                                        unfreeze_options={"weight_decay": 0.0}, unfreeze_warmup_steps=2,
+                                        unfreeze_warmup_ratio=0.25, grad_monitor=True, ema=0.5, ema_apply_at_end=True)
+        probe = Probe(ours)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4, learning_rate=1e-2,
+            lr_scheduler_type="constant", weight_decay=0.1, report_to=[], save_strategy="steps", save_steps=3,
+            logging_steps=2, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(16))
+        trainer.add_callback(ours.set_trainer(trainer))
+        trainer.add_callback(probe)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3") if resume else None)
+        return model, ours, probe, trainer
+
+    model, ours, probe, trainer = run(resume=False)
+    # 4 steps an epoch: layer 0 trains from global step 5 (epoch 1), warmed up over 2 steps from 0.25 × lr.
+    assert [lr for lr, _, _ in probe.lrs] == [1e-2] * 4 + [2.5e-3, 6.25e-3] + [1e-2] * 2
+    assert [lr for _, lr, _ in probe.lrs] == [1e-2] * 8, "the rest of its group keeps its lr"
+    # Inside step() layer 0 has groups of its own (its weights' and its no-decay ones' options, with
+    # unfreeze_options over them); between steps the optimizer has the Trainer's two groups.
+    assert [groups for *_, groups in probe.lrs] == [2] * 4 + [4] * 4
+    assert len(trainer.optimizer.param_groups) == 2 and len(trainer.optimizer.state_dict()["param_groups"]) == 2
+
+    history = {row["step"]: row for row in trainer.state.log_history if "grad_norm/classifier.weight" in row}
+    assert sorted(history) == [2, 4, 6, 8], "every logging_steps, on the Trainer's global step"
+    assert [s for s in history if f"grad_norm/{layer0}" in history[s]] == [6, 8], "from its first trained step"
+    monitored = {r["step"]: r["grad_norm"] for r in ours.monitor.history if r["layer"] == "classifier.weight"}
+    assert {s: history[s]["grad_norm/classifier.weight"] for s in history} == monitored
+    assert [s for s, logs in probe.logged if "grad_norm/classifier.weight" in logs] == [2, 4, 6, 8], \
+        "on_log, hence every report_to integration, gets them"
+
+    shadow = dict(zip(ours.ema.names, ours.ema.shadow))
+    assert all(torch.equal(p, shadow[n]) for n, p in model.named_parameters() if n in shadow), "EMA kept at the end"
+    saved = torch.load(tmp_path / "checkpoint-3" / STATE_FILE, weights_only=True)
+    assert saved["ema"]["num_updates"] == 3 and saved["unfreeze"] == {"done": []}
+
+    resumed_model, resumed, resumed_probe, _ = run(resume=True)
+    assert all(torch.equal(resumed_probe.ema_at_start[n], t) for n, t in saved["ema"]["shadow"].items()), \
+        "EMA restored at step 3"
+    assert resumed.ema.num_updates == 8, "3 restored + 5 after the resume"
+    shadow = dict(zip(resumed.ema.names, resumed.ema.shadow))
+    assert all(torch.equal(p, shadow[n]) for n, p in resumed_model.named_parameters() if n in shadow)
 
 
 def test_ema_and_unfreezing_progress_resume_from_the_callback_state(interleaved):
@@ -202,3 +372,37 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"pip install 'layerwise\[plot\]'"):
         monitor.plot(tmp_path / "g.png")
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"unfreeze_warmup_steps": -1}, lw.OptionError), ({"unfreeze_warmup_steps": 2.5}, lw.OptionTypeError),
+    ({"unfreeze_warmup_ratio": 0.0}, lw.OptionError), ({"unfreeze_warmup_ratio": "0.1"}, lw.OptionTypeError),
+    ({"ema_apply_at_end": True}, lw.OptionError), ({"ema_apply_at_end": 1}, lw.OptionTypeError),
+])
+def test_callback_options_are_checked_when_made(options, error):
+    from layerwise.integrations._core import Plan
+
+    with pytest.raises(error, match=next(iter(options))):
+        Plan(unfreeze_schedule={1: "x"}, **options)
+
+
+def test_a_step_that_raises_leaves_the_optimizer_groups_as_built():
+    from layerwise.integrations._unfrozen import UnfrozenGroups
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    unfrozen = UnfrozenGroups(optimizer, {"lr": 0.01}, warmup_steps=0, warmup_ratio=0.1)
+    unfrozen.add(1, list(net[0].parameters()))
+    built = optimizer.state_dict()["param_groups"]
+
+    def closure():
+        raise FloatingPointError("a loss went NaN")
+
+    with pytest.raises(FloatingPointError):
+        optimizer.step(closure)
+    assert optimizer.state_dict()["param_groups"] == built and len(optimizer.param_groups) == 1
+    net(torch.ones(1, 2)).sum().backward()
+    before = net[0].weight.detach().clone()
+    optimizer.step()
+    assert torch.allclose(net[0].weight, before - 0.01 * net[0].weight.grad), "the options' lr applied"
+    assert len(optimizer.param_groups) == 1 and unfrozen.state_dict() == {1: 1}

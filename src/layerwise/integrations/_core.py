@@ -1,6 +1,7 @@
-"""What the framework callbacks share: freezing, unfreezing on a schedule, a gradient monitor
-and an EMA whose weights are swapped in for evaluation. Each callback maps its framework's
-events onto these few calls."""
+"""What the framework callbacks share: freezing, unfreezing on a schedule (with the unfrozen
+layers' own options and an lr warm-up), a gradient monitor that follows the schedule, and an
+EMA swapped in for evaluation and optionally kept at the end. Each callback maps its
+framework's events onto these few calls."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 from torch import nn
 
 from ..ema import EMA
+from ..errors import OptionError, OptionTypeError
 from ..freeze import GradualUnfreeze, freeze
 from ..monitor import GradMonitor
-from ..select import Selector, as_selectors
-from ..sinks import Sink
+from ..select import Selector, as_selectors, select
+from ._unfrozen import UnfrozenGroups
 
 Selectors = Selector | Sequence[Selector]
 
@@ -29,6 +31,18 @@ def _options(value: bool | int | float | Mapping[str, Any] | None, number: str) 
     if isinstance(value, (int, float)):
         return {number: value}
     return dict(value)
+
+
+def _check_warmup(steps: int, ratio: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise OptionTypeError(f"unfreeze_warmup_steps={steps!r}: pass a whole number of optimizer steps.")
+    if steps < 0:
+        raise OptionError(f"unfreeze_warmup_steps={steps}: pass 0 (no warm-up) or a positive number of steps.")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise OptionTypeError(f"unfreeze_warmup_ratio={ratio!r}: pass a number in (0, 1].")
+    if not 0 < ratio <= 1:
+        raise OptionError(f"unfreeze_warmup_ratio={ratio}: the warm-up starts at this share of the lr; "
+                          "pass a number in (0, 1].")
 
 
 class PlanAccess:
@@ -51,38 +65,82 @@ class Plan:
     def __init__(self, freeze: Selectors | None = None, unfreeze_schedule: Mapping[int, Selectors] | None = None,
                  unfreeze_options: Mapping[str, Any] | None = None,
                  grad_monitor: bool | int | Mapping[str, Any] | None = None,
-                 ema: float | Mapping[str, Any] | None = None):
+                 ema: float | Mapping[str, Any] | None = None, *, unfreeze_warmup_steps: int = 0,
+                 unfreeze_warmup_ratio: float = 0.1, ema_apply_at_end: bool = False):
+        _check_warmup(unfreeze_warmup_steps, unfreeze_warmup_ratio)
+        if not isinstance(ema_apply_at_end, bool):
+            raise OptionTypeError(f"ema_apply_at_end={ema_apply_at_end!r}: pass True or False.")
+        if ema_apply_at_end and ema is None:
+            raise OptionError("ema_apply_at_end=True keeps the EMA weights at the end: also pass ema=DECAY.")
         self.freeze = as_selectors(freeze)
         self.unfreeze_schedule = dict(unfreeze_schedule or {})
         self.unfreeze_options = dict(unfreeze_options or {})
+        self.warmup_steps, self.warmup_ratio = unfreeze_warmup_steps, float(unfreeze_warmup_ratio)
         self.monitor_options = _options(grad_monitor, "every")
         self.ema_options = _options(ema, "decay")
+        self.ema_apply_at_end = ema_apply_at_end
         self.unfreezer: GradualUnfreeze | None = None
+        self.unfrozen: UnfrozenGroups | None = None
         self.monitor: GradMonitor | None = None
         self.ema: EMA | None = None
+        self._model: nn.Module | None = None
+        self._params: dict[str, torch.Tensor] = {}
         self._swap: contextlib.ExitStack | None = None
         self._pending_state: dict[str, Any] | None = None
 
     def optimizer_ready(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedulers: Sequence[Any] = (),
-                        sinks: Sequence[Sink] = ()) -> None:
+                        sinks: Sequence[Any] = (), *, step: int = 0, every: int = 50) -> None:
         """Once the optimizer exists. Freezing now keeps the frozen parameters in it (skipped while
-        they get no gradient), so unfreezing later needs no new param group nor scheduler surgery."""
+        they get no gradient), so unfreezing later needs no new param group nor scheduler surgery.
+        ``step`` numbers the monitor's first step (the framework's, on resume), ``every`` is the
+        monitor's default period (the framework's logging period)."""
+        self._model = model
+        self._params = dict(model.named_parameters(remove_duplicate=False))
         if self.freeze:
             freeze(model, *self.freeze)
         if self.unfreeze_schedule:
             self.unfreezer = GradualUnfreeze(model, optimizer, self.unfreeze_schedule, scheduler=list(schedulers),
                                              **self.unfreeze_options)
+            if self.unfreeze_options or self.warmup_steps:
+                self.unfrozen = UnfrozenGroups(optimizer, self.unfreeze_options, self.warmup_steps, self.warmup_ratio)
         if self.monitor_options is not None and self.monitor is None:
-            options = {"sinks": sinks, **self.monitor_options}
-            selectors = as_selectors(options.pop("select", None))
+            options = {"sinks": sinks, "every": every, **self.monitor_options}
+            # Each log step reaches the framework's loggers at that step: they expect steps in order.
+            options.setdefault("flush_every", options["every"])
+            selectors = as_selectors(options.pop("select", None)) or [self._trained_at_some_point()]
             self.monitor = GradMonitor(model, *selectors, optimizer=optimizer, **options)
+            self.monitor.steps = step
         if self.ema_options is not None and self.ema is None:
             self.ema = EMA(model, **self.ema_options)
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
 
+    def _trained_at_some_point(self) -> Any:
+        """The monitor covers from the start what trains now or once the schedule unfreezes it, so a
+        layer's columns appear from its first trained step (its memory is what it will need then)."""
+        scheduled = {id(p) for sels in self.unfreeze_schedule.values()
+                     for p in select(self._model, *as_selectors(sels), missing_ok=True).params()}
+        return lambda name, p: p.requires_grad or id(p) in scheduled
+
+    def trained_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The monitor's rows of layers that train now: a layer waiting for its unfreeze is not logged."""
+        return [row for row in rows if self._params[row["layer"]].requires_grad]
+
     def epoch_started(self, epoch: int) -> list[str]:
-        return self.unfreezer.step(epoch) if self.unfreezer is not None else []
+        if self.unfreezer is None:
+            return []
+        finished = len(self.unfreezer.done)
+        added = self.unfreezer.step(epoch)
+        for entries in self.unfreezer.done[finished:]:
+            self._track(entries)
+        return added
+
+    def _track(self, entries: Sequence[int], steps: Mapping[int, int] | None = None) -> None:
+        """Give the unfrozen entries their own options and warm-up from the next optimizer step."""
+        if self.unfrozen is not None:
+            for at in entries:
+                params = select(self._model, *self.unfreezer.schedule[at], missing_ok=True).params()
+                self.unfrozen.add(at, params, (steps or {}).get(at, 0))
 
     def optimizer_stepped(self) -> None:
         if self.ema is not None:
@@ -99,17 +157,26 @@ class Plan:
             self._swap.close()
             self._swap = None
 
+    def train_ended(self, model: nn.Module) -> None:
+        """With ``ema_apply_at_end``, the model keeps the EMA weights for good."""
+        self.swap_out()
+        if self.ema_apply_at_end and self.ema is not None:
+            self.ema.copy_to(model)
+
     def close(self) -> None:
         self.swap_out()
         if self.monitor is not None:
             self.monitor.remove()
+        if self.unfrozen is not None:
+            self.unfrozen.remove()
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema.state_dict() if self.ema is not None else None,
-                "unfreeze": self.unfreezer.state_dict() if self.unfreezer is not None else None}
+                "unfreeze": self.unfreezer.state_dict() if self.unfreezer is not None else None,
+                "warmup": self.unfrozen.state_dict() if self.unfrozen is not None else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore EMA and unfreezing progress; kept until the optimizer exists if called earlier."""
+        """Restore EMA, unfreezing and warm-up progress; kept until the optimizer exists if called earlier."""
         if (state.get("ema") and self.ema is None) or (state.get("unfreeze") and self.unfreezer is None):
             self._pending_state = dict(state)
             return
@@ -118,3 +185,4 @@ class Plan:
             self.ema.load_state_dict(state["ema"])
         if state.get("unfreeze"):
             self.unfreezer.load_state_dict(state["unfreeze"])
+            self._track([at for entries in self.unfreezer.done for at in entries], state.get("warmup"))

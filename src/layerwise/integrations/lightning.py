@@ -10,6 +10,7 @@ try:
 except ImportError:
     raise ImportError("layerwise.integrations.lightning needs lightning: pip install 'layerwise[lightning]'") from None
 
+from ..errors import StateError
 from ._core import Plan, PlanAccess, Selectors
 
 __all__ = ["LayerwiseCallback"]
@@ -20,11 +21,11 @@ class _LoggerSink:
 
     histograms = False
 
-    def __init__(self, trainer: pl.Trainer):
-        self.trainer = trainer
+    def __init__(self, trainer: pl.Trainer, plan: Plan):
+        self.trainer, self.plan = trainer, plan
 
     def write(self, step: int, rows: list[dict[str, Any]], histograms: Any = None) -> None:
-        metrics = {f"{key}/{row['layer']}": value for row in rows for key, value in row.items()
+        metrics = {f"{key}/{row['layer']}": value for row in self.plan.trained_rows(rows) for key, value in row.items()
                    if isinstance(value, float)}
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -40,13 +41,20 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
     optimizer holds them but skips them while they get no gradient, so ``unfreeze_schedule``
     (``{epoch: selectors}``, unfrozen at the start of that epoch) needs no new param group and
     leaves LR schedulers alone. (Parameters the optimizer lacks join it as a new group with
-    ``unfreeze_options``, the schedulers extended to it.) Under a DDP strategy, frozen layers
-    get no gradient: use ``DDPStrategy(find_unused_parameters=True)``.
-    ``grad_monitor``: ``True``, ``every`` as an int, or :class:`~layerwise.GradMonitor` keyword
-    arguments (``select=`` for selectors); rows go to the Trainer's loggers. ``ema``: a decay or
-    :class:`~layerwise.EMA` keyword arguments; the EMA is updated after every optimizer step
-    and its weights are swapped in for validation. EMA and unfreezing progress are saved in
-    checkpoints.
+    ``unfreeze_options``, the schedulers extended to it.) ``unfreeze_options`` (e.g. ``{"lr": 1e-4}``,
+    a base lr that follows the group's schedule) apply to every unfrozen parameter, and
+    ``unfreeze_warmup_steps=n`` ramps their lr linearly from ``unfreeze_warmup_ratio`` (0.1) ×
+    its value to all of it over their first ``n`` optimizer steps, like ``BackboneFinetuning``'s
+    ``backbone_initial_ratio_lr``. Both apply step by step, with the optimizer's groups left as
+    built. Under a DDP strategy, frozen layers get no gradient: use
+    ``DDPStrategy(find_unused_parameters=True)``.
+    ``grad_monitor``: ``True`` (every ``log_every_n_steps``), ``every`` as an int, or
+    :class:`~layerwise.GradMonitor` keyword arguments (``select=`` for selectors); rows go to the
+    Trainer's loggers as ``grad_norm/<layer>``-style metrics, a layer the schedule unfreezes from
+    its first trained step. ``ema``: a decay or :class:`~layerwise.EMA` keyword arguments; the EMA
+    is updated after every optimizer step and its weights are swapped in for validation;
+    ``ema_apply_at_end=True`` leaves them in the model when training ends. EMA, unfreezing and
+    warm-up progress are saved in checkpoints.
 
     Example::
 
@@ -58,16 +66,21 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
     def __init__(self, freeze: Selectors | None = None, unfreeze_schedule: Mapping[int, Selectors] | None = None,
                  unfreeze_options: Mapping[str, Any] | None = None,
                  grad_monitor: bool | int | Mapping[str, Any] | None = None,
-                 ema: float | Mapping[str, Any] | None = None):
-        self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema)
+                 ema: float | Mapping[str, Any] | None = None, *, unfreeze_warmup_steps: int = 0,
+                 unfreeze_warmup_ratio: float = 0.1, ema_apply_at_end: bool = False):
+        self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema,
+                         unfreeze_warmup_steps=unfreeze_warmup_steps, unfreeze_warmup_ratio=unfreeze_warmup_ratio,
+                         ema_apply_at_end=ema_apply_at_end)
         self._last_step = -1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         if optimizer is None:
-            raise RuntimeError("LayerwiseCallback needs the optimizer that configure_optimizers returns")
+            raise StateError("LayerwiseCallback needs the optimizer that configure_optimizers returns: return one.")
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        self.plan.optimizer_ready(pl_module, optimizer, schedulers, sinks=[_LoggerSink(trainer)])
+        # Monitor steps count as Lightning's logging step does: the optimizer steps taken before.
+        self.plan.optimizer_ready(pl_module, optimizer, schedulers, sinks=[_LoggerSink(trainer, self.plan)],
+                                  step=trainer.global_step, every=max(1, trainer.log_every_n_steps))
         self._last_step = trainer.global_step
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -84,6 +97,9 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.plan.swap_out()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.plan.train_ended(pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.plan.close()
