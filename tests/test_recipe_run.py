@@ -103,3 +103,25 @@ def test_a_bad_recipe_fails_before_writing_and_names_the_problem(tiny_llamas, tm
     assert "pass base=" in capsys.readouterr().err
     assert main(["merge", "--config", str(recipe), str(a), "--method", "ties", "-o", str(out)]) == 2
     assert "drop CHECKPOINT, --method" in capsys.readouterr().err and not out.exists()
+
+
+def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card(tiny_llamas, tmp_path):
+    base, a, b = tiny_llamas["base"], tiny_llamas["a"], tiny_llamas["b"]
+    out = tmp_path / "merged"
+    (base / "training_args.bin").write_bytes(b"")  # not part of a model: not copied
+    assert main(["merge", str(a), str(b), "--method", "ties", "--base", str(base), "--density", "0.5",
+                 "--dtype", "bf16", "-o", str(out), "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"README.md", "model.safetensors", "tokenizer.json", "config.json",
+                                                "generation_config.json", "tokenizer_config.json", "chat_template.jinja"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    ref = lw.merge_files([a, b], tmp_path / "ref.safetensors", "ties", base=base, density=0.5, dtype="bf16")
+    got, expected = lw.load(out), lw.load(ref)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    card = (out / "README.md").read_text()
+    assert "method `ties`" in card and str(base) in card and '"density": 0.5' in card
+    # above --max-shard-size: shards and an index, still a model
+    sharded = tmp_path / "sharded"
+    lw.merge_files([a, b], sharded, max_shard_size="20kB", copy_from=b)
+    assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
+    assert AutoModelForCausalLM.from_pretrained(sharded).config.num_hidden_layers == 4

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer
            "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
            "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
 _COPIED_SUFFIXES = (".model", ".tiktoken")
+DEFAULT_SHARD = "5GB"  # transformers' default max_shard_size
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -119,3 +120,25 @@ def model_card(*, method: str, inputs: Sequence[tuple[str, str]], options: Mappi
     if recipe_text:
         lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of an input: the safetensors files of a folder, or the file itself."""
+    path = Path(path)
+    return sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+
+
+def folder_finisher(*, inputs: Sequence[Path], source: Path | None, tokenizer_source: Path | None = None,
+                    dtype: str | None, method: str, options: Mapping[str, Any],
+                    layer_map: Sequence[int] | None = None, recipe_text: str | None = None) -> Callable[[Path], None]:
+    """What completes a merged folder before it is published: model files from ``source`` (the
+    tokenizer from ``tokenizer_source``, default ``source``) and the card."""
+    from . import __version__
+
+    digests = [(str(p), header_digest(weight_files(p))) for p in inputs]  # now: a missing file fails before writing
+
+    def finish(folder: Path) -> None:
+        write_model_files(folder, source, tokenizer_source or source, dtype=dtype, layer_map=layer_map)
+        (folder / "README.md").write_text(model_card(method=method, inputs=digests, options=options,
+                                                     version=__version__, recipe_text=recipe_text))
+    return finish

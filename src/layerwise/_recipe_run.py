@@ -20,11 +20,9 @@ from ._files import Checkpoint, Plan, open_checkpoint, parse_dtype, parse_size, 
 from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method, get_method
 from ._merge_options import resolve_options
-from ._model_folder import header_digest, model_card, source_folder, write_model_files
+from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
 from .errors import MergeError
 from .recipes import Recipe, layer_plan, read_recipe
-
-DEFAULT_SHARD = "5GB"  # transformers' default max_shard_size
 
 
 def _layered(*settings: Any) -> Any:
@@ -116,8 +114,7 @@ def _opened(paths: Sequence[Path]) -> Iterator[dict[Path, Checkpoint]]:
 
 def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bool = False,
                max_shard_size: int | str | None = DEFAULT_SHARD, compute_dtype: str | torch.dtype | None = None,
-               copy_from: str | Path | None = None, dtype: str | torch.dtype | None = None, progress: Any = None,
-               version: str = "") -> Path:
+               copy_from: str | Path | None = None, dtype: str | torch.dtype | None = None, progress: Any = None) -> Path:
     """Run a mergekit recipe into the model folder ``output``; see :mod:`layerwise.recipes`.
 
     Everything is checked before the first tensor byte is read: the recipe, every input's header
@@ -156,27 +153,14 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
                                key=key, dtype=dtypes[key][0])
 
         first = recipe.slices[0].sources[0].model
-        config_from = Path(copy_from) if copy_from else source_folder(recipe.base_model or first)
-        tokenizer_from = Path(copy_from) if copy_from else source_folder(recipe.tokenizer_source or recipe.base_model
-                                                                         or first)
-        layer_map = _layer_map(recipe) if recipe.stacked else None
-        dtype_name = str(out_dtype).removeprefix("torch.") if out_dtype else None
-
-        def finish(folder: Path) -> None:
-            write_model_files(folder, config_from, tokenizer_from, dtype=dtype_name, layer_map=layer_map)
-            inputs = [(str(p), header_digest(_weight_files(p))) for p in paths]
-            (folder / "README.md").write_text(model_card(method=recipe.method, inputs=inputs, options={},
-                                                         version=version, recipe_text=recipe.text))
-
+        source = Path(copy_from) if copy_from else source_folder(recipe.base_model or first)
+        finish = folder_finisher(
+            inputs=paths, source=source, method=recipe.method, options={}, recipe_text=recipe.text,
+            tokenizer_source=None if copy_from else source_folder(recipe.tokenizer_source or recipe.base_model or first),
+            dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
+            layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None)
         plan = Plan(entries, {}, {"layerwise.merge": recipe.method}, parse_size(max_shard_size))
         return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
                      progress=progress)
 
 
-def _weight_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-
-
-def _layer_map(recipe: Recipe) -> list[int]:
-    """For each output layer, the input layer it came from (for per-layer lists in the config)."""
-    return [i for s in recipe.slices for i in range(*s.sources[0].layer_range)]

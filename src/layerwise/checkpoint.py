@@ -44,6 +44,7 @@ from ._files import (
 from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
+from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import console
@@ -72,11 +73,14 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor], path: Path) -> Mapp
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: not a state dict: {', '.join(map(repr, bad[:5]))} are not tensors")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: tensor names are strings; not {', '.join(map(repr, bad[:5]))}")
     state = {_unwrapped(k): v for k, v in obj.items()}
     if len(state) < len(obj):
         raise CheckpointError(f"{path}: keys differ only by torch.compile's '_orig_mod.': save the model once")
     for k, t in state.items():
-        if not isinstance(k, str) or k == METADATA:
+        if k == METADATA or k.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") != k:  # lone surrogates
             raise CheckpointError(f"{path}: a tensor cannot be named {k!r}; rename it")
         if t.layout != torch.strided or t.is_meta or t.is_quantized:
             kind = "on the meta device (no values)" if t.is_meta else "quantized" if t.is_quantized else str(t.layout)
@@ -188,7 +192,8 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 dtype: str | torch.dtype | None = None, select: Selector | Sequence[Selector] | None = None, *,
                 key: str | None = None, max_shard_size: int | str | None = None, overwrite: bool = False,
                 progress: bool = False, compute_dtype: str | torch.dtype | None = None,
-                model_options: Sequence[Mapping[str, Any]] | None = None, **options: Any) -> Path:
+                model_options: Sequence[Mapping[str, Any]] | None = None, copy_from: PathLike | None = None,
+                **options: Any) -> Path:
     """Merge checkpoint files tensor by tensor into ``output``, in memory bounded by a few tensors.
 
     The methods and options are those of :func:`layerwise.merge` and use the same per-tensor
@@ -198,8 +203,11 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
     with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...);
     without it, inputs of mixed float dtypes give their promoted dtype. ``compute_dtype``
     (default float32) is the precision of the arithmetic.
-    The output is a ``.safetensors`` file, or with ``max_shard_size`` a sharded folder; it
-    appears only when complete (a process killed mid-merge leaves only a hidden
+    The output is a ``.safetensors`` file, or a folder (any other name): a Hugging Face model
+    folder that ``from_pretrained`` loads, with ``model.safetensors`` (shards and an index above
+    ``max_shard_size``, default ``"5GB"``), the config and generation config of the base (else the
+    first input, or ``copy_from``) with its dtype updated, its tokenizer files, and a ``README.md``
+    card recording method, inputs and options. It appears only when complete (a process killed mid-merge leaves only a hidden
     ``.NAME.*.tmp`` beside it, safe to delete). ``progress=True`` shows bytes and throughput
     on stderr. Element-wise methods (linear, task arithmetic, nearswap, passthrough) stream each
     tensor in slices of 1M elements, so their working memory is a few slices; the other methods
@@ -233,7 +241,13 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 if in_dtype.is_floating_point:  # mixed float inputs: the promoted dtype
                     in_dtype = out_dtype or _promoted([c.specs[k][1] for c in labelled])
                 entries.append((k, in_dtype, shape))
-        plan = Plan(entries, aliases, {"layerwise.merge": method}, parse_size(max_shard_size))
+        folder = output.suffix != ".safetensors"
+        plan = Plan(entries, aliases, {"layerwise.merge": method},
+                    parse_size(max_shard_size if max_shard_size is not None or not folder else DEFAULT_SHARD))
+        finish = folder_finisher(
+            inputs=paths, source=Path(copy_from) if copy_from else source_folder(base if base is not None else inputs[0]),
+            dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None, method=method,
+            options={**options, **({"weights": list(weights)} if weights is not None else {})}) if folder else None
 
         def pieces_of(k: str) -> Iterator[torch.Tensor]:
             numel = math.prod(first.specs[k][0])
@@ -258,7 +272,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         work = {k: compute_dtype_of([c.specs[k][1] for c in labelled], work_dtype) for k in keys}
         check_output(output, paths, overwrite)  # before the progress bar starts
         with _byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
-            return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths,
+            return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
                          progress=lambda n: bar.advance(bar.task_ids[0], n))
 
 

@@ -82,7 +82,7 @@ def _merge(args: argparse.Namespace) -> int:
     out = merge_files(args.inputs, args.output, getattr(args, "method", "linear"), weights=args.weights,
                       base=getattr(args, "base", None), dtype=args.dtype, select=args.select or None, key=args.key,
                       max_shard_size=args.max_shard_size, overwrite=args.force, progress=not args.quiet,
-                      compute_dtype=getattr(args, "compute_dtype", None), **options)
+                      compute_dtype=getattr(args, "compute_dtype", None), copy_from=args.copy_from, **options)
     console(quiet=args.quiet).print(f"wrote {out}")
     return 0
 
@@ -93,12 +93,10 @@ def _merge_recipe(args: argparse.Namespace) -> int:
              if value]
     if given:
         raise _usage(f"--config takes the models, method and options from the recipe; drop {', '.join(given)}")
-    from . import __version__
     from ._recipe_run import DEFAULT_SHARD, run_recipe
 
     out = run_recipe(args.config, args.output, overwrite=args.force, max_shard_size=args.max_shard_size or DEFAULT_SHARD,
-                     compute_dtype=args.compute_dtype, copy_from=args.copy_from, dtype=args.dtype,
-                     version=__version__)
+                     compute_dtype=args.compute_dtype, copy_from=args.copy_from, dtype=args.dtype)
     console(quiet=args.quiet).print(f"wrote {out}")
     return 0
 
@@ -133,11 +131,13 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", required=True, help="output .safetensors file (a folder with --max-shard-size)")
+    p.add_argument("-o", "--output", required=True, help="output: a .safetensors file, or a model folder (weights, config, tokenizer, card) that from_pretrained loads")
+    p.add_argument("--copy-from", metavar="DIR", help="folder output: take config and tokenizer from this model "
+                   "folder (default: the base model, else the first input)")
     p.add_argument("--dtype", help="cast floating tensors of the output: bf16, fp16, fp32")
     p.add_argument("--select", action="append", metavar="SELECTOR", help="merge only these keys; the rest come "
                    "from the base (or the first input); repeatable")
-    p.add_argument("--max-shard-size", metavar="SIZE", help="write a Hugging Face sharded folder, e.g. 5GB")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="largest shard of a folder output (default 5GB, as transformers)")
     p.add_argument("--key", help="the state dict inside nested .pt checkpoints, e.g. state_dict")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -177,8 +177,6 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("inputs", nargs="*", metavar="CHECKPOINT")
     merge.add_argument("--config", metavar="RECIPE.yml", help="run a mergekit recipe (models, method, parameters, "
                        "slices) into the model folder -o DIR")
-    merge.add_argument("--copy-from", metavar="DIR", help="take config and tokenizer from this model folder "
-                       "(default: the base model, else the first model)")
     merge.add_argument("--method", choices=list(METHODS), metavar="METHOD",
                        help="one of: " + ", ".join(METHODS))
     merge.add_argument("--base", help="the common ancestor (the task-vector methods need it)")
@@ -186,10 +184,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="a method option, VALUE as JSON: lambda=0.5, 't=[0, 0.5, 1]', normalize=false; repeatable")
     merge.add_argument("--compute-dtype", help="precision of the arithmetic: fp32 (default), fp64")
     merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per input")
-    merge.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept")
-    merge.add_argument("--scale", type=float, help="task_arithmetic/ties/dare: scale of the merged task vector")
-    merge.add_argument("--t", type=float, help="slerp: interpolation position in [0, 1]")
-    merge.add_argument("--seed", type=int, help="dare: seed of the random drop")
+    def takes(option: str) -> str:
+        return ", ".join(m.name for m in METHODS.values() if any(o.name == option for o in m.options))
+
+    merge.add_argument("--density", type=float, help=f"fraction of each task vector kept ({takes('density')})")
+    merge.add_argument("--scale", type=float, help=f"lambda, the scale of the merged task vector ({takes('lambda')})")
+    merge.add_argument("--t", type=float, help=f"see the methods below ({takes('t')})")
+    merge.add_argument("--seed", type=int, help=f"seed of the random drop ({takes('seed')})")
     _output_options(merge)
     merge.set_defaults(run=_merge)
 
