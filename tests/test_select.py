@@ -383,6 +383,9 @@ def test_select_keys_keeps_key_order_and_refuses_what_needs_a_model():
             select_keys(keys, selector)
     with pytest.raises(lw.SelectionError, match="'c'.*missing_ok"):
         select_keys(keys, "c")
+    for source in ("a.0.w", None, [1, 2]):
+        with pytest.raises(lw.OptionTypeError):
+            select_keys(source, "a")
 
 
 def test_one_walk_serves_many_resolutions(vit):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import SelectionError
 
-__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
+__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "missing", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
 
 Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
 
@@ -223,6 +223,22 @@ def unknown_type(pattern: Pattern, present: list[str], where: str) -> SelectionE
     start = len(pattern.text) - len(name)
     return _fail(pattern.text, start, len(pattern.text), f"unknown module type {name!r}",
                  f"{hint}Families: {', '.join(FAMILIES)}. Classes in {where}: {', '.join(present)}.")
+
+
+def missing(selector: Selector, what: str, names: list[str], paths: list[str], modules: list[nn.Module]) -> str:
+    """Why ``selector`` matched nothing in ``what``, with the closest names (or module types)."""
+    msg = f"selector {describe(selector)} matched no parameter of {what}."
+    if isinstance(selector, str):
+        pattern = parse(selector)
+        if pattern.kind == "type":
+            present = sorted({n for m in modules for n in mro_names(type(m))})
+            if pattern.type_name not in FAMILIES and pattern.type_name not in present:
+                return str(unknown_type(pattern, present, what))
+            return msg + f" Modules present: {', '.join(sorted({type(m).__name__ for m in modules}))}."
+        near = closest(pattern.body.removeprefix("re:"), names + [p for p in paths if p])
+        if near:
+            msg += f" Closest names: {', '.join(near)}."
+    return msg
 
 
 def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector, ...]:
