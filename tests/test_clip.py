@@ -151,17 +151,18 @@ def _uneven_mlp() -> torch.nn.Module:
                                torch.nn.Linear(7, 3))
 
 
-def _backward_half(model: torch.nn.Module, rank: int, world_size: int) -> None:
+def _backward_share(model: torch.nn.Module, rank: int, world_size: int) -> None:
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
     model(x[rank::world_size]).square().mean().mul(100).backward()  # big enough that every layer clips
 
 
-def _fsdp_clip(rank: int, world_size: int) -> dict:
+def _fsdp_clip(rank: int, world_size: int, shape: tuple[int, ...]) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = fully_shard(_uneven_mlp(), mesh=init_device_mesh("cpu", (world_size,)))
+    names = ("replicate", "shard")[-len(shape):]  # (2, 2): HSDP, two replicas of a 2-way sharding
+    model = fully_shard(_uneven_mlp(), mesh=init_device_mesh("cpu", shape, mesh_dim_names=names))
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": [*model[2:].parameters()]}], lr=0.1)
     calls = []
     all_reduce = dist.all_reduce
@@ -169,7 +170,7 @@ def _fsdp_clip(rank: int, world_size: int) -> dict:
     out = {}
     for per, optimizer in (("layer", None), ("group", opt), ("selection", None)):
         model.zero_grad()
-        _backward_half(model, rank, world_size)
+        _backward_share(model, rank, world_size)
         calls.clear()
         norms = lw.clip_grad_norm(model, 1.0, per=per, optimizer=optimizer)
         out[per] = ({k: v.clone() for k, v in norms.items()}, len(calls),
@@ -178,16 +179,18 @@ def _fsdp_clip(rank: int, world_size: int) -> dict:
     return out
 
 
-def test_clipping_an_fsdp2_model_equals_one_process_with_one_collective_per_call(run_ranks):
-    ranks = run_ranks(_fsdp_clip)
+@pytest.mark.parametrize("shape", [(2,), (2, 2)], ids=["fsdp2", "hsdp"])
+def test_clipping_an_fsdp2_model_equals_one_process_with_one_collective_per_call(run_ranks, shape):
+    world_size = math.prod(shape)
+    ranks = run_ranks(_fsdp_clip, shape, world_size=world_size)
     model = _uneven_mlp()
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": [*model[2:].parameters()]}], lr=0.1)
     for per, optimizer in (("layer", None), ("group", opt), ("selection", None)):
         model.zero_grad()
-        for rank in range(2):  # the mean of the two ranks' losses: what FSDP2's averaged gradient is
-            _backward_half(model, rank, 2)
+        for rank in range(world_size):  # the mean of the ranks' losses: what FSDP2's averaged gradient is
+            _backward_share(model, rank, world_size)
         for p in model.parameters():
-            p.grad /= 2
+            p.grad /= world_size
         expected = lw.clip_grad_norm(model, 1.0, per=per, optimizer=optimizer)
         for norms, collectives, grads in (r[per] for r in ranks):
             assert collectives == 1, per

@@ -241,3 +241,14 @@ def test_a_file_and_a_folder_replace_each_other_only_with_overwrite(tmp_path):
     with pytest.raises(lw.CheckpointError, match="is a folder; the new output is a file"):
         lw.save(NEW, odd, overwrite=True)
     assert _digest(odd) == before and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("old_weights", ["model.safetensors", "pytorch_model.bin"])
+def test_new_weights_supersede_the_old_single_file_of_a_model_folder(tmp_path, old_weights):
+    out = tmp_path / "model"
+    out.mkdir()
+    lw.save(OLD, out / old_weights)
+    (out / "config.json").write_bytes(FOREIGN["config.json"])
+    lw.save(NEW, out, max_shard_size=20, overwrite=True)
+    assert not (out / old_weights).exists(), "stale weights would shadow the new index"
+    assert (out / "config.json").read_bytes() == FOREIGN["config.json"] and _same(lw.load(out), NEW)

@@ -269,6 +269,10 @@ def test_save_refuses_reserved_metadata_and_a_tensor_named_metadata(tmp_path):
         lw.save({"w": torch.ones(1)}, tmp_path / "m.safetensors", metadata={"layerwise.aliases": "{}"})
     with pytest.raises(lw.CheckpointError, match="cannot be named '__metadata__'"):
         lw.save({"__metadata__": torch.ones(1)}, tmp_path / "m.safetensors")
+    with pytest.raises(lw.CheckpointError, match=r"m.safetensors: a tensor cannot be named '\\udc80'"):
+        lw.save({"\udc80": torch.ones(1)}, tmp_path / "m.safetensors")
+    with pytest.raises(lw.CheckpointError, match="tensor names are strings; not 5"):
+        lw.save({5: torch.ones(1)}, tmp_path / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -386,7 +386,7 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
     given = list(tensors) if isinstance(tensors, Sequence) else []
     out = _function(m)(xs, b, options, key)
     # A sum is finite when every entry is (or overflows: rare); only then the exact, slower checks.
-    if not math.isfinite(out.sum().item()) and not torch.isfinite(out).all():
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
         inputs = [t for t in [*xs, *given, b] if t is not None]  # a consumed input counts as finite
         if all(torch.isfinite(t).all() for t in inputs):
             raise MergeError(f"{key}: {m.name} overflows {cdt} (inf or nan) with these weights and options; "

@@ -96,7 +96,7 @@ def publish_new(temp: Path, output: Path) -> None:
 def _products(folder: Path) -> set[str]:
     """The entries of an old output folder a writer produced: its weights, index files and the shards they
     list (stale weights beside new ones would contradict them)."""
-    names = {"model.safetensors"}
+    names = {"model.safetensors", "pytorch_model.bin"}
     for index in INDEXES:
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
             weight_map = json.loads((folder / index).read_text())["weight_map"]

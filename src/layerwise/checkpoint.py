@@ -73,11 +73,14 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor], path: Path) -> Mapp
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: not a state dict: {', '.join(map(repr, bad[:5]))} are not tensors")
+    bad = [k for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: tensor names are strings; not {', '.join(map(repr, bad[:5]))}")
     state = {_unwrapped(k): v for k, v in obj.items()}
     if len(state) < len(obj):
         raise CheckpointError(f"{path}: keys differ only by torch.compile's '_orig_mod.': save the model once")
     for k, t in state.items():
-        if not isinstance(k, str) or k == METADATA:
+        if k == METADATA or k.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") != k:  # lone surrogates
             raise CheckpointError(f"{path}: a tensor cannot be named {k!r}; rename it")
         if t.layout != torch.strided or t.is_meta or t.is_quantized:
             kind = "on the meta device (no values)" if t.is_meta else "quantized" if t.is_quantized else str(t.layout)
