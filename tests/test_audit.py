@@ -263,3 +263,17 @@ def test_schedulers_that_cannot_step_now_are_audited_from_the_current_lrs(vit):
         opt.step(), cycle.step()  # the last step: one more raises
     before = [g["lr"] for g in opt.param_groups]
     assert lw.audit(vit, opt, cycle) == [] and [g["lr"] for g in opt.param_groups] == before
+
+
+def test_show_with_audit_prints_the_findings_under_the_table(vit):
+    import io
+
+    buffer = io.StringIO()
+    rows = lw.show(vit, torch.optim.AdamW(vit.parameters()), audit=True, file=buffer)
+    assert [f.check for f in rows.findings] == ["weight-decay"]
+    out = buffer.getvalue()
+    assert out.index("head.bias") < out.index("audit: 1 finding") and "lw.param_groups" in out
+    clean = lw.show(vit, torch.optim.AdamW(lw.param_groups(vit, lr=1e-3)), audit=True, file=io.StringIO())
+    assert clean.findings == [] and lw.show(vit, quiet=True).findings is None
+    with pytest.raises(lw.OptionError, match="pass the optimizer"):
+        lw.show(vit, audit=True, quiet=True)

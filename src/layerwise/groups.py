@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ Rules = Mapping[Any, Mapping[str, Any]] | Sequence[tuple[Any, Mapping[str, Any]]
 # Group keys that are not optimizer options but that optimizers carry along: a group's name
 # (Lightning, torch's named groups), timm's scheduler and hybrid-optimizer conventions.
 _GROUP_KEYS = frozenset({"name", "param_names", "initial_lr", "lr_scale", "use_fallback"})
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _NON_NEGATIVE = ("lr", "weight_decay", "momentum", "dampening", "eps", "lr_decay", "initial_accumulator_value")
 
 
@@ -67,7 +67,7 @@ def check_options(options: Mapping[str, Any], where: str, optimizer: Any = None)
             number = _real(value)
             if number is None:
                 raise OptionTypeError(f"{where} sets {key}={value!r}; {key} takes a number, e.g. {key}=1e-3")
-            if not (math.isfinite(number) and number >= 0):
+            if not 0 <= number <= _FLOAT32_MAX:  # beyond it, torch fails at the first float32 step
                 raise OptionError(f"{where} sets {key}={value!r}; {key} takes a finite number >= 0")
         elif key == "betas":
             pair = [_real(b) for b in value] if isinstance(value, (tuple, list)) else []

@@ -16,6 +16,7 @@ from rich.text import Text
 from torch import nn
 
 from ._term import console
+from .audit import audit as audit_setup
 from .errors import OptionError, OptionTypeError
 from .groups import group_index
 from .select import Selector, Walk, resolve
@@ -205,7 +206,8 @@ def _rollup(rows: list[dict[str, Any]], depth: int, extra: Sequence[str]) -> lis
 
 def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *selectors: Selector,
          inputs: Any = None, monitor: Any = None, ema: Any = None, trainable_only: bool = False,
-         depth: int | None = None, file: IO[str] | None = None, quiet: bool = False) -> LayerTable:
+         depth: int | None = None, file: IO[str] | None = None, quiet: bool = False,
+         audit: bool = False, scheduler: Any = None) -> LayerTable:
     """Print one table of every parameter and return its rows as plain dicts.
 
     Columns: name, shape, numel, dtype, trainable, the other names of a shared parameter,
@@ -224,6 +226,9 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     share, the lr range of the trainable ones and the gradient norm of the module's parameters
     pooled (√Σ‖g‖²). Names are never cut: where the values leave too little room, each name is
     printed on a line of its own above them.
+
+    ``audit=True`` (with an ``optimizer``, and its LR ``scheduler`` if any) prints what
+    :func:`~layerwise.audit` finds in the set-up under the table; the result's ``findings`` holds them.
 
     Example:
         >>> import layerwise as lw, torch
@@ -284,6 +289,12 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     if depth is not None:
         extra = {c: v for c, v in extra.items() if c.startswith("grad_norm")}  # ratios do not pool
         rows = _rollup(rows, depth, list(extra))
+    if audit and optimizer is None:
+        raise OptionError("show(..., audit=True) audits a model with its optimizer: pass the optimizer too")
     table = LayerTable(rows, type(model).__name__, trainable, total, extra, depth, empty)
-    console(file, quiet=quiet).print(table)
+    table.findings = audit_setup(model, optimizer, scheduler) if audit else None
+    out = console(file, quiet=quiet)
+    out.print(table)
+    if table.findings is not None:
+        out.print(table.findings)
     return table
