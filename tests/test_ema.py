@@ -346,6 +346,9 @@ def test_parameters_tiling_one_buffer_are_averaged_in_one_kernel(dtype):
     reference.load_state_dict(net.state_dict())
     ema, ref = lw.EMA(net, decay=0.9), lw.EMA(reference, decay=0.9)
     assert [b.flat is not None for b in ema._buckets] == [True]
+    flat_shadow = ema._buckets[0].flat[0]  # one allocation; the per-parameter shadows are views of it
+    assert all(s.untyped_storage().data_ptr() == flat_shadow.data_ptr() for s in ema.shadow)
+    assert flat_shadow.dtype == torch.float32
     for _ in range(3):
         with torch.no_grad():
             flat.add_(torch.randn_like(flat))

@@ -120,9 +120,9 @@ def value_at(setting: Any, key: str, t: float = 0.0, keys: Sequence[str] | None 
         0.9
     """
     if keys is None and isinstance(setting, Mapping):
-        from .select import select
+        from .select import select_keys
 
-        setting = {s: v for s, v in setting.items() if select({key: None}, s, missing_ok=True).names()}
+        setting = {s: v for s, v in setting.items() if select_keys([key], s, missing_ok=True)}
     return compile_setting(setting, [key] if keys is None else keys, f"option for {key}")(key, t)
 
 

@@ -63,7 +63,7 @@ def _shadow_like(p: torch.Tensor, device: torch.device | None, float_shadow: boo
 
 def _flat_view(live: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """One 1-D view over ``live`` when they tile a range of one storage in order, else None."""
-    if not live or any(not t.is_contiguous() or hasattr(t, "_local_tensor") for t in live):
+    if not live or any(not t.is_contiguous() for t in live):
         return None
     storage = live[0].untyped_storage()
     start = offset = live[0].storage_offset()
@@ -100,11 +100,8 @@ class _Bucket:
             torch._foreach_mul_(self.shadow, 1.0 - weight)
             torch._foreach_add_(self.shadow, self.live, alpha=weight)
         else:
-            for s, t in zip(self.shadow, self.live):
-                if self.mixed:
-                    s.mul_(1.0 - weight).add_(t.to(s.device), alpha=weight)
-                else:
-                    s.lerp_(t, weight)
+            for s, t in zip(self.shadow, self.live):  # per tensor: no foreach kernels, or shadows elsewhere
+                s.mul_(1.0 - weight).add_(t.to(s.device), alpha=weight) if self.mixed else s.lerp_(t, weight)
 
 
 class EMA:
@@ -184,34 +181,47 @@ class EMA:
         self.names = [names[0] for names, _ in groups]
         self._params = [p for _, p in groups]
         self._buffer_names, self._buffers = list(named_buffers), list(named_buffers.values())
-        with torch.no_grad():
-            self.shadow = [_shadow_like(p, self.device) for p in self._params]
-            self.shadow_buffers = [_shadow_like(b, self.device, b.is_floating_point() and buffers == "ema")
-                                   for b in self._buffers]
         self._build()
         self.num_updates = 0
         self._calls = 0
 
     # ----------------------------------------------------------------------- layout and change checks
 
+    @torch.no_grad()
     def _build(self) -> None:
-        """Prebuild the hot path: buckets of (shadow, live) local tensors, flat views where they tile."""
+        """Make the shadows and prebuild the hot path: buckets of (shadow, live) local tensors per device
+        and dtype; where the live tensors tile one buffer, one flat shadow (allocated once, the
+        per-parameter shadows are views of it) averaged with one kernel."""
         floats = [b.is_floating_point() and self.buffers == "ema" for b in self._buffers]
-        pairs = list(zip(self.shadow, self._params)) + [
-            (s, b) for s, b, f in zip(self.shadow_buffers, self._buffers, floats) if f]
-        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for s, t in pairs:
-            s, t = _local(s), _local(t.detach())
-            groups.setdefault((s.device, s.dtype, t.device, t.dtype), []).append((s, t))
+        self.shadow: list[torch.Tensor] = [_shadow_like(p, self.device) if hasattr(p, "_local_tensor") else p
+                                           for p in self._params]  # plain ones are made per bucket below
+        self.shadow_buffers: list[torch.Tensor] = [
+            b if f else _shadow_like(b, self.device, float_shadow=False) for b, f in zip(self._buffers, floats)]
+        slots = [(self.shadow, i) for i in range(len(self._params))] + [
+            (self.shadow_buffers, i) for i, f in enumerate(floats) if f]
+        groups: dict[tuple, list[tuple[list, int]]] = {}
+        for owner, i in slots:
+            t = (self._params if owner is self.shadow else self._buffers)[i]
+            groups.setdefault((t.device, t.dtype, hasattr(t, "_local_tensor")), []).append((owner, i))
         self._buckets = []
-        for members in groups.values():
-            bucket = _Bucket([s for s, _ in members], [t for _, t in members], self.foreach)
-            live = _flat_view(bucket.live)
-            if live is not None and self.foreach is not False:  # one kernel over the buffer the params tile
-                flat = torch.cat([s.reshape(-1) for s in bucket.shadow])
-                self._rebind_shadows(bucket.shadow, flat)
-                bucket.shadow = [flat]  # the per-parameter shadows are now views of it
-                bucket.flat = (flat, live)
+        for (_, _, sharded), members in groups.items():
+            live = [_local((self._params if owner is self.shadow else self._buffers)[i].detach())
+                    for owner, i in members]
+            flat_live = _flat_view(live) if self.foreach is not False and not sharded else None
+            if flat_live is not None:  # one kernel over the buffer the live tensors tile
+                flat = flat_live.to(device=self.device or flat_live.device, dtype=_acc_dtype(flat_live.dtype),
+                                    copy=True)
+                offset = 0
+                for (owner, i), t in zip(members, live):
+                    owner[i] = flat[offset:offset + t.numel()].view(t.shape)
+                    offset += t.numel()
+            else:
+                for owner, i in members:
+                    if not hasattr(owner[i], "_local_tensor"):
+                        owner[i] = _shadow_like(owner[i], self.device)
+            bucket = _Bucket([_local(owner[i]) for owner, i in members], live, self.foreach)
+            if flat_live is not None:
+                bucket.shadow, bucket.flat = [flat], (flat, flat_live)
             self._buckets.append(bucket)
         copied = [i for i, f in enumerate(floats) if not f]
         self._copied = ([_local(self.shadow_buffers[i]) for i in copied], [_local(self._buffers[i]) for i in copied])
@@ -219,14 +229,6 @@ class EMA:
         self._tracked = [_local(t) for t in self._params + self._buffers]
         self._shapes = [(t.dtype, t.device, t.shape) for t in self._params + self._buffers]
         self._layout = self._signature()
-
-    def _rebind_shadows(self, old: list[torch.Tensor], flat: torch.Tensor) -> None:
-        views, offset = {}, 0
-        for s in old:
-            views[id(s)] = flat[offset:offset + s.numel()].view(s.shape)
-            offset += s.numel()
-        self.shadow = [views.get(id(s), s) for s in self.shadow]
-        self.shadow_buffers = [views.get(id(s), s) for s in self.shadow_buffers]
 
     def _signature(self) -> tuple:
         """What must not change under the EMA, in ~40 µs for 150 tensors: the identity of every module's
@@ -242,8 +244,7 @@ class EMA:
         changes = [f"{n} was replaced by a new parameter" for n, p in zip(self.names, self._params)
                    if params.get(n) is not p]
         wanted = _select(self.model, *self.selectors, missing_ok=True).params() if self.selectors else params.values()
-        tracked = {id(p) for p in self._params}
-        new = {id(p) for p in wanted} - tracked
+        new = {id(p) for p in wanted} - {id(p) for p in self._params}
         changes += [f"{n} is a new parameter" for n, p in params.items() if id(p) in new]
         named_buffers = dict(self.model.named_buffers())
         changes += [f"buffer {n} was replaced (by model.to()?)" for n, b in zip(self._buffer_names, self._buffers)
@@ -278,9 +279,8 @@ class EMA:
         self._calls += 1
         if self._calls % self.every:
             return
-        weight = 1.0 - self.current_decay()
         for bucket in self._buckets:
-            bucket.average(weight)
+            bucket.average(1.0 - self.current_decay())
         if self._copied[0]:
             torch._foreach_copy_(*self._copied)
         self.num_updates += 1

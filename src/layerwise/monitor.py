@@ -24,6 +24,7 @@ from ._grad_engine import (
     Prims,
     chosen,
     derive,
+    distance_primitives,
     local_primitives,
     local_tensors,
     needed,
@@ -183,7 +184,8 @@ class GradMonitor:
         self._pending: list[_Record] = []  # measured, still on the device
         self._done: list[_Record] = []  # on the host: rows are built when asked for, to keep memory small
         self._current: _Record | None = None
-        self._snapshot: list[Tensor] | None = None
+        self._snapshot: list[Tensor] | None = None  # the weights before the optimizer step
+        self._buffers: list[Tensor] | None = None  # snapshots' memory, kept at every=1
         self._handles = [] if optimizer is None else [optimizer.register_step_pre_hook(self._before_step),
                                                       optimizer.register_step_post_hook(self._after_step)]
 
@@ -207,7 +209,13 @@ class GradMonitor:
         # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
         scale, scaler_in_charge = getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf")
         with torch.no_grad():
-            self._snapshot = [w.clone() for w in local_tensors(self._params, self.names)[0]]
+            weights = local_tensors(self._params, self.names)[0]
+            buffers = self._buffers if self.every == 1 else None  # reused when every step logs
+            if buffers is None or [b.shape for b in buffers] != [w.shape for w in weights]:
+                buffers = [torch.empty_like(w) for w in weights]
+            torch._foreach_copy_(buffers, weights)
+            self._snapshot = buffers
+            self._buffers = buffers if self.every == 1 else None
         # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
@@ -232,12 +240,7 @@ class GradMonitor:
         self._current = self._snapshot = None
         if record is not None and snapshot is not None:
             weights, shards = local_tensors(self._params, self.names)
-            if self.foreach is False:
-                for before, after in zip(snapshot, weights):
-                    before.sub_(after)
-            else:
-                torch._foreach_sub_(snapshot, weights)
-            record.delta = local_primitives(snapshot, shards, ("sumsq",), self.foreach)
+            record.delta = distance_primitives(snapshot, weights, shards, self.foreach)
             reduce_shards(record.delta)
             self._finish(record)
         self.steps += 1
@@ -385,7 +388,7 @@ class GradMonitor:
         """Unhook from the optimizer, flush, and close the sinks. Safe to call again."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._current, self._snapshot = [], None, None
+        self._handles, self._current, self._snapshot, self._buffers = [], None, None, None
         self.flush()
         for sink in self.sinks:
             sink.close()
