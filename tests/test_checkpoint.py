@@ -442,3 +442,9 @@ def test_any_save_and_load_options_give_a_result_or_a_layerwise_error(tmp_path, 
         assert lw.load(out, key=key)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
     except lw.LayerwiseError:
         pass
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(lw.CheckpointError, match="not a regular file or a folder"):
+        lw.load(tmp_path / "pipe.safetensors")

@@ -279,6 +279,8 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file or a folder")
     if path.is_dir() or path.name.endswith(".index.json"):
         folder = path if path.is_dir() else path.parent
         index = path if path.is_file() else next((folder / n for n in INDEXES if (folder / n).is_file()), None)
