@@ -377,12 +377,22 @@ def _train_unfreezing(model: nn.Module, prefix: str, rank: int = 0, world_size: 
     return {k: v.detach().clone() for k, v in inner.state_dict().items()}
 
 
-def _ddp_unfreezing(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def _ddp_unfreezing(rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = _mlp()
-    lw.freeze(model, "0", "2")
-    return _train_unfreezing(DistributedDataParallel(model), "module.", rank, world_size)
+    results = []
+    for options in ({}, {"static_graph": True}):
+        model = _mlp()
+        lw.freeze(model, "0", "2")
+        ddp = DistributedDataParallel(model, **options)
+        results.append(_train_unfreezing(ddp, "module.", rank, world_size))
+    # Everything frozen (no reducer can be built over nothing), a forward, then one layer back.
+    lw.freeze(ddp)
+    ddp(torch.ones(2, 3))
+    lw.unfreeze(ddp, "module.4.bias")
+    ddp(torch.full((2, 3), float(rank))).sum().backward()
+    results.append({"4.bias.grad": model[4].bias.grad.clone()})
+    return results
 
 
 def test_unfreezing_and_freezing_a_ddp_model_equals_one_process_over_the_global_batch(run_ranks):
@@ -390,9 +400,13 @@ def test_unfreezing_and_freezing_a_ddp_model_equals_one_process_over_the_global_
     model = _mlp()
     lw.freeze(model, "0", "2")
     expected = _train_unfreezing(model, "")
-    for name, value in expected.items():
-        torch.testing.assert_close(ranks[0][name], value, rtol=1e-6, atol=1e-6, msg=name)
-        assert torch.equal(ranks[0][name], ranks[1][name]), name  # the replicas never drift apart
+    for default, static_graph in (r[:2] for r in ranks):
+        for name, value in expected.items():
+            torch.testing.assert_close(default[name], value, rtol=1e-6, atol=1e-6, msg=name)
+            torch.testing.assert_close(static_graph[name], value, rtol=1e-6, atol=1e-6, msg=name)
+    for name in expected:
+        assert torch.equal(ranks[0][0][name], ranks[1][0][name]), name  # the replicas never drift apart
+    assert torch.equal(ranks[0][2]["4.bias.grad"], ranks[1][2]["4.bias.grad"])  # all-reduced after a full freeze
 
 
 # --------------------------------------------------------------------------- FSDP2

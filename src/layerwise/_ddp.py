@@ -19,9 +19,10 @@ from torch import nn
 
 
 def ddp_wrapper(model: nn.Module) -> nn.Module | None:
-    """``model`` if it is a DistributedDataParallel wrapper (never imports torch.distributed)."""
+    """The DistributedDataParallel wrapper ``model`` is (compiled or not), or None; never imports torch.distributed."""
     parallel = sys.modules.get("torch.nn.parallel.distributed")
     ddp = getattr(parallel, "DistributedDataParallel", None)
+    model = getattr(model, "_orig_mod", model)  # torch.compile(ddp_model)
     return model if ddp is not None and isinstance(model, ddp) else None
 
 
@@ -33,11 +34,16 @@ def rebuild_reducer(ddp: nn.Module) -> None:
         return  # every parameter is all-reduced by one hook after backward: no reducer to rebuild
     ddp.reducer._remove_autograd_hooks()
     parameters, expect_sparse = ddp._build_params_for_reducer()
+    if not parameters:
+        # Everything frozen: nothing to all-reduce, and torch builds no reducer over nothing.
+        # The old one, its hooks off, serves forward passes until a layer is unfrozen.
+        return
     names = ddp._build_debug_param_to_name_mapping(parameters)
     ddp._ddp_init_helper(parameters, expect_sparse, names, ddp.static_graph)
-    if ddp.static_graph:
+    if ddp.static_graph:  # the new reducer records the graph again in its first backward
         ddp.reducer._set_static_graph()
         ddp.logger._set_static_graph()
+        ddp._static_graph_delay_allreduce_enqueued = False
     for hook, state in ddp._comm_hooks:
         dist._register_comm_hook(ddp.reducer, state, hook)
     ddp._has_rebuilt_buckets = False

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import SelectionError
 
-__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
+__all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "missing", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
 
 Selector = str | type[nn.Module] | Callable[[str, torch.Tensor], bool]
 
@@ -51,6 +51,7 @@ FAMILIES: dict[str, Callable[[nn.Module], bool]] = {
 
 _END = r"(?![^.])"  # a segment ends here: a dot or the end of the name follows
 _ANY_SEGMENTS = r"(?:[^.]*\.)*?"  # `**`: whole segments, as few as will do
+_DOT = r"\."
 _RANGE_HINT = "A numeric segment is a range [a-b] with integers a <= b, or a list [i,j,k]: e.g. 'layers.[0-5]'."
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts '²' and int() rejects it
 
@@ -159,14 +160,13 @@ def _path(text: str, offset: int) -> tuple[str, str]:
     # The first chunk is anchored at the start; each later one follows any segments (`**`).
     # Atomic groups commit to a chunk's leftmost occurrence: no backtracking across `**`.
     first, *rest = chunks
-    regex = r"\.".join(first) + _END if first else ""
+    regex = _DOT.join(first) + _END if first else ""
     for k, chunk in enumerate(rest):
         if chunk:
             lead = _ANY_SEGMENTS if (k == 0 and not first) else r"(?:\.[^.]*)*?\."
-            regex += f"(?>{lead}{r'.'.join(chunk)}{_END})"
-    starts_deep = text[offset:].split(".", 1)[0] == "**"
+            regex += f"(?>{lead}{_DOT.join(chunk)}{_END})"
     # Cut before the first wildcard, and before the dot of a trailing `**` ('encoder.**' matches 'encoder').
-    literal = "" if starts_deep else re.split(r"[*\[]", text[offset:], maxsplit=1)[0].rstrip(".")
+    literal = "" if not first else re.split(r"[*\[]", text[offset:], maxsplit=1)[0].rstrip(".")
     return regex, literal
 
 
@@ -223,6 +223,22 @@ def unknown_type(pattern: Pattern, present: list[str], where: str) -> SelectionE
     start = len(pattern.text) - len(name)
     return _fail(pattern.text, start, len(pattern.text), f"unknown module type {name!r}",
                  f"{hint}Families: {', '.join(FAMILIES)}. Classes in {where}: {', '.join(present)}.")
+
+
+def missing(selector: Selector, what: str, names: list[str], paths: list[str], modules: list[nn.Module]) -> str:
+    """Why ``selector`` matched nothing in ``what``, with the closest names (or module types)."""
+    msg = f"selector {describe(selector)} matched no parameter of {what}."
+    if isinstance(selector, str):
+        pattern = parse(selector)
+        if pattern.kind == "type":
+            present = sorted({n for m in modules for n in mro_names(type(m))})
+            if pattern.type_name not in FAMILIES and pattern.type_name not in present:
+                return str(unknown_type(pattern, present, what))
+            return msg + f" Modules present: {', '.join(sorted({type(m).__name__ for m in modules}))}."
+        near = closest(pattern.body.removeprefix("re:"), names + [p for p in paths if p])
+        if near:
+            msg += f" Closest names: {', '.join(near)}."
+    return msg
 
 
 def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector, ...]:

@@ -24,6 +24,8 @@ from ._grad_engine import (
     Prims,
     chosen,
     derive,
+    distance_primitives,
+    histogram,
     local_primitives,
     local_tensors,
     needed,
@@ -42,23 +44,6 @@ __all__ = ["GradMonitor"]
 
 _BINS = 64  # TensorBoard histogram buckets
 _MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
-
-
-def _histogram(x: Tensor, bins: int, zeros: int = 0) -> Tensor:
-    """(min, max, counts of ``bins`` equal buckets) of ``x`` and ``zeros`` more zeros (a sparse
-    gradient's implicit ones), on its device and without a sync."""
-    if x.numel() + zeros == 0:
-        return x.new_zeros(bins + 2, dtype=torch.float32)
-    x = x.detach().flatten().float()
-    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-    if zeros:
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float32).tiny)
-    # histc with a fixed range needs no host round trip; the data-dependent range is applied on the device.
-    counts = torch.histc(((x - lo) / width).clamp_(0, bins), bins, 0, bins)
-    if zeros:
-        counts.index_add_(0, (-lo / width).clamp(0, bins - 1).long().reshape(1), counts.new_full((1,), zeros))
-    return torch.cat([lo.reshape(1), hi.reshape(1), counts])
 
 
 def _is_writer() -> bool:
@@ -183,7 +168,8 @@ class GradMonitor:
         self._pending: list[_Record] = []  # measured, still on the device
         self._done: list[_Record] = []  # on the host: rows are built when asked for, to keep memory small
         self._current: _Record | None = None
-        self._snapshot: list[Tensor] | None = None
+        self._snapshot: list[Tensor] | None = None  # the weights before the optimizer step
+        self._buffers: list[Tensor] | None = None  # snapshots' memory, kept at every=1
         self._handles = [] if optimizer is None else [optimizer.register_step_pre_hook(self._before_step),
                                                       optimizer.register_step_post_hook(self._after_step)]
 
@@ -207,7 +193,13 @@ class GradMonitor:
         # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
         scale, scaler_in_charge = getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf")
         with torch.no_grad():
-            self._snapshot = [w.clone() for w in local_tensors(self._params, self.names)[0]]
+            weights = local_tensors(self._params, self.names)[0]
+            buffers = self._buffers if self.every == 1 else None  # reused when every step logs
+            if buffers is None or [b.shape for b in buffers] != [w.shape for w in weights]:
+                buffers = [torch.empty_like(w) for w in weights]
+            torch._foreach_copy_(buffers, weights)
+            self._snapshot = buffers
+            self._buffers = buffers if self.every == 1 else None
         # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
@@ -232,12 +224,7 @@ class GradMonitor:
         self._current = self._snapshot = None
         if record is not None and snapshot is not None:
             weights, shards = local_tensors(self._params, self.names)
-            if self.foreach is False:
-                for before, after in zip(snapshot, weights):
-                    before.sub_(after)
-            else:
-                torch._foreach_sub_(snapshot, weights)
-            record.delta = local_primitives(snapshot, shards, ("sumsq",), self.foreach)
+            record.delta = distance_primitives(snapshot, weights, shards, self.foreach)
             reduce_shards(record.delta)
             self._finish(record)
         self.steps += 1
@@ -254,7 +241,7 @@ class GradMonitor:
         reduce_shards(grad, weight)  # one collective for both, if any parameter is sharded
         hist = []
         if self._with_histograms:
-            hist = [_histogram(g, _BINS, self._params[i].numel() - g.numel()) for i, g in zip(have, grads)]
+            hist = [histogram(g, _BINS, self._params[i].numel() - g.numel()) for i, g in zip(have, grads)]
         record = _Record(self.steps, have, grad, weight, hist, None if scale is None else scale.detach().reshape(1))
         if self.on_nonfinite != "raise" or scaler_in_charge:
             return record
@@ -385,7 +372,7 @@ class GradMonitor:
         """Unhook from the optimizer, flush, and close the sinks. Safe to call again."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._current, self._snapshot = [], None, None
+        self._handles, self._current, self._snapshot, self._buffers = [], None, None, None
         self.flush()
         for sink in self.sinks:
             sink.close()

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,14 +44,14 @@ from ._selector import (
     closest,
     describe,
     gc_paused,
+    missing,
     mro_names,
     parse,
     path_prefix,
-    unknown_type,
     unwrap_compiled,
 )
 from ._tensors import named_tensor_groups
-from .errors import NotFoundError, SelectionError
+from .errors import NotFoundError, OptionTypeError, SelectionError
 
 __all__ = ["FAMILIES", "Resolution", "Selection", "SelectionError", "Selector", "Walk", "as_selectors", "closest",
            "describe", "parse", "path_prefix", "resolve", "select", "select_keys", "unwrap_compiled"]
@@ -81,6 +80,7 @@ class Walk:
         self.name_group: list[int] = []
         self.name_owner: list[int] = []  # module index holding the name (-1 without a model)
         self._sorted: dict[str, tuple[list[str], list[int]]] = {}
+        self._aliases: list[tuple[str, ...]] | None = None  # None: one name per tensor
         if isinstance(source, nn.Module):
             self.what, self.has_modules = type(unwrap_compiled(source)).__name__, True
             with gc_paused():
@@ -89,11 +89,18 @@ class Walk:
         self.has_modules = False
         if isinstance(source, Mapping):
             self.what = "the state dict"
-            self.groups = list(named_tensor_groups(source))
-        else:
+            groups = named_tensor_groups(source)
+        elif isinstance(source, Iterable) and not isinstance(source, (str, bytes)):
             self.what = "the keys"
-            self.groups = [((key,), None) for key in source]
-        for g, (names, _) in enumerate(self.groups):
+            groups = [((key,), None) for key in source]
+            if not all(isinstance(names[0], str) for names, _ in groups):
+                raise OptionTypeError(f"keys to select from must be strings, got {source!r}")
+        else:
+            raise OptionTypeError(f"cannot select from {type(source).__name__} {source!r}: pass an nn.Module, "
+                                  "a state dict or a list of keys")
+        self.tensors = [t for _, t in groups]
+        self._aliases = [names for names, _ in groups]
+        for g, (names, _) in enumerate(groups):
             self.names += names
             self.name_group += [g] * len(names)
             self.name_owner += [-1] * len(names)
@@ -118,60 +125,76 @@ class Walk:
                     self.names.append(prefix + key)
                     self.name_group.append(g)
                     self.name_owner.append(m)
+        self.tensors = tensors
         if len(tensors) == len(self.names):  # nothing shared: one name per tensor, in order
-            self.groups = [((n,), p) for n, p in zip(self.names, tensors)]
             return
         members: list[list[str]] = [[] for _ in tensors]
         for name, g in zip(self.names, self.name_group):
             members[g].append(name)
-        self.groups = [(tuple(names), p) for names, p in zip(members, tensors)]
+        self._aliases = [tuple(names) for names in members]
+
+    def group(self, g: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
+        """Every name of tensor ``g`` and the tensor. (Built on demand: tens of thousands of small
+        tuples made in the walk would cost more in garbage collection than the walk itself.)"""
+        return (self.names[g],) if self._aliases is None else self._aliases[g], self.tensors[g]
 
     def resolve(self, *selectors: Selector, missing_ok: bool = False) -> Resolution:
         """See :func:`resolve`."""
-        positive_groups: set[int] = set()
-        negative_groups: set[int] = set()
-        positive_modules: set[int] = set()
-        negative_modules: set[int] = set()
+        with gc_paused():
+            return self._resolve(selectors, missing_ok)
+
+    def _resolve(self, selectors: Sequence[Selector], missing_ok: bool) -> Resolution:
+        positive: set[int] = set()
+        negative: set[int] = set()
+        reaches: list[tuple[bool, Callable[[], set[int]]]] = []
         unmatched = []
-        any_positive = False
         for selector in selectors:
-            negate, groups, modules = self._one(selector)
-            any_positive |= not negate
-            if not groups and not modules:
-                unmatched.append(selector)
-            (negative_groups if negate else positive_groups).update(groups)
-            (negative_modules if negate else positive_modules).update(modules)
+            negate, groups, reach = self._one(selector)
+            if not groups:  # found if it reaches a module (a norm without parameters)
+                reached = reach()
+                reach = lambda r=reached: r  # noqa: E731
+                if not reached:
+                    unmatched.append(selector)
+            (negative if negate else positive).update(groups)
+            reaches.append((negate, reach))
         if unmatched and not missing_ok:
-            raise SelectionError(" ".join(self._missing(s) for s in unmatched)
+            raise SelectionError(" ".join(missing(s, self.what, self.names, self.paths, self.modules) for s in unmatched)
                                  + " (Pass missing_ok=True to allow an empty match.)")
         # With no positive selector the union is everything: select(model, "!head") is all but the head.
-        groups = positive_groups if any_positive else range(len(self.groups))
-        modules = positive_modules if any_positive else range(len(self.modules))
-        return Resolution(
-            tuple(self.groups[g] for g in sorted(set(groups) - negative_groups)),
-            tuple((self.paths[m], self.modules[m]) for m in sorted(set(modules) - negative_modules)),
-            tuple(unmatched))
+        everything = all(negate for negate, _ in reaches)
+
+        def modules() -> tuple[tuple[str, nn.Module], ...]:  # on demand: select() never needs them
+            wanted = set(range(len(self.modules))) if everything else set().union(
+                *(reach() for negate, reach in reaches if not negate))
+            wanted.difference_update(*(reach() for negate, reach in reaches if negate))
+            return tuple((self.paths[m], self.modules[m]) for m in sorted(wanted))
+
+        groups = set(range(len(self.tensors))) if everything else positive
+        return Resolution(tuple(map(self.group, sorted(groups - negative))), modules, tuple(unmatched))
 
     # ------------------------------------------------------------------ one selector
 
-    def _one(self, selector: Selector) -> tuple[bool, set[int], set[int]]:
-        """(negated?, groups it matches, modules it reaches) for any selector form."""
+    def _one(self, selector: Selector) -> tuple[bool, set[int], Callable[[], set[int]]]:
+        """(negated?, groups it matches, the modules it reaches when asked) for any selector form."""
         if isinstance(selector, str):
             pattern = parse(selector)
             if pattern.kind == "type":
-                return pattern.negate, *self._by_type(self._type_test(pattern))
+                groups, modules = self._by_type(self._type_test(pattern), selector)
+                return pattern.negate, groups, lambda: modules
             if pattern.matches(""):  # the model's own path (`**`, re:.*): it and everything below it
-                return pattern.negate, set(range(len(self.groups))), set(range(len(self.modules)))
+                return pattern.negate, set(range(len(self.tensors))), lambda: set(range(len(self.modules)))
             names = self._scan(pattern, self.names, "names")
-            return pattern.negate, {self.name_group[i] for i in names}, set(self._scan(pattern, self.paths, "paths"))
+            return (pattern.negate, {self.name_group[i] for i in names},
+                    lambda: set(self._scan(pattern, self.paths, "paths")))
         if isinstance(selector, type) and issubclass(selector, nn.Module):
-            return False, *self._by_type(lambda m: isinstance(m, selector))
+            groups, modules = self._by_type(lambda m: isinstance(m, selector), selector)
+            return False, groups, lambda: modules
         if callable(selector):
             if self.what == "the keys":
                 raise SelectionError(f"cannot select {self.what} with {describe(selector)}: a callable (name, param) "
                                      "needs tensors; use a string selector")
-            groups = {g for g, (names, p) in enumerate(self.groups) if any(selector(n, p) for n in names)}
-            return False, groups, self._fully_selected(groups)
+            groups = {g for g in range(len(self.tensors)) if any(selector(n, self.tensors[g]) for n in self.group(g)[0])}
+            return False, groups, lambda: self._fully_selected(groups)
         raise SelectionError(
             f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
             "an nn.Module subclass, or a callable (name, param) -> bool")
@@ -195,19 +218,15 @@ class Walk:
                 out.append(order[k])
         return out
 
-    def _need_modules(self, what: str) -> None:
-        if not self.has_modules:
-            raise SelectionError(f"{what} needs a model; {self.what} has names only: "
-                                 "select by name ('**.norm.*') instead")
-
     def _type_test(self, pattern: Pattern) -> Callable[[nn.Module], bool]:
-        self._need_modules(f"the selector {pattern.text!r}")
         family = FAMILIES.get(pattern.type_name)
         return family if family is not None else lambda m: pattern.type_name in mro_names(type(m))
 
-    def _by_type(self, test: Callable[[nn.Module], bool]) -> tuple[set[int], set[int]]:
+    def _by_type(self, test: Callable[[nn.Module], bool], selector: Selector) -> tuple[set[int], set[int]]:
         """Modules passing ``test`` and everything below them; the parameters they hold."""
-        self._need_modules("a module class selector")
+        if not self.has_modules:
+            raise SelectionError(f"the selector {describe(selector)} needs a model; {self.what} has names only: "
+                                 "select by name ('**.norm.*') instead")
         reached = [False] * len(self.modules)
         for m, module in enumerate(self.modules):
             reached[m] = test(module) or (m > 0 and reached[self.parent[m]])
@@ -228,22 +247,7 @@ class Walk:
             full[up] &= full[m]
         return {m for m in range(len(self.modules)) if has[m] and full[m]}
 
-    def _missing(self, selector: Selector) -> str:
-        msg = f"selector {describe(selector)} matched no parameter of {self.what}."
-        if isinstance(selector, str):
-            pattern = parse(selector)
-            if pattern.kind == "type":
-                present = sorted({n for m in self.modules for n in mro_names(type(m))})
-                if pattern.type_name not in FAMILIES and pattern.type_name not in present:
-                    return str(unknown_type(pattern, present, self.what))
-                return msg + f" Modules present: {', '.join(sorted({type(m).__name__ for m in self.modules}))}."
-            near = closest(pattern.body.removeprefix("re:"), self.names + [p for p in self.paths if p])
-            if near:
-                msg += f" Closest names: {', '.join(near)}."
-        return msg
 
-
-@dataclass(frozen=True)
 class Resolution:
     """What selectors resolve to: the parameters (each once, in model order, with all names),
     the modules reached (``(path, module)`` in model order) and the selectors that matched nothing.
@@ -257,9 +261,17 @@ class Resolution:
         ([], ['1'], ('head',))
     """
 
-    groups: tuple[tuple[tuple[str, ...], torch.Tensor | None], ...]
-    modules: tuple[tuple[str, nn.Module], ...]
-    unmatched: tuple[Selector, ...]
+    __slots__ = ("groups", "unmatched", "_modules")
+
+    def __init__(self, groups: tuple[tuple[tuple[str, ...], torch.Tensor | None], ...],
+                 modules: Callable[[], tuple[tuple[str, nn.Module], ...]], unmatched: tuple[Selector, ...]):
+        self.groups, self.unmatched, self._modules = groups, unmatched, modules
+
+    @property
+    def modules(self) -> tuple[tuple[str, nn.Module], ...]:
+        if callable(self._modules):
+            self._modules = self._modules()
+        return self._modules
 
     def selection(self) -> Selection:
         return Selection(self.groups)
@@ -299,7 +311,7 @@ def select_keys(keys: Iterable[str] | Walk, *selectors: Selector, missing_ok: bo
         >>> select_keys(["enc.0.weight", "enc.0.bias", "head.weight"], "enc.**", "!**.bias")
         ['enc.0.weight']
     """
-    walk = keys if isinstance(keys, Walk) else Walk(keys)
+    walk = keys if isinstance(keys, Walk) else Walk(list(keys) if isinstance(keys, Mapping) else keys)
     return [names[0] for names, _ in resolve(walk, *selectors, missing_ok=missing_ok).groups]
 
 
