@@ -120,7 +120,7 @@ def max_diff(a: Path, b: Path) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    WORK.mkdir(exist_ok=True)
+    (WORK / "out").mkdir(parents=True, exist_ok=True)
     m = checkpoints()
     mk = mergekit()
     layerwise = [str(Path(sys.executable).parent / "layerwise")]

@@ -67,7 +67,8 @@ def test_timm_2691_frozen_module_numbered_above_the_blocks(vit):
 
 def test_timm_2712_reg_token_falls_back_to_the_heads_layer():
     model = TimmViT(reg_in_matcher=False)
-    opt = torch.optim.AdamW(timm_style(model), lr=BASE)
+    with pytest.warns(UserWarning, match="reg_token matches no rule"):
+        opt = torch.optim.AdamW(timm_style(model), lr=BASE)
     found = checks(lw.audit(model, opt, TimmRuleScheduler(opt)))
     assert found == {"fallback-layer": ("reg_token",)}
     fixed = TimmViT()  # timm's fix: reg_token in the stem's rule

@@ -192,9 +192,10 @@ class Checkpoint:
         self._read_into(key, 0, buffer)
         return buffer.view(dtype).reshape(shape)
 
-    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor under ``key``. The result lives in a
-        buffer this checkpoint reuses: it is valid until the next ``read_flat`` on it."""
+    def read_flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor under ``key``, read into ``out`` (a uint8
+        buffer of their size) or else into a buffer this checkpoint reuses: valid until the next
+        ``read_flat`` on it. Reads are positional, so threads may read one checkpoint at once."""
         key = self.aliases.get(key, key)
         if key in self._tensors:
             if self._flat is None or self._flat[0] != key:  # a non-contiguous tensor is copied once, not per slice
@@ -202,18 +203,22 @@ class Checkpoint:
             return self._flat[1][start:stop]
         dtype = self.specs[key][1]
         n = (stop - start) * dtype.itemsize
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=torch.uint8)
-        buffer = self._scratch[:n]
-        self._read_into(key, start * dtype.itemsize, buffer)
-        return buffer.view(dtype)
+        if out is None:
+            if self._scratch is None or self._scratch.numel() < n:
+                self._scratch = torch.empty(n, dtype=torch.uint8)
+            out = self._scratch[:n]
+        self._read_into(key, start * dtype.itemsize, out)
+        return out.view(dtype)
 
     def _read_into(self, key: str, skip: int, buffer: torch.Tensor) -> None:
         where = self._stored[key]
         f = self._files.get(where.path) or self._files.setdefault(where.path, open(where.path, "rb"))
-        f.seek(where.offset + skip)
-        if buffer.numel() and f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-            raise CheckpointError(f"{where.path}: truncated while reading tensor {key!r}")
+        view, done = memoryview(buffer.numpy()), 0
+        while done < len(view):  # pread: no shared file position, so concurrent reads cannot interleave
+            n = os.preadv(f.fileno(), [view[done:]], where.offset + skip + done)
+            if n == 0:
+                raise CheckpointError(f"{where.path}: truncated while reading tensor {key!r}")
+            done += n
 
     def close(self) -> None:
         for f in self._files.values():

@@ -93,7 +93,7 @@ def local_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list
     if distributed:
         from torch.distributed.tensor import DTensor
     for t, name in zip(tensors, names):
-        t, shard = t.detach(), None
+        t, shard = (t.detach() if t.requires_grad else t), None  # a create_graph=True gradient has a graph
         if distributed and isinstance(t, DTensor):
             if any(p.is_partial() for p in t.placements):
                 raise GradError(f"{name!r} is a DTensor with placements {t.placements}: a Partial one is not reduced "

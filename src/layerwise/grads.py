@@ -15,6 +15,7 @@ ranks makes the statistics of sharded (FSDP2 / DTensor) parameters those of the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -179,15 +180,21 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         refuse_complex(names, [p.grad for p in params], "a signed mean or std")
     have, values = _measure(names, params, need, foreach)
 
-    rows = list(dict.fromkeys(group_of(n) for n in names))
-    index = {row: r for r, row in enumerate(rows)}
-    group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
-    numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
-    pooled, pooled_numel = pool(values, numel, group, len(rows))
+    if by == "param":  # one row per parameter: nothing to pool
+        rows, present = names, set(have)
+        at = torch.tensor(have, dtype=torch.long)
+        pooled = {k: torch.full((len(names),), math.nan, dtype=v.dtype).index_copy_(0, at, v) for k, v in values.items()}
+        pooled_numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+    else:
+        rows = list(dict.fromkeys(group_of(n) for n in names))
+        index = {row: r for r, row in enumerate(rows)}
+        group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
+        numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
+        pooled, pooled_numel = pool(values, numel, group, len(rows))
+        present = set(group.tolist())
     derived = {s: v.tolist() for s, v in derive(pooled, pooled_numel, stats).items()}
     dead = (pooled["sumsq"] == 0).tolist()
     finite = (pooled["sumsq"].isfinite() & pooled.get("max_abs", pooled["sumsq"]).isfinite()).tolist()
-    present = set(group.tolist())
 
     numels: dict[str, int] = defaultdict(int)
     for n, p in zip(names, params):
