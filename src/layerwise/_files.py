@@ -124,6 +124,12 @@ def _nested(obj: Any, key: str | None, path: Path) -> Mapping[str, torch.Tensor]
 
 
 def _torch_load(path: Path) -> Any:
+    with warnings.catch_warnings():  # torch warns about the protocol of any non-torch pickle it is given
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _torch_load_checked(path)
+
+
+def _torch_load_checked(path: Path) -> Any:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -268,9 +274,13 @@ def _record_aliases(ckpt: Checkpoint, aliases: Any, where: Path) -> None:
 
 def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     """Open a checkpoint file or folder and check its header(s); no tensor is read yet."""
+    if key is not None and not isinstance(key, str):
+        raise OptionTypeError(f"key={key!r}: a string such as 'state_dict' or 'model/ema'")
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file or a folder")
     if path.is_dir() or path.name.endswith(".index.json"):
         folder = path if path.is_dir() else path.parent
         index = path if path.is_file() else next((folder / n for n in INDEXES if (folder / n).is_file()), None)

@@ -290,6 +290,23 @@ def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def histogram(x: Tensor, bins: int, zeros: int = 0) -> Tensor:
+    """(min, max, counts of ``bins`` equal buckets) of ``x`` and ``zeros`` more zeros (a sparse
+    gradient's implicit ones), on its device and without a sync."""
+    if x.numel() + zeros == 0:
+        return x.new_zeros(bins + 2, dtype=torch.float32)
+    x = x.detach().flatten().float()
+    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    if zeros:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float32).tiny)
+    # histc with a fixed range needs no host round trip; the data-dependent range is applied on the device.
+    counts = torch.histc(((x - lo) / width).clamp_(0, bins), bins, 0, bins)
+    if zeros:
+        counts.index_add_(0, (-lo / width).clamp(0, bins - 1).long().reshape(1), counts.new_full((1,), zeros))
+    return torch.cat([lo.reshape(1), hi.reshape(1), counts])
+
+
 # --------------------------------------------------------------------------- statistics from primitives
 
 

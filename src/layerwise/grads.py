@@ -1,10 +1,10 @@
 """Every layer's gradient by its real name, cheaply: statistics and anomaly checks.
 
-Statistics are computed from a few per-tensor *primitives* (sum of squares, sum, largest
-magnitude, count of non-zeros) with fused kernels on the device, then moved to the host in
-one transfer. Pooling primitives makes per-module statistics exact, and summing them across
-ranks makes the statistics of sharded (FSDP2 / DTensor) parameters those of the full tensor.
-``monitor.py`` builds the training monitor on the same primitives.
+Statistics are computed by the private gradient engine (``_grad_engine.py``) from a few
+per-tensor *primitives* (sum of squares, sum, largest magnitude, count of non-zeros) on the
+device, then moved to the host in one transfer. Pooling primitives makes per-module statistics
+exact, and reducing them across ranks makes the statistics of sharded (FSDP2 / HSDP DTensor)
+parameters those of the full tensor. ``monitor.py`` builds the training monitor on the same engine.
 
     >>> import layerwise as lw, torch
     >>> net = torch.nn.Linear(2, 1)
@@ -155,11 +155,13 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     sums of x and x² (one pass, exact pooling): its relative error grows like 1e-7·(mean/std)²,
     so it means nothing where ``|mean|`` exceeds about 1000 × std (gradients sit near zero mean).
 
-    Each primitive is one fused ``torch._foreach_*`` kernel per device and dtype (``foreach``
-    as in ``torch.nn.utils.clip_grad_norm_``; on CPU max_abs and zero_frac default to faster
-    per-tensor kernels, and torch has no fused signed sum), and all results reach the host in
-    one transfer. For sharded parameters (FSDP2 ``fully_shard``, DTensor) the statistics are
-    those of the full tensors: every rank must call this together.
+    Each gradient is read as few times as the device allows: on CUDA fused ``torch._foreach_*``
+    kernels per dtype, on CPU every statistic of a tensor while it is in cache; norms alone are
+    one ``_foreach_norm`` everywhere (``foreach`` as in ``torch.nn.utils.clip_grad_norm_``). All
+    results reach the host in one transfer. Sparse gradients count their implicit zeros; complex
+    ones get ``norm``, ``max_abs`` and ``zero_frac`` of ``|z|`` (``mean``/``std`` are refused by
+    name). For sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) the statistics are
+    those of the full tensors, with one collective: every rank must call this together.
 
     Example:
         >>> import layerwise as lw, torch
