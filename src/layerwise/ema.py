@@ -283,6 +283,7 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (or from ``torch.distributed.checkpoint.load`` into one).
+        A sharded EMA also loads the full tensors of an unsharded one (each rank takes its slice).
 
         Everything is checked first (options, counters, every name, shape, dtype and sharding) and
         every problem reported in one :class:`~layerwise.StateError`; on error nothing changes.
@@ -292,9 +293,20 @@ class EMA:
             raise StateError(f"this state dict does not fit this EMA ({len(problems)} problem"
                              f"{'s' * (len(problems) > 1)}): " + "; ".join(problems))
         sources = [state["shadow"][n] for n in self.names] + [state["buffers"][n] for n in self._buffer_names]
-        _copy(self._shadow_locals(), [local(t) for t in sources])
+        _copy(self._shadow_locals(), [_local_part(t, mine) for t, mine in zip(sources, self.shadow + self.shadow_buffers)])
         self.decay, self.warmup, self.every = float(state["decay"]), int(state["warmup"]), int(state["every"])
         self.num_updates, self._calls = int(state["num_updates"]), int(state["calls"])
+
+
+def _local_part(saved: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """What this rank loads of a saved tensor: its local shard, or, for a full tensor (saved by one
+    process) loaded into a sharded shadow, this rank's slice of it (no collective)."""
+    if hasattr(mine, "_local_tensor") and not hasattr(saved, "_local_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(saved.to(local(mine).device), mine.device_mesh, mine.placements,
+                                 src_data_rank=None).to_local()
+    return local(saved)
 
 
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -332,7 +344,8 @@ def _state_problems(ema: EMA, state: Any) -> list[str]:
                 problems.append(f"{part}[{n!r}] is a {type(t).__name__}, not a tensor")
             elif t.shape != mine.shape or t.dtype != mine.dtype:
                 problems.append(f"{n}: {tuple(t.shape)} {t.dtype} in the state dict, {tuple(mine.shape)} {mine.dtype} here")
-            elif local(t).shape != local(mine).shape:
+            elif hasattr(t, "_local_tensor") and (local(t).shape != local(mine).shape or getattr(
+                    mine, "placements", None) != t.placements):
                 problems.append(f"{n}: sharded differently ({tuple(local(t).shape)} locally vs "
                                 f"{tuple(local(mine).shape)} here); load it with torch.distributed.checkpoint")
     return problems
