@@ -39,3 +39,14 @@ for _ in range(2):
     optimizer.step()
     scheduler.step()
 assert all(abs(g["lr"] - g["initial_lr"] * 0.81) < 1e-15 for g in optimizer.param_groups)
+
+# lw.audit names what is wrong with a set-up, with the fix. Here the groups are built the timm/MAE
+# way (lr_scale in each group, one lr for all) under a torch scheduler, which never reads lr_scale:
+# every layer would train at the head's rate.
+timm_style = [{"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["initial_lr"] / 1e-3}
+              for g in decayed]
+opt = torch.optim.AdamW(timm_style, lr=1e-3)
+findings = lw.audit(model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10))
+print(findings)
+assert [f.check for f in findings] == ["lr-scale-ignored"]
+assert lw.audit(model, optimizer, scheduler) == []  # layerwise's groups: nothing to report

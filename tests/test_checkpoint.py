@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
@@ -422,3 +424,27 @@ def test_load_into_a_model_that_does_not_fit_changes_nothing(tmp_path):
     with pytest.raises(lw.CheckpointError, match=r"2.bias: shape \(1,\) in the file, \(3,\) in the model"):
         lw.load(tmp_path / "s.safetensors", into=model)
     assert same(model.state_dict(), before)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(max_shard_size=st.none() | st.integers(-10, 10**4) | st.floats(allow_nan=True) | st.text(max_size=6) | st.booleans(),
+       metadata=st.none() | st.dictionaries(st.text(max_size=3), st.text(max_size=3) | st.integers(), max_size=2),
+       overwrite=st.booleans() | st.just("no") | st.none() | st.integers(0, 1),
+       key=st.none() | st.text(max_size=4) | st.integers())
+def test_any_save_and_load_options_give_a_result_or_a_layerwise_error(tmp_path, max_shard_size, metadata, overwrite,
+                                                                     key):
+    out = tmp_path / ("h" if max_shard_size is not None else "h.safetensors")
+    try:
+        lw.save({"w": torch.arange(4.0)}, out, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite)
+    except lw.LayerwiseError:
+        return
+    try:
+        assert lw.load(out, key=key)["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    except lw.LayerwiseError:
+        pass
+
+
+def test_a_fifo_named_like_a_checkpoint_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(lw.CheckpointError, match="not a regular file or a folder"):
+        lw.load(tmp_path / "pipe.safetensors")

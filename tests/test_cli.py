@@ -174,3 +174,22 @@ def test_the_console_script(ckpts):
     assert ok.returncode == 0 and "0.weight" in ok.stdout
     bad = subprocess.run([str(script), "show", str(ckpts[0].with_name("nope.safetensors"))], capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_mid_write_exits_130_with_one_line_and_no_temporaries(ckpts, tmp_path):
+    out = tmp_path / "avg.safetensors"
+    code = ("import os, signal, sys\n"
+            "import layerwise._write as w\n"
+            "real = w.header_bytes\n"
+            "def interrupted(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(*a, **k)\n"
+            "w.header_bytes = interrupted\n"
+            "from layerwise.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run = subprocess.run([sys.executable, "-c", code, "average", str(ckpts[0]), str(ckpts[1]), "-o", str(out),
+                          "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 130, run.stderr
+    assert run.stderr.strip() == "layerwise average: interrupted; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

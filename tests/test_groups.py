@@ -163,6 +163,13 @@ def test_group_matcher_leaves_frozen_parameters_out_of_the_numbering():
     assert options_of(groups, "blocks.0.attn.weight")["lr"] == 0.5 ** 2
 
 
+def test_a_parameter_the_group_matcher_forgets_gets_the_heads_lr_with_a_warning():
+    # timm #2712: reg_token is in no rule; timm (and so layerwise) numbers it with the head.
+    with pytest.warns(UserWarning, match=r"reg_token matches no rule of TimmViT.group_matcher\(\)"):
+        groups = lw.param_groups(TimmViT(reg_in_matcher=False), lr=1.0, layer_decay=0.5)
+    assert options_of(groups, "reg_token")["lr"] == options_of(groups, "head.weight")["lr"] == 1.0
+
+
 def test_explicit_layers_win_over_group_matcher():
     groups = lw.param_groups(TimmViT(), lr=1.0, layer_decay=0.5, layers="blocks.*", no_decay=None)
     assert options_of(groups, "head.weight")["lr"] == 1.0 and options_of(groups, "cls_token")["lr"] == 0.5 ** 4

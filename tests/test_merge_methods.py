@@ -276,6 +276,10 @@ def test_unknown_options_methods_and_model_counts_are_named():
         one("ties", torch.zeros(1), torch.ones(1), model_options=[{"lambda": 2.0}])
     with pytest.raises(lw.MergeError, match=r"density=0 of model 0 for w must be in \(0, 1\]"):
         one("ties", torch.zeros(1), torch.ones(1), density=0)
+    with pytest.raises(lw.MergeError, match="one {option: value} mapping per model"):
+        one("ties", torch.zeros(1), torch.ones(1), model_options={"density": 0.5})
+    with pytest.raises(lw.MergeError, match="models must be a list"):
+        lw.merge(None, {"w": torch.ones(1)})
     with pytest.raises(lw.MergeError, match="gradient of numbers"):
         one("slerp", None, torch.ones(1), torch.zeros(1), t=[0.1, "x", None])
 

@@ -125,3 +125,42 @@ def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card
     lw.merge_files([a, b], sharded, max_shard_size="20kB", copy_from=b)
     assert (sharded / "model.safetensors.index.json").exists() and not (sharded / "model.safetensors").exists()
     assert AutoModelForCausalLM.from_pretrained(sharded).config.num_hidden_layers == 4
+
+
+def _tiny_berts(root):
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(27)]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+    config = BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    folders = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        folders.append(root / f"bert{seed}")
+        BertForMaskedLM(config).save_pretrained(folders[-1])
+        tokenizer.save_pretrained(folders[-1])
+    return folders
+
+
+def test_a_bert_recipe_with_slices_gives_a_deeper_bert_that_loads_with_its_tokenizer(tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    a, b = _tiny_berts(tmp_path)
+    recipe = _recipe(tmp_path, f"merge_method: linear\nslices:\n"
+                               f"  - sources:\n      - model: {a}\n        layer_range: [0, 2]\n"
+                               f"      - model: {b}\n        layer_range: [0, 2]\n"
+                               f"  - sources:\n      - model: {a}\n        layer_range: [1, 3]\n"
+                               f"      - model: {b}\n        layer_range: [1, 3]\n")
+    out = tmp_path / "deeper"
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 0
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4 and len(model.bert.encoder.layer) == 4
+    x, y, got = lw.load(a), lw.load(b), lw.load(out)
+    key = "bert.encoder.layer.{}.attention.self.query.weight"
+    torch.testing.assert_close(got[key.format(2)], (x[key.format(1)] + y[key.format(1)]) / 2)
+    torch.testing.assert_close(got["bert.embeddings.word_embeddings.weight"],
+                               (x["bert.embeddings.word_embeddings.weight"] + y["bert.embeddings.word_embeddings.weight"]) / 2)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("w0 w1")["input_ids"] == [2, 5, 6, 3]
+    assert model(**tok("w0 w1", return_tensors="pt")).logits.shape == (1, 4, 32)

@@ -1,8 +1,9 @@
+import itertools
 import re
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -171,7 +172,8 @@ def test_unknown_type_lists_families_and_classes_present(interleaved):
         lw.select(interleaved, "type:LSMT")
 
 
-@pytest.mark.parametrize("selector", ["", "   ", "!", "!!head", "re:", "type:", 3.5])
+@pytest.mark.parametrize("selector", ["", "   ", "!", "!!head", "re:", "type:", 3.5, None, b"lstm1", int, torch.Tensor,
+                                      ["lstm1", "linear"]])
 def test_empty_and_non_string_selectors(selector, interleaved):
     with pytest.raises(lw.SelectionError):
         lw.select(interleaved, selector)
@@ -401,3 +403,47 @@ def test_a_compiled_model_is_addressed_by_its_inner_names():
     assert lw.freeze(compiled, "0").names() == ["0.weight", "0.bias"] and not net[0].weight.requires_grad
     assert [g["names"] for g in lw.param_groups(compiled)] == [["1.weight"], ["1.bias"]]
     assert [r["name"] for r in lw.show(compiled, quiet=True)] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+_PARTS = ["a", "b", "ab", "a_b", "1", "2", "10", "01"]
+_POOL = [".".join(p) for n in (1, 2, 3) for p in itertools.product(_PARTS, repeat=n)]
+
+
+def _reference(segments: list[str], key: str) -> bool:
+    """Selector semantics, written the slow obvious way: some prefix of the key's segments (the
+    empty one included, for all-`**` patterns) matches the pattern segment by segment."""
+    parts = key.split(".")
+
+    def one(seg: str, part: str) -> bool:
+        if seg.startswith("["):
+            inner = seg[1:-1]
+            if not (part.isascii() and part.isdigit()):
+                return False
+            if "-" in inner:
+                lo, hi = map(int, inner.split("-"))
+                return lo <= int(part) <= hi
+            return int(part) in {int(i) for i in inner.split(",")}
+        return re.fullmatch(".*".join(map(re.escape, seg.split("*"))), part) is not None
+
+    def match(i: int, j: int) -> bool:
+        if i == len(segments):
+            return True
+        if segments[i] == "**":
+            return any(match(i + 1, k) for k in range(j, len(parts) + 1))
+        return j < len(parts) and one(segments[i], parts[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+@given(st.lists(st.sampled_from(["a", "b", "*", "a*", "*b", "**", "[1-2]", "[0,10]", "[1-10]", "1", "10"]),
+                min_size=1, max_size=5))
+@example(["a", "**"])
+@example(["**", "a", "b"])
+@example(["a", "**", "b", "**", "a"])
+@example(["[0,10]", "**", "*b"])
+def test_path_selectors_match_the_reference_semantics(segments):
+    # 584 keys: above the size where candidates are found by bisection on the literal prefix.
+    pattern = ".".join(segments)
+    expected = [k for k in _POOL if _reference(segments, k)]
+    assert select_keys(_POOL, pattern, missing_ok=True) == expected
+    assert select_keys(_POOL[:40], pattern, missing_ok=True) == [k for k in expected if k in _POOL[:40]]

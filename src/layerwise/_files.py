@@ -124,6 +124,12 @@ def _nested(obj: Any, key: str | None, path: Path) -> Mapping[str, torch.Tensor]
 
 
 def _torch_load(path: Path) -> Any:
+    with warnings.catch_warnings():  # torch warns about the protocol of any non-torch pickle it is given
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _torch_load_checked(path)
+
+
+def _torch_load_checked(path: Path) -> Any:
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -192,9 +198,10 @@ class Checkpoint:
         self._read_into(key, 0, buffer)
         return buffer.view(dtype).reshape(shape)
 
-    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened tensor under ``key``. The result lives in a
-        buffer this checkpoint reuses: it is valid until the next ``read_flat`` on it."""
+    def read_flat(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened tensor under ``key``, read into ``out`` (a uint8
+        buffer of their size) or else into a buffer this checkpoint reuses: valid until the next
+        ``read_flat`` on it. Reads are positional, so threads may read one checkpoint at once."""
         key = self.aliases.get(key, key)
         if key in self._tensors:
             if self._flat is None or self._flat[0] != key:  # a non-contiguous tensor is copied once, not per slice
@@ -202,18 +209,22 @@ class Checkpoint:
             return self._flat[1][start:stop]
         dtype = self.specs[key][1]
         n = (stop - start) * dtype.itemsize
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=torch.uint8)
-        buffer = self._scratch[:n]
-        self._read_into(key, start * dtype.itemsize, buffer)
-        return buffer.view(dtype)
+        if out is None:
+            if self._scratch is None or self._scratch.numel() < n:
+                self._scratch = torch.empty(n, dtype=torch.uint8)
+            out = self._scratch[:n]
+        self._read_into(key, start * dtype.itemsize, out)
+        return out.view(dtype)
 
     def _read_into(self, key: str, skip: int, buffer: torch.Tensor) -> None:
         where = self._stored[key]
         f = self._files.get(where.path) or self._files.setdefault(where.path, open(where.path, "rb"))
-        f.seek(where.offset + skip)
-        if buffer.numel() and f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-            raise CheckpointError(f"{where.path}: truncated while reading tensor {key!r}")
+        view, done = memoryview(buffer.numpy()), 0
+        while done < len(view):  # pread: no shared file position, so concurrent reads cannot interleave
+            n = os.preadv(f.fileno(), [view[done:]], where.offset + skip + done)
+            if n == 0:
+                raise CheckpointError(f"{where.path}: truncated while reading tensor {key!r}")
+            done += n
 
     def close(self) -> None:
         for f in self._files.values():
@@ -263,9 +274,13 @@ def _record_aliases(ckpt: Checkpoint, aliases: Any, where: Path) -> None:
 
 def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     """Open a checkpoint file or folder and check its header(s); no tensor is read yet."""
+    if key is not None and not isinstance(key, str):
+        raise OptionTypeError(f"key={key!r}: a string such as 'state_dict' or 'model/ema'")
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{path}: not a regular file or a folder")
     if path.is_dir() or path.name.endswith(".index.json"):
         folder = path if path.is_dir() else path.parent
         index = path if path.is_file() else next((folder / n for n in INDEXES if (folder / n).is_file()), None)

@@ -93,7 +93,7 @@ def local_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list
     if distributed:
         from torch.distributed.tensor import DTensor
     for t, name in zip(tensors, names):
-        t, shard = t.detach(), None
+        t, shard = (t.detach() if t.requires_grad else t), None  # a create_graph=True gradient has a graph
         if distributed and isinstance(t, DTensor):
             if any(p.is_partial() for p in t.placements):
                 raise GradError(f"{name!r} is a DTensor with placements {t.placements}: a Partial one is not reduced "
@@ -288,6 +288,23 @@ def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
             out[i] = part.view(tensors[i].shape)
     return out
+
+
+def histogram(x: Tensor, bins: int, zeros: int = 0) -> Tensor:
+    """(min, max, counts of ``bins`` equal buckets) of ``x`` and ``zeros`` more zeros (a sparse
+    gradient's implicit ones), on its device and without a sync."""
+    if x.numel() + zeros == 0:
+        return x.new_zeros(bins + 2, dtype=torch.float32)
+    x = x.detach().flatten().float()
+    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
+    if zeros:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float32).tiny)
+    # histc with a fixed range needs no host round trip; the data-dependent range is applied on the device.
+    counts = torch.histc(((x - lo) / width).clamp_(0, bins), bins, 0, bins)
+    if zeros:
+        counts.index_add_(0, (-lo / width).clamp(0, bins - 1).long().reshape(1), counts.new_full((1,), zeros))
+    return torch.cat([lo.reshape(1), hi.reshape(1), counts])
 
 
 # --------------------------------------------------------------------------- statistics from primitives

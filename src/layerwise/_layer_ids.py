@@ -8,6 +8,7 @@ counted from 0 (embeddings, stem) to the top (head). The scale of a layer is
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain
 from typing import Any
@@ -35,6 +36,11 @@ def layer_ids(model: nn.Module, layers: Selector | None, trainable: Sequence[str
         raise OptionError(f"layer-wise LR decay needs the blocks: pass layers=<block pattern> (e.g. layers='blocks.*'); "
                           f"{type(model).__name__} has no timm-style group_matcher() to read them from")
     ids = _from_matcher(matcher(coarse=False), trainable)
+    fallen = unmatched_before_blocks(model, list(trainable))
+    if fallen:
+        warnings.warn(f"{', '.join(fallen)} match{'es' * (len(fallen) == 1)} no rule of {type(model).__name__}.group_matcher() although blocks "
+                      "follow: as in timm, the head's lr (timm #2712's reg_token). Add to the stem's rule, or set "
+                      "the lr with a rule", stacklevel=3)
     return ids, max(ids.values(), default=0)
 
 

@@ -120,9 +120,9 @@ def value_at(setting: Any, key: str, t: float = 0.0, keys: Sequence[str] | None 
         0.9
     """
     if keys is None and isinstance(setting, Mapping):
-        from .select import select
+        from .select import select_keys
 
-        setting = {s: v for s, v in setting.items() if select({key: None}, s, missing_ok=True).names()}
+        setting = {s: v for s, v in setting.items() if select_keys([key], s, missing_ok=True)}
     return compile_setting(setting, [key] if keys is None else keys, f"option for {key}")(key, t)
 
 
@@ -150,7 +150,13 @@ def resolve_options(method: Method, keys: Sequence[str], models: int, *, weights
     ``model_options[i]`` override them for model ``i``. ``positions`` default to
     :func:`layer_positions`. Every bad value is named with its key and option.
     """
+    if not isinstance(options or {}, Mapping):
+        raise MergeError(f"options must be a mapping of option names to values, not {type(options).__name__}")
     options = _canonical(method, options or {})
+    if model_options is not None and (isinstance(model_options, (str, bytes, Mapping)) or not isinstance(
+            model_options, Sequence) or not all(isinstance(mo, Mapping) for mo in model_options)):
+        raise MergeError("model_options must be a list with one {option: value} mapping per model, "
+                         f"not {model_options!r}")
     model_options = [_canonical(method, mo) for mo in (model_options or [{}] * models)]
     if len(model_options) != models:
         raise MergeError(f"got options for {len(model_options)} models, but {models} models")

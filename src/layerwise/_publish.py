@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import CheckpointError, LayerwiseError, OutputExistsError
+from .errors import CheckpointError, LayerwiseError, OptionTypeError, OutputExistsError
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _NOREPLACE, _EXCHANGE = 1, 2  # linux/fs.h
@@ -174,6 +174,8 @@ def publish_over(temp: Path, output: Path) -> None:
 
 def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     """Refuse an output that is an input (or holds one), exists without ``overwrite``, or cannot be written."""
+    if not isinstance(overwrite, bool):  # overwrite="no" would be truthy
+        raise OptionTypeError(f"overwrite={overwrite!r}: pass True or False")
     for p in inputs:
         same = output.resolve() == p.resolve() or (output.exists() and p.exists() and os.path.samefile(output, p))
         inside = output.exists() and output.is_dir() and p.resolve().is_relative_to(output.resolve())

@@ -51,6 +51,7 @@ FAMILIES: dict[str, Callable[[nn.Module], bool]] = {
 
 _END = r"(?![^.])"  # a segment ends here: a dot or the end of the name follows
 _ANY_SEGMENTS = r"(?:[^.]*\.)*?"  # `**`: whole segments, as few as will do
+_DOT = r"\."
 _RANGE_HINT = "A numeric segment is a range [a-b] with integers a <= b, or a list [i,j,k]: e.g. 'layers.[0-5]'."
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also accepts '²' and int() rejects it
 
@@ -159,14 +160,13 @@ def _path(text: str, offset: int) -> tuple[str, str]:
     # The first chunk is anchored at the start; each later one follows any segments (`**`).
     # Atomic groups commit to a chunk's leftmost occurrence: no backtracking across `**`.
     first, *rest = chunks
-    regex = r"\.".join(first) + _END if first else ""
+    regex = _DOT.join(first) + _END if first else ""
     for k, chunk in enumerate(rest):
         if chunk:
             lead = _ANY_SEGMENTS if (k == 0 and not first) else r"(?:\.[^.]*)*?\."
-            regex += f"(?>{lead}{r'.'.join(chunk)}{_END})"
-    starts_deep = text[offset:].split(".", 1)[0] == "**"
+            regex += f"(?>{lead}{_DOT.join(chunk)}{_END})"
     # Cut before the first wildcard, and before the dot of a trailing `**` ('encoder.**' matches 'encoder').
-    literal = "" if starts_deep else re.split(r"[*\[]", text[offset:], maxsplit=1)[0].rstrip(".")
+    literal = "" if not first else re.split(r"[*\[]", text[offset:], maxsplit=1)[0].rstrip(".")
     return regex, literal
 
 

@@ -159,6 +159,8 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
         >>> lw.merge(None, [ones, threes], "slerp", t=[0.0, 1.0])   # t from 0 to 1 across the layers
         {'layers.0.w': tensor([1.]), 'layers.1.w': tensor([2.]), 'layers.2.w': tensor([3.])}
     """
+    if isinstance(models, (nn.Module, Mapping)) or not isinstance(models, Sequence):
+        raise MergeError(f"models must be a list of modules or state dicts, not {type(models).__name__}")
     m = check_method(method, has_base=base is not None, models=len(models))
     dtype, compute_dtype = parse_dtype(dtype), parse_dtype(compute_dtype)
     sds = [state_dict_of(x) for x in models]

@@ -10,6 +10,7 @@ next, so memory is bounded by a few tensors, not by the model (see ``_files.py``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
 from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
+from ._reader import SliceReader
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import console
@@ -239,7 +241,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
             if k not in aliases:
                 shape, in_dtype = first.specs[k]
                 if in_dtype.is_floating_point:  # mixed float inputs: the promoted dtype
-                    in_dtype = out_dtype or _promoted([c.specs[k][1] for c in labelled])
+                    in_dtype = out_dtype or functools.reduce(torch.promote_types, [c.specs[k][1] for c in labelled])
                 entries.append((k, in_dtype, shape))
         folder = output.suffix != ".safetensors"
         plan = Plan(entries, aliases, {"layerwise.merge": method},
@@ -249,38 +251,43 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None, method=method,
             options={**options, **({"weights": list(weights)} if weights is not None else {})}) if folder else None
 
-        def pieces_of(k: str) -> Iterator[torch.Tensor]:
+        def slices(k: str) -> list[tuple[int, int]]:
             numel = math.prod(first.specs[k][0])
-            slices = [(start, min(numel, start + _SLICE)) for start in range(0, numel, _SLICE)]
+            return [(start, min(numel, start + _SLICE)) for start in range(0, numel, _SLICE)]
+
+        def sources(k: str) -> list[Checkpoint]:
+            """What a streamed key reads: the base or first model for a key left out, else every model
+            and the base where the method uses one (last)."""
             if k not in chosen:
-                source = base_ckpt if base_ckpt is not None else models[0]
-                for start, stop in slices:
-                    yield source.read_flat(k, start, stop).to(planned[k])
-            elif m.elementwise and first.specs[k][1].is_floating_point:
-                # Element-wise methods stream each tensor in slices, combining the same elements of
-                # every input: memory stays at a few slices and the slices stay in cache.
-                for start, stop in slices:
-                    base_t = base_ckpt.read_flat(k, start, stop) if base_ckpt is not None and m.base != "none" else None
-                    yield merge_tensor(m, (x.read_flat(k, start, stop) for x in models), base_t, per_key[k],
-                                       work[k], key=k, dtype=planned[k])
-            else:
+                return [base_ckpt if base_ckpt is not None else models[0]]
+            return models + ([base_ckpt] if base_ckpt is not None and m.base != "none" else [])
+
+        # Keys copied or merged element-wise stream in slices, read ahead in a background thread;
+        # whole-tensor methods read one tensor of each input when they need it, nothing ahead.
+        streamed = {k for k, _, _ in entries
+                    if k not in chosen or (m.elementwise and first.specs[k][1].is_floating_point)}
+        reads = ((k, sources(k), start, stop) for k, _, _ in entries if k in streamed for start, stop in slices(k))
+
+        def pieces_of(k: str) -> Iterator[torch.Tensor]:
+            if k not in streamed:
                 base_t = base_ckpt.read(k) if base_ckpt is not None else None
                 yield merge_tensor(m, (x.read(k) for x in models), base_t, per_key[k], work[k], key=k,
                                    dtype=planned[k])
+                return
+            for read in reader.take(k):
+                if k not in chosen:
+                    yield read[0].to(planned[k])
+                else:
+                    n = len(models)
+                    yield merge_tensor(m, read[:n], read[n] if len(read) > n else None, per_key[k], work[k], key=k,
+                                       dtype=planned[k])
 
         planned = {k: d for k, d, _ in entries}
         work = {k: compute_dtype_of([c.specs[k][1] for c in labelled], work_dtype) for k in keys}
         check_output(output, paths, overwrite)  # before the progress bar starts
-        with _byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
+        with SliceReader(reads) as reader, _byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
             return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
                          progress=lambda n: bar.advance(bar.task_ids[0], n))
-
-
-def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
 
 
 @dataclass

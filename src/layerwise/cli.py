@@ -184,10 +184,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="a method option, VALUE as JSON: lambda=0.5, 't=[0, 0.5, 1]', normalize=false; repeatable")
     merge.add_argument("--compute-dtype", help="precision of the arithmetic: fp32 (default), fp64")
     merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per input")
-    merge.add_argument("--density", type=float, help="ties/dare: fraction of each task vector kept")
-    merge.add_argument("--scale", type=float, help="task_arithmetic/ties/dare: scale of the merged task vector")
-    merge.add_argument("--t", type=float, help="slerp: interpolation position in [0, 1]")
-    merge.add_argument("--seed", type=int, help="dare: seed of the random drop")
+    def takes(option: str) -> str:
+        return ", ".join(m.name for m in METHODS.values() if any(o.name == option for o in m.options))
+
+    merge.add_argument("--density", type=float, help=f"fraction of each task vector kept ({takes('density')})")
+    merge.add_argument("--scale", type=float, help=f"lambda, the scale of the merged task vector ({takes('lambda')})")
+    merge.add_argument("--t", type=float, help=f"see the methods below ({takes('t')})")
+    merge.add_argument("--seed", type=int, help=f"seed of the random drop ({takes('seed')})")
     _output_options(merge)
     merge.set_defaults(run=_merge)
 

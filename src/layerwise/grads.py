@@ -1,10 +1,10 @@
 """Every layer's gradient by its real name, cheaply: statistics and anomaly checks.
 
-Statistics are computed from a few per-tensor *primitives* (sum of squares, sum, largest
-magnitude, count of non-zeros) with fused kernels on the device, then moved to the host in
-one transfer. Pooling primitives makes per-module statistics exact, and summing them across
-ranks makes the statistics of sharded (FSDP2 / DTensor) parameters those of the full tensor.
-``monitor.py`` builds the training monitor on the same primitives.
+Statistics are computed by the private gradient engine (``_grad_engine.py``) from a few
+per-tensor *primitives* (sum of squares, sum, largest magnitude, count of non-zeros) on the
+device, then moved to the host in one transfer. Pooling primitives makes per-module statistics
+exact, and reducing them across ranks makes the statistics of sharded (FSDP2 / HSDP DTensor)
+parameters those of the full tensor. ``monitor.py`` builds the training monitor on the same engine.
 
     >>> import layerwise as lw, torch
     >>> net = torch.nn.Linear(2, 1)
@@ -15,6 +15,7 @@ ranks makes the statistics of sharded (FSDP2 / DTensor) parameters those of the 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -154,11 +155,13 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     sums of x and x² (one pass, exact pooling): its relative error grows like 1e-7·(mean/std)²,
     so it means nothing where ``|mean|`` exceeds about 1000 × std (gradients sit near zero mean).
 
-    Each primitive is one fused ``torch._foreach_*`` kernel per device and dtype (``foreach``
-    as in ``torch.nn.utils.clip_grad_norm_``; on CPU max_abs and zero_frac default to faster
-    per-tensor kernels, and torch has no fused signed sum), and all results reach the host in
-    one transfer. For sharded parameters (FSDP2 ``fully_shard``, DTensor) the statistics are
-    those of the full tensors: every rank must call this together.
+    Each gradient is read as few times as the device allows: on CUDA fused ``torch._foreach_*``
+    kernels per dtype, on CPU every statistic of a tensor while it is in cache; norms alone are
+    one ``_foreach_norm`` everywhere (``foreach`` as in ``torch.nn.utils.clip_grad_norm_``). All
+    results reach the host in one transfer. Sparse gradients count their implicit zeros; complex
+    ones get ``norm``, ``max_abs`` and ``zero_frac`` of ``|z|`` (``mean``/``std`` are refused by
+    name). For sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) the statistics are
+    those of the full tensors, with one collective: every rank must call this together.
 
     Example:
         >>> import layerwise as lw, torch
@@ -179,15 +182,21 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         refuse_complex(names, [p.grad for p in params], "a signed mean or std")
     have, values = _measure(names, params, need, foreach)
 
-    rows = list(dict.fromkeys(group_of(n) for n in names))
-    index = {row: r for r, row in enumerate(rows)}
-    group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
-    numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
-    pooled, pooled_numel = pool(values, numel, group, len(rows))
+    if by == "param":  # one row per parameter: nothing to pool
+        rows, present = names, set(have)
+        at = torch.tensor(have, dtype=torch.long)
+        pooled = {k: torch.full((len(names),), math.nan, dtype=v.dtype).index_copy_(0, at, v) for k, v in values.items()}
+        pooled_numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+    else:
+        rows = list(dict.fromkeys(group_of(n) for n in names))
+        index = {row: r for r, row in enumerate(rows)}
+        group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
+        numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
+        pooled, pooled_numel = pool(values, numel, group, len(rows))
+        present = set(group.tolist())
     derived = {s: v.tolist() for s, v in derive(pooled, pooled_numel, stats).items()}
     dead = (pooled["sumsq"] == 0).tolist()
     finite = (pooled["sumsq"].isfinite() & pooled.get("max_abs", pooled["sumsq"]).isfinite()).tolist()
-    present = set(group.tolist())
 
     numels: dict[str, int] = defaultdict(int)
     for n, p in zip(names, params):

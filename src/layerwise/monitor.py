@@ -25,6 +25,7 @@ from ._grad_engine import (
     chosen,
     derive,
     distance_primitives,
+    histogram,
     local_primitives,
     local_tensors,
     needed,
@@ -43,23 +44,6 @@ __all__ = ["GradMonitor"]
 
 _BINS = 64  # TensorBoard histogram buckets
 _MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
-
-
-def _histogram(x: Tensor, bins: int, zeros: int = 0) -> Tensor:
-    """(min, max, counts of ``bins`` equal buckets) of ``x`` and ``zeros`` more zeros (a sparse
-    gradient's implicit ones), on its device and without a sync."""
-    if x.numel() + zeros == 0:
-        return x.new_zeros(bins + 2, dtype=torch.float32)
-    x = x.detach().flatten().float()
-    lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-    if zeros:
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    width = ((hi - lo) / bins).clamp_min(torch.finfo(torch.float32).tiny)
-    # histc with a fixed range needs no host round trip; the data-dependent range is applied on the device.
-    counts = torch.histc(((x - lo) / width).clamp_(0, bins), bins, 0, bins)
-    if zeros:
-        counts.index_add_(0, (-lo / width).clamp(0, bins - 1).long().reshape(1), counts.new_full((1,), zeros))
-    return torch.cat([lo.reshape(1), hi.reshape(1), counts])
 
 
 def _is_writer() -> bool:
@@ -257,7 +241,7 @@ class GradMonitor:
         reduce_shards(grad, weight)  # one collective for both, if any parameter is sharded
         hist = []
         if self._with_histograms:
-            hist = [_histogram(g, _BINS, self._params[i].numel() - g.numel()) for i, g in zip(have, grads)]
+            hist = [histogram(g, _BINS, self._params[i].numel() - g.numel()) for i, g in zip(have, grads)]
         record = _Record(self.steps, have, grad, weight, hist, None if scale is None else scale.detach().reshape(1))
         if self.on_nonfinite != "raise" or scaler_in_charge:
             return record
