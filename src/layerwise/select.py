@@ -82,9 +82,10 @@ class Walk:
         self._sorted: dict[str, tuple[list[str], list[int]]] = {}
         self._aliases: list[tuple[str, ...]] | None = None  # None: one name per tensor
         if isinstance(source, nn.Module):
-            self.what, self.has_modules = type(unwrap_compiled(source)).__name__, True
+            model = unwrap_compiled(source)
+            self.what, self.has_modules = type(model).__name__, True
             with gc_paused():
-                self._walk(unwrap_compiled(source))
+                self._walk(model)
             return
         self.has_modules = False
         if isinstance(source, Mapping):
