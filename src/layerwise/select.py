@@ -190,15 +190,15 @@ class Walk:
         if isinstance(selector, type) and issubclass(selector, nn.Module):
             groups, modules = self._by_type(lambda m: isinstance(m, selector), selector)
             return False, groups, lambda: modules
-        if callable(selector):
+        if callable(selector) and not isinstance(selector, type):  # a class is a module type or nothing
             if self.what == "the keys":
                 raise SelectionError(f"cannot select {self.what} with {describe(selector)}: a callable (name, param) "
                                      "needs tensors; use a string selector")
             groups = {g for g in range(len(self.tensors)) if any(selector(n, self.tensors[g]) for n in self.group(g)[0])}
             return False, groups, lambda: self._fully_selected(groups)
-        raise SelectionError(
-            f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
-            "an nn.Module subclass, or a callable (name, param) -> bool")
+        hint = " Pass several selectors as separate arguments." if isinstance(selector, (list, tuple, set)) else ""
+        raise SelectionError(f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
+                             f"an nn.Module subclass, or a callable (name, param) -> bool.{hint}")
 
     def _scan(self, pattern: Pattern, items: list[str], which: str) -> list[int]:
         """Indices of ``items`` the pattern matches; with a literal prefix, only the candidates that
