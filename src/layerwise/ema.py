@@ -79,6 +79,9 @@ class EMA:
         tensor([[0.1000, 0.1000]])
         >>> net.weight.data                        # the training weights are back
         tensor([[1., 1.]])
+        >>> two = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> lw.EMA(two, select="1").names           # a subset: only these get a shadow
+        ['1.weight', '1.bias']
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
