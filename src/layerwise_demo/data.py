@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layerwise import MissingExtraError
+
 
 def optional(module: str, extra: str = "demo") -> Any:
     """Import ``module`` or say which extra brings it."""
     try:
         return __import__(module, fromlist=["_"])
     except ImportError:
-        raise ImportError(f"the demo needs {module.split('.')[0]}: pip install 'layerwise[{extra}]'") from None
+        raise MissingExtraError(f"the demo needs {module.split('.')[0]}: pip install 'layerwise[{extra}]'") from None
 
 
 @dataclass

@@ -7,11 +7,13 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import MissingExtraError
+
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError:
-    raise ImportError("layerwise.integrations.hf needs transformers: pip install 'layerwise[hf]'") from None
+    raise MissingExtraError("layerwise.integrations.hf needs transformers: pip install 'layerwise[hf]'") from None
 
 import torch
 

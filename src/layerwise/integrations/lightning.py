@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import MissingExtraError, StateError
+
 try:
     import lightning.pytorch as pl
 except ImportError:
-    raise ImportError("layerwise.integrations.lightning needs lightning: pip install 'layerwise[lightning]'") from None
+    raise MissingExtraError("layerwise.integrations.lightning needs lightning: pip install 'layerwise[lightning]'") \
+        from None
 
-from ..errors import StateError
 from ._core import Plan, PlanAccess, Selectors
 
 __all__ = ["LayerwiseCallback"]
