@@ -138,6 +138,9 @@ def main() -> None:
                 shutil.rmtree(out_mk, ignore_errors=True)
                 rows[method]["mk"].append(run([str(mk), str(path), str(out_mk), "--lazy-unpickle",
                                                "--allow-crimes"]))
+            lw_t, lw_m = rows[method]["lw"][-1]
+            mk_line = f", mergekit {rows[method]['mk'][-1][0]:.2f} s {rows[method]['mk'][-1][1]:.0f} MB" if mk else ""
+            print(f"round {len(floor)} {method}: layerwise {lw_t:.2f} s {lw_m:.0f} MB{mk_line}", flush=True)
     print(f"limit (read 3 inputs + write 1 output): {statistics.median(floor):.2f} s")
     print(f"{'method':12} {'layerwise s':>12} {'mergekit s':>11} {'speed-up':>9} {'lw RSS MB':>10} "
           f"{'mk RSS MB':>10} {'RSS ratio':>10} {'÷ limit':>8} {'max |diff|':>11}")

@@ -42,7 +42,12 @@ fit(b, seed=2)
 third = make()
 lw.average([a, b], into=third)  # float tensors averaged in float32; num_batches_tracked copied
 assert torch.allclose(third[0].weight, (a[0].weight + b[0].weight) / 2)
-ties = lw.merge(start, [a, b], "ties", density=0.5)  # also: task_arithmetic, dare, slerp
+ties = lw.merge(start, [a, b], "ties", density=0.5)  # mergekit's methods: `layerwise merge --help` lists them
+# Any option may vary by layer: a gradient over the layer index, {filter, value} rules, or {selector: value}.
+slerp = lw.merge(None, [a, b], "slerp", t=[0.2, 0.8])  # t = 0.2 at the first layer, 0.8 at the last
+stock = lw.merge(start, [a, b], "model_stock")  # how far to move from start: from the angle between a and b
+dare = lw.merge(start, [a, b], "dare_ties", density={"0": 0.3, "3": 0.9}, seed=0)  # keep 30 % of layer 0's changes
+assert torch.equal(dare["1.num_batches_tracked"], start[1].num_batches_tracked)  # integer buffers are copied
 with ema.swapped(a):
     print("EMA weight norm", a[0].weight.norm().item())
 

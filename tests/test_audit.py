@@ -4,11 +4,13 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import layerwise as lw
 
-from conftest import TimmRuleScheduler, TimmViT
+from conftest import TimmRuleScheduler, TimmViT, random_models
 
 D, BASE = 0.5, 1e-3
 
@@ -278,3 +280,33 @@ def test_show_with_audit_prints_the_findings_under_the_table(vit):
     assert clean.findings == [] and lw.show(vit, quiet=True).findings is None
     with pytest.raises(lw.OptionError, match="pass the optimizer"):
         lw.show(vit, audit=True, quiet=True)
+
+
+def test_one_scheduler_per_optimizer_is_not_a_missing_schedule(vit):
+    generator = torch.optim.AdamW(lw.param_groups(vit, {"blocks": {"lr": 1e-4}}, lr=1e-3, no_decay=None,
+                                                  weight_decay=0.0))
+    critic = nn.Linear(3, 1)
+    adversary = torch.optim.SGD(critic.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adversary, lambda t: 0.9 ** t)
+    # The critic's parameters belong to another model: audit names them, and no schedule is missing.
+    found = checks(lw.audit(vit, [generator, adversary], scheduler))
+    assert "not-scheduled" not in found and set(found) <= {"weight-decay"}
+
+
+@given(random_models(), st.data())
+def test_any_layerwise_set_up_audits_clean(model, data):
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for name in data.draw(st.lists(st.sampled_from(names), max_size=2)):
+        model.get_parameter(name).requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        return
+    rules = [(s, {"lr": data.draw(st.sampled_from([0.1, 0.2]))}) for s in data.draw(st.lists(st.sampled_from(names), max_size=3))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = torch.optim.AdamW(lw.param_groups(model, rules, lr=0.5, weight_decay=0.01))
+    scheduler = data.draw(st.sampled_from([None, "lambda", "cosine"]))
+    if scheduler == "lambda":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    elif scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
+    assert lw.audit(model, opt, scheduler) == []

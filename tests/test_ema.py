@@ -406,9 +406,13 @@ def fsdp_ema(rank, world_size, ckpt):
     gather_collectives = comm.get_total_counts()  # the counter sees a collective when there is one
 
     training = [p.to_local().clone() for p in model.parameters()]
+    probe = torch.linspace(-1, 1, 10).reshape(2, 5)
     with ema.swapped():
         swapped = [p.full_tensor() for p in model.parameters()]
+        output = model(probe)  # FSDP2 all-gathers the swapped-in shards
     restored = all(torch.equal(a, p.to_local()) for a, p in zip(training, model.parameters()))
+    after = model(probe).detach()  # gathers the training shards again, not the swapped-in weights
+    model.reshard()
 
     resumed_model = _sharded_mlp(mesh, seed=5)  # other weights: everything must come from the checkpoint
     resumed = lw.EMA(resumed_model, decay=0.5, warmup=3)
@@ -418,15 +422,23 @@ def fsdp_ema(rank, world_size, ckpt):
     resumed.load_state_dict(state["ema"])
     resumed.update(), resumed.update()
     bit_identical = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ema.shadow, resumed.shadow))
+
+    torch.manual_seed(0)  # an EMA saved by one process, unsharded, loads into the sharded one: a slice per rank
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    plain_ema = lw.EMA(plain, decay=0.8)
+    _train(plain, plain_ema, 2, seed=1)
+    from_full = lw.EMA(_sharded_mlp(mesh, seed=6))
+    from_full.load_state_dict(plain_ema.state_dict())
+    sliced = all(torch.equal(s.full_tensor(), f) for s, f in zip(from_full.shadow, plain_ema.shadow))
     return {"locals_ok": locals_ok, "update": update_collectives, "gather": gather_collectives,
-            "restored": restored, "swapped": swapped, "full": [s.full_tensor() for s in ema.shadow],
-            "resumed": bit_identical, "decay": resumed.decay, "num_updates": resumed.num_updates}
+            "restored": restored, "swapped": swapped, "output": output.detach(), "after": after, "full": [s.full_tensor() for s in ema.shadow],
+            "resumed": bit_identical, "sliced": sliced, "decay": resumed.decay, "num_updates": resumed.num_updates}
 
 
 def test_fsdp2_shadows_are_sharded_local_and_resume_bit_identically(run_ranks, tmp_path):
     r0, r1 = run_ranks(fsdp_ema, str(tmp_path / "ckpt"))
     for r in (r0, r1):
-        assert r["locals_ok"] and r["restored"] and r["resumed"]
+        assert r["locals_ok"] and r["restored"] and r["resumed"] and r["sliced"]
         assert r["update"] == 0 and r["gather"] > 0
         assert (r["decay"], r["num_updates"]) == (0.8, 4)
     # the same run in one process, unsharded
@@ -437,3 +449,7 @@ def test_fsdp2_shadows_are_sharded_local_and_resume_bit_identically(run_ranks, t
     ema.update(), ema.update()
     for full, swapped, single in zip(r0["full"], r0["swapped"], ema.shadow):
         assert torch.allclose(full, single, atol=1e-6) and torch.equal(swapped, full)
+    probe = torch.linspace(-1, 1, 10).reshape(2, 5)
+    assert torch.allclose(r0["after"], model(probe), atol=1e-6)
+    with ema.swapped():
+        assert torch.allclose(r0["output"], model(probe), atol=1e-6)

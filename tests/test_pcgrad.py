@@ -125,3 +125,10 @@ def test_pcgrad_bad_losses_are_named_and_change_nothing():
     assert model.trunk.grad is None and model.head.grad is None
 
 
+
+
+def test_pcgrad_generator_must_be_a_torch_generator():
+    model = TwoTasks()
+    with pytest.raises(lw.OptionTypeError, match="generator must be a torch.Generator"):
+        lw.pcgrad(model.losses([1.0, 0.0], [-1.0, 1.0]), model, generator=0)
+    assert model.trunk.grad is None

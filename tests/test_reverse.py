@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -56,3 +57,12 @@ def test_grad_reverse_alpha_is_a_buffer_outside_the_state_dict():
     x = torch.ones(2, dtype=torch.float64, requires_grad=True)
     reverse(x).sum().backward()
     assert x.grad.tolist() == [-3.0, -3.0] and repr(reverse) == "GradReverse(alpha=3)"
+
+
+def test_a_bad_alpha_is_refused_by_name():
+    with pytest.raises(lw.OptionTypeError, match="GradReverse: alpha must be a real number"):
+        lw.GradReverse(alpha="1")
+    reverse = lw.GradReverse()
+    with pytest.raises(lw.OptionError, match="alpha must be finite"):
+        reverse.alpha = float("nan")
+    assert reverse.alpha == 1.0

@@ -176,6 +176,33 @@ def test_any_mutation_of_a_valid_header_loads_correctly_or_is_a_checkpoint_error
         assert torch.equal(t.reshape(-1).view(torch.uint8), theirs[k].reshape(-1).view(torch.uint8))
 
 
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.sampled_from(["flip", "insert", "delete"]), st.integers(0, 10**6),
+                                st.integers(0, 255)), min_size=1, max_size=3))
+def test_any_byte_edit_of_a_valid_file_loads_as_the_reference_does_or_is_a_checkpoint_error(tmp_path, edits):
+    header, data = _valid()
+    raw = bytearray(_file(tmp_path, header, data).read_bytes())
+    for kind, where, byte in edits:
+        i = where % len(raw)
+        if kind == "flip":
+            raw[i] = byte
+        elif kind == "insert":
+            raw.insert(i, byte)
+        else:
+            del raw[i]
+    path = tmp_path / "edited.safetensors"
+    path.write_bytes(bytes(raw))
+    try:
+        state = lw.load(path)
+    except lw.CheckpointError:
+        return
+    theirs = safetensors.torch.load_file(path)  # what we accept, the reference library accepts alike
+    assert state.keys() == theirs.keys()
+    for k, t in state.items():
+        assert t.dtype == theirs[k].dtype and t.shape == theirs[k].shape
+        assert torch.equal(t.reshape(-1).view(torch.uint8), theirs[k].reshape(-1).view(torch.uint8))
+
+
 # --------------------------------------------------------------------------- index files
 
 

@@ -172,7 +172,8 @@ def test_unknown_type_lists_families_and_classes_present(interleaved):
         lw.select(interleaved, "type:LSMT")
 
 
-@pytest.mark.parametrize("selector", ["", "   ", "!", "!!head", "re:", "type:", 3.5])
+@pytest.mark.parametrize("selector", ["", "   ", "!", "!!head", "re:", "type:", 3.5, None, b"lstm1", int, torch.Tensor,
+                                      ["lstm1", "linear"]])
 def test_empty_and_non_string_selectors(selector, interleaved):
     with pytest.raises(lw.SelectionError):
         lw.select(interleaved, selector)

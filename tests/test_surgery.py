@@ -289,3 +289,21 @@ def test_a_complex_value_for_a_real_parameter_is_refused_and_changes_nothing(int
     holder.z = z
     lw.set_grad(holder, "z", torch.tensor([1 + 2j, 3j]))  # a complex parameter takes it
     assert z.grad.tolist() == [1 + 2j, 3j]
+
+
+@pytest.mark.parametrize("factor, error", [("0.5", lw.OptionTypeError), (None, lw.OptionTypeError),
+                                           (math.nan, lw.OptionError), (math.inf, lw.OptionError)])
+def test_a_bad_scale_factor_is_refused_when_given_not_inside_backward(interleaved, factor, error):
+    with pytest.raises(error, match="scale_grad: factor must be"):
+        lw.scale_grad(interleaved, "linear", factor=factor)
+    handle = lw.scale_grad(interleaved, "linear", factor=0.5)
+    with pytest.raises(error, match="scale_grad: factor must be"):
+        handle.factor = factor
+    backward_interleaved(interleaved)
+    handle.remove()
+    assert interleaved.linear.bias.grad.isfinite().all()
+
+
+def test_grad_hook_needs_a_callable(interleaved):
+    with pytest.raises(lw.OptionTypeError, match="fn must be a callable"):
+        lw.grad_hook(interleaved, "linear", fn="clamp")

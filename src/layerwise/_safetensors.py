@@ -161,7 +161,7 @@ def read_header(path: Path) -> Header:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     header = parse_json(raw, path, "safetensors header")
-    if not isinstance(header, dict):
+    if not isinstance(header, dict) or not raw.startswith(b"{"):  # the format: the header starts with '{'
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop(METADATA, None)
     if metadata is None:

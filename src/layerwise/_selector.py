@@ -251,6 +251,7 @@ def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector,
 
 
 def describe(selector: Selector) -> str:
+    """A selector as error messages name it: ``'lstm'``, ``type LSTM``, ``callable 'f'``."""
     if isinstance(selector, str):
         return repr(selector)
     if isinstance(selector, type):

@@ -215,8 +215,9 @@ def _scheduler_findings(optimizers: Sequence[torch.optim.Optimizer], scheduler: 
     groups = [g for o in optimizers for g in o.param_groups]
     findings = []
     followed = getattr(scheduler, "base_lrs", getattr(scheduler, "base_values", None))
-    if isinstance(followed, list) and len(followed) < len(groups):
-        late = [p for g in groups[len(followed):] for p in g["params"]]
+    own = getattr(getattr(scheduler, "optimizer", None), "param_groups", groups)  # a GAN's: one optimizer each
+    if isinstance(followed, list) and len(followed) < len(own):
+        late = [p for g in own[len(followed):] for p in g["params"]]
         findings.append(Finding("not-scheduled", names(late), f"in a param group added after the "
                                 f"{type(scheduler).__name__} was built: it keeps its lr while the others follow "
                                 "the schedule", "add it with lw.add_param_group(..., scheduler=scheduler), "

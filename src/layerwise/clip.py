@@ -62,10 +62,14 @@ def _local(g: torch.Tensor, dtensor: type | None) -> tuple[torch.Tensor, torch.T
 
 
 def _pooled_norms(grads: Sequence[torch.Tensor], owners: Sequence[int], units: int, norm_type: float,
-                  foreach: bool | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Each unit's ``norm_type``-norm over its gradients (a 1-d tensor), and the tensors to scale."""
+                  foreach: bool | None) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.device, list]]]:
+    """Each unit's ``norm_type``-norm over its gradients (a 1-d tensor); each gradient's unit and
+    the tensors to scale, both in (device, dtype) bucket order."""
     dtensor = _dtensor_type()
-    measured, scaled, keys = zip(*(_local(g, dtensor) for g in grads))
+    if dtensor is None:  # no DTensor anywhere: every gradient is whole
+        measured, scaled, keys = grads, grads, [None] * len(grads)
+    else:
+        measured, scaled, keys = zip(*(_local(g, dtensor) for g in grads))
     device = measured[0].device
     groups = buckets(measured)
     dtype = functools.reduce(torch.promote_types, (dt for _, dt in groups), torch.float32)
@@ -76,20 +80,22 @@ def _pooled_norms(grads: Sequence[torch.Tensor], owners: Sequence[int], units: i
             torch.linalg.vector_norm(g, norm_type) for g in gs]
         parts.append(torch.stack(per_tensor).to(device, dtype))
     order = [i for idx in groups.values() for i in idx]
+    unit = torch.tensor([owners[i] for i in order], device=device)
     norms = torch.cat(parts)
     if not math.isinf(norm_type):
         norms = norms.pow(norm_type)
-    pooled = norms.new_zeros(units)
-    # One pooled vector per kind of reduction (None: already whole); sharded ones are summed
-    # (or maxed) over the ranks holding the other shards, every unit in the same all-reduce.
-    for key in dict.fromkeys(keys[i] for i in order):
-        rows = [k for k, i in enumerate(order) if keys[i] == key]
-        unit = torch.tensor([owners[order[k]] for k in rows], device=device)
+    # One pooled vector per kind of reduction (None: the local tensors are whole); sharded ones
+    # are summed (or maxed) over the ranks holding the other shards, every unit in one all-reduce.
+    kinds = [keys[i] for i in order]
+    distinct = list(dict.fromkeys(kinds))
+    pooled = None
+    for key in distinct:
+        rows = slice(None) if len(distinct) == 1 else torch.tensor([k == key for k in kinds], device=device)
         part = norms.new_zeros(units)
         if math.isinf(norm_type):
-            part.scatter_reduce_(0, unit, norms[rows], "amax")
+            part.scatter_reduce_(0, unit[rows], norms[rows], "amax")
         else:
-            part.index_add_(0, unit, norms[rows])
+            part.index_add_(0, unit[rows], norms[rows])
         if key is not None:
             import torch.distributed as dist
 
@@ -97,21 +103,10 @@ def _pooled_norms(grads: Sequence[torch.Tensor], owners: Sequence[int], units: i
             op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
             for d in dims:
                 dist.all_reduce(part, op=op, group=mesh.get_group(d))
-        pooled = torch.maximum(pooled, part) if math.isinf(norm_type) else pooled + part
+        pooled = part if pooled is None else torch.maximum(pooled, part) if math.isinf(norm_type) else pooled + part
     if not math.isinf(norm_type):
-        pooled = pooled.pow(1.0 / norm_type)
-    return pooled, list(scaled)
-
-
-def _scale(tensors: Sequence[torch.Tensor], coef: torch.Tensor, foreach: bool | None) -> None:
-    """Multiply each tensor by its entry of ``coef``, with one fused kernel per (device, dtype)."""
-    for (dev, _), idx in buckets(tensors).items():
-        ts, cs = pick(tensors, idx), coef[idx].to(dev).unbind()
-        if use_foreach(ts, dev, foreach):
-            torch._foreach_mul_(ts, cs)
-        else:
-            for t, c in zip(ts, cs):
-                t.mul_(c)
+        pooled = pooled.pow_(1.0 / norm_type)
+    return pooled, unit, [(dev, pick(scaled, idx)) for (dev, _), idx in groups.items()]
 
 
 def _check_finite(norms: Mapping[Any, torch.Tensor], label: Callable[[Any], str], norm_type: float,
@@ -234,12 +229,19 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *selectors: Selector,
             for key, ps in units.items():
                 clip_grads_with_norm_([p for _, p in ps], max_norm, norms[key], foreach)
             return norms
-        owners = [k for k, _ in grads]
-        pooled, local = _pooled_norms([g for _, g in grads], owners, len(keys), norm_type, foreach)
+        pooled, unit, local = _pooled_norms([g for _, g in grads], [k for k, _ in grads], len(keys), norm_type, foreach)
         result = dict(zip(keys, pooled.unbind()))
         if error_if_nonfinite:
             _check_finite(result, label, norm_type, members)
         # As torch does: multiplying by a coefficient clamped to 1 avoids a host sync on `if norm > max_norm`.
-        coef = (max_norm / (pooled + 1e-6)).clamp_(max=1.0)
-        _scale(local, coef[torch.tensor(owners, device=coef.device)], foreach)
+        coef = (max_norm / (pooled + 1e-6)).clamp_(max=1.0)[unit]
+        start = 0
+        for dev, ts in local:
+            cs = coef[start:start + len(ts)].to(dev).unbind()
+            start += len(ts)
+            if use_foreach(ts, dev, foreach):
+                torch._foreach_mul_(ts, cs)
+            else:
+                for t, c in zip(ts, cs):
+                    t.mul_(c)
     return result

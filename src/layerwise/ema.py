@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ._tensors import named_tensor_groups, use_foreach
+from ._shadow import Bucket, acc_dtype, flat_view, local, reshard, shadow_like
+from ._tensors import named_tensor_groups
 from .errors import OptionError, OptionTypeError, StateError
 from .select import Selector, as_selectors, unwrap_compiled
 from .select import select as _select
@@ -38,70 +39,6 @@ def _check_decay(value: Any) -> float:
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise OptionError(f"EMA option decay={value} must be in [0, 1], e.g. 0.999 (the weight kept per update)")
     return float(value)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor a kernel may touch: the local shard of a DTensor, the tensor itself otherwise."""
-    return t._local_tensor if hasattr(t, "_local_tensor") else t
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # half-precision averages round most updates away at decay 0.999: keep them in float32
-    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
-
-
-def _shadow_like(p: torch.Tensor, device: torch.device | None, float_shadow: bool = True) -> torch.Tensor:
-    local = _local(p).detach()
-    dtype = _acc_dtype(local.dtype) if float_shadow else local.dtype
-    shadow = local.to(device=device or local.device, dtype=dtype, copy=True)
-    if not hasattr(p, "_local_tensor"):
-        return shadow
-    from torch.distributed.tensor import DTensor  # only reached for DTensor parameters
-
-    return DTensor.from_local(shadow, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
-
-
-def _flat_view(live: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One 1-D view over ``live`` when they tile a range of one storage in order, else None."""
-    if not live or any(not t.is_contiguous() for t in live):
-        return None
-    storage = live[0].untyped_storage()
-    start = offset = live[0].storage_offset()
-    for t in live:
-        if t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() != offset:
-            return None
-        offset += t.numel()
-    return torch.empty(0, dtype=live[0].dtype, device=live[0].device).set_(storage, start, (offset - start,))
-
-
-class _Bucket:
-    """Shadows and live tensors of one (device, dtype) pair, with the fastest way to average them."""
-
-    __slots__ = ("shadow", "live", "flat", "mixed", "fused", "elsewhere")
-
-    def __init__(self, shadow: list[torch.Tensor], live: list[torch.Tensor], foreach: bool | None):
-        self.shadow, self.live = shadow, live
-        self.elsewhere = shadow[0].device != live[0].device  # device=: each live tensor is copied over first
-        self.mixed = shadow[0].dtype != live[0].dtype or self.elsewhere
-        self.fused = use_foreach(shadow, shadow[0].device, foreach) and not self.elsewhere
-        self.flat: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def average(self, weight: float) -> None:
-        if self.flat is not None:
-            shadow, live = self.flat
-            live = live.to(shadow.device) if self.elsewhere else live
-            if self.mixed:  # lerp takes one dtype: a float32 average of a half model takes two passes
-                shadow.mul_(1.0 - weight).add_(live, alpha=weight)
-            else:
-                shadow.lerp_(live, weight)
-        elif self.fused and not self.mixed:
-            torch._foreach_lerp_(self.shadow, self.live, weight)
-        elif self.fused:
-            torch._foreach_mul_(self.shadow, 1.0 - weight)
-            torch._foreach_add_(self.shadow, self.live, alpha=weight)
-        else:
-            for s, t in zip(self.shadow, self.live):  # per tensor: no foreach kernels, or shadows elsewhere
-                s.mul_(1.0 - weight).add_(t.to(s.device), alpha=weight) if self.mixed else s.lerp_(t, weight)
 
 
 class EMA:
@@ -142,6 +79,9 @@ class EMA:
         tensor([[0.1000, 0.1000]])
         >>> net.weight.data                        # the training weights are back
         tensor([[1., 1.]])
+        >>> two = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> lw.EMA(two, select="1").names           # a subset: only these get a shadow
+        ['1.weight', '1.bias']
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
@@ -193,10 +133,10 @@ class EMA:
         and dtype; where the live tensors tile one buffer, one flat shadow (allocated once, the
         per-parameter shadows are views of it) averaged with one kernel."""
         floats = [b.is_floating_point() and self.buffers == "ema" for b in self._buffers]
-        self.shadow: list[torch.Tensor] = [_shadow_like(p, self.device) if hasattr(p, "_local_tensor") else p
+        self.shadow: list[torch.Tensor] = [shadow_like(p, self.device) if hasattr(p, "_local_tensor") else p
                                            for p in self._params]  # plain ones are made per bucket below
         self.shadow_buffers: list[torch.Tensor] = [
-            b if f else _shadow_like(b, self.device, float_shadow=False) for b, f in zip(self._buffers, floats)]
+            b if f else shadow_like(b, self.device, float_shadow=False) for b, f in zip(self._buffers, floats)]
         slots = [(self.shadow, i) for i in range(len(self._params))] + [
             (self.shadow_buffers, i) for i, f in enumerate(floats) if f]
         groups: dict[tuple, list[tuple[list, int]]] = {}
@@ -205,11 +145,11 @@ class EMA:
             groups.setdefault((t.device, t.dtype, hasattr(t, "_local_tensor")), []).append((owner, i))
         self._buckets = []
         for (_, _, sharded), members in groups.items():
-            live = [_local((self._params if owner is self.shadow else self._buffers)[i].detach())
+            live = [local((self._params if owner is self.shadow else self._buffers)[i].detach())
                     for owner, i in members]
-            flat_live = _flat_view(live) if self.foreach is not False and not sharded else None
+            flat_live = flat_view(live) if self.foreach is not False and not sharded else None
             if flat_live is not None:  # one kernel over the buffer the live tensors tile
-                flat = flat_live.to(device=self.device or flat_live.device, dtype=_acc_dtype(flat_live.dtype),
+                flat = flat_live.to(device=self.device or flat_live.device, dtype=acc_dtype(flat_live.dtype),
                                     copy=True)
                 offset = 0
                 for (owner, i), t in zip(members, live):
@@ -218,15 +158,15 @@ class EMA:
             else:
                 for owner, i in members:
                     if not hasattr(owner[i], "_local_tensor"):
-                        owner[i] = _shadow_like(owner[i], self.device)
-            bucket = _Bucket([_local(owner[i]) for owner, i in members], live, self.foreach)
+                        owner[i] = shadow_like(owner[i], self.device)
+            bucket = Bucket([local(owner[i]) for owner, i in members], live, self.foreach)
             if flat_live is not None:
                 bucket.shadow, bucket.flat = [flat], (flat, flat_live)
             self._buckets.append(bucket)
         copied = [i for i, f in enumerate(floats) if not f]
-        self._copied = ([_local(self.shadow_buffers[i]) for i in copied], [_local(self._buffers[i]) for i in copied])
+        self._copied = ([local(self.shadow_buffers[i]) for i in copied], [local(self._buffers[i]) for i in copied])
         self._walk = list(self.model.modules())
-        self._tracked = [_local(t) for t in self._params + self._buffers]
+        self._tracked = [local(t) for t in self._params + self._buffers]
         self._shapes = [(t.dtype, t.device, t.shape) for t in self._params + self._buffers]
         self._layout = self._signature()
 
@@ -238,7 +178,7 @@ class EMA:
                 tuple(t.data_ptr() for t in self._tracked))
 
     def _check_unchanged(self) -> None:
-        if self._signature() == self._layout:
+        if self._signature() == self._layout or (reshard(self.model) and self._signature() == self._layout):
             return
         params = dict(self.model.named_parameters(remove_duplicate=False))
         changes = [f"{n} was replaced by a new parameter" for n, p in zip(self.names, self._params)
@@ -288,9 +228,11 @@ class EMA:
     def _targets(self, model: nn.Module | None) -> list[torch.Tensor]:
         """The local tensors of ``model`` (default: the tracked one) that the shadows belong in."""
         model = None if model is None else unwrap_compiled(model)
+        if model is not None:
+            reshard(model)
         if model is None or model is self.model:
             self._check_unchanged()
-            return [_local(t.detach()) for t in self._params + self._buffers]
+            return [local(t.detach()) for t in self._params + self._buffers]
         params = dict(model.named_parameters(remove_duplicate=False))
         named_buffers = dict(model.named_buffers())
         missing = [n for n in self.names if n not in params] + [n for n in self._buffer_names if n not in named_buffers]
@@ -306,10 +248,10 @@ class EMA:
             self.names + self._buffer_names, found, self.shadow + self.shadow_buffers) if t.shape != s.shape]
         if wrong:
             raise StateError(f"{type(model).__name__} has other shapes than this EMA: {'; '.join(wrong[:5])}")
-        return [_local(t.detach()) for t in found]
+        return [local(t.detach()) for t in found]
 
     def _shadow_locals(self) -> list[torch.Tensor]:
-        return [_local(s) for s in self.shadow + self.shadow_buffers]
+        return [local(s) for s in self.shadow + self.shadow_buffers]
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module | None]:
@@ -324,11 +266,13 @@ class EMA:
         finally:
             with torch.no_grad():
                 _copy(live, saved)
+            reshard(model or self.model)  # the next forward gathers the training shards again
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Load the averaged weights into ``model`` for good (e.g. before saving the EMA model)."""
         _copy(self._targets(model), self._shadow_locals())
+        reshard(model or self.model)
 
     # ----------------------------------------------------------------------- saving and resuming
 
@@ -342,6 +286,7 @@ class EMA:
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict` (or from ``torch.distributed.checkpoint.load`` into one).
+        A sharded EMA also loads the full tensors of an unsharded one (each rank takes its slice).
 
         Everything is checked first (options, counters, every name, shape, dtype and sharding) and
         every problem reported in one :class:`~layerwise.StateError`; on error nothing changes.
@@ -351,9 +296,20 @@ class EMA:
             raise StateError(f"this state dict does not fit this EMA ({len(problems)} problem"
                              f"{'s' * (len(problems) > 1)}): " + "; ".join(problems))
         sources = [state["shadow"][n] for n in self.names] + [state["buffers"][n] for n in self._buffer_names]
-        _copy(self._shadow_locals(), [_local(t) for t in sources])
+        _copy(self._shadow_locals(), [_local_part(t, mine) for t, mine in zip(sources, self.shadow + self.shadow_buffers)])
         self.decay, self.warmup, self.every = float(state["decay"]), int(state["warmup"]), int(state["every"])
         self.num_updates, self._calls = int(state["num_updates"]), int(state["calls"])
+
+
+def _local_part(saved: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """What this rank loads of a saved tensor: its local shard, or, for a full tensor (saved by one
+    process) loaded into a sharded shadow, this rank's slice of it (no collective)."""
+    if hasattr(mine, "_local_tensor") and not hasattr(saved, "_local_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(saved.to(local(mine).device), mine.device_mesh, mine.placements,
+                                 src_data_rank=None).to_local()
+    return local(saved)
 
 
 def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -391,7 +347,8 @@ def _state_problems(ema: EMA, state: Any) -> list[str]:
                 problems.append(f"{part}[{n!r}] is a {type(t).__name__}, not a tensor")
             elif t.shape != mine.shape or t.dtype != mine.dtype:
                 problems.append(f"{n}: {tuple(t.shape)} {t.dtype} in the state dict, {tuple(mine.shape)} {mine.dtype} here")
-            elif _local(t).shape != _local(mine).shape:
-                problems.append(f"{n}: sharded differently ({tuple(_local(t).shape)} locally vs "
-                                f"{tuple(_local(mine).shape)} here); load it with torch.distributed.checkpoint")
+            elif hasattr(t, "_local_tensor") and (local(t).shape != local(mine).shape or getattr(
+                    mine, "placements", None) != t.placements):
+                problems.append(f"{n}: sharded differently ({tuple(local(t).shape)} locally vs "
+                                f"{tuple(local(mine).shape)} here); load it with torch.distributed.checkpoint")
     return problems

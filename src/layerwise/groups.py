@@ -159,11 +159,11 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     check_options(base, "param_groups", optimizer)
     rule_list = _rule_list(rules, optimizer)
     if layer_decay is not None:
-        factor = _real(layer_decay)
-        if factor is None or not 0 < factor <= 1:
-            raise (OptionTypeError if factor is None else OptionError)(
-                f"layer_decay={layer_decay!r}: the factor between a layer's lr and the next's, a number in (0, 1], "
-                "e.g. 0.75")
+        factor, accepted = _real(layer_decay), "the factor between a layer's lr and the next's, a number in (0, 1]"
+        if factor is None:
+            raise OptionTypeError(f"layer_decay={layer_decay!r}: {accepted}, e.g. 0.75")
+        if not 0 < factor <= 1:
+            raise OptionError(f"layer_decay={layer_decay!r}: {accepted}, e.g. 0.75")
     if not (no_decay is None or isinstance(no_decay, (str, Iterable))):
         raise OptionTypeError(f"no_decay={no_decay!r}: give selectors (no_decay=['head', '**.bias']), "
                               "'default' (1-D parameters and the model's no_weight_decay()) or None")
@@ -193,7 +193,7 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
             if "lr" not in opts:
                 raise OptionError(f"layer-wise LR decay scales a learning rate, but {name} has none: "
                                   "pass lr=... or give it one through a rule")
-            opts["lr"] = opts["lr"] * layer_decay ** (top - layer_of[name])
+            opts["lr"] = opts["lr"] * factor ** (top - layer_of[name])
 
     groups: dict[str, dict[str, Any]] = {}
     for name, p in trainable:

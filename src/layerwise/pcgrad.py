@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._tensors import buckets, pick
-from .errors import GradError
+from .errors import GradError, OptionTypeError
 from .select import Selector, describe, select
 from .surgery import like, trainable
 
@@ -53,6 +53,8 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
         raise GradError(f"pcgrad needs two losses or more, got {len(losses)}: with one task, call loss.backward()")
     if reduction not in ("mean", "sum"):
         raise GradError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise OptionTypeError(f"pcgrad: generator must be a torch.Generator or None, got {type(generator).__name__}")
     for i, loss in enumerate(losses):
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .surgery import finite_real
+
 __all__ = ["GradReverse", "grad_reverse"]
 
 
@@ -62,7 +64,7 @@ class GradReverse(nn.Module):
 
     def __init__(self, alpha: float = 1.0):
         super().__init__()
-        self.register_buffer("_alpha", torch.tensor(float(alpha)), persistent=False)
+        self.register_buffer("_alpha", torch.tensor(finite_real("GradReverse", "alpha", alpha)), persistent=False)
 
     @property
     def alpha(self) -> float:
@@ -71,7 +73,7 @@ class GradReverse(nn.Module):
     @alpha.setter
     def alpha(self, value: float) -> None:
         with torch.no_grad():
-            self._alpha.fill_(value)  # in place: a compiled graph reads the buffer, it does not guard on it
+            self._alpha.fill_(finite_real("GradReverse", "alpha", value))  # in place: a compiled graph reads the buffer, it does not guard on it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return grad_reverse(x, self._alpha)

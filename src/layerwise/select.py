@@ -23,9 +23,8 @@ A selector may also be an ``nn.Module`` subclass (like ``type:``) or a callable
 each of its names; it is selected when any of its names matches and removed by a negation
 when any of its names matches. A ``torch.compile``d model is addressed by its inner names.
 
-Every consumer (``freeze``, ``param_groups``, ``show``, ``grad_stats``, ``merge``, the CLI...)
-goes through :func:`resolve`: one walk of the model, each selector string parsed and compiled
-once (cached), giving the parameters, the modules reached and the selectors that matched nothing.
+Every consumer goes through :func:`resolve`: one walk of the model, each string compiled once
+(cached), giving the parameters, the modules reached and the selectors that matched nothing.
 """
 
 from __future__ import annotations
@@ -82,9 +81,10 @@ class Walk:
         self._sorted: dict[str, tuple[list[str], list[int]]] = {}
         self._aliases: list[tuple[str, ...]] | None = None  # None: one name per tensor
         if isinstance(source, nn.Module):
-            self.what, self.has_modules = type(unwrap_compiled(source)).__name__, True
+            model = unwrap_compiled(source)
+            self.what, self.has_modules = type(model).__name__, True
             with gc_paused():
-                self._walk(unwrap_compiled(source))
+                self._walk(model)
             return
         self.has_modules = False
         if isinstance(source, Mapping):
@@ -134,8 +134,8 @@ class Walk:
         self._aliases = [tuple(names) for names in members]
 
     def group(self, g: int) -> tuple[tuple[str, ...], torch.Tensor | None]:
-        """Every name of tensor ``g`` and the tensor. (Built on demand: tens of thousands of small
-        tuples made in the walk would cost more in garbage collection than the walk itself.)"""
+        """Every name of tensor ``g`` and the tensor, built on demand (tuples for every tensor at
+        walk time cost more in garbage collection than the walk itself)."""
         return (self.names[g],) if self._aliases is None else self._aliases[g], self.tensors[g]
 
     def resolve(self, *selectors: Selector, missing_ok: bool = False) -> Resolution:
@@ -144,8 +144,7 @@ class Walk:
             return self._resolve(selectors, missing_ok)
 
     def _resolve(self, selectors: Sequence[Selector], missing_ok: bool) -> Resolution:
-        positive: set[int] = set()
-        negative: set[int] = set()
+        positive, negative = set(), set()
         reaches: list[tuple[bool, Callable[[], set[int]]]] = []
         unmatched = []
         for selector in selectors:
@@ -189,15 +188,15 @@ class Walk:
         if isinstance(selector, type) and issubclass(selector, nn.Module):
             groups, modules = self._by_type(lambda m: isinstance(m, selector), selector)
             return False, groups, lambda: modules
-        if callable(selector):
+        if callable(selector) and not isinstance(selector, type):  # a class is a module type or nothing
             if self.what == "the keys":
                 raise SelectionError(f"cannot select {self.what} with {describe(selector)}: a callable (name, param) "
                                      "needs tensors; use a string selector")
             groups = {g for g in range(len(self.tensors)) if any(selector(n, self.tensors[g]) for n in self.group(g)[0])}
             return False, groups, lambda: self._fully_selected(groups)
-        raise SelectionError(
-            f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
-            "an nn.Module subclass, or a callable (name, param) -> bool")
+        hint = " Pass several selectors as separate arguments." if isinstance(selector, (list, tuple, set)) else ""
+        raise SelectionError(f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
+                             f"an nn.Module subclass, or a callable (name, param) -> bool.{hint}")
 
     def _scan(self, pattern: Pattern, items: list[str], which: str) -> list[int]:
         """Indices of ``items`` the pattern matches; with a literal prefix, only the candidates that
@@ -269,11 +268,13 @@ class Resolution:
 
     @property
     def modules(self) -> tuple[tuple[str, nn.Module], ...]:
+        """``(path, module)`` of every module reached, in model order (found on first access)."""
         if callable(self._modules):
             self._modules = self._modules()
         return self._modules
 
     def selection(self) -> Selection:
+        """The parameters as a :class:`Selection`."""
         return Selection(self.groups)
 
 

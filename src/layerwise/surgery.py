@@ -14,6 +14,7 @@ Two moments to act on a gradient:
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ._hooks import Hooks
-from .errors import GradError, NonFiniteGradError
+from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selection, SelectionError, Selector, closest, describe, select
 
 __all__ = ["GradHooks", "GradScale", "grad_hook", "scale_grad", "set_grad"]
@@ -43,6 +44,15 @@ def trainable(model: nn.Module, selectors: Sequence[Selector], caller: str) -> l
         raise GradError(f"{caller}: every selected parameter is frozen (requires_grad=False): {shown}. "
                         "Unfreeze them first, or select trainable ones.")
     return chosen
+
+
+def finite_real(caller: str, option: str, value: Any) -> float:
+    """``value`` as a float if it is a finite real number, else the error naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionTypeError(f"{caller}: {option} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise OptionError(f"{caller}: {option} must be finite, got {value}: it would make every gradient nan or inf")
+    return float(value)
 
 
 def like(p: torch.Tensor) -> torch.Tensor:
@@ -209,8 +219,17 @@ class GradScale(GradHooks):
         self.factor = factor
         super().__init__(params, self._scale)
 
+    @property
+    def factor(self) -> float:
+        return self._factor
+
+    @factor.setter
+    def factor(self, value: float) -> None:
+        # Checked here: the hook runs inside backward, where a bad value would surface as a raw torch error.
+        self._factor = finite_real("scale_grad", "factor", value)
+
     def _scale(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        return grad * self.factor
+        return grad * self._factor
 
 
 def grad_hook(model: nn.Module, *selectors: Selector,
@@ -233,6 +252,8 @@ def grad_hook(model: nn.Module, *selectors: Selector,
         ['bias', 'weight']
         >>> hooks.remove()
     """
+    if not callable(fn):
+        raise OptionTypeError(f"grad_hook: fn must be a callable (name, grad) -> grad or None, got {type(fn).__name__}")
     return GradHooks(trainable(model, selectors, "grad_hook"), fn)
 
 
