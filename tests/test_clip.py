@@ -175,25 +175,35 @@ def _fsdp_clip(rank: int, world_size: int, shape: tuple[int, ...]) -> dict:
         norms = lw.clip_grad_norm(model, 1.0, per=per, optimizer=optimizer)
         out[per] = ({k: v.clone() for k, v in norms.items()}, len(calls),
                     {n: p.grad.full_tensor() for n, p in model.named_parameters()})
+    if len(shape) == 1:  # DDP in the same processes: gradients arrive averaged, so clipping needs no collective
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_uneven_mlp())
+        _backward_share(ddp, rank, world_size)
+        calls.clear()
+        norms = lw.clip_grad_norm(ddp.module, 1.0, per="layer")
+        out["ddp"] = ({k: v.clone() for k, v in norms.items()}, len(calls),
+                      {n: p.grad.clone() for n, p in ddp.module.named_parameters()})
     dist.all_reduce = all_reduce
     return out
 
 
-@pytest.mark.parametrize("shape", [(2,), (2, 2)], ids=["fsdp2", "hsdp"])
-def test_clipping_an_fsdp2_model_equals_one_process_with_one_collective_per_call(run_ranks, shape):
+@pytest.mark.parametrize("shape", [(2,), (2, 2)], ids=["fsdp2-and-ddp", "hsdp"])
+def test_clipping_a_sharded_model_equals_one_process_with_one_collective_per_call(run_ranks, shape):
     world_size = math.prod(shape)
     ranks = run_ranks(_fsdp_clip, shape, world_size=world_size)
     model = _uneven_mlp()
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": [*model[2:].parameters()]}], lr=0.1)
-    for per, optimizer in (("layer", None), ("group", opt), ("selection", None)):
+    cases = [("layer", None), ("group", opt), ("selection", None)] + ([("ddp", None)] if len(shape) == 1 else [])
+    for per, optimizer in cases:
         model.zero_grad()
         for rank in range(world_size):  # the mean of the ranks' losses: what FSDP2's averaged gradient is
             _backward_share(model, rank, world_size)
         for p in model.parameters():
             p.grad /= world_size
-        expected = lw.clip_grad_norm(model, 1.0, per=per, optimizer=optimizer)
+        expected = lw.clip_grad_norm(model, 1.0, per="layer" if per == "ddp" else per, optimizer=optimizer)
         for norms, collectives, grads in (r[per] for r in ranks):
-            assert collectives == 1, per
+            assert collectives == (0 if per == "ddp" else 1), per
             assert list(norms) == list(expected) and all(norms[k] > 1.0 for k in norms)
             for key, value in expected.items():
                 torch.testing.assert_close(norms[key], value, rtol=1e-6, atol=0, msg=f"{per} {key}")

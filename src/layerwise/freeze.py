@@ -134,7 +134,8 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
     required grad when it was built; :func:`freeze` and :func:`unfreeze` on the wrapper rebuild
     its reducer for the new trainable set (as DDP does when unpickled), so an unfrozen layer
     stays in sync and a frozen one is not waited for, without ``find_unused_parameters``.
-    Every rank must make the same calls. FSDP2 (``fully_shard``) needs nothing more. Under
+    Every rank must make the same calls, between steps (not between a forward and its
+    backward). FSDP2 (``fully_shard``) needs nothing more. Under
     torch.distributed, unfreezing a module that is neither warns that a wrapper around it
     would not see the change.
 
