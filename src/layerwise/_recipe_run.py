@@ -22,6 +22,7 @@ from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method, get_method
 from ._merge_options import resolve_options
 from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder, vocabulary
+from ._term import byte_progress
 from .errors import MergeError, OptionError
 from .recipes import Recipe, layer_plan, read_recipe
 
@@ -144,7 +145,8 @@ def _opened(paths: Sequence[Path]) -> Iterator[dict[Path, Checkpoint]]:
 
 def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bool = False,
                max_shard_size: int | str | None = DEFAULT_SHARD, compute_dtype: str | torch.dtype | None = None,
-               copy_from: str | Path | None = None, dtype: str | torch.dtype | None = None, progress: Any = None) -> Path:
+               copy_from: str | Path | None = None, dtype: str | torch.dtype | None = None,
+               progress: bool = False) -> Path:
     """Run a mergekit recipe into the model folder ``output``; see :mod:`layerwise.recipes`.
 
     Everything is checked before the first tensor byte is read: the recipe, every input's header
@@ -193,7 +195,8 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None,
             vocab_size=vocab_size)
         plan = Plan(entries, {}, {"layerwise.merge": recipe.method}, parse_size(max_shard_size))
-        return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
-                     progress=progress)
+        with byte_progress(progress, plan.total_bytes, f"{recipe.method} → {output.name}") as bar:
+            return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
+                         progress=lambda n: bar.advance(bar.task_ids[0], n))
 
 

@@ -7,11 +7,13 @@ from typing import IO
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 # Tables of layer names are wide; a pipe or a file gets room instead of rich's 80 columns.
@@ -37,3 +39,11 @@ def progress(out: Console | None = None, *extra_columns) -> Progress:
         console=out or console(stderr=True),
         transient=False,
     )
+
+
+def byte_progress(enabled: bool, total: int, description: str) -> Progress:
+    """A progress bar of bytes written, with throughput, on stderr (a no-op unless ``enabled``)."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    bar = Progress(*columns, console=console(stderr=True), disable=not enabled, transient=False)
+    bar.add_task(description, total=total)
+    return bar

@@ -19,14 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 from torch import nn
 
@@ -49,7 +41,7 @@ from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
 from ._reader import SliceReader
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
-from ._term import console
+from ._term import byte_progress, console
 from .average import check_compatible
 from .errors import CheckpointError
 from .select import Selector, select_keys
@@ -182,13 +174,6 @@ def _opened(paths: Sequence[PathLike], key: str | None) -> Iterator[list[Checkpo
             c.close()
 
 
-def _byte_progress(enabled: bool, total: int, description: str) -> contextlib.AbstractContextManager:
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    bar = Progress(*columns, console=console(stderr=True), disable=not enabled, transient=False)
-    bar.add_task(description, total=total)
-    return bar
-
-
 def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "linear",
                 weights: Sequence[float] | None = None, base: PathLike | None = None,
                 dtype: str | torch.dtype | None = None, select: Selector | Sequence[Selector] | None = None, *,
@@ -285,7 +270,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         planned = {k: d for k, d, _ in entries}
         work = {k: compute_dtype_of([c.specs[k][1] for c in labelled], work_dtype) for k in keys}
         check_output(output, paths, overwrite)  # before the progress bar starts
-        with SliceReader(reads) as reader, _byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
+        with SliceReader(reads) as reader, byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
             return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
                          progress=lambda n: bar.advance(bar.task_ids[0], n))
 

@@ -96,7 +96,8 @@ def _merge_recipe(args: argparse.Namespace) -> int:
     from ._recipe_run import DEFAULT_SHARD, run_recipe
 
     out = run_recipe(args.config, args.output, overwrite=args.force, max_shard_size=args.max_shard_size or DEFAULT_SHARD,
-                     compute_dtype=args.compute_dtype, copy_from=args.copy_from, dtype=args.dtype)
+                     compute_dtype=args.compute_dtype, copy_from=args.copy_from, dtype=args.dtype,
+                     progress=not args.quiet)
     console(quiet=args.quiet).print(f"wrote {out}")
     return 0
 
