@@ -164,3 +164,37 @@ def test_a_bert_recipe_with_slices_gives_a_deeper_bert_that_loads_with_its_token
     tok = AutoTokenizer.from_pretrained(out)
     assert tok("w0 w1")["input_ids"] == [2, 5, 6, 3]
     assert model(**tok("w0 w1", return_tensors="pt")).logits.shape == (1, 4, 32)
+
+
+def test_tokenizer_source_cuts_padded_embeddings_to_the_vocabulary_and_refuses_a_different_one(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _tiny_tokenizer
+
+    tokenizer = _tiny_tokenizer()  # 32 tokens; the models pad their embeddings to 40 rows
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    for seed, name in enumerate(("base", "a")):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    recipe = _recipe(tmp_path, f"merge_method: ties\nbase_model: {tmp_path / 'base'}\ntokenizer_source: base\n"
+                               f"parameters: {{density: 0.5}}\nmodels:\n  - model: {tmp_path / 'a'}\n")
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 0
+    got = lw.load(out)
+    assert got["model.embed_tokens.weight"].shape == (32, 16) and got["lm_head.weight"].shape == (32, 16)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 32
+    expected = lw.merge({k: v[:32] if v.shape[0] == 40 else v for k, v in lw.load(tmp_path / "base").items()},
+                        [{k: v[:32] if v.shape[0] == 40 else v for k, v in lw.load(tmp_path / "a").items()}],
+                        "ties", density=0.5)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 32
+
+    other = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>")
+    other.add_tokens(["extra"])
+    other.save_pretrained(tmp_path / "a")
+    (tmp_path / "out2").mkdir()
+    capsys.readouterr()
+    assert main(["merge", "--config", str(recipe), "-o", str(tmp_path / "out2" / "m"), "--quiet"]) == 2
+    assert "the vocabulary of" in capsys.readouterr().err and not (tmp_path / "out2" / "m").exists()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingExtraError, OptionError
 
 # Files a model folder needs besides its weights; everything else there (weights, optimizer
 # states, trainer logs, the source's own card) is not copied.
@@ -40,7 +40,7 @@ def _copied(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and (p.name in _COPIED or p.suffix in _COPIED_SUFFIXES))
 
 
-def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None) -> dict[str, Any]:
+def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None, vocab_size: int | None) -> dict[str, Any]:
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -52,6 +52,8 @@ def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None) ->
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
         for k in keys:
             config[k] = dtype
+    if vocab_size is not None:
+        config["vocab_size"] = vocab_size
     if layer_map is not None:
         counts = [k for k in _LAYER_COUNTS if isinstance(config.get(k), int)]
         old = config[counts[0]] if counts else None
@@ -65,7 +67,7 @@ def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None) ->
 
 
 def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path | None, *, dtype: str | None,
-                      layer_map: Sequence[int] | None = None) -> list[str]:
+                      layer_map: Sequence[int] | None = None, vocab_size: int | None = None) -> list[str]:
     """Write into folder ``out`` the config (updated) and generation config of ``config_from`` and the
     tokenizer files of ``tokenizer_from``; returns the names written.
 
@@ -82,7 +84,7 @@ def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path 
     """
     written = []
     if config_from is not None:
-        (out / "config.json").write_text(json.dumps(_config(config_from, dtype, layer_map), indent=2) + "\n")
+        (out / "config.json").write_text(json.dumps(_config(config_from, dtype, layer_map, vocab_size), indent=2) + "\n")
         written.append("config.json")
         for p in _copied(config_from):
             if p.name == "generation_config.json":
@@ -130,7 +132,8 @@ def weight_files(path: Path) -> list[Path]:
 
 def folder_finisher(*, inputs: Sequence[Path], source: Path | None, tokenizer_source: Path | None = None,
                     dtype: str | None, method: str, options: Mapping[str, Any],
-                    layer_map: Sequence[int] | None = None, recipe_text: str | None = None) -> Callable[[Path], None]:
+                    layer_map: Sequence[int] | None = None, recipe_text: str | None = None,
+                    vocab_size: int | None = None) -> Callable[[Path], None]:
     """What completes a merged folder before it is published: model files from ``source`` (the
     tokenizer from ``tokenizer_source``, default ``source``) and the card."""
     from . import __version__
@@ -138,7 +141,25 @@ def folder_finisher(*, inputs: Sequence[Path], source: Path | None, tokenizer_so
     digests = [(str(p), header_digest(weight_files(p))) for p in inputs]  # now: a missing file fails before writing
 
     def finish(folder: Path) -> None:
-        write_model_files(folder, source, tokenizer_source or source, dtype=dtype, layer_map=layer_map)
+        write_model_files(folder, source, tokenizer_source or source, dtype=dtype, layer_map=layer_map,
+                          vocab_size=vocab_size)
         (folder / "README.md").write_text(model_card(method=method, inputs=digests, options=options,
                                                      version=__version__, recipe_text=recipe_text))
     return finish
+
+
+def vocabulary(folder: Path | None, who: str) -> dict[str, int]:
+    """The vocabulary (token → id, added tokens included) of a model folder's ``tokenizer.json``,
+    as ``transformers``' fast tokenizers give it (``get_vocab()``)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise MissingExtraError("tokenizer_source needs the tokenizers package: pip install 'layerwise[hf]'") from None
+    path = (folder or Path(who)) / "tokenizer.json"
+    if folder is None or not path.is_file():
+        raise OptionError(f"tokenizer_source: {who} has no tokenizer.json to compare vocabularies with; "
+                          "drop tokenizer_source to copy the base model's tokenizer files as they are")
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise CheckpointError(f"{path}: not a readable tokenizer ({e})") from None

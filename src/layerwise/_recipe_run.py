@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ from ._files import Checkpoint, Plan, open_checkpoint, parse_dtype, parse_size, 
 from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method, get_method
 from ._merge_options import resolve_options
-from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
-from .errors import MergeError
+from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder, vocabulary
+from .errors import MergeError, OptionError
 from .recipes import Recipe, layer_plan, read_recipe
 
 
@@ -47,12 +48,17 @@ def _merged(*levels: Mapping[str, Any]) -> dict[str, Any]:
     return {n: _layered(*(level.get(n) for level in levels)) for n in dict.fromkeys(names)}
 
 
+# The tensors mergekit re-maps to the tokenizer's vocabulary (its architectures' is_embed weights).
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|tok_embeddings|embed_in|lm_head|embed_out)\.weight$")
+
+
 @dataclass
 class _Job:
     key: str
     sources: list[tuple[Checkpoint, str]]
     base: tuple[Checkpoint, str] | None
     options: dict[str, Any]
+    rows: int | None = None  # an embedding cut to the tokenizer's vocabulary
 
 
 def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
@@ -100,6 +106,30 @@ def _check(jobs: Sequence[_Job]) -> None:
                          + (" ..." if len(problems) > 8 else ""))
 
 
+def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job]) -> int | None:
+    """mergekit's ``tokenizer_source``: the embeddings (and head) get one row per token of that
+    tokenizer's vocabulary. When every model shares the vocabulary this keeps the first
+    ``len(vocab)`` rows (padding rows go, as in mergekit); vocabularies that differ would need
+    mergekit's token-by-token re-mapping of rows, which is refused by name."""
+    if recipe.tokenizer_source is None:
+        return None
+    vocab = vocabulary(source_folder(recipe.tokenizer_source), str(recipe.tokenizer_source))
+    for model in recipe.models():
+        if vocabulary(source_folder(model), str(model)) != vocab:
+            raise OptionError(f"tokenizer_source: the vocabulary of {model} differs from that of "
+                              f"{recipe.tokenizer_source}; merging them needs mergekit's token-by-token re-mapping of "
+                              "embedding rows, which layerwise does not do. Merge models that share a tokenizer, "
+                              "or drop tokenizer_source to keep the embeddings as they are")
+    for job in jobs:
+        if _EMBEDDING.search(job.key):
+            rows = job.sources[0][0].specs[job.sources[0][1]][0][0]
+            if rows < len(vocab):
+                raise OptionError(f"tokenizer_source: {job.key} has {rows} rows for the {len(vocab)} tokens of "
+                                  f"{recipe.tokenizer_source}")
+            job.rows = len(vocab)
+    return len(vocab)
+
+
 @contextlib.contextmanager
 def _opened(paths: Sequence[Path]) -> Iterator[dict[Path, Checkpoint]]:
     opened: dict[Path, Checkpoint] = {}
@@ -135,6 +165,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     with _opened(paths) as opened:
         jobs = _jobs(recipe, opened)
         _check(jobs)
+        vocab_size = _fit_vocabulary(recipe, jobs)
         entries, dtypes = [], {}
         for job in jobs:
             ckpt, key = job.sources[0]
@@ -143,13 +174,14 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             if dtype.is_floating_point:
                 dtype = out_dtype or functools.reduce(torch.promote_types, ins)
             dtypes[job.key] = (dtype, compute_dtype_of(ins, work_dtype))
-            entries.append((job.key, dtype, shape))
+            entries.append((job.key, dtype, shape if job.rows is None else (job.rows, *shape[1:])))
         by_key = {job.key: job for job in jobs}
 
         def pieces_of(key: str) -> Iterator[torch.Tensor]:
             job = by_key[key]
-            base = job.base[0].read(job.base[1]) if job.base else None
-            yield merge_tensor(method, (c.read(k) for c, k in job.sources), base, job.options, dtypes[key][1],
+            rows = slice(job.rows)
+            base = job.base[0].read(job.base[1])[rows] if job.base else None
+            yield merge_tensor(method, (c.read(k)[rows] for c, k in job.sources), base, job.options, dtypes[key][1],
                                key=key, dtype=dtypes[key][0])
 
         first = recipe.slices[0].sources[0].model
@@ -158,7 +190,8 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             inputs=paths, source=source, method=recipe.method, options={}, recipe_text=recipe.text,
             tokenizer_source=None if copy_from else source_folder(recipe.tokenizer_source or recipe.base_model or first),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
-            layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None)
+            layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None,
+            vocab_size=vocab_size)
         plan = Plan(entries, {}, {"layerwise.merge": recipe.method}, parse_size(max_shard_size))
         return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
                      progress=progress)

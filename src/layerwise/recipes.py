@@ -82,7 +82,7 @@ class Recipe:
     parameters: Mapping[str, Any] = field(default_factory=dict)
     dtype: str | None = None
     out_dtype: str | None = None
-    tokenizer_source: Path | None = None  # None: the base model, else the first model
+    tokenizer_source: Path | None = None  # given (``base`` is the base model): embeddings follow its vocabulary
     text: str = ""
 
     def models(self) -> list[Path]:
@@ -233,7 +233,8 @@ def parse_recipe(data: Any, *, text: str = "") -> Recipe:
             raise OptionError(f"{name}: a dtype name (bfloat16, float16, float32), not {data[name]!r}")
     return Recipe(method, tuple(slices), "slices" in data, base, _parameters(data.get("parameters"), "parameters"),
                   data.get("dtype"), data.get("out_dtype"),
-                  None if tokenizer in (None, "base") else _model_path(tokenizer, "tokenizer_source"), text)
+                  None if tokenizer is None else base if tokenizer == "base" else _model_path(tokenizer, "tokenizer_source"),
+                  text)
 
 
 def read_recipe(path: str | Path) -> Recipe:
