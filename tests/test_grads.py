@@ -315,7 +315,8 @@ def fsdp_rank(rank: int, world_size: int):
     assert calls == more == ["all_gather"] and clip_calls == ["all_reduce"], "one collective per call, for all layers"
     assert {m: pytest.approx(row["norm"], rel=1e-6) for m, row in by_module.items()} == norms
     with lw.GradMonitor(model, every=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)) as monitor:
-        monitor.optimizer.step()
+        _, step_calls = counting_collectives(monitor.optimizer.step)
+    assert step_calls == ["all_gather", "all_gather"], "a log step: gradients and weights in one, then Δw"
     updates = {r["layer"]: (r["weight_norm"], r["update_ratio"]) for r in monitor.history}
     local_numel = [p.to_local().numel() for p in model.parameters()]
     ok = lw.check_grads(model).ok

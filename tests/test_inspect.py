@@ -2,8 +2,12 @@ import io
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import layerwise as lw
+
+from conftest import random_models
 
 
 def test_rows_have_every_column_and_totals_count_shared_once(tied_lm):
@@ -231,3 +235,18 @@ def test_a_peft_lora_model_shows_only_its_adapters_with_trainable_only():
     assert rows.total == sum(p.numel() for p in model.parameters()), "the frozen base counts in the totals"
     text = _render(lw.show(model, trainable_only=True, quiet=True), 80)
     assert all(name in text.splitlines() for name in adapters), "long adapter names in full, at 80 columns"
+
+
+@given(random_models(), st.integers(1, 4), st.booleans())
+def test_a_roll_up_at_any_depth_accounts_for_every_parameter_once(model, depth, trainable_only):
+    flat = lw.show(model, trainable_only=trainable_only, quiet=True)
+    rolled = lw.show(model, depth=depth, trainable_only=trainable_only, quiet=True)
+    assert sum(r["tensors"] for r in rolled) == len(flat)
+    assert sum(r["numel"] for r in rolled) == sum(r["numel"] for r in flat)
+    assert (rolled.total, rolled.trainable) == (flat.total, flat.trainable)
+    counted = dict.fromkeys((m["name"] for m in rolled), 0)
+    for r in flat:  # each parameter is counted by the most specific row above it, at most `depth` deep
+        owner = max((m for m in counted if r["name"] == m or r["name"].startswith(m + ".")), key=len)
+        assert owner.count(".") < depth or owner == r["name"]
+        counted[owner] += 1
+    assert counted == {m["name"]: m["tensors"] for m in rolled}

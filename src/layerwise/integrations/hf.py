@@ -64,7 +64,7 @@ class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
     weights in the model when training ends (replacing a best model loaded at the end).
     EMA, unfreezing and warm-up progress are saved in each checkpoint folder
     (:data:`STATE_FILE`, on the main process) and restored by ``trainer.train(resume_from_checkpoint=...)``
-    from the checkpoint of the resumed step under ``output_dir``.
+    from the checkpoint of the resumed step under ``output_dir`` (or ``args.resume_from_checkpoint``).
 
     Example::
 
@@ -95,7 +95,12 @@ class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
                        optimizer=None, lr_scheduler=None, **kw: Any):
         self._model = model
         if state.global_step:  # resuming: the Trainer restored its own state, this restores ours
-            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
+            # Callbacks are not told the folder trainer.train(resume_from_checkpoint=) got: the
+            # argument's, else the Trainer's own name for the checkpoint of this step.
+            folder = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) and \
+                os.path.isdir(args.resume_from_checkpoint) else \
+                os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            path = os.path.join(folder, STATE_FILE)
             if os.path.isfile(path):
                 self.plan.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             else:
