@@ -38,7 +38,7 @@ from ._merge_math import compute_dtype_of, merge_tensor
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
 from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
-from ._reader import SliceReader
+from ._reader import SliceReader, one_compute_thread
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import byte_progress, console
@@ -270,7 +270,8 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         planned = {k: d for k, d, _ in entries}
         work = {k: compute_dtype_of([c.specs[k][1] for c in labelled], work_dtype) for k in keys}
         check_output(output, paths, overwrite)  # before the progress bar starts
-        with SliceReader(reads) as reader, byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
+        with SliceReader(reads) as reader, one_compute_thread(), \
+                byte_progress(progress, plan.total_bytes, f"{method} → {output.name}") as bar:
             return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
                          progress=lambda n: bar.advance(bar.task_ids[0], n))
 
