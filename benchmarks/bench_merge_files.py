@@ -66,6 +66,7 @@ dd if=/dev/zero of="$OUT" bs=1M count="$MB" conv=fsync status=none
 
 def measure(argv: list[str]) -> tuple[float, float]:
     """Seconds of the work itself and peak RSS (MB) of one child process, as the child reports them."""
+    os.sync()  # the previous run's unsynced output must not be flushed on this run's clock
     run = subprocess.run(argv, capture_output=True, text=True, check=True)
     elapsed, rss = run.stdout.split()[-2:]
     return float(elapsed), float(rss)
@@ -73,6 +74,7 @@ def measure(argv: list[str]) -> tuple[float, float]:
 
 def measure_limit(inputs: list[Path], output: Path, megabytes: int) -> tuple[float, float]:
     """Read every input once, write one output of the same size with fsync (no interpreter: bash, cat, dd)."""
+    os.sync()
     start = time.perf_counter()
     subprocess.run(["bash", "-c", LIMIT, "limit", *map(str, inputs)], check=True,
                    env={**os.environ, "OUT": str(output), "MB": str(megabytes)})
