@@ -456,3 +456,9 @@ def test_freezing_inside_one_fsdp2_unit_keeps_frozen_weights_bit_identical(run_r
         assert not torch.equal(final["2.weight"], initial["2.weight"])  # unfrozen mid-run: it trained
         for name, value in expected["final"].items():
             torch.testing.assert_close(final[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_bad_norm_stats_is_an_option_error_and_freezes_nothing(interleaved):
+    with pytest.raises(lw.OptionError, match="norm_stats must be 'freeze' or 'train'"):
+        lw.freeze(interleaved, "lstm1", norm_stats="fixed")
+    assert lw.frozen(interleaved) == []

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
+from .errors import OptionError
+
 T = TypeVar("T")
 
 
@@ -66,7 +68,8 @@ def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: 
     if foreach is None:
         return _has_foreach_support(list(tensors), device)
     if foreach and not _device_has_foreach_support(device):
-        raise RuntimeError(f"foreach=True was passed, but {device.type} tensors have no foreach kernels")
+        raise OptionError(f"foreach=True was passed, but {device.type} tensors have no foreach kernels; "
+                          "pass foreach=None (the default) or False")
     return foreach
 
 

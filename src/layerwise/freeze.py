@@ -90,7 +90,7 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
         ['0.weight', '0.bias', '1.weight', '1.bias']
     """
     if norm_stats not in ("freeze", "train"):
-        raise ValueError(f"norm_stats must be 'freeze' or 'train', got {norm_stats!r}")
+        raise OptionError(f"freeze: norm_stats must be 'freeze' or 'train', got {norm_stats!r}")
     # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
     resolution = resolve(model, *selectors, missing_ok=missing_ok)
     chosen = resolution.selection()
