@@ -117,7 +117,11 @@ def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, ke
         w = [wi / total for wi in w]
     out = xs[0] * w[0]
     for wi, x in zip(w[1:], xs[1:]):
-        out.add_(x, alpha=wi)
+        # alpha= must fit the dtype; a weight beyond it multiplies first (to inf, refused by merge_tensor)
+        if abs(wi) <= torch.finfo(out.dtype).max:
+            out.add_(x, alpha=wi)
+        else:
+            out.add_(x * wi)
     return out
 
 
@@ -137,7 +141,7 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
         if consensus:
             torch.mul(delta, w[i], out=weighted[i])
         else:
-            mixed = delta.mul_(w[i]) if mixed is None else mixed.add_(delta, alpha=w[i])
+            mixed = delta.mul_(w[i]) if mixed is None else mixed.add_(delta.mul_(w[i]))  # no alpha=: it must fit the dtype
         del delta
     if consensus:
         weights = torch.tensor(w, dtype=base.dtype, device=base.device).view(-1, *([1] * base.ndim))

@@ -10,6 +10,7 @@ and torch kernels release the GIL, so one thread is enough to overlap them.
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,13 @@ from ._files import Checkpoint
 Read = tuple[str, Sequence[Checkpoint], int, int]  # key, the checkpoints to read it from, element range
 
 
+def _no_signals() -> None:
+    """Signals go to the main thread: Ctrl-C delivered to a sleeping reader could run its handler
+    only after the main thread had finished (the kernel picks any thread that does not block it)."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+
+
 class SliceReader:
     """Reads ``reads`` in order, ``depth`` ahead of the consumer; :meth:`take` hands them out per key.
 
@@ -29,7 +37,7 @@ class SliceReader:
 
     def __init__(self, reads: Iterable[Read], *, depth: int = 1):
         self._reads = iter(reads)
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="layerwise-reader")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="layerwise-reader", initializer=_no_signals)
         self._ring: list[list[torch.Tensor]] = [[] for _ in range(depth + 1)]
         self._slot = 0
         self._pending: deque[tuple[str, Future]] = deque()
