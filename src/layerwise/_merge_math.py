@@ -2,10 +2,9 @@
 
 Each method function takes the models' tensors and the base's (already in the compute dtype),
 the options resolved for this tensor (globals as values, per-model options as tuples) and the
-tensor's key (which seeds the random methods), and returns a new tensor. Inputs are never
-written to. The definitions follow mergekit 0.1.5 (``mergekit/merge_methods/``,
-``mergekit/sparsify.py``) so that a recipe gives the same numbers; where layerwise 0.1 differed,
-``convention="layerwise"`` keeps the old numbers.
+tensor's key (which seeds the random methods), and returns a new tensor. The definitions follow
+mergekit 0.1.5 (``merge_methods/``, ``sparsify.py``) so that a recipe gives the same numbers;
+where layerwise 0.1 differed, ``convention="layerwise"`` keeps the old numbers.
 """
 
 from __future__ import annotations
@@ -55,12 +54,12 @@ def _magnitude(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
     k = max(1, int(density * tau.numel()))  # mergekit asserts k > 0: a 4-entry bias at 0.2 keeps its largest
     magnitude = tau.abs().flatten()
     if o.get("convention") == "layerwise":  # every entry tied with the k-th largest is kept
-        keep = tau.abs() >= magnitude.kthvalue(magnitude.numel() - k + 1).values
-    else:
-        keep = torch.zeros(tau.numel(), dtype=torch.bool, device=tau.device)
-        keep[magnitude.topk(k).indices] = True
-        keep = keep.view(tau.shape)
-    return _rescaled(tau, keep, o["rescale"], density)
+        keep = magnitude >= magnitude.kthvalue(magnitude.numel() - k + 1).values
+    else:  # exactly k, as mergekit: a selection (kthvalue) is ~8x cheaper than its sort, which decides ties
+        keep = magnitude >= magnitude.kthvalue(magnitude.numel() - k + 1).values
+        if int(keep.sum()) != k:  # entries tied with the k-th straddle it: mergekit's sort order picks them
+            keep = torch.zeros_like(keep).index_fill_(0, torch.argsort(magnitude.float(), descending=True)[:k], True)
+    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
 
 
 def _random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
@@ -95,9 +94,11 @@ def _della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Te
     if density >= 1:
         return tau
     rows = tau.reshape(1, -1) if tau.ndim < 2 else tau
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(tau.dtype)  # 0 = smallest in its row
-    top = ranks.amax(dim=1, keepdim=True)
-    rank_norm = torch.where(top > 0, ranks / top.clamp_min(1), 0.5)  # a one-entry row: the middle probability
+    order = rows.abs().argsort(dim=1)  # its inverse permutation is the ranks (0 = smallest): one sort, not two
+    width = order.shape[1]  # a one-entry row gets the middle probability
+    positions = torch.arange(width).view(1, -1, *[1] * (order.ndim - 2)).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(tau.dtype)
+    rank_norm = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
     keep = torch.rand(rows.shape, generator=_generator(o["seed"], key, i)).to(tau.device) < probs
     return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
