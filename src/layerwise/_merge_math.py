@@ -130,8 +130,8 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
          consensus: bool) -> torch.Tensor:
     """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize."""
     w, n = o["weight"], len(xs)
-    if o["normalize"] and (top := max(abs(wi) for wi in w)) > 0:
-        w = [wi / top for wi in w]  # a normalized result does not change; huge weights no longer overflow
+    if o["normalize"] and (top := max(abs(wi) for wi in w)) > 1e6:  # huge weights would overflow: scale them
+        w = [wi / top for wi in w]  # (only then: other weights elect signs exactly as mergekit's, ties included)
     weighted = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device) if consensus else None
     mixed = None
     for i in range(n):
