@@ -408,3 +408,24 @@ def test_an_overflowing_merge_is_an_error_but_inputs_holding_inf_merge_as_they_a
     assert wide.dtype == torch.float64 and torch.isfinite(wide).all()
     masks = [{"m": T([0.0, -math.inf])}, {"m": T([0.0, -math.inf])}]
     assert lw.average(masks)["m"].tolist() == [0.0, -math.inf]  # an attention-mask buffer stays -inf
+
+
+def test_ties_elects_signs_with_the_given_weights_as_mergekit_on_tie_heavy_bf16_inputs():
+    # bf16 values make exact cancellations common: 0.6·a + 0.4·b == 0 must elect + as mergekit does,
+    # which scaling the weights first (to 1.0 and 0.667) would move off zero.
+    torch.manual_seed(0)
+    base, a, b = (torch.randn(64, 48).bfloat16().float() * 0.05 for _ in range(3))
+    got = lw.merge({"w": base}, [{"w": a}, {"w": b}], "ties", weights=[0.6, 0.4], density=0.5)["w"]
+
+    def magnitude(d, density):  # mergekit's sparsify.magnitude
+        mask = torch.zeros_like(d)
+        mask.view(-1)[torch.argsort(d.abs().view(-1), descending=True)[: int(density * d.numel())]] = 1
+        return d * mask
+
+    deltas = torch.stack([magnitude(a - base, 0.5), magnitude(b - base, 0.5)])
+    weights = torch.tensor([0.6, 0.4]).view(-1, 1, 1)
+    weighted = deltas * weights
+    mask = weighted.sign() == ((weighted.sum(0) >= 0).float() * 2 - 1)
+    divisor = (weights * mask).sum(0)
+    divisor[divisor == 0] = 1
+    assert torch.equal(got, base + (weighted * mask).sum(0) / divisor)
