@@ -9,13 +9,14 @@ checked in ``_safetensors.py``; outputs are published atomically by ``_publish.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -306,6 +307,19 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     ckpt.specs = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
     ckpt._tensors = {k: t for k, t in state.items() if k not in ckpt.aliases}
     return ckpt
+
+
+@contextlib.contextmanager
+def open_checkpoints(paths: Sequence[PathLike], *, key: str | None = None) -> Iterator[list[Checkpoint]]:
+    """Every checkpoint of ``paths`` opened (headers only), all closed on exit, also when one fails to open."""
+    opened: list[Checkpoint] = []
+    try:
+        for p in paths:
+            opened.append(open_checkpoint(p, key=key))
+        yield opened
+    finally:
+        for c in opened:
+            c.close()
 
 
 def _shard_path(index: Path, shard: Any, key: str) -> Path:

@@ -9,6 +9,7 @@ where layerwise 0.1 differed, ``convention="layerwise"`` keeps the old numbers.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -339,11 +340,9 @@ def compute_dtype_of(dtypes: Iterable[torch.dtype], compute_dtype: torch.dtype |
     return out
 
 
-def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
+def promoted_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype torch promotes all of ``dtypes`` to (float16 with bfloat16: float32)."""
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: torch.Tensor | None,
@@ -384,7 +383,7 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         del x  # a streamed input in another dtype is released as soon as it is converted
     if not xs:
         raise MergeError(f"{key}: no tensors to merge")
-    out_dtype = dtype or _promote(dtypes + ([base.dtype] if base is not None and base.is_floating_point() else []))
+    out_dtype = dtype or promoted_dtype(dtypes + ([base.dtype] if base is not None and base.is_floating_point() else []))
     if xs[0].numel() == 0:
         return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
     b = base.to(cdt) if base is not None and m.base != "none" else None

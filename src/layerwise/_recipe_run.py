@@ -7,8 +7,6 @@ The per-tensor math and the option resolution are the merge engine's (``_merge_m
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ._files import Checkpoint, Plan, open_checkpoint, parse_dtype, parse_size, write
-from ._merge_math import compute_dtype_of, merge_tensor
+from ._files import Checkpoint, Plan, open_checkpoints, parse_dtype, parse_size, write
+from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import check_method, get_method
 from ._merge_options import resolve_options
 from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder, vocabulary
@@ -64,7 +62,8 @@ class _Job:
 
 def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
     method = get_method(recipe.method)
-    plan = layer_plan(recipe, {p: [k for k in c.specs] for p, c in opened.items()})
+    plan = layer_plan(recipe, {p: list(c.specs) for p, c in opened.items()})
+    per_model_names = {o.name for o in method.options if o.per_model}
     jobs: list[_Job] = []
     for i, s in enumerate(recipe.slices):
         base = (s.base_model or recipe.base_model) if method.base != "none" else None
@@ -75,11 +74,10 @@ def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
         check_method(method, has_base=base is not None, models=len(positions))
         outs = [o for o in plan if o.slice == i]
         glob = _merged(s.parameters, recipe.parameters)
-        per_model = [{n: v for n, v in _merged(s.sources[j].parameters, glob).items()
-                      if any(o.name == n and o.per_model for o in method.options)} for j in positions]
+        per_model = [{n: v for n, v in _merged(s.sources[j].parameters, glob).items() if n in per_model_names}
+                     for j in positions]
         per_key = resolve_options(method, [o.key for o in outs], len(positions),
-                                  options={n: v for n, v in glob.items()
-                                           if not any(o.name == n and o.per_model for o in method.options)},
+                                  options={n: v for n, v in glob.items() if n not in per_model_names},
                                   model_options=per_model, positions={o.key: o.t for o in outs})
         for o in outs:
             sources = [(opened[s.sources[j].model], o.source_keys[j]) for j in positions]
@@ -114,9 +112,11 @@ def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job]) -> int | None:
     mergekit's token-by-token re-mapping of rows, which is refused by name."""
     if recipe.tokenizer_source is None:
         return None
-    vocab = vocabulary(source_folder(recipe.tokenizer_source), str(recipe.tokenizer_source))
+    source = source_folder(recipe.tokenizer_source)
+    vocab = vocabulary(source, str(recipe.tokenizer_source))
     for model in recipe.models():
-        if vocabulary(source_folder(model), str(model)) != vocab:
+        folder = source_folder(model)
+        if folder != source and vocabulary(folder, str(model)) != vocab:
             raise OptionError(f"tokenizer_source: the vocabulary of {model} differs from that of "
                               f"{recipe.tokenizer_source}; merging them needs mergekit's token-by-token re-mapping of "
                               "embedding rows, which layerwise does not do. Merge models that share a tokenizer, "
@@ -129,18 +129,6 @@ def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job]) -> int | None:
                                   f"{recipe.tokenizer_source}")
             job.rows = len(vocab)
     return len(vocab)
-
-
-@contextlib.contextmanager
-def _opened(paths: Sequence[Path]) -> Iterator[dict[Path, Checkpoint]]:
-    opened: dict[Path, Checkpoint] = {}
-    try:
-        for p in paths:
-            opened[p] = open_checkpoint(p)
-        yield opened
-    finally:
-        for c in opened.values():
-            c.close()
 
 
 def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bool = False,
@@ -164,8 +152,8 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     work_dtype = parse_dtype(compute_dtype)
     paths = recipe.models()
     method = get_method(recipe.method)
-    with _opened(paths) as opened:
-        jobs = _jobs(recipe, opened)
+    with open_checkpoints(paths) as checkpoints:
+        jobs = _jobs(recipe, dict(zip(paths, checkpoints)))
         _check(jobs)
         vocab_size = _fit_vocabulary(recipe, jobs)
         entries, dtypes = [], {}
@@ -174,7 +162,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             shape, dtype = ckpt.specs[key]
             ins = [c.specs[k][1] for c, k in job.sources + ([job.base] if job.base else [])]
             if dtype.is_floating_point:
-                dtype = out_dtype or functools.reduce(torch.promote_types, ins)
+                dtype = out_dtype or promoted_dtype(ins)
             dtypes[job.key] = (dtype, compute_dtype_of(ins, work_dtype))
             entries.append((job.key, dtype, shape if job.rows is None else (job.rows, *shape[1:])))
         by_key = {job.key: job for job in jobs}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._files import parse_dtype
-from ._merge_math import merge_tensor
+from ._merge_math import merge_tensor, promoted_dtype
 from ._merge_methods import METHODS, REQUIRED, check_method
 from ._merge_options import merge_plan
 from ._tensors import alias_key
@@ -84,13 +84,6 @@ def _prefix_hint(a: Iterable[str], b: Iterable[str]) -> str:
                 return (f" (every key differs only by the prefix {prefix!r}: one model is wrapped, by DDP, "
                         "torch.compile or a LightningModule; pass the inner model, e.g. model.module)")
     return ""
-
-
-def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
 
 
 # --------------------------------------------------------------------------- merge and average
@@ -182,7 +175,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
                 out = merge_tensor(m, [sd[k] for sd in sds], base_sd[k] if base_sd is not None else None,
                                    per_key[k], compute_dtype, key=k, dtype=dtype)
             elif fallback[k].is_floating_point():  # the dtype the merged tensors get
-                out = fallback[k].to(dtype or _promoted([sd[k].dtype for _, sd in labelled]), copy=True)
+                out = fallback[k].to(dtype or promoted_dtype([sd[k].dtype for _, sd in labelled]), copy=True)
             else:
                 out = fallback[k].clone()
             for alias in group:

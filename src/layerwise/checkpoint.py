@@ -9,8 +9,6 @@ next, so memory is bounded by a few tensors, not by the model (see ``_files.py``
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,12 +27,13 @@ from ._files import (
     Plan,
     check_output,
     open_checkpoint,
+    open_checkpoints,
     parse_dtype,
     parse_size,
     staged,
     write,
 )
-from ._merge_math import compute_dtype_of, merge_tensor
+from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
 from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
@@ -162,18 +161,6 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
     return state
 
 
-@contextlib.contextmanager
-def _opened(paths: Sequence[PathLike], key: str | None) -> Iterator[list[Checkpoint]]:
-    opened: list[Checkpoint] = []
-    try:
-        for p in paths:
-            opened.append(open_checkpoint(p, key=key))
-        yield opened
-    finally:
-        for c in opened:
-            c.close()
-
-
 def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "linear",
                 weights: Sequence[float] | None = None, base: PathLike | None = None,
                 dtype: str | torch.dtype | None = None, select: Selector | Sequence[Selector] | None = None, *,
@@ -212,7 +199,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
     m = check_method(method, has_base=base is not None, models=len(inputs))
     output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype)
     paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
-    with _opened(paths, key) as opened:
+    with open_checkpoints(paths, key=key) as opened:
         models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
         labelled = ([base_ckpt] if base_ckpt is not None else []) + models
         check_compatible([(c.label, c.specs) for c in labelled], mixed_floats=True)
@@ -226,7 +213,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
             if k not in aliases:
                 shape, in_dtype = first.specs[k]
                 if in_dtype.is_floating_point:  # mixed float inputs: the promoted dtype
-                    in_dtype = out_dtype or functools.reduce(torch.promote_types, [c.specs[k][1] for c in labelled])
+                    in_dtype = out_dtype or promoted_dtype([c.specs[k][1] for c in labelled])
                 entries.append((k, in_dtype, shape))
         folder = output.suffix != ".safetensors"
         plan = Plan(entries, aliases, {"layerwise.merge": method},
@@ -348,7 +335,7 @@ def diff_files(a: PathLike, b: PathLike, *selectors: Selector, key: str | None =
         >>> d.to_dict()["w"]["max_abs"], d.to_dict()["w"]["rel_l2"]
         (0.5, 0.1)
     """
-    with _opened([a, b], key) as (ca, cb):
+    with open_checkpoints([a, b], key=key) as (ca, cb):
         keys = [k for k in ca.specs if k in cb.specs]
         if selectors:
             keys = select_keys(ca.specs, *selectors)
