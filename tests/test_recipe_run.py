@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -198,3 +199,25 @@ def test_tokenizer_source_cuts_padded_embeddings_to_the_vocabulary_and_refuses_a
     capsys.readouterr()
     assert main(["merge", "--config", str(recipe), "-o", str(tmp_path / "out2" / "m"), "--quiet"]) == 2
     assert "the vocabulary of" in capsys.readouterr().err and not (tmp_path / "out2" / "m").exists()
+
+
+@pytest.mark.parametrize("copy_from, output, error, message", [
+    ("missing-folder", "out", lw.CheckpointNotFoundError, "copy_from: .*missing-folder: no such folder"),
+    ("empty", "out", lw.OptionError, "copy_from: .*empty is not a model folder"),
+    (3, "out", lw.OptionTypeError, "copy_from must be a path"),
+    ("model", "out.safetensors", lw.OptionError, "copy_from: .*out.safetensors is a single .safetensors file"),
+])
+def test_a_bad_copy_from_is_named_and_nothing_is_written(tiny_llamas, tmp_path, copy_from, output, error, message):
+    (tmp_path / "empty").mkdir()
+    source = {"missing-folder": tmp_path / "missing-folder", "empty": tmp_path / "empty",
+              "model": tiny_llamas["b"]}.get(copy_from, copy_from)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(error, match=message):
+        lw.merge_files([tiny_llamas["a"], tiny_llamas["b"]], tmp_path / output, copy_from=source)
+    recipe = _recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_llamas['a']}\n")
+    if output == "out":
+        from layerwise._recipe_run import run_recipe
+
+        with pytest.raises(error, match=message):
+            run_recipe(recipe, tmp_path / output, copy_from=source)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "recipe.yml") == before

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, MissingExtraError, OptionError
+from .errors import CheckpointError, CheckpointNotFoundError, MissingExtraError, OptionError, OptionTypeError
 
 # Files a model folder needs besides its weights; everything else there (weights, optimizer
 # states, trainer logs, the source's own card) is not copied.
@@ -34,6 +34,19 @@ def source_folder(path: str | Path) -> Path | None:
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     return folder if (folder / "config.json").is_file() else None
+
+
+def copy_source(copy_from: str | Path) -> Path:
+    """``copy_from`` checked: a model folder (one with ``config.json``) to take config and tokenizer from."""
+    if not isinstance(copy_from, (str, Path)) or not str(copy_from):
+        raise OptionTypeError(f"copy_from must be a path to a model folder, not {copy_from!r}")
+    path = Path(copy_from)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"copy_from: {path}: no such folder")
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise OptionError(f"copy_from: {path} is not a model folder (no config.json in it); give the folder "
+                          "of a model saved with save_pretrained")
+    return path
 
 
 def _copied(folder: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from ._files import Checkpoint, Plan, open_checkpoints, parse_dtype, parse_size,
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import check_method, get_method
 from ._merge_options import resolve_options
-from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder, vocabulary
+from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder, vocabulary
 from ._term import byte_progress
 from .errors import MergeError, OptionError
 from .recipes import Recipe, layer_plan, read_recipe
@@ -148,6 +148,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     """
     recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)
     output = Path(output)
+    copied = copy_source(copy_from) if copy_from is not None else None
     out_dtype = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
     work_dtype = parse_dtype(compute_dtype)
     paths = recipe.models()
@@ -175,10 +176,10 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
                                key=key, dtype=dtypes[key][0])
 
         first = recipe.slices[0].sources[0].model
-        source = Path(copy_from) if copy_from else source_folder(recipe.base_model or first)
+        source = copied or source_folder(recipe.base_model or first)
         finish = folder_finisher(
             inputs=paths, source=source, method=recipe.method, options={}, recipe_text=recipe.text,
-            tokenizer_source=None if copy_from else source_folder(recipe.tokenizer_source or recipe.base_model or first),
+            tokenizer_source=copied or source_folder(recipe.tokenizer_source or recipe.base_model or first),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
             layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None,
             vocab_size=vocab_size)

@@ -36,13 +36,13 @@ from ._files import (
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
-from ._model_folder import DEFAULT_SHARD, folder_finisher, source_folder
+from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
 from ._reader import SliceReader, one_compute_thread
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import byte_progress, console
 from .average import check_compatible
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .select import Selector, select_keys
 
 __all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
@@ -198,6 +198,11 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
     """
     m = check_method(method, has_base=base is not None, models=len(inputs))
     output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype)
+    folder = output.suffix != ".safetensors"
+    if copy_from is not None and not folder:
+        raise OptionError(f"copy_from: {output} is a single .safetensors file; config and tokenizer are copied "
+                          "only into a folder output")
+    source = copy_source(copy_from) if copy_from is not None else None
     paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
     with open_checkpoints(paths, key=key) as opened:
         models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
@@ -215,11 +220,10 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 if in_dtype.is_floating_point:  # mixed float inputs: the promoted dtype
                     in_dtype = out_dtype or promoted_dtype([c.specs[k][1] for c in labelled])
                 entries.append((k, in_dtype, shape))
-        folder = output.suffix != ".safetensors"
         plan = Plan(entries, aliases, {"layerwise.merge": method},
                     parse_size(max_shard_size if max_shard_size is not None or not folder else DEFAULT_SHARD))
         finish = folder_finisher(
-            inputs=paths, source=Path(copy_from) if copy_from else source_folder(base if base is not None else inputs[0]),
+            inputs=paths, source=source or source_folder(base if base is not None else inputs[0]),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None, method=method,
             options={**options, **({"weights": list(weights)} if weights is not None else {})}) if folder else None
 
