@@ -223,7 +223,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         plan = Plan(entries, aliases, {"layerwise.merge": method},
                     parse_size(max_shard_size if max_shard_size is not None or not folder else DEFAULT_SHARD))
         finish = folder_finisher(
-            inputs=paths, source=source or source_folder(base if base is not None else inputs[0]),
+            inputs=list(zip(paths, opened)), source=source or source_folder(base if base is not None else inputs[0]),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None, method=method,
             options={**options, **({"weights": list(weights)} if weights is not None else {})}) if folder else None
 
