@@ -158,6 +158,24 @@ def test_sliced_streaming_equals_whole_tensors(tmp_path, three, monkeypatch, met
         assert torch.equal(got[k], t.bfloat16() if t.is_floating_point() else t), k
 
 
+@pytest.mark.parametrize("method, options", [("linear", {"weights": [0.3, 0.9]}), ("task_arithmetic", {"scale": 0.7}),
+                                             ("nearswap", {"t": 0.01}), ("passthrough", {"scale": 2.0})])
+@pytest.mark.parametrize("dtype", [None, "fp32", "bf16"])
+def test_sliced_streaming_of_mixed_dtypes_equals_the_in_memory_merge(tmp_path, monkeypatch, method, options, dtype):
+    # each slice goes through reused buffers: converted inputs, the merged slice, the output dtype
+    monkeypatch.setattr(checkpoint, "_SLICE", 5)
+    torch.manual_seed(0)
+    states = [{"w": torch.randn(4, 6).to(d), "b": torch.randn(13).to(d), "n": torch.tensor([i])}
+              for i, d in enumerate([torch.bfloat16, torch.float16, torch.float32])]
+    paths = [lw.save(s, tmp_path / f"{i}.safetensors") for i, s in enumerate(states)]
+    models = paths[1:2] if method in ("nearswap", "passthrough") else paths[1:]
+    out = lw.merge_files(models, tmp_path / "out.safetensors", method, base=paths[0], dtype=dtype, **options)
+    weights = options.pop("weights", None)
+    expected = lw.merge(states[0], [states[int(p.stem)] for p in models], method, weights=weights, dtype=dtype,
+                        **options)
+    assert same(lw.load(out), expected)
+
+
 def test_merge_files_select_and_dtype(tmp_path, three):
     base, a, b = three
     out = lw.merge_files([a, b], tmp_path / "out.safetensors", base=base, select="2", dtype="bf16")

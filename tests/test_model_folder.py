@@ -6,7 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerwise as lw
-from layerwise._model_folder import header_digest, model_card, source_folder, write_model_files
+from layerwise._files import open_checkpoint
+from layerwise._model_folder import layout_digest, model_card, source_folder, write_model_files
 
 
 def test_weights_plus_model_files_load_with_from_pretrained_and_keep_the_tokenizer(tiny_llamas, tmp_path):
@@ -38,16 +39,21 @@ def test_stacked_layers_update_the_layer_count_and_dtype(tiny_llamas, tmp_path):
         k: v for k, v in config.items() if k not in ("num_hidden_layers", *dtype_keys)}
 
 
-def test_source_folder_and_header_digest(tiny_llamas, tmp_path):
+def test_source_folder_and_layout_digest(tiny_llamas, tmp_path):
     src = tiny_llamas["a"]
     assert source_folder(src) == src and source_folder(src / "model.safetensors") == src
     assert source_folder(tmp_path) is None
-    digest = header_digest([src / "model.safetensors"])
-    assert digest == header_digest([src / "model.safetensors"]) and len(digest) == 16
     sd = lw.load(src)
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with open_checkpoint(src) as st, open_checkpoint(tmp_path / "pytorch_model.bin") as pt:
+        digest = layout_digest(st.specs)
+        assert len(digest) == 16 and layout_digest(pt.specs) == digest  # a .bin copy is the same model
     sd["extra"] = torch.zeros(1)
     lw.save(sd, tmp_path / "x.safetensors")
-    assert header_digest([tmp_path / "x.safetensors"]) != digest
+    sd["extra"] = torch.zeros(1, dtype=torch.bfloat16)
+    lw.save(sd, tmp_path / "y.safetensors")
+    with open_checkpoint(tmp_path / "x.safetensors") as x, open_checkpoint(tmp_path / "y.safetensors") as y:
+        assert len({digest, layout_digest(x.specs), layout_digest(y.specs)}) == 3
 
 
 def test_model_card_records_method_inputs_options_and_recipe():

@@ -268,6 +268,24 @@ def test_hostile_selectors_are_selection_errors(selector, vit):
         lw.select(vit, selector)
 
 
+@pytest.mark.parametrize("pattern", [r"(a+)+", r"(a|a)*b", r"(.*\.)*bias", r"(\w+\.?)+x", r"(.*a){20}", r"(\d+|\w+)*!"])
+def test_regexes_that_can_backtrack_exponentially_are_refused_before_matching(pattern):
+    # Against this name each of these took seconds to hours: Python's re has no timeout.
+    model = nn.Module()
+    model.add_module("a" * 40, nn.Linear(1, 1))
+    with pytest.raises(lw.SelectionError, match="exponential time") as err:
+        lw.select(model, "re:" + pattern)
+    assert repr("re:" + pattern) in str(err.value) and "(?>" in str(err.value)
+
+
+@pytest.mark.parametrize("pattern", [r"(\w+\.)*bias", r"(?:[^.]*\.)*bias", r"(?>.*\.)*bias", r"(.*\.)*+bias",
+                                     r"(layers\.\d+\.)+norm", r".*\.(weight|bias)", r"(a|ab)+", r"(\w+)\.\w+"])
+def test_unambiguous_repetitions_stay_allowed(pattern):
+    model = nn.Sequential(nn.Linear(1, 1), nn.LayerNorm(1))
+    expected = [n for n, _ in model.named_parameters() if re.fullmatch(pattern, n)]
+    assert lw.select(model, "re:" + pattern, missing_ok=True).names() == expected
+
+
 _ALPHABET = st.sampled_from(list("ab.*[]-,!:0123456789 \u00b2{}()?+|^$\\") + ["re:", "type:", "**", "blocks", "norm"])
 
 

@@ -27,12 +27,13 @@ _COLINEAR = 0.9995  # |cos| above this: SLERP interpolates linearly (mergekit's 
 # --------------------------------------------------------------------------- the methods
 
 
-def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     w = o["weight"]
     if o["normalize"]:  # divide the weights, not the sum: huge weights cannot overflow it
         total = math.fsum(w)
         w = [wi / total for wi in w]
-    out = xs[0] * w[0]
+    out = torch.mul(xs[0], w[0], out=out)
     for wi, x in zip(w[1:], xs[1:]):
         # alpha= must fit the dtype; a weight beyond it multiplies first (to inf, refused by merge_tensor)
         if abs(wi) <= torch.finfo(out.dtype).max:
@@ -234,9 +235,15 @@ def nearswap(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: st
     return weight * xs[0] + (1 - weight) * base
 
 
-def passthrough(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+def passthrough(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     scale = o["scale"][0]
-    return xs[0].clone() if scale == 1 else xs[0] * scale
+    if scale != 1:
+        return torch.mul(xs[0], scale, out=out)
+    return xs[0].clone() if out is None else out.copy_(xs[0])
+
+
+_WRITE_INTO = {"linear", "passthrough"}  # the functions that take out=: their result is written into it
 
 
 def _function(method: Method):
@@ -267,7 +274,7 @@ def promoted_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: torch.Tensor | None,
                  options: Options, compute_dtype: torch.dtype | None = None, *, key: str = "",
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Merge one tensor of each model (and the base's) with ``method``: the math behind every merge.
 
     ``options`` are this tensor's resolved options (``_merge_options.resolve_options``: globals as
@@ -277,6 +284,8 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
     ``base``, else from the first model; empty tensors give an empty result. ``tensors`` may be
     a generator: each input is converted as it is read, so a caller streaming from files holds one
     raw tensor at a time. ``key`` names the tensor in errors and seeds the random methods.
+    ``out`` (the inputs' shape, compute dtype) receives the result of linear and passthrough, so
+    a caller merging slice after slice reuses one buffer (the other methods return a new tensor).
 
     Example:
         >>> import torch
@@ -308,7 +317,8 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
     b = base.to(cdt) if base is not None and m.base != "none" else None
     given = list(tensors) if isinstance(tensors, Sequence) else []
-    out = _function(m)(xs, b, options, key)
+    into = {"out": out} if out is not None and m.function in _WRITE_INTO else {}
+    out = _function(m)(xs, b, options, key, **into)
     # A sum is finite when every entry is (or overflows: rare); only then the exact, slower checks.
     if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
         inputs = [t for t in [*xs, *given, b] if t is not None]  # a consumed input counts as finite

@@ -14,7 +14,10 @@ import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._files import Checkpoint
 
 from .errors import CheckpointError, CheckpointNotFoundError, MissingExtraError, OptionError, OptionTypeError
 
@@ -111,23 +114,23 @@ def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path 
     return sorted(written)
 
 
-def header_digest(files: Sequence[Path]) -> str:
-    """A short hash of the safetensors headers (names, dtypes, shapes, offsets) of a model's files:
-    cheap to compute, and it changes whenever a tensor is added, removed or reshaped."""
+def layout_digest(specs: Mapping[str, tuple[tuple[int, ...], Any]]) -> str:
+    """A short hash of a checkpoint's layout (every key, shape and dtype, in key order), from the
+    specs already read from its header: the same for a safetensors and a ``.bin`` copy of one
+    model, and different as soon as a tensor is added, removed, reshaped or retyped."""
     h = hashlib.sha256()
-    for f in sorted(files):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 100_000_000)) if f.suffix == ".safetensors" else f.name.encode())
+    for key in sorted(specs):
+        shape, dtype = specs[key]
+        h.update(json.dumps([key, list(shape), str(dtype).removeprefix("torch.")]).encode())
     return h.hexdigest()[:16]
 
 
 def model_card(*, method: str, inputs: Sequence[tuple[str, str]], options: Mapping[str, Any], version: str,
                recipe_text: str | None = None) -> str:
-    """The ``README.md`` of a merged folder: method, inputs with header hashes, options, tool version."""
+    """The ``README.md`` of a merged folder: method, inputs with layout hashes, options, tool version."""
     lines = ["---", "library_name: transformers", "tags:", "- merge", "- layerwise", "---", "",
              "# Merged model", "", f"Made with [layerwise](https://github.com/) {version}, method `{method}`.", "",
-             "## Inputs", "", "| model | header sha256 (16) |", "|---|---|"]
+             "## Inputs", "", "| model | layout sha256 (16): keys, shapes, dtypes |", "|---|---|"]
     lines += [f"| `{name}` | `{digest}` |" for name, digest in inputs]
     if options:
         lines += ["", "## Options", "", "```json", json.dumps(dict(options), indent=2, sort_keys=True, default=str),
@@ -137,13 +140,7 @@ def model_card(*, method: str, inputs: Sequence[tuple[str, str]], options: Mappi
     return "\n".join(lines) + "\n"
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The weight files of an input: the safetensors files of a folder, or the file itself."""
-    path = Path(path)
-    return sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-
-
-def folder_finisher(*, inputs: Sequence[Path], source: Path | None, tokenizer_source: Path | None = None,
+def folder_finisher(*, inputs: Sequence[tuple[Path, Checkpoint]], source: Path | None, tokenizer_source: Path | None = None,
                     dtype: str | None, method: str, options: Mapping[str, Any],
                     layer_map: Sequence[int] | None = None, recipe_text: str | None = None,
                     vocab_size: int | None = None) -> Callable[[Path], None]:
@@ -151,7 +148,7 @@ def folder_finisher(*, inputs: Sequence[Path], source: Path | None, tokenizer_so
     tokenizer from ``tokenizer_source``, default ``source``) and the card."""
     from . import __version__
 
-    digests = [(str(p), header_digest(weight_files(p))) for p in inputs]  # now: a missing file fails before writing
+    digests = [(str(p), layout_digest(c.specs)) for p, c in inputs]
 
     def finish(folder: Path) -> None:
         write_model_files(folder, source, tokenizer_source or source, dtype=dtype, layer_map=layer_map,

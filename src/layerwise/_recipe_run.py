@@ -178,7 +178,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
         first = recipe.slices[0].sources[0].model
         source = copied or source_folder(recipe.base_model or first)
         finish = folder_finisher(
-            inputs=paths, source=source, method=recipe.method, options={}, recipe_text=recipe.text,
+            inputs=list(zip(paths, checkpoints)), source=source, method=recipe.method, options={}, recipe_text=recipe.text,
             tokenizer_source=copied or source_folder(recipe.tokenizer_source or recipe.base_model or first),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
             layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None,

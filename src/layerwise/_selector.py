@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._backtracking import risky_part
 from .errors import SelectionError
 
 __all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "missing", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
@@ -180,12 +181,18 @@ def _regex(text: str, offset: int) -> re.Pattern:
         # flags must stay in front, and a verbose pattern may end in a comment.
         flags = re.match(r"(?:\(\?[aiLmsux]+\))*", pattern)[0]
         end = "\n" if user.flags & re.VERBOSE else ""
-        return re.compile(f"{flags}(?:{pattern[len(flags):]}{end}){_END}")
+        compiled = re.compile(f"{flags}(?:{pattern[len(flags):]}{end}){_END}")
     except (re.error, OverflowError, RecursionError, ValueError) as e:
         at = offset + 3 + (getattr(e, "pos", None) or 0)
         msg = getattr(e, "msg", None) or str(e)
         raise _fail(text, at, at + 1, f"invalid regular expression ({msg})",
                     "The pattern after 're:' is a Python regex, matched against the whole name.") from None
+    risky = risky_part(pattern)
+    if risky:  # Python's re has no timeout: such a pattern could hang on one long name
+        raise _fail(text, offset + 3, len(text), f"regular expression that can take exponential time ({risky})",
+                    "Separate the repeated parts by a character they cannot match, or commit with an atomic group "
+                    "(?>...) or a possessive quantifier (++, *+): e.g. 're:(?:[^.]*\\.)*bias', or the path '**.bias'.")
+    return compiled
 
 
 @functools.lru_cache(maxsize=8192)

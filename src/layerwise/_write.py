@@ -1,29 +1,24 @@
 """Writing checkpoints: a plan of tensors streamed into safetensors files, published atomically.
 
 Tensors are written one piece at a time (``pieces_of`` yields each tensor whole or as consecutive
-slices of its flattened elements), so a streaming merge never holds a model in memory.
+slices of its flattened elements), so a streaming merge never holds a model in memory; the bytes go
+to disk through ``_stream.DiskStream``, written in the background while the next pieces are made.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ._publish import INDEXES, staged
 from ._safetensors import ALIASES, header_bytes
+from ._stream import DiskStream
 from .errors import CheckpointError
-
-
-def _bytes_of(t: torch.Tensor) -> Any:
-    """A zero-copy buffer of a tensor's bytes (little-endian, as safetensors stores them)."""
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 @dataclass
@@ -82,14 +77,14 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
             metadata = {"format": "pt", **plan.metadata}
             if plan.aliases and not sharded:
                 metadata[ALIASES] = json.dumps(plan.aliases)
-            with open(target, "wb") as f:
-                f.write(header_bytes(entries, metadata))
+            with DiskStream(target) as f:
+                f.write(torch.frombuffer(bytearray(header_bytes(entries, metadata)), dtype=torch.uint8))
                 for key, dtype, shape in entries:
                     written = 0
                     for piece in pieces_of(key):
                         if piece.dtype != dtype:
                             raise CheckpointError(f"{output}: tensor {key!r} came out as {piece.dtype}, planned {dtype}")
-                        f.write(_bytes_of(piece))
+                        f.write(piece)
                         written += piece.numel()
                         if progress is not None:
                             progress(piece.numel() * dtype.itemsize)
@@ -97,8 +92,7 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
                     if written != math.prod(shape):
                         raise CheckpointError(f"{output}: tensor {key!r} came out with {written} elements, "
                                               f"planned {math.prod(shape)} {shape}")
-                f.flush()
-                os.fsync(f.fileno())
+                f.finish()
         if sharded:
             index = {"metadata": {"total_size": plan.total_bytes, **({ALIASES: plan.aliases} if plan.aliases else {})},
                      "weight_map": weight_map}

@@ -37,7 +37,7 @@ from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
-from ._reader import SliceReader, one_compute_thread
+from ._reader import Scratch, SliceReader, one_compute_thread
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes
 from ._term import byte_progress, console
@@ -223,7 +223,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         plan = Plan(entries, aliases, {"layerwise.merge": method},
                     parse_size(max_shard_size if max_shard_size is not None or not folder else DEFAULT_SHARD))
         finish = folder_finisher(
-            inputs=paths, source=source or source_folder(base if base is not None else inputs[0]),
+            inputs=list(zip(paths, opened)), source=source or source_folder(base if base is not None else inputs[0]),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None, method=method,
             options={**options, **({"weights": list(weights)} if weights is not None else {})}) if folder else None
 
@@ -250,15 +250,18 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 yield merge_tensor(m, (x.read(k) for x in models), base_t, per_key[k], work[k], key=k,
                                    dtype=planned[k])
                 return
-            for read in reader.take(k):
-                if k not in chosen:
-                    yield read[0].to(planned[k])
+            n = len(models)
+            for read in reader.take(k):  # every step into reused buffers: no allocation per slice
+                if k in chosen:
+                    xs = [scratch.like(x, work[k], f"in{i}") for i, x in enumerate(read)]
+                    merged = merge_tensor(m, xs[:n], xs[n] if len(xs) > n else None, per_key[k], work[k], key=k,
+                                          dtype=work[k], out=scratch.get("merged", work[k], xs[0].numel()))
+                    yield scratch.like(merged, planned[k], "out")
                 else:
-                    n = len(models)
-                    yield merge_tensor(m, read[:n], read[n] if len(read) > n else None, per_key[k], work[k], key=k,
-                                       dtype=planned[k])
+                    yield scratch.like(read[0], planned[k], "out")
 
         planned = {k: d for k, d, _ in entries}
+        scratch = Scratch()
         work = {k: compute_dtype_of([c.specs[k][1] for c in labelled], work_dtype) for k in keys}
         check_output(output, paths, overwrite)  # before the progress bar starts
         with SliceReader(reads) as reader, one_compute_thread(), \
