@@ -4,11 +4,21 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.utils import get_total_norm
 
-from layerwise._grad_engine import PRIMITIVES, primitives, to_host, unit_norms
+from layerwise import _grad_kernels as grad_kernels
+from layerwise._grad_engine import (
+    PRIMITIVES,
+    copy_primitives,
+    distance_primitives,
+    local_primitives,
+    primitives,
+    to_host,
+    unit_norms,
+)
+from layerwise._grad_kernels import _SMALL
 
 
 @given(st.lists(st.integers(0, 3), min_size=1, max_size=8), st.sampled_from([1.0, 2.0, 3.0, math.inf]),
@@ -38,3 +48,88 @@ def test_primitives_of_a_sparse_gradient_are_those_of_its_dense_form():
     prims.load(to_host(prims.tensors()))
     values = {name: v.item() for name, v in prims.values().items()}
     assert values == pytest.approx({"sumsq": 26.0, "sum": 6.0, "nonzero": 2.0, "max_abs": 5.0}, rel=1e-7)
+
+
+# --------------------------------------------------------------------------- CPU primitives
+
+
+def definition(x: torch.Tensor) -> dict[str, float]:
+    """The four primitives of one tensor, the obvious way in float64."""
+    d = x.detach().double()
+    return {"sumsq": d.square().sum().item(), "sum": d.sum().item(), "nonzero": float((d != 0).sum()),
+            "max_abs": d.abs().max().item() if d.numel() else 0.0}
+
+
+def engine_values(tensors: list[torch.Tensor], foreach=None) -> list[dict[str, float]]:
+    prims = local_primitives(tensors, [None] * len(tensors), PRIMITIVES, foreach)
+    values = {k: v.tolist() for k, v in prims.values().items()}
+    return [{k: values[k][i] for k in PRIMITIVES} for i in range(len(tensors))]
+
+
+def assert_primitives(got: dict[str, float], want: dict[str, float], rel: float) -> None:
+    scale = want["sumsq"] ** 0.5  # a cancelling sum is as exact as its terms' size allows
+    assert got["sumsq"] == pytest.approx(want["sumsq"], rel=rel, nan_ok=True)
+    assert got["sum"] == pytest.approx(want["sum"], rel=rel, abs=rel * scale, nan_ok=True)
+    assert got["nonzero"] == want["nonzero"]
+    assert got["max_abs"] == pytest.approx(want["max_abs"], nan_ok=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_primitives_of_small_and_large_tensors_equal_their_definition(dtype):
+    # Both sides of the batching threshold, exact zeros of both signs, a non-contiguous view.
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 3, 17, _SMALL, _SMALL + 1, 40_000]
+    tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    tensors[2][:5] = 0.0
+    tensors[4][::3] = -0.0
+    tensors.append(torch.randn(300, 200, generator=gen).to(dtype).t())  # large and strided
+    tensors.append(torch.zeros(20_000, dtype=dtype))  # dead
+    rel = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-3
+    for got, x in zip(engine_values(tensors), tensors):
+        assert_primitives(got, definition(x), rel)
+
+
+def test_cpu_primitives_carry_nan_and_inf_at_every_size():
+    tensors = [torch.ones(n) for n in (5, 6, 40_000, 40_001)]
+    tensors[0][1] = tensors[2][7] = math.nan
+    tensors[1][0] = tensors[3][-1] = -math.inf
+    got = engine_values(tensors)
+    assert [math.isnan(g["max_abs"]) for g in got] == [True, False, True, False]
+    assert [g["max_abs"] for g in got[1::2]] == [math.inf, math.inf]
+    assert [g["nonzero"] for g in got] == [5, 6, 40_000, 40_001]  # NaN and inf are not zeros
+
+
+def test_cpu_primitives_without_numpy_equal_those_with_it(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(n, generator=gen) for n in (4, 9, 30_000)]
+    tensors[2][:100] = 0
+    with_numpy = engine_values(tensors)
+    monkeypatch.setattr(grad_kernels, "_numpy", lambda: None)
+    for got, want in zip(engine_values(tensors), with_numpy):
+        assert_primitives(got, want, 1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 3 * _SMALL), min_size=1, max_size=6), st.integers(0, 2**16),
+       st.sampled_from([None, True, False]))
+def test_cpu_primitives_equal_their_definition_whatever_the_sizes_and_path(sizes, seed, foreach):
+    gen = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=gen) * torch.rand(n, generator=gen).lt(0.8) for n in sizes]  # ~20% zeros
+    for got, x in zip(engine_values(tensors, foreach), tensors):
+        want = definition(x) if x.numel() else {"sumsq": 0.0, "sum": 0.0, "nonzero": 0.0, "max_abs": 0.0}
+        assert_primitives(got, want, 1e-5)
+
+
+def test_copy_and_distance_primitives_are_the_weights_and_update_norms():
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(n, generator=gen) for n in (3, 40_000)] + [torch.randn(50, 40, generator=gen).t()]
+    buffers = [torch.empty_like(w) for w in weights]
+    copied = copy_primitives(buffers, weights, [None] * 3, None).values()["sumsq"]
+    assert all(torch.equal(b, w) for b, w in zip(buffers, weights))
+    assert copied.tolist() == pytest.approx([w.double().square().sum().item() for w in weights], rel=1e-6)
+    after = [w + 0.01 * torch.randn(w.shape, generator=gen) for w in weights]
+    for foreach in (None, True, False):
+        before = [b.clone() for b in buffers]
+        moved = distance_primitives(before, after, [None] * 3, foreach).values()["sumsq"]
+        want = [(a.double() - w.double()).square().sum().item() for a, w in zip(after, weights)]
+        assert moved.tolist() == pytest.approx(want, rel=1e-4)

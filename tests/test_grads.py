@@ -80,6 +80,26 @@ def test_frozen_parameters_are_left_out_unless_selected(interleaved):
     assert "frozen" in out.getvalue()
 
 
+def test_the_remembered_selection_follows_every_change_to_the_model(vit):
+    backward(vit)
+    names = [n for n, _ in vit.named_parameters()]
+    assert list(lw.grad_stats(vit).to_dict()) == names
+    vit.head.requires_grad_(False)  # frozen: left out from now on
+    assert list(lw.grad_stats(vit).to_dict()) == [n for n in names if not n.startswith("head.")]
+    vit.head.requires_grad_(True)
+    vit.head.weight = nn.Parameter(torch.zeros(3, 8))  # replaced: the new one has no gradient
+    assert lw.grad_stats(vit)["head.weight"] is None
+    vit.extra = nn.Linear(1, 1)  # a new module: a new row
+    vit.extra(torch.ones(1, 1)).sum().backward()
+    assert list(lw.grad_stats(vit, "extra").to_dict()) == ["extra.weight", "extra.bias"]
+    assert lw.grad_stats(vit).to_dict().keys() >= {"extra.weight", "extra.bias"}
+    # A callable selector may read anything (here: a gradient's size), so it is resolved on each call.
+    big = lambda name, p: p.grad is not None and p.grad.numel() > 20  # noqa: E731
+    first = list(lw.grad_stats(vit, big).to_dict())
+    vit.blocks[0].zero_grad(set_to_none=True)
+    assert list(lw.grad_stats(vit, big).to_dict()) == [n for n in first if not n.startswith("blocks.0.")]
+
+
 def test_a_shared_parameter_is_reported_once_under_its_first_name(tied_lm):
     tied_lm(torch.tensor([[1, 2, 3]])).sum().backward()
     names = list(lw.grad_stats(tied_lm).to_dict())

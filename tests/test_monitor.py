@@ -357,3 +357,69 @@ def test_complex_parameters_are_monitored_by_magnitude_or_refused_by_name():
     (row,) = monitor.history
     assert (row["grad_norm"], row["grad_max_abs"], row["grad_zero_frac"], row["weight_norm"]) == pytest.approx(
         (5.0, 5.0, 0.5, math.sqrt(2)))
+
+
+class ThreeParts(nn.Module):
+    """A large layer (past the engine's small-tensor batching), a frozen one and one forward never uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Linear(200, 150)
+        self.frozen = nn.Linear(150, 4).requires_grad_(False)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(torch.relu(self.big(x)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_every_step_rows_equal_their_definition_under_accumulation_frozen_and_missing_gradients(compiled):
+    torch.manual_seed(0)
+    model = ThreeParts()
+    run = torch.compile(model, backend="eager") if compiled else model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    want: list[dict] = []
+
+    def by_hand(*_) -> None:  # runs before the monitor's own hook: the definition, in float64
+        rows = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            g = None if p.grad is None else p.grad.double().flatten()
+            rows[name] = {"weight": p.detach().double().clone(), "grad": None if g is None else {
+                "grad_norm": g.norm().item(), "grad_mean": g.mean().item(), "grad_std": g.std().item(),
+                "grad_max_abs": g.abs().max().item(), "grad_zero_frac": (g == 0).double().mean().item()}}
+        want.append(rows)
+
+    opt.register_step_pre_hook(by_hand)
+    monitor = lw.GradMonitor(run, every=1, optimizer=opt)
+    data = torch.randn(6, 8, 200)
+    for step in range(3):
+        opt.zero_grad()
+        for micro in data[2 * step: 2 * step + 2]:  # accumulation: two backwards per step
+            run(micro).square().mean().backward()
+        model.big.weight.grad[0] = 0  # exact zeros in a large gradient
+        opt.step()
+        for row in want[step].values():
+            row["after"] = None
+        for name, p in model.named_parameters():
+            if name in want[step]:
+                want[step][name]["after"] = p.detach().double()
+    rows = monitor.history
+    assert [(r["step"], r["layer"]) for r in rows] == [(s, n) for s in range(3) for n in want[0]]
+    for row in rows:
+        expected = want[row["step"]][row["layer"]]
+        weight_norm = expected["weight"].norm().item()
+        assert row["weight_norm"] == pytest.approx(weight_norm, rel=1e-6)
+        update = (expected["after"] - expected["weight"]).norm().item()
+        assert row["update_ratio"] == pytest.approx(update / weight_norm, rel=1e-4, abs=1e-12)
+        if expected["grad"] is None:
+            assert row["layer"].startswith("unused.") and row["grad_norm"] is None and row["dead"] is None
+            continue
+        scale = expected["grad"]["grad_max_abs"]
+        for stat, value in expected["grad"].items():
+            assert row[stat] == pytest.approx(value, rel=1e-5, abs=1e-6 * scale), (row["layer"], stat)
+        assert row["dead"] is False
+    assert {r["layer"] for r in rows} == {"big.weight", "big.bias", "unused.weight", "unused.bias"}
+    big = [r for r in rows if r["layer"] == "big.weight"]
+    assert all(r["grad_zero_frac"] >= 1 / 150 for r in big)

@@ -5,8 +5,8 @@ squares, sum, count of non-zeros, largest magnitude) plus the element count. The
 exactly over tensors, shards and modules (sums add, maxima take the maximum), so per-module
 statistics and those of sharded (FSDP2 / HSDP DTensor) parameters are those of the full
 tensors. ``grads.py`` (one-shot statistics and checks), ``monitor.py`` (the training monitor)
-and clipping (:func:`unit_norms`) are built on this module; nothing here touches the host
-unless asked (:func:`to_host`).
+and clipping (:func:`unit_norms`) are built on this module, the kernels per device on
+``_grad_kernels.py``; nothing here touches the host unless asked (:func:`to_host`).
 
 Gradients of every layout are read as what they store: a sparse gradient
 (``Embedding(sparse=True)``) by its coalesced values, its implicit zeros counted by the
@@ -17,14 +17,17 @@ its signed sum refused by name.
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _grad_kernels as kernels
 from ._tensors import pick, use_foreach
 from .errors import GradError
 from .select import Selector, closest, select
@@ -35,16 +38,6 @@ STATS = ("norm", "mean", "std", "max_abs", "zero_frac")
 # Summed primitives first, max_abs last: one block of rows adds across shards, the other maxes.
 PRIMITIVES = ("sumsq", "sum", "nonzero", "max_abs")
 _NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs": {"max_abs"}, "zero_frac": {"nonzero"}}
-
-# Kernels when foreach=None, chosen by benchmarks/bench_grad_stats.py (its kernel table; torch
-# 2.13). On CUDA _foreach_norm fuses ord 2, inf and 0 into a few launches for all tensors; torch
-# has no fused signed sum (Σrelu(x) − Σ|x| would copy every gradient), so that one is a loop.
-# On CPU foreach ops are themselves a C++ loop over per-tensor kernels, so the win is locality:
-# every primitive of one tensor while it is still in cache (3.1x one flat norm where one pass per
-# primitive takes 5.7x), non-zeros counted by NumPy when present (torch's CPU count_nonzero and
-# ne are ~3x slower than `np.count_nonzero(a != 0)` on float32).
-_FUSED_ON = {"cuda": {"sumsq", "max_abs", "nonzero"}, "xpu": {"sumsq", "max_abs", "nonzero"}}
-
 
 def stat_names(stats: str | Iterable[str]) -> tuple[str, ...]:
     """``stats`` validated and deduplicated, in the caller's order."""
@@ -65,10 +58,43 @@ def needed(stats: Iterable[str], *extra: str) -> tuple[str, ...]:
     return tuple(p for p in PRIMITIVES if p in wanted)
 
 
-def chosen(model: nn.Module, selectors: Sequence[Selector]) -> tuple[list[str], list[nn.Parameter]]:
-    """The parameters to look at: those selected, or with no selector every trainable one."""
+class Choice(NamedTuple):
+    """The parameters :func:`chosen` picked, and ``memo``: what callers derive from this choice
+    alone (sizes, row layouts), kept exactly as long as the choice is. Treat all three as read-only."""
+
+    names: list[str]
+    params: list[nn.Parameter]
+    memo: dict
+
+
+# model -> selector list -> (its parameters, their requires_grad, the choice)
+_CHOSEN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+
+
+def chosen(model: nn.Module, selectors: Sequence[Selector]) -> Choice:
+    """The parameters to look at: those selected, or with no selector every trainable one.
+
+    Resolved once per model and selector list and reused while the model holds the same
+    parameters with the same ``requires_grad`` (checking that is a fraction of resolving);
+    a callable selector may look at anything, so it is resolved on every call.
+    """
+    params, stack = [], [model]
+    while stack:  # every parameter slot of every module: 3x faster than modules(), order fixed per model
+        m = stack.pop()
+        params += m._parameters.values()
+        stack += [c for c in m._modules.values() if c is not None]
+    trains = [p is not None and p.requires_grad for p in params]
+    key = tuple(selectors) if all(isinstance(s, (str, type)) for s in selectors) else None
+    cache = _CHOSEN.setdefault(model, {}) if key is not None else {}
+    hit = cache.get(key)
+    if (hit is not None and hit[1] == trains and len(hit[0]) == len(params)
+            and all(a is b for a, b in zip(hit[0], params))):
+        return hit[2]
     pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
-    return [n for n, _ in pairs], [p for _, p in pairs]
+    choice = Choice([n for n, _ in pairs], [p for _, p in pairs], {})
+    if key is not None:
+        cache[key] = (params, trains, choice)
+    return choice
 
 
 def refuse_complex(names: Sequence[str], tensors: Sequence[Tensor | None], what: str) -> None:
@@ -112,62 +138,6 @@ def local_tensors(tensors: Sequence[Tensor], names: Sequence[str]) -> tuple[list
 # --------------------------------------------------------------------------- primitives
 
 
-def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> Tensor:
-    """One primitive of each tensor in ``xs`` (one device and dtype, none empty), as a 1-D tensor."""
-    if xs[0].is_complex():
-        acc = xs[0].real.dtype if acc.is_complex else acc
-        if primitive == "sumsq":  # Σ|z|² is the sum of squares of the real view
-            xs = [torch.view_as_real(x) for x in xs]
-        elif primitive == "max_abs":  # aminmax has no complex form; the inf-norm is max |z|
-            return torch.stack([torch.linalg.vector_norm(x, math.inf) for x in xs]).to(acc)
-        else:  # the fused kernel wants a complex dtype to count complex non-zeros
-            fused = False
-    if primitive == "sumsq":
-        norms = torch._foreach_norm(xs, 2, dtype=acc) if fused else [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
-        return torch.stack(norms).double().square()
-    if primitive == "sum":
-        return torch.stack([x.sum(dtype=acc) for x in xs])
-    if primitive == "nonzero":
-        return torch.stack(torch._foreach_norm(xs, 0, dtype=acc) if fused else [torch.count_nonzero(x) for x in xs])
-    if fused:
-        return torch.stack(torch._foreach_norm(xs, math.inf, dtype=acc))
-    lo, hi = zip(*(torch.aminmax(x) for x in xs))
-    return torch.maximum(torch.stack(hi), torch.stack(lo).neg())
-
-
-def _numpy():
-    try:
-        import numpy
-    except ImportError:  # optional: torch's own kernel counts too, only slower
-        return None
-    return numpy
-
-
-def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
-    """Every primitive of one tensor before the next (CPU, real dtypes), as a (primitives, tensors) block."""
-    np = _numpy() if xs[0].dtype in (torch.float32, torch.float64, torch.float16) else None
-    rows: dict[str, list] = {p: [] for p in needed}
-    for x in xs:
-        for p in needed:
-            if p == "sumsq":
-                rows[p].append(torch.linalg.vector_norm(x, dtype=acc))
-            elif p == "sum":
-                rows[p].append(x.sum(dtype=acc))
-            elif p == "nonzero":
-                rows[p].append(np.count_nonzero(x.numpy() != 0) if np is not None else torch.count_nonzero(x))
-            else:
-                lo, hi = torch.aminmax(x)
-                rows[p].append(torch.maximum(hi, lo.neg()))
-    out = []
-    for p in needed:
-        if p == "nonzero" and np is not None:
-            out.append(torch.tensor(rows[p], dtype=torch.float64))
-        else:
-            v = torch.stack(rows[p]).double()
-            out.append(v.square() if p == "sumsq" else v)
-    return torch.stack(out)
-
-
 @dataclass
 class Prims:
     """Primitives of some tensors: per (device, dtype, shard) group, the tensors' indices and a
@@ -186,8 +156,11 @@ class Prims:
 
     def values(self) -> dict[str, Tensor]:
         """Primitive name -> (count,) tensor, in the tensors' order (call once the blocks are on the host)."""
+        blocks = list(self.groups.values())
+        if len(blocks) == 1 and len(blocks[0][0]) == self.count:  # one group holds every tensor, in order
+            return dict(zip(self.needed, blocks[0][1]))
         out = torch.full((len(self.needed), self.count), math.nan, dtype=torch.float64)
-        for cols, block in self.groups.values():
+        for cols, block in blocks:
             out[:, cols] = block
         return dict(zip(self.needed, out))
 
@@ -206,14 +179,35 @@ def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], ne
     for key, idx in groups.items():
         device, dtype, _ = key
         xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
-        acc, fused = torch.promote_types(dtype, torch.float32), use_foreach(xs, device, foreach)
-        # Norms alone: one fused kernel for all tensors beats any Python loop, on every device.
-        if device.type == "cpu" and not foreach and not dtype.is_complex and needed != ("sumsq",):
-            block = _in_cache(xs, needed, acc)
+        prims.groups[key] = (idx, kernels.block(xs, needed, device, foreach))
+    return prims
+
+
+def _groups(tensors: Sequence[Tensor], shards: Sequence[tuple | None]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (x, shard) in enumerate(zip(tensors, shards)):
+        groups[(x.device, x.dtype, shard)].append(i)
+    return groups
+
+
+def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
+                    foreach: bool | None) -> Prims:
+    """Copy ``src`` into ``dst`` and return ``sumsq`` of each (local parts; reduce with :func:`reduce_shards`).
+
+    On CPU each copy is measured while it is still in cache, so the snapshot of the weights that
+    the update ratio needs gives their norms for almost nothing; elsewhere a fused copy and norm.
+    """
+    prims = Prims(("sumsq",), len(src))
+    for key, idx in _groups(src, shards).items():
+        d, s = pick(dst, idx), pick(src, idx)
+        if key[0].type == "cpu" and not foreach or foreach is False:
+            norms = [kernels.sumsq(x.copy_(y).view(-1)) if x.is_contiguous() else kernels.sumsq(x.copy_(y).reshape(-1))
+                     for x, y in zip(d, s)]
+            block = torch.stack(norms).double()
         else:
-            chosen = (_FUSED_ON.get(device.type, {"sumsq"}) if foreach is None else set(needed))
-            block = torch.stack([_kernel(p, xs, acc, fused and p in chosen).double() for p in needed])
-        prims.groups[key] = (idx, block)
+            torch._foreach_copy_(d, s)
+            block = torch.stack(torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in d], 2)).double().square()
+        prims.groups[key] = (idx, block.reshape(1, -1))
     return prims
 
 
@@ -221,22 +215,22 @@ def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shard
                         foreach: bool | None) -> Prims:
     """``sumsq`` of ``after - before`` per tensor (local parts; reduce with :func:`reduce_shards`).
 
-    ``before`` is overwritten by the difference. On CPU each difference is normed while still in
-    cache (2x faster than ``torch.dist``, 1.5x than two foreach passes); elsewhere one fused
-    subtraction and one fused norm beat a launch per tensor.
+    ``before`` may be overwritten. On CPU each difference goes to one small scratch buffer that
+    stays in cache and is measured there (nothing is written back to memory: 1.3x faster than
+    subtracting in place, 2x than ``torch.dist``); elsewhere one fused subtraction and one fused
+    norm beat a launch per tensor.
     """
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (x, shard) in enumerate(zip(after, shards)):
-        groups[(x.device, x.dtype, shard)].append(i)
     prims = Prims(("sumsq",), len(after))
-    for key, idx in groups.items():
+    for key, idx in _groups(after, shards).items():
         a, b = pick(before, idx), pick(after, idx)
         if key[0].type == "cpu" and not foreach or foreach is False:
-            norms = [torch.linalg.vector_norm(x.sub_(y)) if x.numel() else x.new_zeros(()) for x, y in zip(a, b)]
+            scratch = a[0].new_empty(max(x.numel() for x in a))
+            norms = [kernels.sumsq(torch.sub(x.reshape(-1), y.reshape(-1), out=scratch[:x.numel()])) for x, y in zip(a, b)]
+            block = torch.stack(norms).double()
         else:
             torch._foreach_sub_(a, b)
-            norms = torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in a], 2)
-        prims.groups[key] = (idx, torch.stack(norms).double().square().reshape(1, -1))
+            block = torch.stack(torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in a], 2)).double().square()
+        prims.groups[key] = (idx, block.reshape(1, -1))
     return prims
 
 
@@ -283,7 +277,11 @@ def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:
     for i, t in enumerate(tensors):
         by_device[t.device].append(i)
     out: list[Tensor] = [torch.empty(0)] * len(tensors)
-    for idx in by_device.values():
+    for device, idx in by_device.items():
+        if device.type == "cpu":  # already there; copied all the same, as a transfer would (a live GradScaler scale)
+            for i in idx:
+                out[i] = tensors[i].to(torch.float64, copy=True)
+            continue
         flat = torch.cat([tensors[i].reshape(-1).double() for i in idx]).cpu()
         for i, part in zip(idx, flat.split([tensors[i].numel() for i in idx])):
             out[i] = part.view(tensors[i].shape)

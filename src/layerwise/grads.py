@@ -15,6 +15,7 @@ parameters those of the full tensor. ``monitor.py`` builds the training monitor 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -91,10 +92,19 @@ class GradStats:
         (['0.weight'], ['1.weight', '1.bias'])
     """
 
-    def __init__(self, rows: dict[str, dict[str, float] | None], numel: dict[str, int], stats: tuple[str, ...],
-                 no_grad: list[str], dead: list[str], nonfinite: list[str], frozen: set[str], title: str):
+    def __init__(self, rows: list[str], columns: dict[str, list[float]], present: list[bool], numel: dict[str, int],
+                 stats: tuple[str, ...], no_grad: list[str], dead: list[str], nonfinite: list[str], frozen: set[str],
+                 title: str):
         self.stats, self.no_grad, self.dead, self.nonfinite = stats, no_grad, dead, nonfinite
-        self._rows, self._numel, self._frozen, self._title = rows, numel, frozen, title
+        self._names, self._columns, self._present = rows, columns, present
+        self._numel, self._frozen, self._title = numel, frozen, title
+
+    @functools.cached_property
+    def _rows(self) -> dict[str, dict[str, float] | None]:
+        # Built when first read: a training loop that logs a few values never pays for every dict.
+        columns = [self._columns[s] for s in self.stats]
+        return {name: dict(zip(self.stats, (c[r] for c in columns))) if self._present[r] else None
+                for r, name in enumerate(self._names)}
 
     def to_dict(self) -> dict[str, dict[str, float] | None]:
         """Name -> statistic -> float (None for no gradient), in model order."""
@@ -116,7 +126,7 @@ class GradStats:
         return None if row is None else dict(row)
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._names)
 
     def __repr__(self) -> str:
         return (f"GradStats({len(self)} rows, stats={list(self.stats)}, {len(self.no_grad)} without gradient, "
@@ -175,40 +185,58 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         True
     """
     stats = stat_names(stats)
-    group_of = _grouper(by)
-    names, params = chosen(model, selectors)
+    _grouper(by)  # checked before any work
+    names, params, memo = chosen(model, selectors)
+    layout = memo.get(("layout", by))
+    if layout is None:  # what depends on the choice alone, kept with it
+        layout = memo[("layout", by)] = _Layout(names, params, by)
     need = needed(stats)
     if "sum" in need:
         refuse_complex(names, [p.grad for p in params], "a signed mean or std")
     have, values = _measure(names, params, need, foreach)
-
-    if by == "param":  # one row per parameter: nothing to pool
-        rows, present = names, set(have)
-        at = torch.tensor(have, dtype=torch.long)
-        pooled = {k: torch.full((len(names),), math.nan, dtype=v.dtype).index_copy_(0, at, v) for k, v in values.items()}
-        pooled_numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+    every = len(have) == len(params)
+    if layout.group is None:  # one row per parameter: nothing to pool
+        present = [True] * len(names) if every else [p.grad is not None for p in params]
+        if not every:
+            at = torch.tensor(have, dtype=torch.long)
+            values = {k: torch.full((len(names),), math.nan, dtype=v.dtype).index_copy_(0, at, v)
+                      for k, v in values.items()}
+        numel = layout.numel
     else:
-        rows = list(dict.fromkeys(group_of(n) for n in names))
-        index = {row: r for r, row in enumerate(rows)}
-        group = torch.tensor([index[group_of(names[i])] for i in have], dtype=torch.long)
-        numel = torch.tensor([float(params[i].numel()) for i in have], dtype=torch.float64)
-        pooled, pooled_numel = pool(values, numel, group, len(rows))
-        present = set(group.tolist())
-    derived = {s: v.tolist() for s, v in derive(pooled, pooled_numel, stats).items()}
-    dead = (pooled["sumsq"] == 0).tolist()
-    finite = (pooled["sumsq"].isfinite() & pooled.get("max_abs", pooled["sumsq"]).isfinite()).tolist()
-
-    numels: dict[str, int] = defaultdict(int)
-    for n, p in zip(names, params):
-        numels[group_of(n)] += p.numel()
+        group = layout.group if every else layout.group[have]
+        values, numel = pool(values, layout.numel if every else layout.numel[have], group, len(layout.rows))
+        present = [False] * len(layout.rows)
+        for r in group.tolist():
+            present[r] = True
+    derived = {s: v.tolist() for s, v in derive(values, numel, stats).items()}
+    sumsq = values["sumsq"]
+    dead = (sumsq == 0).tolist()
+    finite = (sumsq.isfinite() & values.get("max_abs", sumsq).isfinite()).tolist()
+    rows = layout.rows
     return GradStats(
-        rows={row: {s: derived[s][r] for s in stats} if r in present else None for r, row in enumerate(rows)},
-        numel=dict(numels), stats=stats,
-        no_grad=[n for n, p in zip(names, params) if p.grad is None],
-        dead=[row for r, row in enumerate(rows) if r in present and dead[r]],
-        nonfinite=[row for r, row in enumerate(rows) if r in present and not finite[r]],
-        frozen={group_of(n) for n, p in zip(names, params) if not p.requires_grad},
-        title="Gradients" if by == "param" else f"Gradients by {by if isinstance(by, str) else f'depth {by}'}")
+        rows, derived, present, numel=layout.row_numel, stats=stats,
+        no_grad=[] if every else [n for n, p in zip(names, params) if p.grad is None],
+        dead=[row for row, ok, d in zip(rows, present, dead) if ok and d],
+        nonfinite=[row for row, ok, f in zip(rows, present, finite) if ok and not f],
+        frozen=layout.frozen, title=layout.title)
+
+
+class _Layout:
+    """The rows of :func:`grad_stats` for one choice of parameters and one ``by``: built once per choice."""
+
+    def __init__(self, names: list[str], params: list[nn.Parameter], by: str | int):
+        group_of = _grouper(by)
+        keys = [group_of(n) for n in names]
+        self.rows = list(dict.fromkeys(keys))
+        self.numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+        index = {row: r for r, row in enumerate(self.rows)}
+        self.group = None if by == "param" else torch.tensor([index[k] for k in keys], dtype=torch.long)
+        row_numel: dict[str, int] = defaultdict(int)
+        for k, p in zip(keys, params):
+            row_numel[k] += p.numel()
+        self.row_numel = dict(row_numel)
+        self.frozen = {k for k, p in zip(keys, params) if not p.requires_grad}
+        self.title = "Gradients" if by == "param" else f"Gradients by {by if isinstance(by, str) else f'depth {by}'}"
 
 
 # --------------------------------------------------------------------------- anomaly checks
@@ -255,7 +283,7 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
         >>> result.ok, result.nonfinite, result.no_grad
         (False, ['1.weight'], ['0.weight', '0.bias'])
     """
-    names, params = chosen(model, selectors)
+    names, params, _ = chosen(model, selectors)
     have, values = _measure(names, params, ("max_abs",), foreach)
     finite = values["max_abs"].isfinite().tolist()
     return GradCheck(nonfinite=[names[i] for i, ok in zip(have, finite) if not ok],
@@ -323,4 +351,5 @@ def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:
         ['1.weight', '0.weight']
         >>> watch.remove()
     """
-    return NonFiniteWatch(*chosen(model, selectors))
+    names, params, _ = chosen(model, selectors)
+    return NonFiniteWatch(list(names), list(params))

@@ -23,6 +23,7 @@ from ._grad_engine import (
     STATS,
     Prims,
     chosen,
+    copy_primitives,
     derive,
     distance_primitives,
     histogram,
@@ -146,7 +147,8 @@ class GradMonitor:
         if optimizer is not None and scaler is not None:
             raise GradError("pass scaler= only without optimizer=: with an optimizer the monitor runs inside "
                             "scaler.step(optimizer), where it finds the gradients unscaled.")
-        self.names, self._params = chosen(model, selectors)
+        names, params, _ = chosen(model, selectors)
+        self.names, self._params = list(names), list(params)
         if not self._params:
             raise GradError(f"nothing to monitor: {type(model).__name__} has no trainable parameter. "
                             "Select frozen ones explicitly to watch them anyway.")
@@ -169,6 +171,7 @@ class GradMonitor:
         self._done: list[_Record] = []  # on the host: rows are built when asked for, to keep memory small
         self._current: _Record | None = None
         self._snapshot: list[Tensor] | None = None  # the weights before the optimizer step
+        self._weight: Prims | None = None  # their norms, measured while copying them
         self._buffers: list[Tensor] | None = None  # snapshots' memory, kept at every=1
         self._handles = [] if optimizer is None else [optimizer.register_step_pre_hook(self._before_step),
                                                       optimizer.register_step_post_hook(self._after_step)]
@@ -193,11 +196,12 @@ class GradMonitor:
         # `grad_scale`, and `found_inf`: it then skips a non-finite step by itself.
         scale, scaler_in_charge = getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf")
         with torch.no_grad():
-            weights = local_tensors(self._params, self.names)[0]
+            weights, shards = local_tensors(self._params, self.names)
             buffers = self._buffers if self.every == 1 else None  # reused when every step logs
             if buffers is None or [b.shape for b in buffers] != [w.shape for w in weights]:
                 buffers = [torch.empty_like(w) for w in weights]
-            torch._foreach_copy_(buffers, weights)
+            # The snapshot's copy gives the weight norms: the weights are not read twice.
+            self._weight = copy_primitives(buffers, weights, shards, self.foreach)
             self._snapshot = buffers
             self._buffers = buffers if self.every == 1 else None
         # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
@@ -221,7 +225,7 @@ class GradMonitor:
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         record, snapshot = self._current, self._snapshot
-        self._current = self._snapshot = None
+        self._current = self._snapshot = self._weight = None
         if record is not None and snapshot is not None:
             weights, shards = local_tensors(self._params, self.names)
             record.delta = distance_primitives(snapshot, weights, shards, self.foreach)
@@ -235,9 +239,10 @@ class GradMonitor:
     def _measure(self, scale: Tensor | None, scaler_in_charge: bool) -> _Record:
         have = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads, grad_shards = local_tensors([self._params[i].grad for i in have], pick(self.names, have))
-        weights, weight_shards = local_tensors(self._params, self.names)
         grad = local_primitives(grads, grad_shards, self._needed, self.foreach)
-        weight = local_primitives(weights, weight_shards, ("sumsq",), self.foreach)
+        weight, self._weight = self._weight, None  # measured with the snapshot, if one was taken
+        if weight is None:
+            weight = local_primitives(*local_tensors(self._params, self.names), ("sumsq",), self.foreach)
         reduce_shards(grad, weight)  # one collective for both, if any parameter is sharded
         hist = []
         if self._with_histograms:
@@ -372,7 +377,7 @@ class GradMonitor:
         """Unhook from the optimizer, flush, and close the sinks. Safe to call again."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._current, self._snapshot, self._buffers = [], None, None, None
+        self._handles, self._current, self._snapshot, self._buffers, self._weight = [], None, None, None, None
         self.flush()
         for sink in self.sinks:
             sink.close()

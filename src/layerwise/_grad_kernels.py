@@ -1,0 +1,160 @@
+"""The gradient engine's kernels: the primitives of a group of tensors of one device and dtype.
+
+Which kernel computes which primitive is chosen per device by measurement
+(``benchmarks/bench_grad_stats.py`` prints the table behind every choice here): on CUDA fused
+``torch._foreach_*`` launches; on CPU every primitive of a tensor while it is still in cache,
+with BLAS and NumPy kernels where torch's CPU reductions are slower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensors import pick, use_foreach
+
+# Kernels when foreach=None, chosen by benchmarks/bench_grad_stats.py (its kernel table; torch
+# 2.13). On CUDA _foreach_norm fuses ord 2, inf and 0 into a few launches for all tensors; torch
+# has no fused signed sum (Σrelu(x) − Σ|x| would copy every gradient), so that one is a loop.
+# On CPU foreach ops are themselves a C++ loop over per-tensor kernels, so the win is locality:
+# every primitive of one tensor while it is still in cache (3.1x one flat norm where one pass per
+# primitive takes 5.7x), non-zeros counted by NumPy when present (torch's CPU count_nonzero and
+# ne are ~3x slower than `np.count_nonzero(a != 0)` on float32).
+_FUSED_ON = {"cuda": {"sumsq", "max_abs", "nonzero"}, "xpu": {"sumsq", "max_abs", "nonzero"}}
+
+
+def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None) -> Tensor:
+    """The ``needed`` primitives of ``xs`` (one device and dtype, none empty), as a (primitives, tensors) float64 block."""
+    dtype = xs[0].dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    # Norms alone: one fused kernel for all tensors beats any Python loop, on every device.
+    if device.type == "cpu" and not foreach and not dtype.is_complex and needed != ("sumsq",):
+        return _in_cache(xs, needed, acc)
+    fused = use_foreach(xs, device, foreach)
+    chosen = _FUSED_ON.get(device.type, {"sumsq"}) if foreach is None else set(needed)
+    return torch.stack([_kernel(p, xs, acc, fused and p in chosen).double() for p in needed])
+
+
+def _kernel(primitive: str, xs: list[Tensor], acc: torch.dtype, fused: bool) -> Tensor:
+    """One primitive of each tensor in ``xs`` (one device and dtype, none empty), as a 1-D tensor."""
+    if xs[0].is_complex():
+        acc = xs[0].real.dtype if acc.is_complex else acc
+        if primitive == "sumsq":  # Σ|z|² is the sum of squares of the real view
+            xs = [torch.view_as_real(x) for x in xs]
+        elif primitive == "max_abs":  # aminmax has no complex form; the inf-norm is max |z|
+            return torch.stack([torch.linalg.vector_norm(x, math.inf) for x in xs]).to(acc)
+        else:  # the fused kernel wants a complex dtype to count complex non-zeros
+            fused = False
+    if primitive == "sumsq":
+        norms = torch._foreach_norm(xs, 2, dtype=acc) if fused else [torch.linalg.vector_norm(x, dtype=acc) for x in xs]
+        return torch.stack(norms).double().square()
+    if primitive == "sum":
+        return torch.stack([x.sum(dtype=acc) for x in xs])
+    if primitive == "nonzero":
+        return torch.stack(torch._foreach_norm(xs, 0, dtype=acc) if fused else [torch.count_nonzero(x) for x in xs])
+    if fused:
+        return torch.stack(torch._foreach_norm(xs, math.inf, dtype=acc))
+    lo, hi = zip(*(torch.aminmax(x) for x in xs))
+    return torch.maximum(torch.stack(hi), torch.stack(lo).neg())
+
+
+def _numpy():
+    try:
+        import numpy
+    except ImportError:  # optional: torch's own kernels count too, only slower
+        return None
+    return numpy
+
+
+# Tensors up to this many elements are measured together (one copy, one segmented reduction per
+# primitive): below it a Python call per tensor costs more than reading its bytes.
+_SMALL = 1 << 14
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
+    """Every primitive of one tensor before the next (CPU, real dtypes), as a (primitives, tensors) block.
+
+    Only the first kernel on a tensor reads memory; the others find it in cache. That first one
+    is the sum of squares as a BLAS dot (faster than a norm, and more accurate than squaring
+    one); max |x| and non-zeros come from NumPy when present (its max, min and
+    ``count_nonzero(a != 0)`` run 2-5x faster than torch's CPU ``aminmax`` and ``count_nonzero``).
+    Small tensors are measured together. Kernel choices: benchmarks/bench_grad_stats.py's table.
+    """
+    np = _numpy()
+    if np is None or xs[0].dtype not in _NUMPY_DTYPES:
+        return _in_cache_torch(xs, needed, acc)
+    out = np.empty((len(needed), len(xs)))
+    small = [i for i, x in enumerate(xs) if x.numel() <= _SMALL]
+    big: Sequence[int] = range(len(xs))
+    if len(small) > 1:
+        out[:, small] = _segmented(pick(xs, small), needed, np)
+        big = [i for i, x in enumerate(xs) if x.numel() > _SMALL]
+    dot = xs[0].dtype != torch.float16  # no fast half-precision dot on CPU
+    sumsq, sums = [], []
+    zero = xs[0].numpy().dtype.type(0)
+    row = {p: k for k, p in enumerate(needed)}
+    k_nonzero, k_max = row.get("nonzero"), row.get("max_abs")
+    # One buffer for every `a != 0`: a fresh array per tensor can cost a page fault per 4 kB.
+    mask = np.empty(max((xs[i].numel() for i in big), default=0) if k_nonzero is not None else 0, dtype=bool)
+    for i in big:
+        v = xs[i].reshape(-1)
+        # First the kernel that reads memory, then those that find v in cache.
+        sumsq.append(torch.dot(v, v) if dot else torch.linalg.vector_norm(v, dtype=acc))
+        if "sum" in row:
+            sums.append(v.sum(dtype=acc))
+        a = v.numpy()
+        if k_nonzero is not None:
+            out[k_nonzero, i] = np.count_nonzero(np.not_equal(a, zero, out=mask[:a.size]))
+        if k_max is not None:
+            out[k_max, i] = np.maximum(a.max(), -a.min())  # np.maximum propagates NaN, Python's max() may not
+    if big:
+        col = torch.stack(sumsq).double()
+        out[row["sumsq"], big] = (col if dot else col.square()).numpy()
+        if sums:
+            out[row["sum"], big] = torch.stack(sums).double().numpy()
+    return torch.from_numpy(out)
+
+
+def _in_cache_torch(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
+    """:func:`_in_cache` without NumPy or for a dtype it lacks (bfloat16): torch kernels only."""
+    rows: dict[str, list[Tensor]] = {p: [] for p in needed}
+    for x in xs:
+        for p in needed:
+            if p == "sumsq":
+                rows[p].append(torch.linalg.vector_norm(x, dtype=acc).double().square())
+            elif p == "sum":
+                rows[p].append(x.sum(dtype=acc))
+            elif p == "nonzero":
+                rows[p].append(torch.count_nonzero(x))
+            else:
+                lo, hi = torch.aminmax(x)
+                rows[p].append(torch.maximum(hi, lo.neg()))
+    return torch.stack([torch.stack(rows[p]).double() for p in needed])
+
+
+def _segmented(xs: list[Tensor], needed: tuple[str, ...], np) -> Tensor:
+    """The primitives of small non-empty tensors: one float64 copy of them all, one reduceat per primitive."""
+    flat = torch.cat([x.reshape(-1) for x in xs]).double().numpy()
+    starts = np.cumsum([0] + [x.numel() for x in xs[:-1]])
+    rows = []
+    for p in needed:
+        if p == "sumsq":
+            rows.append(np.add.reduceat(flat * flat, starts))
+        elif p == "sum":
+            rows.append(np.add.reduceat(flat, starts))
+        elif p == "nonzero":
+            rows.append(np.add.reduceat(flat != 0, starts, dtype=np.float64))
+        else:
+            rows.append(np.maximum.reduceat(np.abs(flat), starts))  # np.maximum propagates NaN
+    return torch.from_numpy(np.stack(rows))
+
+
+def sumsq(v: Tensor) -> Tensor:
+    """Σx² of a flat CPU tensor: a BLAS dot where there is one (float32/64), else a float32 norm squared."""
+    if v.dtype in (torch.float32, torch.float64):
+        return torch.dot(v, v)
+    return torch.linalg.vector_norm(v, dtype=torch.float32).double().square()
