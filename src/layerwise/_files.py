@@ -28,6 +28,7 @@ from ._publish import check_output as check_output  # re-exported: the writers' 
 from ._publish import staged as staged
 from ._safetensors import ALIASES, parse_json, read_header
 from ._tensors import aliases_of
+from ._write import Fill as Fill
 from ._write import Plan as Plan
 from ._write import write as write
 from .errors import CheckpointError, CheckpointNotFoundError, OptionError, OptionTypeError

@@ -11,102 +11,17 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ._merge_methods import Method, get_method
+from ._sparsify import SPARSIFY
 from .errors import MergeError
 
 Options = Mapping[str, Any]
 _COLINEAR = 0.9995  # |cos| above this: SLERP interpolates linearly (mergekit's DOT_THRESHOLD)
-
-
-# --------------------------------------------------------------------------- sparsification (mergekit's sparsify.py)
-
-
-def _generator(seed: int, key: str, index: int) -> torch.Generator:
-    """One stream per (seed, tensor, model): a file merge and an in-memory merge draw the same masks."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{index}".encode()))
-
-
-def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float) -> torch.Tensor:
-    """``tau`` masked by ``keep``, its norm restored (``rescale`` l1/l2/linf, ``True`` = l1) or divided by density."""
-    masked = torch.where(keep, tau, 0.0)
-    if rescale is False:
-        return masked
-    if rescale == "density":
-        return masked / density
-    norm = {"l2": lambda x: torch.linalg.vector_norm(x), "linf": lambda x: x.abs().max()}.get(
-        rescale, lambda x: x.abs().sum())
-    before, after = norm(tau), norm(masked)
-    if before < 1e-7 or after < 1e-7:  # mergekit's eps: nothing sensible to restore
-        return masked
-    return masked * (before / after)
-
-
-def _magnitude(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
-    """Keep the ``density`` fraction of entries of largest magnitude (at least one)."""
-    density = o["density"][i]
-    if density >= 1:
-        return tau
-    k = max(1, int(density * tau.numel()))  # mergekit asserts k > 0: a 4-entry bias at 0.2 keeps its largest
-    magnitude = tau.abs().flatten()
-    if o.get("convention") == "layerwise":  # every entry tied with the k-th largest is kept
-        keep = magnitude >= magnitude.kthvalue(magnitude.numel() - k + 1).values
-    else:  # exactly k, as mergekit: a selection (kthvalue) is ~8x cheaper than its sort, which decides ties
-        keep = magnitude >= magnitude.kthvalue(magnitude.numel() - k + 1).values
-        if int(keep.sum()) != k:  # entries tied with the k-th straddle it: mergekit's sort order picks them
-            keep = torch.zeros_like(keep).index_fill_(0, torch.argsort(magnitude.float(), descending=True)[:k], True)
-    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
-
-
-def _random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
-    """DARE: keep each entry with probability ``density``, seeded per (seed, key, model)."""
-    density = o["density"][i]
-    if density >= 1:
-        return tau
-    keep = torch.rand(tau.shape, generator=_generator(o["seed"], key, i)).to(tau.device) < density
-    return _rescaled(tau, keep, o["rescale"], density)
-
-
-def _magnitude_outliers(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
-    """Breadcrumbs: drop the ``gamma`` fraction of largest entries, then the smallest down to ``density``."""
-    density, gamma = o["density"][i], o["gamma"][i]
-    if density >= 1:
-        return tau
-    n = tau.numel()
-    n_top = int(gamma * n)
-    n_bottom = n - int(density * n) - n_top
-    if n_bottom < 0:  # fewer outliers dropped, to keep density
-        n_top, n_bottom = n_top + n_bottom, 0
-    order = tau.abs().flatten().argsort()
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    # mergekit slices [n_bottom:-n_top], which keeps nothing when n_top == 0 (tensors under 1/gamma entries)
-    keep[order[n_bottom:n - n_top]] = True
-    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
-
-
-def _della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
-    """DELLA's MagPrune: keep probability from density − ε (smallest) to density + ε (largest), ranked per row."""
-    density, epsilon = o["density"][i], o["epsilon"][i]
-    if density >= 1:
-        return tau
-    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau
-    order = rows.abs().argsort(dim=1)  # its inverse permutation is the ranks (0 = smallest): one sort, not two
-    width = order.shape[1]  # a one-entry row gets the middle probability
-    positions = torch.arange(width).view(1, -1, *[1] * (order.ndim - 2)).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions).to(tau.dtype)
-    rank_norm = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    keep = torch.rand(rows.shape, generator=_generator(o["seed"], key, i)).to(tau.device) < probs
-    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
-
-
-_SPARSIFY = {"magnitude": _magnitude, "random": _random, "magnitude_outliers": _magnitude_outliers,
-             "della_magprune": _della_magprune}
 
 
 # --------------------------------------------------------------------------- the methods
@@ -134,32 +49,37 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
     w, n = o["weight"], len(xs)
     if o["normalize"] and (top := max(abs(wi) for wi in w)) > 1e6:  # huge weights would overflow: scale them
         w = [wi / top for wi in w]  # (only then: other weights elect signs exactly as mergekit's, ties included)
-    weighted = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device) if consensus else None
-    mixed = None
+    deltas, mixed = [], None  # the weighted task vectors (kept only for sign election) and their sum
     for i in range(n):
         delta = xs[i] - base
         xs[i] = None  # this list is merge_tensor's own: a streamed input is freed here, one at a time
         if sparsify:
-            delta = _SPARSIFY[sparsify](delta, o, i, key)
+            delta = SPARSIFY[sparsify](delta, o, i, key)
+        delta.mul_(w[i])  # no alpha= anywhere: a weight must not have to fit the dtype
         if consensus:
-            torch.mul(delta, w[i], out=weighted[i])
+            deltas.append(delta)
+            mixed = delta.clone() if mixed is None else mixed.add_(delta)
         else:
-            mixed = delta.mul_(w[i]) if mixed is None else mixed.add_(delta.mul_(w[i]))  # no alpha=: it must fit the dtype
+            mixed = delta if mixed is None else mixed.add_(delta)
         del delta
-    if consensus:
-        weights = torch.tensor(w, dtype=base.dtype, device=base.device).view(-1, *([1] * base.ndim))
-        total = weighted.sum(0)
-        if o.get("convention") == "layerwise":  # a zero sum elects no sign: nothing is added there
-            elected = total.sign()
-        else:  # mergekit: a zero sum elects +
-            elected = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
-        agree = (weighted.sign() == elected) & (weighted != 0)
-        mixed = torch.where(agree, weighted, 0.0).sum(0)
-        divisor = torch.where(agree, weights, 0.0).sum(0)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+    if consensus:  # keep the entries whose sign is the sum's (mergekit: a zero sum elects +; layerwise: none)
+        layerwise = o.get("convention") == "layerwise"
+        positive = mixed > 0 if layerwise else mixed >= 0
+        decided = mixed != 0 if layerwise else None
+        mixed.zero_()
+        divisor = torch.zeros_like(mixed)
+        for i, d in enumerate(deltas):
+            agree = torch.where(positive, d > 0, d < 0)
+            if decided is not None:
+                agree &= decided
+            mixed.add_(d.mul_(agree))  # a product, as mergekit's: a nan stays
+            divisor.add_(agree, alpha=w[i])
+            deltas[i] = d = agree = None
+        divisor.masked_fill_(divisor == 0, 1.0)
     else:
         divisor = math.fsum(w)
         divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+    del deltas
     if o["normalize"]:
         mixed.div_(divisor)
     if o["lambda"] != 1:
