@@ -4,9 +4,11 @@ and a GradMonitor logging every step costs a small share of the step.
 12-layer nn.TransformerEncoder (d=256, 9.5 M parameters, 144 gradient tensors) after a real
 backward, one thread (the machine is shared; one thread keeps the ratios stable). Side by side,
 interleaved, in each of 3 rounds, every call starting from the same caches: before each, untimed,
-its own input (the gradients, or their flat copy) is read, as a backward has just written it
-(``--cold``: a read of twice the last-level cache instead). Without this, whichever call runs
-after one that read the same memory finds it in cache and looks up to 2x faster:
+a read of twice the last-level cache (which also writes back what earlier calls left dirty),
+then a read of the call's own input (the gradients, or their flat copy), as a backward has just
+touched it; ``--cold`` leaves out that last read. Without this, order decides: a call after one
+that read the same memory finds it in cache, one after a call that wrote 100 MB of temporaries
+(the naive loop) pays for their write-back, each up to 2x:
 
 * ``lw.grad_stats`` (five statistics of every tensor) ÷ one ``norm()`` over all gradients
   flattened (one pass over the memory: the limit), and ÷ the same five statistics over that
@@ -40,7 +42,7 @@ torch.set_num_threads(1)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 3
 COLD = "--cold" in sys.argv
-EVICT = evicter() if COLD else None
+EVICT = evicter()
 
 
 def sync() -> None:
@@ -104,8 +106,10 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
     flat = torch.cat([g.flatten() for g in grads])
     fns = {"flat": lambda: (flat.norm(), sync())}
 
-    def warm(name: str) -> None:  # the call's own input just touched
-        flat.norm() if name == "flat" else torch._foreach_norm(grads)
+    def warm(name: str) -> None:  # as in one_round
+        EVICT()
+        if not COLD:
+            flat.norm() if name == "flat" else torch._foreach_norm(grads)
         sync()
 
     for name, variants in candidates.items():
@@ -117,7 +121,7 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
         fns["in cache torch"] = lambda: kernels._in_cache_torch(grads, need, acc)
         fns["in cache lw"] = lambda: kernels._in_cache(grads, need, acc)
     fns["lw engine"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None), sync())
-    t = compare(fns, repeats=7, warmup=1, between=EVICT or warm)
+    t = compare(fns, repeats=7, warmup=1, between=warm)
     print(f"\nprimitive kernels on {DEVICE.type} ({len(grads)} tensors, {'cold' if COLD else 'warm'} caches), "
           "÷ one flat norm:")
     print(f"  {'':16}{'fused foreach':>14}{'per-tensor':>12}{'NumPy / BLAS':>14}")
@@ -139,7 +143,7 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
         compiled(grads)
         seconds = time.perf_counter() - start
         c = compare({"flat": fns["flat"], "compiled": lambda: (compiled(grads), sync())}, repeats=7, warmup=1,
-                    between=EVICT or warm)
+                    between=warm)
         print(f"  torch.compile'd fused reduction          {c['compiled'] / c['flat']:6.2f}   "
               f"(compiled in {seconds:.1f} s)")
 
@@ -147,8 +151,10 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
 def one_round(model, x, flat) -> dict[str, float]:
     grads = [p.grad for p in model.parameters()]
 
-    def same_caches(name: str) -> None:  # as after a backward: the call's own input just touched
-        flat.norm() if name in ("limit", "flat_norm") else torch._foreach_norm(grads)
+    def same_caches(name: str) -> None:  # as after a backward: caches clean, the call's own input just read
+        EVICT()
+        if not COLD:
+            flat.norm() if name in ("limit", "flat_norm") else torch._foreach_norm(grads)
         sync()
 
     t = compare({
@@ -159,7 +165,7 @@ def one_round(model, x, flat) -> dict[str, float]:
         "limit": lambda: flat_limit(flat),
         "flat_norm": lambda: flat.norm().item(),
         "one_pass": lambda: (torch.stack(torch._foreach_norm(grads)).tolist(), sync()),
-    }, repeats=9, between=EVICT or same_caches)
+    }, repeats=9, between=same_caches)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 

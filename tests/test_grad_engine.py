@@ -133,3 +133,34 @@ def test_copy_and_distance_primitives_are_the_weights_and_update_norms():
         moved = distance_primitives(before, after, [None] * 3, foreach).values()["sumsq"]
         want = [(a.double() - w.double()).square().sum().item() for a, w in zip(after, weights)]
         assert moved.tolist() == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_primitives_of_a_tensor_measured_in_pieces_pool_exactly(monkeypatch, dtype):
+    monkeypatch.setattr(grad_kernels, "_CHUNK_BYTES", 1024)  # pieces of _SMALL elements
+    gen = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(n, generator=gen).to(dtype) for n in (3 * _SMALL + 5, _SMALL + 1, 2 * _SMALL)]
+    tensors[0][-3:] = 0  # zeros in the last piece only
+    tensors[0][_SMALL + 2] = -50  # the largest magnitude in a middle piece
+    tensors[2][-1] = math.nan
+    got = engine_values(tensors)
+    rel = 1e-5 if dtype == torch.float32 else 2e-3
+    for g, x in zip(got[:2], tensors[:2]):
+        assert_primitives(g, definition(x), rel)
+    assert got[0]["max_abs"] == 50 and got[0]["nonzero"] == 3 * _SMALL + 2
+    assert math.isnan(got[2]["max_abs"]) and got[2]["nonzero"] == 2 * _SMALL
+
+
+def test_copy_and_distance_of_tensors_in_pieces_pool_exactly(monkeypatch):
+    monkeypatch.setattr(grad_kernels, "_CHUNK_BYTES", 1024)  # pieces of _SMALL elements
+    gen = torch.Generator().manual_seed(5)
+    weights = [torch.randn(3 * _SMALL + 7, generator=gen), torch.randn(4, generator=gen),
+               torch.randn(2 * _SMALL, 3, generator=gen).t()]  # large, small, large and strided
+    buffers = [torch.empty_like(w) for w in weights]
+    copied = copy_primitives(buffers, weights, [None] * 3, False).values()["sumsq"]
+    assert all(torch.equal(b, w) for b, w in zip(buffers, weights))
+    assert copied.tolist() == pytest.approx([w.double().square().sum().item() for w in weights], rel=1e-6)
+    after = [w + torch.randn(w.shape, generator=gen) for w in weights]
+    moved = distance_primitives(buffers, after, [None] * 3, None).values()["sumsq"]
+    want = [(a.double() - w.double()).square().sum().item() for a, w in zip(after, weights)]
+    assert moved.tolist() == pytest.approx(want, rel=1e-5)

@@ -3,7 +3,8 @@
 Streaming works on safetensors headers: every key's shape and dtype is known before any
 tensor is read, and each tensor is read with plain file reads into a buffer of its own. (The
 ``safetensors`` library memory-maps whole files, so every page it touches stays resident;
-reading the simple format directly keeps resident memory to the tensors in use.) Headers are
+reading the simple format directly keeps resident memory to the tensors in use. Streamed slices
+are mapped, but released as they are consumed: see ``_reader.py``.) Headers are
 checked in ``_safetensors.py``; outputs are published atomically by ``_publish.py``.
 """
 
@@ -28,6 +29,7 @@ from ._publish import check_output as check_output  # re-exported: the writers' 
 from ._publish import staged as staged
 from ._safetensors import ALIASES, parse_json, read_header
 from ._tensors import aliases_of
+from ._write import Fill as Fill
 from ._write import Plan as Plan
 from ._write import write as write
 from .errors import CheckpointError, CheckpointNotFoundError, OptionError, OptionTypeError
@@ -188,6 +190,11 @@ class Checkpoint:
     def nbytes(self, key: str) -> int:
         shape, dtype = self.specs[key]
         return math.prod(shape) * dtype.itemsize
+
+    def stored_at(self, key: str) -> tuple[Path, int] | None:
+        """The safetensors file holding ``key`` and the byte offset of its data; None for a ``.pt`` input."""
+        where = self._stored.get(self.aliases.get(key, key))
+        return (where.path, where.offset) if where is not None else None
 
     def read(self, key: str) -> torch.Tensor:
         """The tensor under ``key``, in a buffer of its own (safetensors) or mapped (``.pt``)."""

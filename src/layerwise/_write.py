@@ -22,6 +22,16 @@ from .errors import CheckpointError
 
 
 @dataclass
+class Fill:
+    """A piece of ``numel`` elements that ``fill(room)`` computes into ``room``, the output's own buffer
+    (of the planned dtype; None where it has none), so that writing it copies nothing; it returns the
+    piece, ``room`` or another tensor."""
+
+    numel: int
+    fill: Callable[[torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
 class Plan:
     """What will be written: stored tensors in order, the aliases, shards, metadata."""
 
@@ -49,11 +59,12 @@ class Plan:
         return sum(math.prod(s) * d.itemsize for _, d, s in self.entries)
 
 
-def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor]], *, overwrite: bool,
+def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Tensor | Fill]], *, overwrite: bool,
           inputs: Sequence[Path] = (), progress: Callable[[int], None] | None = None,
           model_folder: Callable[[Path], None] | None = None) -> Path:
     """Write ``plan`` to ``output`` atomically (see :func:`staged`); ``pieces_of(key)`` gives each
-    stored tensor, whole or as consecutive pieces of its flattened elements, in order.
+    stored tensor, whole or as consecutive pieces of its flattened elements (tensors or
+    :class:`Fill`), in order.
 
     A single file (``.safetensors``) or, with ``max_shard_size``, a Hugging Face folder of shards
     and an index. With ``model_folder``, ``output`` is a model folder: ``model.safetensors`` (shards
@@ -82,6 +93,8 @@ def write(plan: Plan, output: Path, pieces_of: Callable[[str], Iterable[torch.Te
                 for key, dtype, shape in entries:
                     written = 0
                     for piece in pieces_of(key):
+                        if isinstance(piece, Fill):
+                            piece = piece.fill(f.room(piece.numel, dtype))
                         if piece.dtype != dtype:
                             raise CheckpointError(f"{output}: tensor {key!r} came out as {piece.dtype}, planned {dtype}")
                         f.write(piece)

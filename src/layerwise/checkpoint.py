@@ -9,6 +9,7 @@ next, so memory is bounded by a few tensors, not by the model (see ``_files.py``
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +24,7 @@ from torch import nn
 from ._files import (
     TORCH_SUFFIXES,
     Checkpoint,
+    Fill,
     PathLike,
     Plan,
     check_output,
@@ -250,15 +252,25 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
                 yield merge_tensor(m, (x.read(k) for x in models), base_t, per_key[k], work[k], key=k,
                                    dtype=planned[k])
                 return
-            n = len(models)
             for read in reader.take(k):  # every step into reused buffers: no allocation per slice
                 if k in chosen:
                     xs = [scratch.like(x, work[k], f"in{i}") for i, x in enumerate(read)]
-                    merged = merge_tensor(m, xs[:n], xs[n] if len(xs) > n else None, per_key[k], work[k], key=k,
-                                          dtype=work[k], out=scratch.get("merged", work[k], xs[0].numel()))
-                    yield scratch.like(merged, planned[k], "out")
+                    yield Fill(xs[0].numel(), functools.partial(merged, k, xs))
                 else:
-                    yield scratch.like(read[0], planned[k], "out")
+                    yield Fill(read[0].numel(), functools.partial(in_output_dtype, k, read[0]))
+
+        def merged(k: str, xs: list[torch.Tensor], room: torch.Tensor | None) -> torch.Tensor:
+            """A slice merged straight into the output's buffer (``room``) when it has the compute dtype."""
+            n, numel = len(models), xs[0].numel()
+            out = room if room is not None and room.dtype == work[k] else scratch.get("merged", work[k], numel)
+            result = merge_tensor(m, xs[:n], xs[n] if len(xs) > n else None, per_key[k], work[k], key=k,
+                                  dtype=work[k], out=out)
+            return in_output_dtype(k, result, room)
+
+        def in_output_dtype(k: str, t: torch.Tensor, room: torch.Tensor | None) -> torch.Tensor:
+            if room is None or t.data_ptr() == room.data_ptr():
+                return scratch.like(t, planned[k], "out")
+            return room.copy_(t)  # converted on the way into the output's buffer
 
         planned = {k: d for k, d, _ in entries}
         scratch = Scratch()
