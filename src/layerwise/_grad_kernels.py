@@ -186,18 +186,41 @@ def _flat_pieces(*ts: Tensor) -> list[tuple[Tensor, ...]]:
     return list(zip(*(f.split(step) for f in flat))) if flat[0].numel() > step else [tuple(flat)]
 
 
-def _pooled(parts: list[Tensor], owner: list[int], count: int) -> Tensor:
-    values = torch.stack(parts).double()
-    if len(parts) == count:
+def _pooled(parts: list[Tensor], owner: list[int], small: list[int], small_sumsq: Tensor | None,
+            count: int) -> Tensor:
+    """Per-tensor totals (float64) from the pieces' values (``owner``) and the small tensors' (``small``)."""
+    values = torch.cat([v for v in (torch.stack(parts).double() if parts else None, small_sumsq) if v is not None])
+    where = owner + small
+    if where == list(range(count)):
         return values
-    return values.new_zeros(count).index_add_(0, torch.tensor(owner, device=values.device), values)
+    return values.new_zeros(count).index_add_(0, torch.tensor(where, device=values.device), values)
+
+
+def _split_small(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors worth a Python call each, and of the small ones left to one foreach call."""
+    big, small = [], []
+    for i, t in enumerate(tensors):
+        (small if 0 < t.numel() <= _SMALL else big).append(i)
+    return big, small
+
+
+def _small_sumsq(xs: list[Tensor]) -> Tensor | None:
+    if not xs:
+        return None
+    norms = torch._foreach_norm(xs, 2, dtype=torch.promote_types(xs[0].dtype, torch.float32))
+    return torch.stack(norms).double().square()
 
 
 def copy_sumsq(dst: Sequence[Tensor], src: Sequence[Tensor]) -> Tensor:
     """Copy each ``src`` into ``dst`` and return Σx² of each (float64), every piece measured right after
-    its copy, while it is in cache: a snapshot of the weights gives their norms for almost nothing."""
+    its copy, while it is in cache: a snapshot of the weights gives their norms for almost nothing.
+    Small tensors take one fused copy and one fused norm."""
+    big, small = _split_small(src)
+    if small:
+        torch._foreach_copy_([dst[i] for i in small], [src[i] for i in small])
     parts, owner = [], []
-    for i, (x, y) in enumerate(zip(dst, src)):
+    for i in big:
+        x, y = dst[i], src[i]
         if not x.is_contiguous():
             x.copy_(y)
             parts.append(sumsq(x.reshape(-1)))
@@ -206,18 +229,21 @@ def copy_sumsq(dst: Sequence[Tensor], src: Sequence[Tensor]) -> Tensor:
         for a, b in _flat_pieces(x, y):
             parts.append(sumsq(a.copy_(b)))
             owner.append(i)
-    return _pooled(parts, owner, len(src))
+    return _pooled(parts, owner, small, _small_sumsq([dst[i] for i in small]), len(src))
 
 
 def distance_sumsq(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
     """Σ(after - before)² of each pair (float64): each piece's difference goes to one scratch buffer that
-    stays in cache and is measured there, so nothing is written back to memory."""
+    stays in cache and is measured there, so nothing is written back to memory. Small tensors take
+    one fused subtraction and one fused norm."""
+    big, small = _split_small(after)
     parts, owner = [], []
     scratch = None
-    for i, (x, y) in enumerate(zip(before, after)):
-        for a, b in _flat_pieces(x, y):
+    for i in big:
+        for a, b in _flat_pieces(before[i], after[i]):
             if scratch is None or scratch.numel() < a.numel() or scratch.dtype != a.dtype:
                 scratch = a.new_empty(max(_SMALL, _CHUNK_BYTES // a.element_size(), a.numel()))
             parts.append(sumsq(torch.sub(a, b, out=scratch[:a.numel()])))
             owner.append(i)
-    return _pooled(parts, owner, len(after))
+    diffs = torch._foreach_sub([before[i] for i in small], [after[i] for i in small]) if small else []
+    return _pooled(parts, owner, small, _small_sumsq(diffs), len(after))
