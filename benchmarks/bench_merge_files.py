@@ -7,8 +7,10 @@ limit is reading every input once (cat > /dev/null) plus writing one output of t
 (dd, fsynced). Each run is a subprocess: wall time and peak RSS are its own. The inputs are in
 the page cache for every run alike (written just before). Times are of the work alone, not
 of the interpreter's start-up; peak RSS is each process's own high-water mark.
-Targets: lw >= 2x faster than (a) and >= 1.3x faster than (b); lw <= 1.2x the limit; peak RSS <= 2x the largest
-tensor + 200 MB. Rounds are interleaved; round 0 only warms the page cache.
+Targets: lw >= 2x faster than (a) and >= 1.3x faster than (b); lw <= 1.2x the limit; the merge's own
+memory (peak RSS beyond Python + torch + layerwise) <= 64 MB. Rounds are interleaved; round 0 only
+warms the page cache. lw's page faults (minflt) per merge are printed: fresh pages are what a new
+process pays for (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -140,13 +142,11 @@ def main() -> None:
           f"vs (b): {med('safetensors') / med('layerwise'):.2f}x faster ({span(per_round['safetensors'])})")
     print(f"lw / limit: {med('layerwise') / med('limit'):.2f}x "
           f"({span([rounds['layerwise'][i][0] / rounds['limit'][i][0] for i in range(3)])})")
-    print(f"lw page faults (minflt) per merge: {', '.join(map(str, FAULTS[-3:]))} "
-          f"({min(FAULTS[-3:]) * 4 / 1024:.0f}-{max(FAULTS[-3:]) * 4 / 1024:.0f} MB of pages touched fresh)")
+    print(f"lw page faults (minflt) per merge: {', '.join(map(str, FAULTS[-3:]))}")
     imported = max(m for _, m in rounds["import"])
     lw_rss = max(m for _, m in rounds["layerwise"])
     print(f"lw peak RSS {lw_rss:.0f} MB = {imported:.0f} MB for Python + torch + layerwise alone "
-          f"+ {lw_rss - imported:.0f} MB for the merge; target for the merge: 2 x {largest:.0f} + 200 = "
-          f"{2 * largest + 200:.0f} MB")
+          f"+ {lw_rss - imported:.0f} MB for the merge (target: <= 64 MB for element-wise methods)")
     for f in folder.iterdir():
         f.unlink()
     folder.rmdir()
