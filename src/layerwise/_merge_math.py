@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ._merge_methods import Method, get_method
+from ._merge_sliced import model_stock, multislerp, sce
 from ._sparsify import SPARSIFY
 from .errors import MergeError
 
@@ -133,34 +134,6 @@ def nuslerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, k
     return base + _nuslerp_pair(t, xs[0] - base, xs[1] - base, o["nuslerp_row_wise"], o["nuslerp_flatten"])
 
 
-def multislerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
-    if len(xs) == 1:
-        return xs[0].clone()
-    eps = o["eps"]
-    stacked = torch.stack(list(xs)) - (base if base is not None else 0)
-    flat = stacked.view(len(xs), -1)
-    w = torch.tensor(o["weight"], dtype=flat.dtype, device=flat.device)
-    if o["normalize_weights"]:
-        w = w / w.sum()
-    norms = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-    units = flat / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = torch.linalg.vector_norm(mean)
-    if mean_norm < eps:
-        if len(xs) != 2:
-            raise MergeError(f"multislerp: the weighted directions of {key} cancel out (antipodal tensors with "
-                             "balancing weights); change the weights")
-        res = (stacked[0] * w[0] + stacked[1] * w[1])
-    else:
-        mean = mean / mean_norm
-        tangent = units - (units * mean).sum(-1, keepdim=True) * mean
-        step = (tangent * w.view(-1, 1)).sum(0)
-        length = torch.linalg.vector_norm(step) + eps
-        res = (mean * torch.cos(length) + step * (torch.sin(length) / length)) * (norms.squeeze(-1) * w).sum()
-        res = res.view(stacked.shape[1:])
-    return res + base if base is not None else res
-
-
 def karcher(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
     if len(xs) == 1:
         return xs[0].clone()
@@ -191,45 +164,6 @@ def karcher(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, k
     return (math.fsum(a * n for a, n in zip(alphas, norms)) * u).view(xs[0].shape)
 
 
-def model_stock(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
-    def rows(x: torch.Tensor) -> torch.Tensor:  # one ratio per row (filter_wise) or per tensor
-        if not o["filter_wise"]:
-            return x.reshape(-1)
-        return x.reshape(1, -1) if x.ndim <= 1 else x
-
-    shape = base.shape
-    w0, ws = rows(base), [rows(x) for x in xs]
-    offsets = [w - w0 for w in ws]
-    cosines = []
-    for i, a in enumerate(offsets):
-        for b in offsets[i + 1:]:
-            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
-            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    n = len(ws)
-    t = (n * cos) / (1 + (n - 1) * cos)
-    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
-
-
-def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
-    tvs = torch.stack([x - base for x in xs])
-    topk = o["select_topk"]
-    if topk < 1:
-        var = torch.var(tvs, dim=0, unbiased=False)
-        k = int(torch.count_nonzero(var).item() * topk)
-        keep = torch.zeros(var.numel(), dtype=torch.bool, device=var.device)
-        if k:
-            keep[var.abs().flatten().topk(k).indices] = True
-        tvs = tvs * keep.view(var.shape)
-    elected = torch.where(tvs.sum(0) >= 0, 1.0, -1.0).to(tvs.dtype)
-    agree = tvs.sign() == elected
-    energy = (tvs ** 2).mean(dim=tuple(range(1, tvs.ndim))) if tvs.ndim > 1 else tvs ** 2
-    total = energy.sum().item()
-    energy = torch.full_like(energy, 1 / len(xs)) if abs(total) < 1e-6 else energy / total
-    weights = torch.where(agree, energy.view(-1, *([1] * base.ndim)), 0.0)
-    return base + (tvs * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
-
-
 def nearswap(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
     weight = (o["t"] / (base - xs[0]).abs().clamp(min=1e-6)).clamp(0, 1)
     return weight * xs[0] + (1 - weight) * base
@@ -243,6 +177,7 @@ def passthrough(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Option
     return xs[0].clone() if out is None else out.copy_(xs[0])
 
 
+_SLICED = {"model_stock": model_stock, "multislerp": multislerp, "sce": sce}  # in _merge_sliced
 _WRITE_INTO = {"linear", "passthrough"}  # the functions that take out=: their result is written into it
 
 
@@ -251,7 +186,7 @@ def _function(method: Method):
         _, sparsify, consensus = method.function.split(":")
         sparse = None if sparsify == "none" else sparsify
         return lambda xs, base, o, key: _gta(xs, base, o, key, sparse, consensus == "sum")
-    return globals()[method.function]
+    return _SLICED.get(method.function) or globals()[method.function]
 
 
 # --------------------------------------------------------------------------- the entry point

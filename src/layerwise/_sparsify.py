@@ -28,16 +28,22 @@ def generator(seed: int, key: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{index}".encode()))
 
 
-def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float) -> torch.Tensor:
+def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float,
+              size: torch.Tensor | None = None) -> torch.Tensor:
     """``tau`` masked by ``keep`` in place, its norm restored (``rescale`` l1/l2/linf, ``True`` = l1) or
-    divided by density. Multiplying by the mask, as mergekit does, keeps a nan where it was."""
+    divided by density. Multiplying by the mask, as mergekit does, keeps a nan where it was. ``size``,
+    ``tau.abs()`` when the caller has it, is used up for the l1 norms."""
     if rescale is False:
         return tau.mul_(keep)
     if rescale == "density":
         return tau.mul_(keep).div_(density)
-    norm = {"l2": torch.linalg.vector_norm, "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
-    before = norm(tau)
-    after = norm(tau.mul_(keep))
+    if rescale in (True, "l1") and size is not None:
+        before, after = size.sum(), size.mul_(keep).sum()
+        tau.mul_(keep)
+    else:
+        norm = {"l2": torch.linalg.vector_norm, "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
+        before = norm(tau)
+        after = norm(tau.mul_(keep))
     if before < 1e-7 or after < 1e-7:  # mergekit's eps: nothing sensible to restore
         return tau
     return tau.mul_(before / after)
@@ -258,26 +264,25 @@ def della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Ten
     density, epsilon = o["density"][i], o["epsilon"][i]
     if density >= 1:
         return tau
-    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
+    size = tau.abs()
+    rows = size.reshape(1, -1) if tau.ndim < 2 else size  # ranked along dim 1, as mergekit
     width = rows.shape[1]
-    step = 2 * epsilon / (width - 1) if width > 1 else 0.0  # a one-entry row gets the middle probability
-    low = density - epsilon if width > 1 else density
-    per = max(1, _CHUNK // width)  # rows ranked at once: one sort of a block, not of the whole tensor
-
-    def probs(start: int, stop: int) -> torch.Tensor:  # rows [start // width, stop // width) are whole
-        block = rows[start // width:stop // width]
-        order = block.abs().argsort(dim=1)  # its inverse permutation is the ranks (0 = smallest)
-        ranks = torch.empty(block.shape, dtype=tau.dtype).scatter_(
-            1, order, torch.arange(width, dtype=tau.dtype).expand_as(order))
-        return ranks.mul_(step).add_(low).flatten()
-
+    if width > 1:  # the probability of each rank, 0 = smallest; a one-entry row gets the middle one
+        by_rank = torch.linspace(density - epsilon, density + epsilon, width, dtype=tau.dtype)
+    else:
+        by_rank = torch.full((1,), density, dtype=tau.dtype)
+    by_rank = by_rank.view(1, width, *[1] * (rows.ndim - 2))
+    per = max(1, _CHUNK // rows[0].numel())  # rows ranked at once: the temporaries are a block's
     g = generator(o["seed"], key, i)
-    keep = torch.empty(rows.numel(), dtype=torch.bool)
-    buffer = torch.empty(min(rows.numel(), per * width))
-    for start in range(0, rows.numel(), per * width):
-        stop = min(start + per * width, rows.numel())
-        torch.lt(buffer[:stop - start].uniform_(generator=g), probs(start, stop), out=keep[start:stop])
-    return _rescaled(tau, keep.view(tau.shape).to(tau.device), o["rescale"], density)
+    keep = torch.empty(rows.shape, dtype=torch.bool)
+    u = torch.empty(min(rows.shape[0], per), *rows.shape[1:])
+    for start in range(0, rows.shape[0], per):
+        block = rows[start:start + per]
+        order = block.argsort(dim=1)  # its inverse permutation is the ranks: one sort, not two
+        probs = torch.empty(block.shape, dtype=tau.dtype).scatter_(1, order, by_rank.expand_as(order))
+        del order
+        torch.lt(u[:block.shape[0]].uniform_(generator=g), probs, out=keep[start:start + per])
+    return _rescaled(tau, keep.view(tau.shape).to(tau.device), o["rescale"], density, size)
 
 
 SPARSIFY = {"magnitude": magnitude, "random": random, "magnitude_outliers": magnitude_outliers,

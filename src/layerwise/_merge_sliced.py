@@ -1,0 +1,184 @@
+"""Whole-tensor methods computed slice by slice: Model Stock, SCE and multislerp.
+
+Their definitions (mergekit 0.1.5) stack the models' tensors and build several more of that size;
+here the inputs stay a list, the whole-tensor statistics (norms, dot products, energies) are summed
+over slices of ``_SLICE`` entries, and the element-wise tail is written slice by slice into the
+output. So a merge holds the inputs, the base and the output plus slice-sized temporaries: within
+``(models + 2) × largest tensor + 64 MB`` in ``merge_files``. A statistic of a tensor that fits in
+one slice is the whole-tensor reduction itself (mergekit's numbers to the bit); over several slices
+the partial sums are added in float64 (within float32 rounding of mergekit's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import MergeError
+
+Options = Mapping[str, Any]
+_SLICE = 1 << 20  # entries per slice: a few float32 temporaries of 4 MB each
+
+
+def _slices(n: int, size: int | None = None) -> Iterator[slice]:
+    size = size or _SLICE
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of per-slice reductions: the one part itself when there is one slice, else a float64 sum."""
+    if len(parts) == 1:
+        return parts[0]
+    return torch.stack([p.double() for p in parts]).sum(0).to(parts[0].dtype)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1)
+
+
+# --------------------------------------------------------------------------- Model Stock
+
+
+def model_stock(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
+    n, shape, by_row = len(xs), base.shape, o["filter_wise"]
+    if by_row:  # one ratio per row of the last dimension (a vector is one row); slices of whole rows
+        width = shape[-1] if base.ndim else 1
+        ws, w0 = [x.reshape(-1, width) for x in xs], base.reshape(-1, width)
+        blocks = [slice(s.start // width, s.stop // width) for s in _slices(w0.numel(), max(width, _SLICE // width * width))]
+    else:  # one ratio for the tensor
+        ws, w0 = [_flat(x) for x in xs], _flat(base)
+        blocks = list(_slices(w0.numel()))
+    whole = by_row or len(blocks) == 1  # each reduction lies within one slice: mergekit's own numbers
+    norms: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    dots: dict[tuple[int, int], list[torch.Tensor]] = {(i, j): [] for i in range(n) for j in range(i + 1, n)}
+    for s in blocks:
+        offsets = [w[s] - w0[s] for w in ws]
+        for i, a in enumerate(offsets):
+            if whole:
+                norms[i].append(torch.linalg.vector_norm(a, dim=-1))
+            for j in range(i + 1, n):
+                dots[i, j].append((a * offsets[j]).sum(dim=-1))
+        del offsets
+    gather = torch.cat if by_row else _total
+    # Over several slices, each norm is still one reduction of the whole offset (mergekit's numbers),
+    # one offset at a time, before the output exists.
+    norm = [gather(parts) if whole else torch.linalg.vector_norm(w - w0) for parts, w in zip(norms, ws)]
+    cosines = [(gather(dots[i, j]) / (norm[i] * norm[j]).clamp(min=1e-6)).clamp(-1, 1) for (i, j) in dots]
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # mergekit: no finite estimate there, so the base is kept
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, 1.0, denominator))
+    out = torch.empty_like(w0)
+    for s in blocks:
+        ts = t[s] if by_row else t
+        total = ws[0][s] + 0  # sum(ws) / n, added in mergekit's order
+        for w in ws[1:]:
+            total += w[s]
+        out[s] = ts * (total / n) + (1 - ts) * w0[s]
+    return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------- SCE
+
+
+def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
+    n, b = len(xs), _flat(base)
+    flat = [_flat(x) for x in xs]
+    blocks = list(_slices(b.numel()))
+
+    def tvs(s: slice) -> list[torch.Tensor]:
+        return [x[s] - b[s] for x in flat]
+
+    keep = None
+    if o["select_topk"] < 1:  # the entries of highest variance across models (mergekit's topk picks ties)
+        var = torch.empty_like(b)
+        for s in blocks:
+            var[s] = torch.var(torch.stack(tvs(s)), dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var).item() * o["select_topk"])
+        keep = torch.zeros(b.numel(), dtype=torch.bool, device=b.device)
+        if k:
+            keep[var.abs_().topk(k).indices] = True
+        del var
+    # Each model's energy: the mean square of its (selected) task vector, as a share of the total.
+    energy = [[] for _ in range(n)]
+    for s in blocks:
+        for i, tv in enumerate(tvs(s)):
+            energy[i].append((tv * keep[s] if keep is not None else tv).square().sum())
+    energies = torch.stack([_total(e) for e in energy]) / b.numel()
+    total = energies.sum().item()
+    weights = torch.full_like(energies, 1 / n) if abs(total) < 1e-6 else energies / total
+    out = torch.empty_like(b)
+    for s in blocks:
+        parts = [tv * keep[s] if keep is not None else tv for tv in tvs(s)]
+        positive = sum(parts[1:], parts[0].clone()) >= 0  # the elected sign: + where the sum is >= 0
+        merged, divisor = torch.zeros_like(b[s]), torch.zeros_like(b[s])
+        for i, tv in enumerate(parts):
+            w = weights[i] * torch.where(positive, tv > 0, tv < 0)  # mergekit: sign(tv) == elected sign
+            merged += tv * w
+            divisor += w
+        out[s] = b[s] + merged / divisor.clamp(min=1e-6)
+    return out.view(base.shape)
+
+
+# --------------------------------------------------------------------------- multislerp
+
+
+def multislerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    if len(xs) == 1:
+        return xs[0].clone()
+    eps, n = o["eps"], len(xs)
+    flat = [_flat(x) for x in xs]
+    b = _flat(base) if base is not None else None
+    blocks = list(_slices(flat[0].numel()))
+    w = torch.tensor(o["weight"], dtype=flat[0].dtype, device=flat[0].device)
+    if o["normalize_weights"]:
+        w = w / w.sum()
+
+    def delta(i: int, s: slice) -> torch.Tensor:
+        return flat[i][s] - b[s] if b is not None else flat[i][s]
+
+    # The models' norms (whole-tensor reductions, as mergekit's: one task vector at a time, before the
+    # output exists), then their unit vectors' weighted mean, in the output buffer.
+    norms = torch.stack([torch.linalg.vector_norm(delta(i, slice(None))) for i in range(n)])
+    scale = norms + eps
+    mean = torch.empty_like(flat[0])
+    for s in blocks:
+        acc = delta(0, s) / scale[0] * w[0]
+        for i in range(1, n):
+            acc += delta(i, s) / scale[i] * w[i]
+        mean[s] = acc
+    mean_norm = _norm(mean, blocks)
+    if mean_norm < eps:
+        if n != 2:
+            raise MergeError(f"multislerp: the weighted directions of {key} cancel out (antipodal tensors with "
+                             "balancing weights); change the weights")
+        for s in blocks:
+            mean[s] = delta(0, s) * w[0] + delta(1, s) * w[1]
+    else:
+        mean /= mean_norm
+        # The tangent vectors at the mean (each unit vector less its component along the mean), weighted.
+        dots = [_total([(delta(i, s) / scale[i] * mean[s]).sum() for s in blocks]) for i in range(n)]
+
+        def tangent(s: slice) -> torch.Tensor:
+            acc = (delta(0, s) / scale[0] - dots[0] * mean[s]) * w[0]
+            for i in range(1, n):
+                acc += (delta(i, s) / scale[i] - dots[i] * mean[s]) * w[i]
+            return acc
+
+        length = _total([tangent(s).square().sum() for s in blocks]).sqrt() if len(blocks) > 1 else \
+            torch.linalg.vector_norm(tangent(blocks[0]))
+        length = length + eps
+        average = (norms * w).sum()
+        for s in blocks:
+            mean[s] = (mean[s] * torch.cos(length) + tangent(s) * (torch.sin(length) / length)) * average
+    if b is not None:
+        mean += b
+    return mean.view(xs[0].shape)
+
+
+def _norm(x: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
+    if len(blocks) == 1:
+        return torch.linalg.vector_norm(x)
+    return _total([x[s].square().sum() for s in blocks]).sqrt()

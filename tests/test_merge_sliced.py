@@ -1,0 +1,130 @@
+"""Model Stock, SCE and multislerp computed slice by slice: mergekit's numbers, in bounded memory."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from layerwise import _merge_sliced, _sparsify
+from layerwise._merge_math import merge_tensor
+from layerwise._merge_methods import get_method
+from layerwise._merge_options import resolve_options
+
+
+def opts(method, models, weight=None, **options):
+    return resolve_options(get_method(method), ["w"], models, weights=weight, options=options)["w"]
+
+
+# mergekit 0.1.5's definitions, stacked as it stacks them (merge_methods/model_stock.py, sce.py, multislerp.py)
+
+
+def mk_model_stock(w_0, ws, filter_wise):
+    shape = w_0.shape
+    if filter_wise:
+        if w_0.dim() == 1:
+            w_0, ws = w_0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w_0, ws = w_0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w_0 for w in ws]
+    cos = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cos.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    den = 1 + (n - 1) * cos
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
+    return (t * (sum(ws) / n) + (1 - t) * w_0).reshape(shape)
+
+
+def mk_sce(base, xs, select_topk):
+    tvs = torch.stack([x - base for x in xs])
+    if select_topk < 1:
+        var = torch.var(tvs, dim=0, unbiased=False)
+        k = int(torch.count_nonzero(var) * select_topk)
+        mask = torch.zeros_like(var)
+        mask.view(-1)[torch.topk(var.abs().view(-1), k=k).indices] = 1
+        tvs = tvs * mask.unsqueeze(0)
+    erase = tvs.sign() == (tvs.sum(0) >= 0).float() * 2 - 1
+    w = tvs.square().reshape(tvs.shape[0], -1).mean(dim=1)
+    w = w / w.sum().item()
+    w = w.view(-1, *[1] * (tvs.dim() - 1)) * erase
+    return base + (tvs * w).sum(0) / w.sum(0).clamp(min=1e-6)
+
+
+def mk_multislerp(xs, base, weights, eps=1e-8):
+    t = torch.stack(xs) - base
+    flat = t.view(t.shape[0], -1)
+    w = torch.tensor(weights)
+    w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w.view(-1, 1)).sum(0)
+    mean = mean / torch.norm(mean)
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
+    length = torch.norm(tangent) + eps
+    res = (mean * torch.cos(length) + tangent * (torch.sin(length) / length)) * (norms.squeeze(-1) * w).sum()
+    return res.view(t.shape[1:]) + base
+
+
+def inputs(shape, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g).bfloat16().float()
+    return base, [base + 0.01 * torch.randn(*shape, generator=g).bfloat16().float() for _ in range(n)]
+
+
+@pytest.mark.parametrize("slice_size", [1 << 20, 1000])  # one slice (bit-equal), many slices
+@pytest.mark.parametrize("shape", [(96, 130), (7,), (3, 5, 40)])
+def test_sliced_methods_equal_mergekit_s_stacked_definitions(monkeypatch, slice_size, shape):
+    monkeypatch.setattr(_merge_sliced, "_SLICE", slice_size)
+    base, xs = inputs(shape)
+    exact = slice_size > base.numel()
+    for filter_wise in (False, True):
+        got = merge_tensor("model_stock", list(xs), base, opts("model_stock", 3, filter_wise=filter_wise))
+        torch.testing.assert_close(got, mk_model_stock(base, xs, filter_wise), atol=0 if exact else 1e-6, rtol=0)
+    for topk in (1.0, 0.5):
+        got = merge_tensor("sce", list(xs), base, opts("sce", 3, select_topk=topk))
+        torch.testing.assert_close(got, mk_sce(base, xs, topk), atol=0 if exact else 1e-6, rtol=0)
+    got = merge_tensor("multislerp", list(xs), base, opts("multislerp", 3, weight=[0.5, 0.3, 0.2]))
+    torch.testing.assert_close(got, mk_multislerp(xs, base, [0.5, 0.3, 0.2]), atol=1e-6, rtol=0)
+
+
+def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
+    base = torch.zeros(4)
+    a, b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([-1.0, 0, 0, 0])  # cos = -1 with 2 models: 1 + (n-1)cos = 0
+    assert torch.equal(merge_tensor("model_stock", [a, b], base, opts("model_stock", 2)), base)
+
+
+def peak_bytes(fn):
+    """The most bytes torch's CPU allocator held at once during fn (its profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = top = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            top = max(top, live)
+    return top
+
+
+@pytest.mark.parametrize("method, options", [("model_stock", {}), ("model_stock", {"filter_wise": True}),
+                                             ("sce", {}), ("multislerp", {})])
+def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monkeypatch, method, options):
+    # #14.6: at most (models + 2) x the tensor + 64 MB in merge_files, where the 64 MB are slices of
+    # 1M entries. Scaled down here: slices of 4096 entries, so anything of the tensor's size shows.
+    monkeypatch.setattr(_merge_sliced, "_SLICE", 4096)
+    monkeypatch.setattr(_sparsify, "_CHUNK", 4096)
+    n, shape = 3, (512, 1024)
+    size = 512 * 1024 * 4
+    base = torch.randn(shape)
+
+    def streamed():  # as merge_files reads them: each model's tensor exists from its read on
+        for _ in range(n):
+            yield torch.randn(shape).mul_(0.01).add_(base)
+
+    o = opts(method, n, **options)
+    held = peak_bytes(lambda: merge_tensor(method, streamed(), base, o, key="w"))
+    # The base was read before the window: the inputs and the output are n + 1 tensors, slices the rest.
+    # (sce with select_topk < 1 holds the variance and torch.topk's result too: its selection is topk's.)
+    assert held <= (n + 1) * size + (1 << 20), held / size
