@@ -77,7 +77,6 @@ _SMALL = 1 << 14
 # L2. Measured on a 2 MB L2 (a 131 MB tensor, ÷ its norm): 64 KB 4.2x (call overhead), 256-512 KB
 # 2.6x, 2 MB 3.3x, whole 5.6x; 512 KB leaves room for the `a != 0` mask and a neighbour.
 _CHUNK_BYTES = 1 << 19
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
@@ -86,13 +85,13 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
     Tensors are walked in pieces of at most ``_CHUNK_BYTES`` (a tensor of a few MB or GB is
     many pieces), and only the first kernel on a piece reads memory; the others find it in
     cache. That first one is the sum of squares as a BLAS dot (faster than a norm, and more
-    accurate than squaring one); max |x| and non-zeros come from NumPy when present (its max,
-    min and ``count_nonzero(a != 0)`` run 2-5x faster than torch's CPU ``aminmax`` and
-    ``count_nonzero``). Small tensors are measured together. Kernel choices:
-    benchmarks/bench_grad_stats.py's table.
+    accurate than squaring one), or for 16-bit floats the piece's exact float32 copy into a
+    buffer that stays in cache; max |x| and non-zeros come from NumPy (its max, min and
+    ``count_nonzero(a != 0)`` run 2-5x faster than torch's CPU ``aminmax`` and ``count_nonzero``).
+    Small tensors are measured together. Kernel choices: benchmarks/bench_grad_stats.py's table.
     """
     np = _numpy()
-    if np is None or xs[0].dtype not in _NUMPY_DTYPES:
+    if np is None:
         return _in_cache_torch(xs, needed, acc)
     out = np.empty((len(needed), len(xs)))
     small = [i for i, x in enumerate(xs) if x.numel() <= _SMALL]
@@ -102,23 +101,27 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
         big = [i for i, x in enumerate(xs) if x.numel() > _SMALL]
     if not big:
         return torch.from_numpy(out)
-    step = max(_SMALL, _CHUNK_BYTES // xs[0].element_size())
+    wide = xs[0].dtype in (torch.float32, torch.float64)  # else widened piece by piece (NumPy has no bfloat16)
+    step = max(_SMALL, _CHUNK_BYTES // (xs[0].element_size() if wide else 4))
+    widened = None if wide else torch.empty(step, dtype=torch.float32)
     pieces, firsts = [], []  # firsts: where each tensor's pieces start
     for i in big:
         v = xs[i].reshape(-1)
         firsts.append(len(pieces))
         pieces += [v] if v.numel() <= step else v.split(step)
-    dot = xs[0].dtype != torch.float16  # no fast half-precision dot on CPU
     row = {p: k for k, p in enumerate(needed)}
     with_sum, with_nonzero, with_max = "sum" in row, "nonzero" in row, "max_abs" in row
     sumsq, sums = [], []
-    nonzero, max_abs = np.zeros(len(pieces)), np.zeros(len(pieces), dtype=xs[0].numpy().dtype)
+    nonzero = np.zeros(len(pieces))
+    max_abs = np.zeros(len(pieces), dtype=np.float64 if xs[0].dtype == torch.float64 else np.float32)
     zero = max_abs.dtype.type(0)
     # One buffer for every `a != 0`: a fresh array per piece can cost a page fault per 4 kB.
     mask = np.empty(max(v.numel() for v in pieces) if with_nonzero else 0, dtype=bool)
     for j, v in enumerate(pieces):
         # First the kernel that reads memory, then those that find v in cache.
-        sumsq.append(torch.dot(v, v) if dot else torch.linalg.vector_norm(v, dtype=acc))
+        if widened is not None:
+            v = widened[:v.numel()].copy_(v)
+        sumsq.append(torch.dot(v, v))
         if with_sum:
             sums.append(v.sum(dtype=acc))
         a = v.numpy()
@@ -126,8 +129,7 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
             nonzero[j] = np.count_nonzero(np.not_equal(a, zero, out=mask[:a.size]))
         if with_max:
             max_abs[j] = np.maximum(a.max(), -a.min())  # np.maximum propagates NaN, Python's max() may not
-    col = torch.stack(sumsq).double()
-    columns = {"sumsq": col.numpy() if dot else col.square().numpy(), "nonzero": nonzero, "max_abs": max_abs}
+    columns = {"sumsq": torch.stack(sumsq).double().numpy(), "nonzero": nonzero, "max_abs": max_abs}
     if with_sum:
         columns["sum"] = torch.stack(sums).double().numpy()
     for p, k in row.items():
@@ -139,7 +141,7 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
 
 
 def _in_cache_torch(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
-    """:func:`_in_cache` without NumPy or for a dtype it lacks (bfloat16): torch kernels only."""
+    """:func:`_in_cache` without NumPy: torch kernels only, a tensor at a time."""
     rows: dict[str, list[Tensor]] = {p: [] for p in needed}
     for x in xs:
         for p in needed:
