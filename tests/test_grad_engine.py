@@ -135,7 +135,7 @@ def test_copy_and_distance_primitives_are_the_weights_and_update_norms():
         assert moved.tolist() == pytest.approx(want, rel=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpu_primitives_of_a_tensor_measured_in_pieces_pool_exactly(monkeypatch, dtype):
     monkeypatch.setattr(grad_kernels, "_CHUNK_BYTES", 1024)  # pieces of _SMALL elements
     gen = torch.Generator().manual_seed(4)

@@ -421,3 +421,16 @@ def test_ddp_statistics_equal_one_process_over_the_global_batch_with_no_collecti
             rows = [row for n, row in want.items() if n.startswith(module + ".")]
             if rows:
                 assert norms[f"module.{module}"] == pytest.approx(math.sqrt(sum(r["norm"] ** 2 for r in rows)), rel=1e-6)
+
+
+def test_a_replaced_parameter_is_not_kept_alive_by_the_remembered_selection(vit):
+    import gc
+    import weakref
+
+    backward(vit)
+    lw.grad_stats(vit)
+    old = weakref.ref(vit.head.weight)
+    vit.head.weight = nn.Parameter(torch.zeros(3, 8))
+    gc.collect()
+    assert old() is None
+    assert lw.grad_stats(vit)["head.weight"] is None  # the new one, without gradient

@@ -67,8 +67,20 @@ class Choice(NamedTuple):
     memo: dict
 
 
-# model -> selector list -> (its parameters, their requires_grad, the choice)
-_CHOSEN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple]] = weakref.WeakKeyDictionary()
+@dataclass
+class _Remembered:
+    """A resolved choice, holding no parameter alive: a replaced one is freed as usual."""
+
+    ids: list[int]
+    trains: list[bool]
+    alive: list[weakref.ref]  # every parameter seen: alive and with the same ids, they are the same objects
+    names: list[str]
+    picked: list[weakref.ref]
+    memo: dict
+
+
+# model -> selector list -> what it resolved to
+_CHOSEN: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Remembered]] = weakref.WeakKeyDictionary()
 
 
 def chosen(model: nn.Module, selectors: Sequence[Selector]) -> Choice:
@@ -82,19 +94,20 @@ def chosen(model: nn.Module, selectors: Sequence[Selector]) -> Choice:
     while stack:  # every parameter slot of every module: 3x faster than modules(), order fixed per model
         m = stack.pop()
         if m is not None:
-            params += m._parameters.values()
+            params += [p for p in m._parameters.values() if p is not None]
             stack += m._modules.values()
-    # Ids identify: the cache entry holds every parameter it saw, so none of their ids is reused.
-    signature = (list(map(id, params)), [p is not None and p.requires_grad for p in params])
+    ids, trains = list(map(id, params)), [p.requires_grad for p in params]
     key = tuple(selectors) if all(isinstance(s, (str, type)) for s in selectors) else None
     cache = _CHOSEN.setdefault(model, {}) if key is not None else {}
     hit = cache.get(key)
-    if hit is not None and hit[0] == signature:
-        return hit[2]
+    if (hit is not None and hit.ids == ids and hit.trains == trains
+            and all(ref() is not None for ref in hit.alive)):
+        return Choice(hit.names, [ref() for ref in hit.picked], hit.memo)
     pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
     choice = Choice([n for n, _ in pairs], [p for _, p in pairs], {})
     if key is not None:
-        cache[key] = (signature, params, choice)
+        cache[key] = _Remembered(ids, trains, list(map(weakref.ref, params)), choice.names,
+                                 list(map(weakref.ref, choice.params)), choice.memo)
     return choice
 
 

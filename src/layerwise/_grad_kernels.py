@@ -20,9 +20,10 @@ from ._tensors import pick, use_foreach
 # 2.13). On CUDA _foreach_norm fuses ord 2, inf and 0 into a few launches for all tensors; torch
 # has no fused signed sum (Σrelu(x) − Σ|x| would copy every gradient), so that one is a loop.
 # On CPU foreach ops are themselves a C++ loop over per-tensor kernels, so the win is locality:
-# every primitive of one tensor while it is still in cache (3.1x one flat norm where one pass per
-# primitive takes 5.7x), non-zeros counted by NumPy when present (torch's CPU count_nonzero and
-# ne are ~3x slower than `np.count_nonzero(a != 0)` on float32).
+# every primitive of a piece of memory while it is still in cache (2.4-2.7x one flat norm where
+# the best kernel for each primitive, one pass each, takes 4.5x, and torch's kernels in cache
+# 3.8x): the sum of squares as a BLAS dot, max |x| and non-zeros by NumPy (torch's CPU aminmax,
+# count_nonzero and ne are 1.5-3x slower). Norms alone: _foreach_norm, as fast as a dot loop.
 _FUSED_ON = {"cuda": {"sumsq", "max_abs", "nonzero"}, "xpu": {"sumsq", "max_abs", "nonzero"}}
 
 
@@ -76,7 +77,6 @@ _SMALL = 1 << 14
 # L2. Measured on a 2 MB L2 (a 131 MB tensor, ÷ its norm): 64 KB 4.2x (call overhead), 256-512 KB
 # 2.6x, 2 MB 3.3x, whole 5.6x; 512 KB leaves room for the `a != 0` mask and a neighbour.
 _CHUNK_BYTES = 1 << 19
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
@@ -85,13 +85,13 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
     Tensors are walked in pieces of at most ``_CHUNK_BYTES`` (a tensor of a few MB or GB is
     many pieces), and only the first kernel on a piece reads memory; the others find it in
     cache. That first one is the sum of squares as a BLAS dot (faster than a norm, and more
-    accurate than squaring one); max |x| and non-zeros come from NumPy when present (its max,
-    min and ``count_nonzero(a != 0)`` run 2-5x faster than torch's CPU ``aminmax`` and
-    ``count_nonzero``). Small tensors are measured together. Kernel choices:
-    benchmarks/bench_grad_stats.py's table.
+    accurate than squaring one), or for 16-bit floats the piece's exact float32 copy into a
+    buffer that stays in cache; max |x| and non-zeros come from NumPy (its max, min and
+    ``count_nonzero(a != 0)`` run 2-5x faster than torch's CPU ``aminmax`` and ``count_nonzero``).
+    Small tensors are measured together. Kernel choices: benchmarks/bench_grad_stats.py's table.
     """
     np = _numpy()
-    if np is None or xs[0].dtype not in _NUMPY_DTYPES:
+    if np is None:
         return _in_cache_torch(xs, needed, acc)
     out = np.empty((len(needed), len(xs)))
     small = [i for i, x in enumerate(xs) if x.numel() <= _SMALL]
@@ -101,23 +101,27 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
         big = [i for i, x in enumerate(xs) if x.numel() > _SMALL]
     if not big:
         return torch.from_numpy(out)
-    step = max(_SMALL, _CHUNK_BYTES // xs[0].element_size())
+    wide = xs[0].dtype in (torch.float32, torch.float64)  # else widened piece by piece (NumPy has no bfloat16)
+    step = max(_SMALL, _CHUNK_BYTES // (xs[0].element_size() if wide else 4))
+    widened = None if wide else torch.empty(step, dtype=torch.float32)
     pieces, firsts = [], []  # firsts: where each tensor's pieces start
     for i in big:
         v = xs[i].reshape(-1)
         firsts.append(len(pieces))
         pieces += [v] if v.numel() <= step else v.split(step)
-    dot = xs[0].dtype != torch.float16  # no fast half-precision dot on CPU
     row = {p: k for k, p in enumerate(needed)}
     with_sum, with_nonzero, with_max = "sum" in row, "nonzero" in row, "max_abs" in row
     sumsq, sums = [], []
-    nonzero, max_abs = np.zeros(len(pieces)), np.zeros(len(pieces), dtype=xs[0].numpy().dtype)
+    nonzero = np.zeros(len(pieces))
+    max_abs = np.zeros(len(pieces), dtype=np.float64 if xs[0].dtype == torch.float64 else np.float32)
     zero = max_abs.dtype.type(0)
     # One buffer for every `a != 0`: a fresh array per piece can cost a page fault per 4 kB.
     mask = np.empty(max(v.numel() for v in pieces) if with_nonzero else 0, dtype=bool)
     for j, v in enumerate(pieces):
         # First the kernel that reads memory, then those that find v in cache.
-        sumsq.append(torch.dot(v, v) if dot else torch.linalg.vector_norm(v, dtype=acc))
+        if widened is not None:
+            v = widened[:v.numel()].copy_(v)
+        sumsq.append(torch.dot(v, v))
         if with_sum:
             sums.append(v.sum(dtype=acc))
         a = v.numpy()
@@ -125,8 +129,7 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
             nonzero[j] = np.count_nonzero(np.not_equal(a, zero, out=mask[:a.size]))
         if with_max:
             max_abs[j] = np.maximum(a.max(), -a.min())  # np.maximum propagates NaN, Python's max() may not
-    col = torch.stack(sumsq).double()
-    columns = {"sumsq": col.numpy() if dot else col.square().numpy(), "nonzero": nonzero, "max_abs": max_abs}
+    columns = {"sumsq": torch.stack(sumsq).double().numpy(), "nonzero": nonzero, "max_abs": max_abs}
     if with_sum:
         columns["sum"] = torch.stack(sums).double().numpy()
     for p, k in row.items():
@@ -138,7 +141,7 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
 
 
 def _in_cache_torch(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Tensor:
-    """:func:`_in_cache` without NumPy or for a dtype it lacks (bfloat16): torch kernels only."""
+    """:func:`_in_cache` without NumPy: torch kernels only, a tensor at a time."""
     rows: dict[str, list[Tensor]] = {p: [] for p in needed}
     for x in xs:
         for p in needed:
@@ -186,18 +189,41 @@ def _flat_pieces(*ts: Tensor) -> list[tuple[Tensor, ...]]:
     return list(zip(*(f.split(step) for f in flat))) if flat[0].numel() > step else [tuple(flat)]
 
 
-def _pooled(parts: list[Tensor], owner: list[int], count: int) -> Tensor:
-    values = torch.stack(parts).double()
-    if len(parts) == count:
+def _pooled(parts: list[Tensor], owner: list[int], small: list[int], small_sumsq: Tensor | None,
+            count: int) -> Tensor:
+    """Per-tensor totals (float64) from the pieces' values (``owner``) and the small tensors' (``small``)."""
+    values = torch.cat([v for v in (torch.stack(parts).double() if parts else None, small_sumsq) if v is not None])
+    where = owner + small
+    if where == list(range(count)):
         return values
-    return values.new_zeros(count).index_add_(0, torch.tensor(owner, device=values.device), values)
+    return values.new_zeros(count).index_add_(0, torch.tensor(where, device=values.device), values)
+
+
+def _split_small(tensors: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors worth a Python call each, and of the small ones left to one foreach call."""
+    big, small = [], []
+    for i, t in enumerate(tensors):
+        (small if 0 < t.numel() <= _SMALL else big).append(i)
+    return big, small
+
+
+def _small_sumsq(xs: list[Tensor]) -> Tensor | None:
+    if not xs:
+        return None
+    norms = torch._foreach_norm(xs, 2, dtype=torch.promote_types(xs[0].dtype, torch.float32))
+    return torch.stack(norms).double().square()
 
 
 def copy_sumsq(dst: Sequence[Tensor], src: Sequence[Tensor]) -> Tensor:
     """Copy each ``src`` into ``dst`` and return Σx² of each (float64), every piece measured right after
-    its copy, while it is in cache: a snapshot of the weights gives their norms for almost nothing."""
+    its copy, while it is in cache: a snapshot of the weights gives their norms for almost nothing.
+    Small tensors take one fused copy and one fused norm."""
+    big, small = _split_small(src)
+    if small:
+        torch._foreach_copy_([dst[i] for i in small], [src[i] for i in small])
     parts, owner = [], []
-    for i, (x, y) in enumerate(zip(dst, src)):
+    for i in big:
+        x, y = dst[i], src[i]
         if not x.is_contiguous():
             x.copy_(y)
             parts.append(sumsq(x.reshape(-1)))
@@ -206,18 +232,21 @@ def copy_sumsq(dst: Sequence[Tensor], src: Sequence[Tensor]) -> Tensor:
         for a, b in _flat_pieces(x, y):
             parts.append(sumsq(a.copy_(b)))
             owner.append(i)
-    return _pooled(parts, owner, len(src))
+    return _pooled(parts, owner, small, _small_sumsq([dst[i] for i in small]), len(src))
 
 
 def distance_sumsq(before: Sequence[Tensor], after: Sequence[Tensor]) -> Tensor:
     """Σ(after - before)² of each pair (float64): each piece's difference goes to one scratch buffer that
-    stays in cache and is measured there, so nothing is written back to memory."""
+    stays in cache and is measured there, so nothing is written back to memory. Small tensors take
+    one fused subtraction and one fused norm."""
+    big, small = _split_small(after)
     parts, owner = [], []
     scratch = None
-    for i, (x, y) in enumerate(zip(before, after)):
-        for a, b in _flat_pieces(x, y):
+    for i in big:
+        for a, b in _flat_pieces(before[i], after[i]):
             if scratch is None or scratch.numel() < a.numel() or scratch.dtype != a.dtype:
                 scratch = a.new_empty(max(_SMALL, _CHUNK_BYTES // a.element_size(), a.numel()))
             parts.append(sumsq(torch.sub(a, b, out=scratch[:a.numel()])))
             owner.append(i)
-    return _pooled(parts, owner, len(after))
+    diffs = torch._foreach_sub([before[i] for i in small], [after[i] for i in small]) if small else []
+    return _pooled(parts, owner, small, _small_sumsq(diffs), len(after))

@@ -217,8 +217,9 @@ def _check_together(method: Method, key: str, o: Mapping[str, Any]) -> None:
         if not math.isfinite(sum(abs(w) for w in o["weight"])):
             raise MergeError(f"{method.name} weights {list(o['weight'])} for {key} overflow when summed; "
                              "scale them down (only their ratios matter to a normalized merge)")
-        if method.name == "linear" and o["normalize"] and math.fsum(o["weight"]) == 0:
-            raise MergeError(f"linear weights {list(o['weight'])} for {key} sum to zero; give weights with a "
+        divided = method.name == "karcher" or (method.name == "linear" and o["normalize"])
+        if divided and math.fsum(o["weight"]) == 0:
+            raise MergeError(f"{method.name} weights {list(o['weight'])} for {key} sum to zero; give weights with a "
                              "non-zero sum (they are divided by it)")
     if "epsilon" in o:
         for i, (d, e) in enumerate(zip(o["density"], o["epsilon"])):
