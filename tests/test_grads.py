@@ -89,6 +89,11 @@ def test_the_remembered_selection_follows_every_change_to_the_model(vit):
     vit.head.requires_grad_(True)
     vit.head.weight = nn.Parameter(torch.zeros(3, 8))  # replaced: the new one has no gradient
     assert lw.grad_stats(vit)["head.weight"] is None
+    vit.head.weight.grad = torch.ones(3, 8)
+    assert lw.grad_stats(vit, "head.weight")["head.weight"]["mean"] == 1.0
+    vit.head.weight.data = torch.ones(3, 4)  # resized in place: the mean counts its new size
+    vit.head.weight.grad = torch.ones(3, 4)
+    assert lw.grad_stats(vit, "head.weight")["head.weight"]["mean"] == 1.0
     vit.extra = nn.Linear(1, 1)  # a new module: a new row
     vit.extra(torch.ones(1, 1)).sum().backward()
     assert list(lw.grad_stats(vit, "extra").to_dict()) == ["extra.weight", "extra.bias"]

@@ -72,7 +72,7 @@ class _Remembered:
     """A resolved choice, holding no parameter alive: a replaced one is freed as usual."""
 
     ids: list[int]
-    trains: list[bool]
+    state: list[tuple[bool, int]]  # requires_grad and size: a `p.data = ...` may resize in place
     alive: list[weakref.ref]  # every parameter seen: alive and with the same ids, they are the same objects
     names: list[str]
     picked: list[weakref.ref]
@@ -87,7 +87,7 @@ def chosen(model: nn.Module, selectors: Sequence[Selector]) -> Choice:
     """The parameters to look at: those selected, or with no selector every trainable one.
 
     Resolved once per model and selector list and reused while the model holds the same
-    parameters with the same ``requires_grad`` (checking that is a fraction of resolving);
+    parameters with the same ``requires_grad`` and sizes (checking that is a fraction of resolving);
     a callable selector may look at anything, so it is resolved on every call.
     """
     params, stack = [], [model]
@@ -96,17 +96,17 @@ def chosen(model: nn.Module, selectors: Sequence[Selector]) -> Choice:
         if m is not None:
             params += [p for p in m._parameters.values() if p is not None]
             stack += m._modules.values()
-    ids, trains = list(map(id, params)), [p.requires_grad for p in params]
+    ids, state = list(map(id, params)), [(p.requires_grad, p.numel()) for p in params]
     key = tuple(selectors) if all(isinstance(s, (str, type)) for s in selectors) else None
     cache = _CHOSEN.setdefault(model, {}) if key is not None else {}
     hit = cache.get(key)
-    if (hit is not None and hit.ids == ids and hit.trains == trains
+    if (hit is not None and hit.ids == ids and hit.state == state
             and all(ref() is not None for ref in hit.alive)):
         return Choice(hit.names, [ref() for ref in hit.picked], hit.memo)
     pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
     choice = Choice([n for n, _ in pairs], [p for _, p in pairs], {})
     if key is not None:
-        cache[key] = _Remembered(ids, trains, list(map(weakref.ref, params)), choice.names,
+        cache[key] = _Remembered(ids, state, list(map(weakref.ref, params)), choice.names,
                                  list(map(weakref.ref, choice.params)), choice.memo)
     return choice
 
