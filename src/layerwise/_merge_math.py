@@ -75,12 +75,11 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
             total = parts[0].clone()
             for p in parts[1:]:
                 total += p
-            positive = total > 0 if layerwise else total >= 0
+            # The elected sign: mergekit's +1 where the sum is >= 0, else -1; layerwise's is 0 on a zero sum.
+            elected = total.sign_() if layerwise else torch.where(total >= 0, 1.0, -1.0)
             merged, divisor = torch.zeros_like(total), torch.zeros_like(total)
             for wi, p in zip(w, parts):
-                agree = torch.where(positive, p > 0, p < 0)
-                if layerwise:
-                    agree &= total != 0
+                agree = (p * elected) > 0  # sign(p) == elected, p != 0 (nan: never)
                 merged += p * agree  # a product, as mergekit's: a nan stays
                 divisor += agree * wi
             if o["normalize"]:
