@@ -90,7 +90,10 @@ def mergekit() -> Path | None:
 
 def run(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one command, its own."""
-    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # One torch thread each by default (BENCH_THREADS to change it): on a shared 2-core machine, OpenMP
+    # threads spin-waiting for a busy core cost both tools more than the second thread gains.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("BENCH_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -126,6 +129,7 @@ def main() -> None:
     layerwise = [str(Path(sys.executable).parent / "layerwise")]
     rows: dict[str, dict[str, list[tuple[float, float]]]] = {k: {"lw": [], "mk": []} for k in METHODS}
     floor = []
+    load = [os.getloadavg()[0]]
     for _ in range(3):
         floor.append(limit(m, WORK / "limit.bin"))
         for method in METHODS:
@@ -141,6 +145,8 @@ def main() -> None:
             lw_t, lw_m = rows[method]["lw"][-1]
             mk_line = f", mergekit {rows[method]['mk'][-1][0]:.2f} s {rows[method]['mk'][-1][1]:.0f} MB" if mk else ""
             print(f"round {len(floor)} {method}: layerwise {lw_t:.2f} s {lw_m:.0f} MB{mk_line}", flush=True)
+    load.append(os.getloadavg()[0])
+    print(f"load average (1 min) {load[0]:.2f} at the start, {load[1]:.2f} at the end; {os.cpu_count()} CPUs")
     print(f"limit (read 3 inputs + write 1 output): {statistics.median(floor):.2f} s")
     print(f"{'method':12} {'layerwise s':>12} {'mergekit s':>11} {'speed-up':>9} {'lw RSS MB':>10} "
           f"{'mk RSS MB':>10} {'RSS ratio':>10} {'÷ limit':>8} {'max |diff|':>11}")

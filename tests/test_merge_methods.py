@@ -7,8 +7,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import layerwise as lw
+from layerwise import _merge_sliced, _sparsify
 from layerwise._merge_math import merge_tensor
 from layerwise._merge_methods import METHODS, describe_methods, get_method
 from layerwise._merge_options import UNSET, layer_positions, resolve_options, value_at
@@ -433,3 +435,43 @@ def test_ties_elects_signs_with_the_given_weights_as_mergekit_on_tie_heavy_bf16_
     divisor = (weights * mask).sum(0)
     divisor[divisor == 0] = 1
     assert torch.equal(got, base + (weighted * mask).sum(0) / divisor)
+
+
+# --------------------------------------------------------------------------- memory of whole-tensor merges (#14.6)
+
+
+def peak_bytes(fn):
+    """The most bytes torch's CPU allocator held at once during fn (its profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = top = 0
+    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if event.name() == "[memory]":
+            live += event.nbytes()
+            top = max(top, live)
+    return top
+
+
+@pytest.mark.parametrize("method, options", [
+    ("model_stock", {}), ("model_stock", {"filter_wise": True}), ("sce", {}), ("multislerp", {}), ("slerp", {}),
+    ("dare_ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("della", {"density": 0.5}),
+    ("della_linear", {"density": 0.5}), ("task_arithmetic", {})])
+def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monkeypatch, method, options):
+    # #14.6: at most (models + 2) x the tensor + 64 MB in merge_files, where the 64 MB are slices of
+    # 1M entries. Scaled down here: slices of 4096 entries, so anything of the tensor's size shows.
+    monkeypatch.setattr(_merge_sliced, "_SLICE", 4096)
+    monkeypatch.setattr(_sparsify, "_CHUNK", 4096)
+    n, shape = (1 if method == "slerp" else 3), (512, 1024)
+    size = 512 * 1024 * 4
+    base = torch.randn(shape)
+
+    def streamed():  # as merge_files reads them: each model's tensor exists from its read on
+        for _ in range(n):
+            yield torch.randn(shape).mul_(0.01).add_(base)
+
+    o = resolve_options(get_method(method), ["w"], n, options=options)["w"]
+    held = peak_bytes(lambda: merge_tensor(method, streamed(), base, o, key="w"))
+    # The base was read before the window: the inputs and the output are n + 1 tensors, slices the rest.
+    # Not yet within it: ties and breadcrumbs (mergekit's exact top-k or sort order needs index vectors
+    # of the tensor), nuslerp, karcher, and sce with select_topk < 1 (the variance and torch.topk's result).
+    assert held <= (n + 1) * size + (1 << 20), held / size

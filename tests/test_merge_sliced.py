@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from layerwise import _merge_sliced, _sparsify
+from layerwise import _merge_sliced
 from layerwise._merge_math import merge_tensor
 from layerwise._merge_methods import get_method
 from layerwise._merge_options import resolve_options
@@ -94,37 +93,3 @@ def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
     base = torch.zeros(4)
     a, b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([-1.0, 0, 0, 0])  # cos = -1 with 2 models: 1 + (n-1)cos = 0
     assert torch.equal(merge_tensor("model_stock", [a, b], base, opts("model_stock", 2)), base)
-
-
-def peak_bytes(fn):
-    """The most bytes torch's CPU allocator held at once during fn (its profiler's memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = top = 0
-    for event in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
-        if event.name() == "[memory]":
-            live += event.nbytes()
-            top = max(top, live)
-    return top
-
-
-@pytest.mark.parametrize("method, options", [("model_stock", {}), ("model_stock", {"filter_wise": True}),
-                                             ("sce", {}), ("multislerp", {})])
-def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monkeypatch, method, options):
-    # #14.6: at most (models + 2) x the tensor + 64 MB in merge_files, where the 64 MB are slices of
-    # 1M entries. Scaled down here: slices of 4096 entries, so anything of the tensor's size shows.
-    monkeypatch.setattr(_merge_sliced, "_SLICE", 4096)
-    monkeypatch.setattr(_sparsify, "_CHUNK", 4096)
-    n, shape = 3, (512, 1024)
-    size = 512 * 1024 * 4
-    base = torch.randn(shape)
-
-    def streamed():  # as merge_files reads them: each model's tensor exists from its read on
-        for _ in range(n):
-            yield torch.randn(shape).mul_(0.01).add_(base)
-
-    o = opts(method, n, **options)
-    held = peak_bytes(lambda: merge_tensor(method, streamed(), base, o, key="w"))
-    # The base was read before the window: the inputs and the output are n + 1 tensors, slices the rest.
-    # (sce with select_topk < 1 holds the variance and torch.topk's result too: its selection is topk's.)
-    assert held <= (n + 1) * size + (1 << 20), held / size

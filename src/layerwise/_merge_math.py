@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ._merge_methods import Method, get_method
-from ._merge_sliced import model_stock, multislerp, sce
+from ._merge_sliced import _slices, _total, model_stock, multislerp, sce
 from ._sparsify import SPARSIFY
 from .errors import MergeError
 
@@ -45,44 +45,52 @@ def linear(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, ke
 
 
 def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, sparsify: str | None,
-         consensus: bool) -> torch.Tensor:
-    """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize."""
+         consensus: bool, owned: Sequence[bool] = ()) -> torch.Tensor:
+    """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize.
+
+    Each task vector takes its input's memory where the input is the merge's own (``owned``), and the
+    sign election runs slice by slice into the first one: the merge holds the n task vectors and
+    slices, never a stack of them.
+    """
     w, n = o["weight"], len(xs)
     if o["normalize"] and (top := max(abs(wi) for wi in w)) > 1e6:  # huge weights would overflow: scale them
         w = [wi / top for wi in w]  # (only then: other weights elect signs exactly as mergekit's, ties included)
-    deltas, mixed = [], None  # the weighted task vectors (kept only for sign election) and their sum
+    deltas, mixed = [], None  # the weighted task vectors (kept for sign election), else their running sum
     for i in range(n):
-        delta = xs[i] - base
+        delta = (xs[i].sub_(base) if i < len(owned) and owned[i] else xs[i] - base).contiguous()
         xs[i] = None  # this list is merge_tensor's own: a streamed input is freed here, one at a time
         if sparsify:
             delta = SPARSIFY[sparsify](delta, o, i, key)
         delta.mul_(w[i])  # no alpha= anywhere: a weight must not have to fit the dtype
         if consensus:
             deltas.append(delta)
-            mixed = delta.clone() if mixed is None else mixed.add_(delta)
         else:
             mixed = delta if mixed is None else mixed.add_(delta)
         del delta
     if consensus:  # keep the entries whose sign is the sum's (mergekit: a zero sum elects +; layerwise: none)
         layerwise = o.get("convention") == "layerwise"
-        positive = mixed > 0 if layerwise else mixed >= 0
-        decided = mixed != 0 if layerwise else None
-        mixed.zero_()
-        divisor = torch.zeros_like(mixed)
-        for i, d in enumerate(deltas):
-            agree = torch.where(positive, d > 0, d < 0)
-            if decided is not None:
-                agree &= decided
-            mixed.add_(d.mul_(agree))  # a product, as mergekit's: a nan stays
-            divisor.add_(agree, alpha=w[i])
-            deltas[i] = d = agree = None
-        divisor.masked_fill_(divisor == 0, 1.0)
-    else:
+        flat = [d.view(-1) for d in deltas]
+        for s in _slices(flat[0].numel()):
+            parts = [f[s] for f in flat]
+            total = parts[0].clone()
+            for p in parts[1:]:
+                total += p
+            positive = total > 0 if layerwise else total >= 0
+            merged, divisor = torch.zeros_like(total), torch.zeros_like(total)
+            for wi, p in zip(w, parts):
+                agree = torch.where(positive, p > 0, p < 0)
+                if layerwise:
+                    agree &= total != 0
+                merged += p * agree  # a product, as mergekit's: a nan stays
+                divisor += agree * wi
+            if o["normalize"]:
+                merged /= divisor.masked_fill_(divisor == 0, 1.0)
+            parts[0].copy_(merged)
+        mixed = deltas[0]
+        del flat, deltas
+    elif o["normalize"]:
         divisor = math.fsum(w)
-        divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-    del deltas
-    if o["normalize"]:
-        mixed.div_(divisor)
+        mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
     if o["lambda"] != 1:
         mixed.mul_(o["lambda"])
     return mixed.add_(base)
@@ -96,17 +104,20 @@ def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key
     a, b = (base, xs[0]) if len(xs) == 1 else xs
     t = o["t"]
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    if o["convention"] == "layerwise" and (na == 0 or nb == 0):
-        return _lerp(a, b, t)
-    # mergekit: a vector of norm <= 1e-8 is left unnormalized, so a zero tensor meets the other at 90°
-    ua, ub = (a / na if na > 1e-8 else a), (b / nb if nb > 1e-8 else b)
-    dot = (ua.flatten() @ ub.flatten())
-    if dot.abs() > _COLINEAR:
-        return _lerp(a, b, t)
-    theta = torch.arccos(dot.clamp(-1, 1))
-    # Scalar coefficients first, as mergekit: t = 0 gives exactly a, t = 1 exactly b.
-    s0, s1 = torch.sin(theta - theta * t) / torch.sin(theta), torch.sin(theta * t) / torch.sin(theta)
-    return s0 * a + s1 * b
+    fa, fb, out = a.reshape(-1), b.reshape(-1), torch.empty(a.numel(), dtype=a.dtype, device=a.device)
+    blocks = list(_slices(out.numel()))  # the result is written slice by slice: no temporary of its size
+    s0, s1 = 1 - t, t  # a linear interpolation, unless the angle says otherwise
+    if not (o["convention"] == "layerwise" and (na == 0 or nb == 0)):
+        # mergekit: a vector of norm <= 1e-8 is left unnormalized, so a zero tensor meets the other at 90°
+        da, db = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+        dot = _total([(fa[s] / da) @ (fb[s] / db) for s in blocks])
+        if dot.abs() <= _COLINEAR:
+            theta = torch.arccos(dot.clamp(-1, 1))
+            # Scalar coefficients first, as mergekit: t = 0 gives exactly a, t = 1 exactly b.
+            s0, s1 = torch.sin(theta - theta * t) / torch.sin(theta), torch.sin(theta * t) / torch.sin(theta)
+    for s in blocks:
+        out[s] = s0 * fa[s] + s1 * fb[s]
+    return out.view(a.shape)
 
 
 def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
@@ -185,7 +196,7 @@ def _function(method: Method):
     if method.function.startswith("gta:"):
         _, sparsify, consensus = method.function.split(":")
         sparse = None if sparsify == "none" else sparsify
-        return lambda xs, base, o, key: _gta(xs, base, o, key, sparse, consensus == "sum")
+        return lambda xs, base, o, key, owned=(): _gta(xs, base, o, key, sparse, consensus == "sum", owned)
     return _SLICED.get(method.function) or globals()[method.function]
 
 
@@ -218,7 +229,8 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
     ``dtype`` (default: the inputs' promoted dtype). Integer and bool tensors are copied from
     ``base``, else from the first model; empty tensors give an empty result. ``tensors`` may be
     a generator: each input is converted as it is read, so a caller streaming from files holds one
-    raw tensor at a time. ``key`` names the tensor in errors and seeds the random methods.
+    raw tensor at a time; a generator hands its tensors over (a method may overwrite them), a
+    sequence's are only read. ``key`` names the tensor in errors and seeds the random methods.
     ``out`` (the inputs' shape, compute dtype) receives the result of linear and passthrough, so
     a caller merging slice after slice reuses one buffer (the other methods return a new tensor).
 
@@ -233,6 +245,7 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         compute_dtype = compute_dtype_of([t.dtype for t in tensors] + ([base.dtype] if base is not None else []))
     dtypes: list[torch.dtype] = []
     xs: list[torch.Tensor] = []
+    owned: list[bool] = []  # a converted copy, or a tensor a generator handed over, may be overwritten
     for x in tensors:
         if not xs:
             if not (x.is_floating_point() or x.is_complex()):
@@ -244,6 +257,7 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
             cdt = compute_dtype_of([x.dtype] + ([base.dtype] if base is not None else []), compute_dtype)
         dtypes.append(x.dtype)
         xs.append(x.to(cdt))
+        owned.append(xs[-1] is not x or not isinstance(tensors, Sequence))
         del x  # a streamed input in another dtype is released as soon as it is converted
     if not xs:
         raise MergeError(f"{key}: no tensors to merge")
@@ -252,7 +266,9 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
     b = base.to(cdt) if base is not None and m.base != "none" else None
     given = list(tensors) if isinstance(tensors, Sequence) else []
-    into = {"out": out} if out is not None and m.function in _WRITE_INTO else {}
+    into: dict[str, Any] = {"out": out} if out is not None and m.function in _WRITE_INTO else {}
+    if m.function.startswith("gta:"):
+        into["owned"] = owned
     out = _function(m)(xs, b, options, key, **into)
     # A sum is finite when every entry is (or overflows: rare); only then the exact, slower checks.
     if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,22 +28,16 @@ def generator(seed: int, key: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{index}".encode()))
 
 
-def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float,
-              size: torch.Tensor | None = None) -> torch.Tensor:
+def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float) -> torch.Tensor:
     """``tau`` masked by ``keep`` in place, its norm restored (``rescale`` l1/l2/linf, ``True`` = l1) or
-    divided by density. Multiplying by the mask, as mergekit does, keeps a nan where it was. ``size``,
-    ``tau.abs()`` when the caller has it, is used up for the l1 norms."""
+    divided by density. Multiplying by the mask, as mergekit does, keeps a nan where it was."""
     if rescale is False:
         return tau.mul_(keep)
     if rescale == "density":
         return tau.mul_(keep).div_(density)
-    if rescale in (True, "l1") and size is not None:
-        before, after = size.sum(), size.mul_(keep).sum()
-        tau.mul_(keep)
-    else:
-        norm = {"l2": torch.linalg.vector_norm, "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
-        before = norm(tau)
-        after = norm(tau.mul_(keep))
+    norm = {"l2": torch.linalg.vector_norm, "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
+    before = norm(tau)
+    after = norm(tau.mul_(keep))
     if before < 1e-7 or after < 1e-7:  # mergekit's eps: nothing sensible to restore
         return tau
     return tau.mul_(before / after)
@@ -220,17 +214,33 @@ def magnitude(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
     return _rescaled(tau, keep, o["rescale"], density)
 
 
-def _draw(shape: torch.Size, g: torch.Generator, below: Any) -> torch.Tensor:
-    """``torch.rand(shape, generator=g) < below`` (a number, or a function of a flat range giving a
-    tensor), drawn in chunks: the same numbers, without a float tensor of the whole shape."""
-    n = shape.numel()
-    keep = torch.empty(n, dtype=torch.bool)
-    buffer = torch.empty(min(n, _CHUNK))
-    for start in range(0, n, _CHUNK):
-        stop = min(start + _CHUNK, n)
-        u = buffer[:stop - start].uniform_(generator=g)
-        torch.lt(u, below if not callable(below) else below(start, stop), out=keep[start:stop])
-    return keep.view(shape)
+def _masked_in_chunks(tau: torch.Tensor, masks: Iterator[tuple[slice, torch.Tensor]], rescale: Any,
+                      density: float) -> torch.Tensor:
+    """``tau`` multiplied in place by masks of consecutive chunks of its flat view, then rescaled as
+    :func:`_rescaled` does, with the norms summed chunk by chunk (in float64): a random mask never
+    exists whole, so a merge holds its task vectors plus a chunk."""
+    flat = tau.view(-1)
+    measure = {"l2": lambda x: x.square().sum(), "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
+    combine = max if rescale == "linf" else sum
+    norms = rescale not in (False, "density")
+    before, after = [], []
+    for s, keep in masks:
+        part = flat[s]
+        if norms:
+            before.append(float(measure(part)))
+        part.mul_(keep.view(-1))
+        if norms:
+            after.append(float(measure(part)))
+    if rescale == "density":
+        return tau.div_(density)
+    if not norms:
+        return tau
+    b, a = combine(before), combine(after)
+    if rescale == "l2":
+        b, a = b ** 0.5, a ** 0.5
+    if b < 1e-7 or a < 1e-7:  # mergekit's eps: nothing sensible to restore
+        return tau
+    return tau.mul_(b / a)
 
 
 def random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
@@ -238,8 +248,15 @@ def random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
     density = o["density"][i]
     if density >= 1:
         return tau
-    keep = _draw(tau.shape, generator(o["seed"], key, i), density).to(tau.device)
-    return _rescaled(tau, keep, o["rescale"], density)
+    g, n = generator(o["seed"], key, i), tau.numel()
+    u = torch.empty(min(n, _CHUNK), device=tau.device)
+
+    def masks() -> Iterator[tuple[slice, torch.Tensor]]:  # the numbers of one torch.rand(tau.shape) call
+        for start in range(0, n, _CHUNK):
+            s = slice(start, min(start + _CHUNK, n))
+            yield s, u[:s.stop - start].uniform_(generator=g) < density
+
+    return _masked_in_chunks(tau, masks(), o["rescale"], density)
 
 
 def magnitude_outliers(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
@@ -264,25 +281,27 @@ def della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Ten
     density, epsilon = o["density"][i], o["epsilon"][i]
     if density >= 1:
         return tau
-    size = tau.abs()
-    rows = size.reshape(1, -1) if tau.ndim < 2 else size  # ranked along dim 1, as mergekit
+    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau  # ranked along dim 1, as mergekit
     width = rows.shape[1]
     if width > 1:  # the probability of each rank, 0 = smallest; a one-entry row gets the middle one
         by_rank = torch.linspace(density - epsilon, density + epsilon, width, dtype=tau.dtype)
     else:
         by_rank = torch.full((1,), density, dtype=tau.dtype)
     by_rank = by_rank.view(1, width, *[1] * (rows.ndim - 2))
-    per = max(1, _CHUNK // rows[0].numel())  # rows ranked at once: the temporaries are a block's
+    row = rows[0].numel()
+    per = max(1, _CHUNK // row)  # rows ranked at once: the temporaries are a block's
     g = generator(o["seed"], key, i)
-    keep = torch.empty(rows.shape, dtype=torch.bool)
     u = torch.empty(min(rows.shape[0], per), *rows.shape[1:])
-    for start in range(0, rows.shape[0], per):
-        block = rows[start:start + per]
-        order = block.argsort(dim=1)  # its inverse permutation is the ranks: one sort, not two
-        probs = torch.empty(block.shape, dtype=tau.dtype).scatter_(1, order, by_rank.expand_as(order))
-        del order
-        torch.lt(u[:block.shape[0]].uniform_(generator=g), probs, out=keep[start:start + per])
-    return _rescaled(tau, keep.view(tau.shape).to(tau.device), o["rescale"], density, size)
+
+    def masks() -> Iterator[tuple[slice, torch.Tensor]]:  # the numbers of one torch.rand(rows.shape) call
+        for start in range(0, rows.shape[0], per):
+            block = rows[start:start + per]
+            order = block.abs().argsort(dim=1)  # its inverse permutation is the ranks: one sort, not two
+            probs = torch.empty(block.shape, dtype=tau.dtype).scatter_(1, order, by_rank.expand_as(order))
+            del order
+            yield slice(start * row, start * row + block.numel()), u[:block.shape[0]].uniform_(generator=g) < probs
+
+    return _masked_in_chunks(tau, masks(), o["rescale"], density)
 
 
 SPARSIFY = {"magnitude": magnitude, "random": random, "magnitude_outliers": magnitude_outliers,
