@@ -89,6 +89,17 @@ def test_sliced_methods_equal_mergekit_s_stacked_definitions(monkeypatch, slice_
     torch.testing.assert_close(got, mk_multislerp(xs, base, [0.5, 0.3, 0.2]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("method, options, base", [
+    ("karcher", {}, False), ("nuslerp", {}, True), ("nuslerp", {}, False),
+    ("nuslerp", {"nuslerp_flatten": False}, True)])
+def test_karcher_and_nuslerp_give_the_same_result_over_many_slices_as_over_one(monkeypatch, method, options, base):
+    b, xs = inputs((96, 130), n=2 if method == "nuslerp" else 3, seed=4)
+    o = opts(method, len(xs), weight=[0.3, 0.7] if method == "nuslerp" else [0.2, 0.3, 0.5], **options)
+    whole = merge_tensor(method, list(xs), b if base else None, o)
+    monkeypatch.setattr(_merge_sliced, "_SLICE", 1000)
+    torch.testing.assert_close(merge_tensor(method, list(xs), b if base else None, o), whole, atol=1e-6, rtol=0)
+
+
 def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
     base = torch.zeros(4)
     a, b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([-1.0, 0, 0, 0])  # cos = -1 with 2 models: 1 + (n-1)cos = 0

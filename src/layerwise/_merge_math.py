@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ._merge_methods import Method, get_method
-from ._merge_sliced import _slices, _total, model_stock, multislerp, sce
+from ._merge_sliced import _slices, _total, karcher, model_stock, multislerp, nuslerp_flat, sce
 from ._sparsify import SPARSIFY
 from .errors import MergeError
 
@@ -75,12 +75,11 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
             total = parts[0].clone()
             for p in parts[1:]:
                 total += p
-            positive = total > 0 if layerwise else total >= 0
+            # The elected sign: mergekit's +1 where the sum is >= 0, else -1; layerwise's is 0 on a zero sum.
+            elected = total.sign_() if layerwise else torch.where(total >= 0, 1.0, -1.0)
             merged, divisor = torch.zeros_like(total), torch.zeros_like(total)
             for wi, p in zip(w, parts):
-                agree = torch.where(positive, p > 0, p < 0)
-                if layerwise:
-                    agree &= total != 0
+                agree = (p * elected) > 0  # sign(p) == elected, p != 0 (nan: never)
                 merged += p * agree  # a product, as mergekit's: a nan stays
                 divisor += agree * wi
             if o["normalize"]:
@@ -120,11 +119,10 @@ def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key
     return out.view(a.shape)
 
 
-def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatten: bool) -> torch.Tensor:
+def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool) -> torch.Tensor:
+    """nuslerp with one angle per row (or column): the flattened form is _merge_sliced.nuslerp_flat."""
     shape = v0.shape
-    if flatten or v0.ndim == 0:
-        v0, v1 = v0.reshape(-1), v1.reshape(-1)
-    elif row_wise:
+    if row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
     u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
     u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
@@ -132,7 +130,7 @@ def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, 
     sin = torch.sin(theta)
     res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
     res = torch.where(sin.abs() < 1e-8, _lerp(v0, v1, t), res)
-    if row_wise and not flatten and res.ndim:
+    if row_wise:
         res = res.transpose(0, -1)
     return res.reshape(shape)
 
@@ -140,39 +138,11 @@ def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, 
 def nuslerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
     w0, w1 = o["weight"]
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    if o["nuslerp_flatten"] or xs[0].ndim == 0:  # one angle for the tensor: slice by slice
+        return nuslerp_flat(t, xs[0], xs[1], base)
     if base is None:
-        return _nuslerp_pair(t, xs[0], xs[1], o["nuslerp_row_wise"], o["nuslerp_flatten"])
-    return base + _nuslerp_pair(t, xs[0] - base, xs[1] - base, o["nuslerp_row_wise"], o["nuslerp_flatten"])
-
-
-def karcher(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
-    if len(xs) == 1:
-        return xs[0].clone()
-    tol, total = o["tol"], math.fsum(o["weight"])
-    alphas = [w / total for w in o["weight"]]
-    norms = [torch.linalg.vector_norm(x).item() for x in xs]
-    valid = [i for i, n in enumerate(norms) if n > tol]
-    if not valid:
-        return torch.zeros_like(xs[0])
-    units = [xs[i].flatten() / norms[i] for i in valid]
-    weights = [alphas[i] / math.fsum(alphas[j] for j in valid) for i in valid]
-    u = sum(a * x for a, x in zip(weights, units))
-    norm_u = torch.linalg.vector_norm(u).item()
-    u = units[0].clone() if norm_u < tol else u / norm_u
-    for _ in range(o["max_iter"]):
-        step = torch.zeros_like(u)
-        for a, x in zip(weights, units):
-            dot = torch.clamp(u @ x, -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if theta.item() >= tol:
-                step += a * (theta / torch.sin(theta)) * (x - dot * u)
-        norm_step = torch.linalg.vector_norm(step)
-        if norm_step.item() < tol:
-            break
-        u = torch.cos(norm_step) * u + torch.sin(norm_step) * (step / norm_step)
-        if (n := torch.linalg.vector_norm(u).item()) > tol:
-            u = u / n
-    return (math.fsum(a * n for a, n in zip(alphas, norms)) * u).view(xs[0].shape)
+        return _nuslerp_pair(t, xs[0], xs[1], o["nuslerp_row_wise"])
+    return base + _nuslerp_pair(t, xs[0] - base, xs[1] - base, o["nuslerp_row_wise"])
 
 
 def nearswap(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
@@ -188,7 +158,7 @@ def passthrough(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Option
     return xs[0].clone() if out is None else out.copy_(xs[0])
 
 
-_SLICED = {"model_stock": model_stock, "multislerp": multislerp, "sce": sce}  # in _merge_sliced
+_SLICED = {"model_stock": model_stock, "multislerp": multislerp, "sce": sce, "karcher": karcher}  # in _merge_sliced
 _WRITE_INTO = {"linear", "passthrough"}  # the functions that take out=: their result is written into it
 
 

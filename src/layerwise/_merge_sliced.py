@@ -1,4 +1,4 @@
-"""Whole-tensor methods computed slice by slice: Model Stock, SCE and multislerp.
+"""Whole-tensor methods computed slice by slice: Model Stock, SCE, multislerp, karcher and nuslerp.
 
 Their definitions (mergekit 0.1.5) stack the models' tensors and build several more of that size;
 here the inputs stay a list, the whole-tensor statistics (norms, dot products, energies) are summed
@@ -11,6 +11,7 @@ the partial sums are added in float64 (within float32 rounding of mergekit's).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -182,3 +183,75 @@ def _norm(x: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
     if len(blocks) == 1:
         return torch.linalg.vector_norm(x)
     return _total([x[s].square().sum() for s in blocks]).sqrt()
+
+
+# --------------------------------------------------------------------------- karcher, nuslerp (flattened)
+
+
+def karcher(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
+    if len(xs) == 1:
+        return xs[0].clone()
+    tol, total = o["tol"], math.fsum(o["weight"])
+    alphas = [w / total for w in o["weight"]]
+    flat = [_flat(x) for x in xs]
+    norms = [torch.linalg.vector_norm(f).item() for f in flat]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    units = [(flat[i], norms[i]) for i in valid]  # each model's unit vector, x / |x|, formed slice by slice
+    weights = [alphas[i] / math.fsum(alphas[j] for j in valid) for i in valid]
+    blocks = list(_slices(flat[0].numel()))
+    u = torch.empty_like(flat[0])
+    for s in blocks:
+        acc = None
+        for a, (f, n) in zip(weights, units):
+            term = a * (f[s] / n)
+            acc = term if acc is None else acc + term
+        u[s] = acc
+    norm_u = torch.linalg.vector_norm(u).item()
+    if norm_u < tol:
+        for s in blocks:
+            u[s] = units[0][0][s] / units[0][1]
+    else:
+        u.div_(norm_u)
+    step = torch.empty_like(u)
+    for _ in range(o["max_iter"]):
+        step.zero_()
+        for a, (f, n) in zip(weights, units):
+            dot = _total([u[s] @ (f[s] / n) for s in blocks]).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() >= tol:
+                c = a * (theta / torch.sin(theta))
+                for s in blocks:
+                    step[s] += c * (f[s] / n - dot * u[s])
+        norm_step = torch.linalg.vector_norm(step)
+        if norm_step.item() < tol:
+            break
+        cos, sin = torch.cos(norm_step), torch.sin(norm_step)
+        for s in blocks:
+            u[s] = cos * u[s] + sin * (step[s] / norm_step)
+        if (n := torch.linalg.vector_norm(u).item()) > tol:
+            u.div_(n)
+    return u.mul_(math.fsum(a * n for a, n in zip(alphas, norms))).view(xs[0].shape)
+
+
+def nuslerp_flat(t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """nuslerp with one angle for the whole tensor (``nuslerp_flatten``), of the models or of their task
+    vectors from ``base``: the norms one task vector at a time, the result slice by slice."""
+    f0, f1 = _flat(x0), _flat(x1)
+    fb = _flat(base) if base is not None else None
+
+    def v(f: torch.Tensor, s: slice) -> torch.Tensor:
+        return f[s] - fb[s] if fb is not None else f[s]
+
+    n0, n1 = (torch.linalg.vector_norm(v(f, slice(None))).clamp(min=1e-7) for f in (f0, f1))
+    blocks = list(_slices(f0.numel()))
+    theta = torch.acos(_total([((v(f0, s) / n0) * (v(f1, s) / n1)).sum() for s in blocks]).clamp(-1, 1))
+    sin = torch.sin(theta)
+    colinear = bool(sin.abs() < 1e-8)  # mergekit: interpolate linearly
+    out = torch.empty_like(f0)
+    for s in blocks:
+        a, b = v(f0, s), v(f1, s)
+        r = (1 - t) * a + t * b if colinear else (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
+        out[s] = fb[s] + r if fb is not None else r
+    return out.view(x0.shape)

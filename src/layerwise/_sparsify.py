@@ -73,10 +73,10 @@ def _replay_top(values: torch.Tensor, k: int) -> torch.Tensor | None:
             last = cut
         else:
             first = cut
+    keep = torch.zeros(n, dtype=torch.bool)
     if first < k < last:  # the final insertion sort is stable within a leaf
         order = torch.sort(values[first:last], descending=True, stable=True).indices
         idx[first:last] = idx[first:last][order]
-    keep = torch.zeros(n, dtype=torch.bool)
     keep[idx[:k]] = True
     return keep
 
@@ -186,7 +186,7 @@ def top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
         tensor([False,  True, False,  True])
     """
     values = x.abs().float().flatten()  # our own copy: the replay reorders it
-    if values.numel() >= _REPLAY_MIN and values.device.type == "cpu" and not values.isnan().any() \
+    if values.numel() >= _REPLAY_MIN and values.device.type == "cpu" and not values.sum().isnan() \
             and _replay_is_exact():
         keep = _replay_top(values, k)
         if keep is not None:
@@ -214,21 +214,28 @@ def magnitude(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
     return _rescaled(tau, keep, o["rescale"], density)
 
 
-def _masked_in_chunks(tau: torch.Tensor, masks: Iterator[tuple[slice, torch.Tensor]], rescale: Any,
-                      density: float) -> torch.Tensor:
+def _masked_in_chunks(tau: torch.Tensor, masks: Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]],
+                      rescale: Any, density: float) -> torch.Tensor:
     """``tau`` multiplied in place by masks of consecutive chunks of its flat view, then rescaled as
     :func:`_rescaled` does, with the norms summed chunk by chunk (in float64): a random mask never
-    exists whole, so a merge holds its task vectors plus a chunk."""
+    exists whole, so a merge holds its task vectors plus a chunk. A chunk may come with its
+    magnitudes (used up for the l1 norms)."""
     flat = tau.view(-1)
     measure = {"l2": lambda x: x.square().sum(), "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
     combine = max if rescale == "linf" else sum
     norms = rescale not in (False, "density")
     before, after = [], []
-    for s, keep in masks:
-        part = flat[s]
+    for s, keep, size in masks:
+        part, keep = flat[s], keep.view(-1)
+        if norms and size is not None and rescale in (True, "l1"):
+            size = size.view(-1)
+            before.append(float(size.sum()))
+            after.append(float(size.mul_(keep).sum()))
+            part.mul_(keep)
+            continue
         if norms:
             before.append(float(measure(part)))
-        part.mul_(keep.view(-1))
+        part.mul_(keep)
         if norms:
             after.append(float(measure(part)))
     if rescale == "density":
@@ -251,10 +258,10 @@ def random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
     g, n = generator(o["seed"], key, i), tau.numel()
     u = torch.empty(min(n, _CHUNK), device=tau.device)
 
-    def masks() -> Iterator[tuple[slice, torch.Tensor]]:  # the numbers of one torch.rand(tau.shape) call
+    def masks() -> Iterator[tuple[slice, torch.Tensor, None]]:  # the numbers of one torch.rand(tau.shape) call
         for start in range(0, n, _CHUNK):
             s = slice(start, min(start + _CHUNK, n))
-            yield s, u[:s.stop - start].uniform_(generator=g) < density
+            yield s, u[:s.stop - start].uniform_(generator=g) < density, None
 
     return _masked_in_chunks(tau, masks(), o["rescale"], density)
 
@@ -293,13 +300,14 @@ def della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Ten
     g = generator(o["seed"], key, i)
     u = torch.empty(min(rows.shape[0], per), *rows.shape[1:])
 
-    def masks() -> Iterator[tuple[slice, torch.Tensor]]:  # the numbers of one torch.rand(rows.shape) call
+    def masks() -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:  # the numbers of one torch.rand(rows.shape)
         for start in range(0, rows.shape[0], per):
-            block = rows[start:start + per]
-            order = block.abs().argsort(dim=1)  # its inverse permutation is the ranks: one sort, not two
-            probs = torch.empty(block.shape, dtype=tau.dtype).scatter_(1, order, by_rank.expand_as(order))
+            size = rows[start:start + per].abs()
+            order = size.argsort(dim=1)  # its inverse permutation is the ranks: one sort, not two
+            probs = torch.empty(size.shape, dtype=tau.dtype).scatter_(1, order, by_rank.expand_as(order))
             del order
-            yield slice(start * row, start * row + block.numel()), u[:block.shape[0]].uniform_(generator=g) < probs
+            keep = u[:size.shape[0]].uniform_(generator=g) < probs
+            yield slice(start * row, start * row + size.numel()), keep, size
 
     return _masked_in_chunks(tau, masks(), o["rescale"], density)
 
