@@ -164,3 +164,13 @@ def test_copy_and_distance_of_tensors_in_pieces_pool_exactly(monkeypatch):
     moved = distance_primitives(buffers, after, [None] * 3, None).values()["sumsq"]
     want = [(a.double() - w.double()).square().sum().item() for a, w in zip(after, weights)]
     assert moved.tolist() == pytest.approx(want, rel=1e-5)
+
+
+def test_cpu_primitives_asked_for_alone_are_those_of_the_full_set():
+    gen = torch.Generator().manual_seed(6)
+    tensors = [torch.randn(n, generator=gen) for n in (5, 7, 3 * _SMALL)]
+    full = engine_values(tensors)
+    for name in PRIMITIVES:
+        alone = local_primitives(tensors, [None] * 3, (name,), None).values()[name].tolist()
+        # Norms alone take _foreach_norm, whose float32 sums may split across threads: not bit-equal to the dot.
+        assert alone == pytest.approx([f[name] for f in full], rel=1e-5)

@@ -110,7 +110,7 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
         firsts.append(len(pieces))
         pieces += [v] if v.numel() <= step else v.split(step)
     row = {p: k for k, p in enumerate(needed)}
-    with_sum, with_nonzero, with_max = "sum" in row, "nonzero" in row, "max_abs" in row
+    with_sumsq, with_sum, with_nonzero, with_max = "sumsq" in row, "sum" in row, "nonzero" in row, "max_abs" in row
     sumsq, sums = [], []
     nonzero = np.zeros(len(pieces))
     max_abs = np.zeros(len(pieces), dtype=np.float64 if xs[0].dtype == torch.float64 else np.float32)
@@ -121,7 +121,8 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
         # First the kernel that reads memory, then those that find v in cache.
         if widened is not None:
             v = widened[:v.numel()].copy_(v)
-        sumsq.append(torch.dot(v, v))
+        if with_sumsq:
+            sumsq.append(torch.dot(v, v))
         if with_sum:
             sums.append(v.sum(dtype=acc))
         a = v.numpy()
@@ -129,7 +130,9 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
             nonzero[j] = np.count_nonzero(np.not_equal(a, zero, out=mask[:a.size]))
         if with_max:
             max_abs[j] = np.maximum(a.max(), -a.min())  # np.maximum propagates NaN, Python's max() may not
-    columns = {"sumsq": torch.stack(sumsq).double().numpy(), "nonzero": nonzero, "max_abs": max_abs}
+    columns = {"nonzero": nonzero, "max_abs": max_abs}
+    if with_sumsq:
+        columns["sumsq"] = torch.stack(sumsq).double().numpy()
     if with_sum:
         columns["sum"] = torch.stack(sums).double().numpy()
     for p, k in row.items():
