@@ -80,3 +80,15 @@ def test_della_keep_probability_rises_linearly_with_the_rank_in_each_row_across_
     expected = 0.1 + 0.8 * torch.arange(256) / 255  # density - epsilon at the smallest, + epsilon at the largest
     assert (by_rank.view(8, 32).mean(1) - expected.view(8, 32).mean(1)).abs().max() < 0.015
     assert abs(kept.mean().item() - 0.5) < 0.005
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 3), st.floats(0, 1), st.floats(0, 1))
+def test_smallest_prefixes_pick_what_the_ascending_sort_picks(seed, lo, hi):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (_sparsify._REPLAY_MIN + 999,), generator=g).float()  # replayed, tie-heavy
+    order = torch.argsort(x.abs(), descending=False)  # mergekit's magnitude_outliers order
+    for k in (int(lo * x.numel()), int(hi * x.numel())):
+        expected = torch.zeros(x.numel(), dtype=torch.bool)
+        expected[order[:k]] = True
+        assert torch.equal(top_mask(x, k, smallest=True), expected)

@@ -176,22 +176,27 @@ def _replay_is_exact() -> bool:
     return True
 
 
-def top_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+def top_mask(x: torch.Tensor, k: int, *, smallest: bool = False) -> torch.Tensor:
     """The k entries of largest magnitude that ``torch.argsort(x.abs().float(), descending=True)[:k]``
     picks, as a bool mask: mergekit's magnitude pruning, ties with the k-th largest chosen as that
-    sort chooses them.
+    sort chooses them. ``smallest=True``: the first k of the ascending argsort (the same sort on the
+    negated magnitudes, comparison for comparison).
 
     Example:
         >>> top_mask(torch.tensor([1.0, -5.0, 3.0, 5.0]), 2)
         tensor([False,  True, False,  True])
     """
     values = x.abs().float().flatten()  # our own copy: the replay reorders it
+    if smallest:
+        values.neg_()
     if values.numel() >= _REPLAY_MIN and values.device.type == "cpu" and not values.sum().isnan() \
             and _replay_is_exact():
         keep = _replay_top(values, k)
         if keep is not None:
             return keep.view(x.shape)
         values = x.abs().float().flatten()
+        if smallest:
+            values.neg_()
     keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     keep[torch.argsort(values, descending=True)[:k]] = True
     return keep.view(x.shape)
@@ -276,11 +281,12 @@ def magnitude_outliers(tau: torch.Tensor, o: Options, i: int, key: str) -> torch
     n_bottom = n - int(density * n) - n_top
     if n_bottom < 0:  # fewer outliers dropped, to keep density
         n_top, n_bottom = n_top + n_bottom, 0
-    order = tau.abs().flatten().argsort()
-    keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
-    keep[order[n_bottom:n - n_top]] = True
-    del order
-    return _rescaled(tau, keep.view(tau.shape), o["rescale"], density)
+    # mergekit keeps torch.sort(|tau|).indices[n_bottom:n - n_top]: the first n - n_top of that order
+    # less its first n_bottom, each a prefix of the same (unstable) sort
+    keep = top_mask(tau, n - n_top, smallest=True)
+    if n_bottom:
+        keep &= ~top_mask(tau, n_bottom, smallest=True)
+    return _rescaled(tau, keep, o["rescale"], density)
 
 
 def della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
