@@ -477,3 +477,17 @@ def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monk
     # of the tensor), nuslerp with an angle per row, and sce with select_topk < 1 (the variance and
     # torch.topk's result).
     assert held <= (n + 1 + (method == "karcher")) * size + (1 << 20), held / size
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della_linear", "task_arithmetic", "breadcrumbs"])
+def test_streamed_inputs_are_read_not_overwritten(method):
+    # A checkpoint may hand out its cached tensor (a .pt file), and the same file may be given twice.
+    torch.manual_seed(0)
+    base, a = torch.randn(300, 300), torch.randn(300, 300)
+    kept = a.clone()
+    o = resolve_options(get_method(method), ["w"], 2, options={} if method == "task_arithmetic" else {"density": 0.5})["w"]
+    streamed = merge_tensor(method, (t for t in (a, a)), base, o, key="w")
+    assert torch.equal(a, kept)
+    assert torch.equal(streamed, merge_tensor(method, [kept, kept], base, o, key="w"))
+    bf16 = merge_tensor(method, (t for t in (a.bfloat16(), a.bfloat16())), base, o, key="w")  # copies: reused
+    assert torch.equal(bf16, merge_tensor(method, [a.bfloat16().float()] * 2, base, o, key="w"))

@@ -48,7 +48,7 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
          consensus: bool, owned: Sequence[bool] = ()) -> torch.Tensor:
     """mergekit's generalized task arithmetic: sparsify each task vector, weight, elect signs, sum, normalize.
 
-    Each task vector takes its input's memory where the input is the merge's own (``owned``), and the
+    Each task vector takes its input's memory where that is the merge's own copy (``owned``), and the
     sign election runs slice by slice into the first one: the merge holds the n task vectors and
     slices, never a stack of them.
     """
@@ -199,8 +199,8 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
     ``dtype`` (default: the inputs' promoted dtype). Integer and bool tensors are copied from
     ``base``, else from the first model; empty tensors give an empty result. ``tensors`` may be
     a generator: each input is converted as it is read, so a caller streaming from files holds one
-    raw tensor at a time; a generator hands its tensors over (a method may overwrite them), a
-    sequence's are only read. ``key`` names the tensor in errors and seeds the random methods.
+    raw tensor at a time; the given tensors are only read (a converted copy may be reused).
+    ``key`` names the tensor in errors and seeds the random methods.
     ``out`` (the inputs' shape, compute dtype) receives the result of linear and passthrough, so
     a caller merging slice after slice reuses one buffer (the other methods return a new tensor).
 
@@ -215,7 +215,7 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         compute_dtype = compute_dtype_of([t.dtype for t in tensors] + ([base.dtype] if base is not None else []))
     dtypes: list[torch.dtype] = []
     xs: list[torch.Tensor] = []
-    owned: list[bool] = []  # a converted copy, or a tensor a generator handed over, may be overwritten
+    owned: list[bool] = []  # a converted copy is the merge's own: it may be overwritten
     for x in tensors:
         if not xs:
             if not (x.is_floating_point() or x.is_complex()):
@@ -227,7 +227,7 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
             cdt = compute_dtype_of([x.dtype] + ([base.dtype] if base is not None else []), compute_dtype)
         dtypes.append(x.dtype)
         xs.append(x.to(cdt))
-        owned.append(xs[-1] is not x or not isinstance(tensors, Sequence))
+        owned.append(xs[-1] is not x)  # (a read tensor may be a checkpoint's cached one: never overwritten)
         del x  # a streamed input in another dtype is released as soon as it is converted
     if not xs:
         raise MergeError(f"{key}: no tensors to merge")
