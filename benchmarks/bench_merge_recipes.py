@@ -88,6 +88,16 @@ def mergekit() -> Path | None:
     return exe
 
 
+# Linux carries a process's peak RSS across fork and exec: a command started from this process (torch,
+# models, loaded outputs: hundreds of MB) would report at least this process's size. A small launcher
+# starts it instead and reports its own child's peak.
+_LAUNCH = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one command, its own."""
     # One torch thread each by default (BENCH_THREADS to change it): on a shared 2-core machine, OpenMP
@@ -95,12 +105,12 @@ def run(cmd: list[str]) -> tuple[float, float]:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("BENCH_THREADS", "1"), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCH, *cmd], capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
+    status, peak_kb = map(int, proc.stdout.split())
     if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return elapsed, usage.ru_maxrss / 1024
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return elapsed, peak_kb / 1024
 
 
 def limit(m: dict[str, Path], out: Path) -> float:
