@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -190,11 +190,8 @@ def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], ne
     Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
     unchanged; element counts come from the caller, not from here.
     """
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (x, shard) in enumerate(zip(local, shards)):
-        groups[(x.device, x.dtype, shard)].append(i)
     prims = Prims(needed, len(local))
-    for key, idx in groups.items():
+    for key, idx in _groups(local, shards).items():
         device, dtype, _ = key
         xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
         prims.groups[key] = (idx, kernels.block(xs, needed, device, foreach))
@@ -216,16 +213,7 @@ def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequen
     weights that the update ratio needs gives their norms for almost nothing; elsewhere a fused
     copy and a fused norm.
     """
-    prims = Prims(("sumsq",), len(src))
-    for key, idx in _groups(src, shards).items():
-        d, s = pick(dst, idx), pick(src, idx)
-        if key[0].type == "cpu" and not foreach or foreach is False:
-            block = kernels.copy_sumsq(d, s)
-        else:
-            torch._foreach_copy_(d, s)
-            block = torch.stack(torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in d], 2)).double().square()
-        prims.groups[key] = (idx, block.reshape(1, -1))
-    return prims
+    return _written_sumsq(dst, src, shards, foreach, kernels.copy_sumsq, torch._foreach_copy_)
 
 
 def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shards: Sequence[tuple | None],
@@ -236,14 +224,21 @@ def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shard
     that stays in cache and is measured there (nothing is written back to memory); elsewhere one
     fused subtraction and one fused norm beat a launch per tensor.
     """
-    prims = Prims(("sumsq",), len(after))
-    for key, idx in _groups(after, shards).items():
-        a, b = pick(before, idx), pick(after, idx)
+    return _written_sumsq(before, after, shards, foreach, kernels.distance_sumsq, torch._foreach_sub_)
+
+
+def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
+                   foreach: bool | None, on_cpu: Callable, fused: Callable) -> Prims:
+    """``sumsq`` of what ``fused(out, src)`` writes into ``out``, per tensor: ``on_cpu(out, src)`` computes
+    it piece by piece in cache on CPU; elsewhere ``fused`` runs, then one fused norm."""
+    prims = Prims(("sumsq",), len(src))
+    for key, idx in _groups(src, shards).items():
+        o, s = pick(out, idx), pick(src, idx)
         if key[0].type == "cpu" and not foreach or foreach is False:
-            block = kernels.distance_sumsq(a, b)
+            block = on_cpu(o, s)
         else:
-            torch._foreach_sub_(a, b)
-            block = torch.stack(torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in a], 2)).double().square()
+            fused(o, s)
+            block = torch.stack(torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in o], 2)).double().square()
         prims.groups[key] = (idx, block.reshape(1, -1))
     return prims
 
