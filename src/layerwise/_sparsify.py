@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ._merge_sliced import _slices
+
 Options = Mapping[str, Any]
 _CHUNK = 1 << 20  # entries per chunk of random draws and per-row ranks (4 MB of float32)
 _REPLAY_MIN = 1 << 16  # below this many entries torch's own argsort is cheap enough
@@ -264,9 +266,8 @@ def random(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
     u = torch.empty(min(n, _CHUNK), device=tau.device)
 
     def masks() -> Iterator[tuple[slice, torch.Tensor, None]]:  # the numbers of one torch.rand(tau.shape) call
-        for start in range(0, n, _CHUNK):
-            s = slice(start, min(start + _CHUNK, n))
-            yield s, u[:s.stop - start].uniform_(generator=g) < density, None
+        for s in _slices(n, _CHUNK):
+            yield s, u[:s.stop - s.start].uniform_(generator=g) < density, None
 
     return _masked_in_chunks(tau, masks(), o["rescale"], density)
 
@@ -307,13 +308,13 @@ def della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Ten
     u = torch.empty(min(rows.shape[0], per), *rows.shape[1:])
 
     def masks() -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:  # the numbers of one torch.rand(rows.shape)
-        for start in range(0, rows.shape[0], per):
-            size = rows[start:start + per].abs()
+        for block in _slices(rows.shape[0], per):
+            size = rows[block].abs()
             order = size.argsort(dim=1)  # its inverse permutation is the ranks: one sort, not two
             probs = torch.empty(size.shape, dtype=tau.dtype).scatter_(1, order, by_rank.expand_as(order))
             del order
             keep = u[:size.shape[0]].uniform_(generator=g) < probs
-            yield slice(start * row, start * row + size.numel()), keep, size
+            yield slice(block.start * row, block.stop * row), keep, size
 
     return _masked_in_chunks(tau, masks(), o["rescale"], density)
 
