@@ -44,8 +44,7 @@ def _chars(item) -> frozenset[int]:
             if kind is C.LITERAL:
                 chars.add(value if value < 128 else -1)
             elif kind is C.RANGE:
-                chars |= {c if c < 128 else -1 for c in range(value[0], min(value[1], 128) + 1)} | (
-                    {-1} if value[1] >= 128 else set())
+                chars |= set(range(value[0], min(value[1], 127) + 1)) | ({-1} if value[1] >= 128 else set())
             elif kind is C.CATEGORY:
                 chars |= _category(value)
             elif kind is not C.NEGATE:
@@ -89,28 +88,28 @@ def _ambiguous(body) -> bool:
             starts = [_chars(branch[0]) if len(branch) else _EMPTY for branch in av[1]]
             if any(a & b for i, a in enumerate(starts) for b in starts[i + 1:]):
                 return True
-        elif av[1] > 1 and not any(not (_chars((op, av)) & sep) for sep in required):
+        elif av[1] > 1 and all(_chars((op, av)) & sep for sep in required):  # no separator it cannot match
             return True
     return False
 
 
-def risky_part(pattern: str) -> str | None:
-    """A description of the part of ``pattern`` that can backtrack exponentially, or None."""
-    try:
-        parsed = _parser.parse(pattern)
-    except Exception:  # noqa: BLE001 - re.compile reports syntax errors with a position
-        return None
+def _children(op, av) -> list:
+    """The sequences under one pattern item."""
+    if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
+        return [av[2]]
+    if op is C.SUBPATTERN:
+        return [av[-1]]
+    if op is C.ATOMIC_GROUP:
+        return [av]
+    return av[1] if op is C.BRANCH else []
 
-    def walk(items) -> str | None:
-        for op, av in items:
-            if op in (C.MAX_REPEAT, C.MIN_REPEAT) and av[1] > 1 and _ambiguous(av[2]):
-                return "a repeated group whose inside can match the same text in several ways"
-            children = (av[2],) if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT) else (
-                (av[-1],) if op is C.SUBPATTERN else (av,) if op is C.ATOMIC_GROUP else av[1] if op is C.BRANCH else ())
-            for child in children:
-                found = walk(child)
-                if found:
-                    return found
-        return None
 
-    return walk(parsed)
+def _risky(items) -> bool:
+    return any((op in (C.MAX_REPEAT, C.MIN_REPEAT) and av[1] > 1 and _ambiguous(av[2]))
+               or any(_risky(child) for child in _children(op, av)) for op, av in items)
+
+
+def backtracks_exponentially(pattern: str) -> bool:
+    """Whether ``pattern`` (one ``re.compile`` accepts) repeats a group whose inside can match the same
+    text in several ways."""
+    return _risky(_parser.parse(pattern))

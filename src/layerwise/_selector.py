@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._backtracking import risky_part
+from ._backtracking import backtracks_exponentially
 from .errors import SelectionError
 
 __all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "missing", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
@@ -187,9 +187,9 @@ def _regex(text: str, offset: int) -> re.Pattern:
         msg = getattr(e, "msg", None) or str(e)
         raise _fail(text, at, at + 1, f"invalid regular expression ({msg})",
                     "The pattern after 're:' is a Python regex, matched against the whole name.") from None
-    risky = risky_part(pattern)
-    if risky:  # Python's re has no timeout: such a pattern could hang on one long name
-        raise _fail(text, offset + 3, len(text), f"regular expression that can take exponential time ({risky})",
+    if backtracks_exponentially(pattern):  # Python's re has no timeout: it could hang on one long name
+        raise _fail(text, offset + 3, len(text), "regular expression that can take exponential time (a repeated "
+                    "group whose inside can match the same text in several ways)",
                     "Separate the repeated parts by a character they cannot match, or commit with an atomic group "
                     "(?>...) or a possessive quantifier (++, *+): e.g. 're:(?:[^.]*\\.)*bias', or the path '**.bias'.")
     return compiled
