@@ -62,6 +62,16 @@ def test_a_recursive_yaml_alias_is_refused_by_name(models, text):
         read_recipe(path)
 
 
+def test_a_recipe_file_that_cannot_be_read_is_named(models):
+    with pytest.raises(lw.CheckpointNotFoundError, match="missing.yml: no such recipe file"):
+        read_recipe(models / "missing.yml")
+    with pytest.raises(lw.OptionError, match="a: cannot read the recipe"):
+        read_recipe(models / "a")
+    (models / "binary.yml").write_bytes(b"merge_method: linear\n\xff\xfe")
+    with pytest.raises(lw.OptionError, match="binary.yml: not a YAML recipe .not UTF-8 text: byte 21"):
+        read_recipe(models / "binary.yml")
+
+
 def test_read_recipe_parses_yaml_and_names_a_syntax_error(models):
     good = models / "r.yml"
     good.write_text("merge_method: slerp\nbase_model: base\nmodels:\n  - model: a\n  - model: base\n"

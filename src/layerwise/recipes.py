@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtraError, OptionError
+from .errors import CheckpointNotFoundError, MissingExtraError, OptionError
 
 __all__ = ["Recipe", "Slice", "Source", "OutputTensor", "parse_recipe", "read_recipe", "layer_plan", "stack_of"]
 
@@ -257,7 +257,14 @@ def read_recipe(path: str | Path) -> Recipe:
         import yaml
     except ImportError:
         raise MissingExtraError("recipes need pyyaml: pip install 'layerwise[recipes]'") from None
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such recipe file") from None
+    except OSError as e:  # a folder, no permission
+        raise OptionError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise OptionError(f"{path}: not a YAML recipe (not UTF-8 text: byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
