@@ -390,6 +390,10 @@ def test_sparse_and_meta_tensors_are_named(tmp_path):
     torch.save({"w": torch.empty(3, device="meta")}, tmp_path / "meta.pt")
     with pytest.raises(lw.CheckpointError, match="tensor 'w' is on the meta device"):
         lw.load(tmp_path / "meta.pt")
+    torch.save({3: torch.ones(1)}, tmp_path / "numbered.pt")  # a dict of tensors, but not a state dict
+    for reader in (lw.load, lambda p: lw.merge_files([p, p], tmp_path / "out.safetensors")):
+        with pytest.raises(lw.CheckpointError, match=r"numbered\.pt: tensor names are strings, not 3 \(int\)"):
+            reader(tmp_path / "numbered.pt")
     for bad, why in (({"w": torch.eye(2).to_sparse()}, "sparse_coo"), ({"w": torch.empty(2, device="meta")}, "meta")):
         with pytest.raises(lw.CheckpointError, match=why):
             lw.save(bad, tmp_path / "out.safetensors")

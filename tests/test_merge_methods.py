@@ -201,6 +201,7 @@ def test_layer_positions_follow_mergekit():
     positions = layer_positions(keys)
     assert [positions[f"model.layers.{i}.mlp.w"] for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert positions["embed.weight"] == positions["lm_head.weight"] == 0.0
+    assert layer_positions(["embed.weight", "layers.0.w", "norm.weight"])["layers.0.w"] == 1.0  # one layer: t = 1
 
 
 def test_gradients_filters_and_selectors_resolve_through_one_resolver():

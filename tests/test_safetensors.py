@@ -77,6 +77,7 @@ def _valid() -> tuple[dict, bytes]:
     (lambda h: h["a"].update(shape=[-1, -1]), "shape [-1, -1]; a shape is a list of non-negative integers"),
     (lambda h: h["a"].update(shape=[1.5]), "shape [1.5]"),
     (lambda h: h["a"].update(shape=[True, 4]), "shape [True, 4]"),
+    (lambda h: h["c"].update(shape=[0, 2**63]), "shape [0, 9223372036854775808]; a shape is a list of non-negative integers below 2**63"),
     (lambda h: h["a"].update(shape="2x2"), "shape '2x2'"),
     (lambda h: h["a"].update(dtype="F17"), "dtype 'F17'"),
     (lambda h: h["a"].update(dtype=5), "dtype 5"),
@@ -284,11 +285,15 @@ def test_a_valid_alias_is_restored_shared(tmp_path):
     ({"c": 5}, "points to 5"),
     ("not json", "not a JSON object"),
     ([1], "not a JSON object"),
+    ("[" * 100_000, "not a JSON object"),
+    ({"__metadata__": "a"}, "'__metadata__': it is not a name a tensor can have"),
+    ({"\udc80": "a"}, "it is not a name a tensor can have"),
 ])
 def test_a_crafted_alias_is_ignored_with_a_warning_and_never_replaces_a_tensor(tmp_path, aliases, why):
     with pytest.warns(UserWarning, match=why):
         state = lw.load(_tied(tmp_path, aliases))
     assert state["a"].tolist() == [1.0, 2.0] and state["b"].tolist() == [3.0]
+    assert "__metadata__" not in state and "\udc80" not in state
 
 
 def test_save_refuses_reserved_metadata_and_a_tensor_named_metadata(tmp_path):

@@ -27,7 +27,7 @@ import torch
 from ._publish import INDEXES
 from ._publish import check_output as check_output  # re-exported: the writers' entry points
 from ._publish import staged as staged
-from ._safetensors import ALIASES, parse_json, read_header
+from ._safetensors import ALIASES, METADATA, parse_json, read_header
 from ._tensors import aliases_of
 from ._write import Fill as Fill
 from ._write import Plan as Plan
@@ -161,6 +161,9 @@ def _torch_load_checked(path: Path) -> Any:
 
 def _plain_tensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
     for k, t in state.items():
+        if not isinstance(k, str):  # every reader and writer of checkpoints names tensors by strings
+            raise CheckpointError(f"{path}: tensor names are strings, not {k!r:.100} ({type(k).__name__}); "
+                                  "save the state dict again with string keys")
         if t.layout != torch.strided or t.is_quantized:
             raise CheckpointError(f"{path}: tensor {k!r} is {str(t.layout).removeprefix('torch.')}"
                                   f"{' quantized' if t.is_quantized else ''}; layerwise reads dense tensors: "
@@ -261,7 +264,7 @@ def _record_aliases(ckpt: Checkpoint, aliases: Any, where: Path) -> None:
     if isinstance(aliases, str):
         try:
             aliases = json.loads(aliases)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: brackets nested deeper than the parser goes
             aliases = None
     if not isinstance(aliases, dict):
         warnings.warn(f"{where}: ignored the tied-tensor map {ALIASES!r}: it is not a JSON object of names",
@@ -273,6 +276,8 @@ def _record_aliases(ckpt: Checkpoint, aliases: Any, where: Path) -> None:
             why = f"points to {target!r:.100}, which the checkpoint does not store"
         elif alias in stored:
             why = f"would hide the stored tensor {alias!r}"
+        elif alias == METADATA or alias.encode("utf-8", "surrogatepass").decode("utf-8", "ignore") != alias:
+            why = "is not a name a tensor can have"
         else:
             ckpt.aliases[alias] = target
             ckpt.specs[alias] = stored[target]

@@ -31,7 +31,8 @@ _INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 def layer_positions(keys: Sequence[str]) -> dict[str, float]:
     """mergekit's ``t`` of each key: ``i / (n - 1)`` for the ``i``-th of ``n`` layers of the stack the key
-    is in (keys sharing the text before their first numeric segment), 0 outside any stack.
+    is in (keys sharing the text before their first numeric segment), 1 in a stack of one layer (as
+    mergekit's planner), 0 outside any stack.
 
     Example:
         >>> layer_positions(["embed.weight", "layers.0.w", "layers.1.w", "layers.2.w", "head.weight"])
@@ -45,7 +46,7 @@ def layer_positions(keys: Sequence[str]) -> dict[str, float]:
     for k in keys:
         m = found.get(k)
         n = count[k[:m.start(1)]] if m else 1
-        out[k] = int(m.group(1)) / (n - 1) if m and n > 1 else 0.0
+        out[k] = (int(m.group(1)) / (n - 1) if n > 1 else 1.0) if m else 0.0
     return out
 
 

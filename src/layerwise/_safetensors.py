@@ -25,6 +25,7 @@ from .errors import CheckpointError
 MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
 METADATA = "__metadata__"
 ALIASES = "layerwise.aliases"  # layerwise's metadata key: {alias: stored key} for tied tensors
+_DIM_LIMIT = 2**63  # torch sizes are int64: beside a 0 dimension a larger one passes the byte count
 _PACKED = {"F4": 2}  # format elements per torch element: float4_e2m1fn_x2 packs two F4 values in a byte
 
 
@@ -126,8 +127,8 @@ def _entry(key: str, info: Any, path: Path) -> Entry:
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str) or code not in codes():
         raise bad(f"has dtype {code!r:.50}; known: {', '.join(codes())}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise bad(f"has shape {shape!r:.200}; a shape is a list of non-negative integers")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < _DIM_LIMIT for d in shape):
+        raise bad(f"has shape {shape!r:.200}; a shape is a list of non-negative integers below 2**63")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise bad(f"has data_offsets {offsets!r:.200}; they are two integers, begin <= end")
