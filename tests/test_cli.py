@@ -103,6 +103,17 @@ def test_bad_input_exits_2_with_one_line(ckpts, tmp_path, capsys, make_bad, argv
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("option, message", [
+    ("normalize=" + "[" * 100_000, "linear option normalize='[[["),  # past the JSON parser's depth: kept as text
+    ("=3", "write NAME=VALUE"),
+])
+def test_a_bad_merge_option_exits_2_naming_it(ckpts, tmp_path, capsys, option, message):
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", "--method", "linear", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--option", option]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("layerwise merge: error:") and message in err and not out.exists()
+
+
 def test_existing_output_needs_force(ckpts, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")

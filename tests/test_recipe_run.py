@@ -104,6 +104,12 @@ def test_a_bad_recipe_fails_before_writing_and_names_the_problem(tiny_llamas, tm
     assert "pass base=" in capsys.readouterr().err
     assert main(["merge", "--config", str(recipe), str(a), "--method", "ties", "-o", str(out)]) == 2
     assert "drop CHECKPOINT, --method" in capsys.readouterr().err and not out.exists()
+    for models, where in ((f"models:\n  - model: {a}\n  - model: {a}\n    parameters: {{wieght: 0.9}}\n", "models[1]"),
+                          (f"slices:\n  - sources:\n    - model: {a}\n      layer_range: [0, 4]\n"
+                           f"      parameters: {{density: 0.5}}\n", "slices[0].sources[0]")):
+        recipe = _recipe(tmp_path, "merge_method: linear\n" + models)  # a per-model typo fell to the default
+        assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 2
+        assert f"{where}.parameters: linear takes no option" in capsys.readouterr().err and not out.exists()
 
 
 def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card(tiny_llamas, tmp_path):

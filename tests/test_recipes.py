@@ -44,10 +44,32 @@ def test_models_form_with_per_model_and_global_parameters(models):
                                                         {"model": "b", "layer_range": [0, 3]}]}]}, "same number"),
     ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": {"x": 1}}}]}, "weight"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "base"}, "needs a base_model"),
+    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {5: 1}}]},
+     r"models\[0\].parameters: an option name is a string such as 'weight', not 5"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "parameters": {"weight": [{"value": [{"value": 1}]}]}},
+     r"parameters.weight\[0\].value: a rule's value is a number or a list of numbers"),
 ])
 def test_unsupported_or_malformed_recipes_are_refused_by_name(models, recipe, message):
     with pytest.raises(lw.OptionError, match=message):
         parse_recipe(recipe)
+
+
+@pytest.mark.parametrize("text", ["weight: &x [{value: *x}]", "weight: &x {value: *x}", "weight: &x [[*x]]"])
+def test_a_recursive_yaml_alias_is_refused_by_name(models, text):
+    path = models / "r.yml"
+    path.write_text(f"merge_method: linear\nmodels: [a, b]\nparameters:\n  {text}\n")
+    with pytest.raises(lw.OptionError, match="parameters.weight"):  # not a RecursionError
+        read_recipe(path)
+
+
+def test_a_recipe_file_that_cannot_be_read_is_named(models):
+    with pytest.raises(lw.CheckpointNotFoundError, match="missing.yml: no such recipe file"):
+        read_recipe(models / "missing.yml")
+    with pytest.raises(lw.OptionError, match="a: cannot read the recipe"):
+        read_recipe(models / "a")
+    (models / "binary.yml").write_bytes(b"merge_method: linear\n\xff\xfe")
+    with pytest.raises(lw.OptionError, match="binary.yml: not a YAML recipe .not UTF-8 text: byte 21"):
+        read_recipe(models / "binary.yml")
 
 
 def test_read_recipe_parses_yaml_and_names_a_syntax_error(models):

@@ -7,6 +7,7 @@ The per-tensor math and the option resolution are the merge engine's (``_merge_m
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,12 +18,12 @@ import torch
 
 from ._files import Checkpoint, Plan, open_checkpoints, parse_dtype, parse_size, write
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
-from ._merge_methods import check_method, get_method
+from ._merge_methods import ALIASES, Method, check_method, get_method
 from ._merge_options import resolve_options
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder, vocabulary
 from ._term import byte_progress
 from .errors import MergeError, OptionError
-from .recipes import Recipe, layer_plan, read_recipe
+from .recipes import Recipe, _where, layer_plan, read_recipe
 
 
 def _layered(*settings: Any) -> Any:
@@ -66,6 +67,8 @@ def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
     per_model_names = {o.name for o in method.options if o.per_model}
     jobs: list[_Job] = []
     for i, s in enumerate(recipe.slices):
+        for j, src in enumerate(s.sources):  # a misspelt per-model option would otherwise fall to its default
+            _known(method, src.parameters, _where("slices", i, "sources", j) if recipe.stacked else _where("models", j))
         base = (s.base_model or recipe.base_model) if method.base != "none" else None
         positions = [j for j, src in enumerate(s.sources) if src.model != base]
         base_at = next((j for j, src in enumerate(s.sources) if src.model == base), None)
@@ -86,6 +89,15 @@ def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
                 base_src = (opened[base], o.source_keys[base_at] if base_at is not None else o.key)
             jobs.append(_Job(o.key, sources, base_src, per_key[o.key]))
     return jobs
+
+
+def _known(method: Method, parameters: Mapping[str, Any], where: str) -> None:
+    names = sorted(o.name for o in method.options)
+    for name in parameters:
+        if name not in names and ALIASES.get(name) not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"its options are {', '.join(names) or 'none'}"
+            raise OptionError(f"{where}.parameters: {method.name} takes no option '{name}'; {hint}")
 
 
 def _check(jobs: Sequence[_Job]) -> None:

@@ -119,7 +119,7 @@ def _option(text: str) -> tuple[str, object]:
         raise OptionError(f"--option {text!r}: write NAME=VALUE, e.g. --option lambda=0.5 or --option 't=[0, 1]'")
     try:
         return name, json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or brackets nested past the parser's depth: a string
         return name, value
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingExtraError, OptionError
+from .errors import CheckpointNotFoundError, MissingExtraError, OptionError
 
 __all__ = ["Recipe", "Slice", "Source", "OutputTensor", "parse_recipe", "read_recipe", "layer_plan", "stack_of"]
 
@@ -130,30 +130,35 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise OptionError(f"{where}: parameters must be a mapping of option names to values, not {value!r}")
+        raise OptionError(f"{where}: parameters must be a mapping of option names to values, not {value!r:.200}")
     for name, setting in value.items():
+        if not isinstance(name, str):
+            raise OptionError(f"{where}: an option name is a string such as 'weight', not {name!r:.100}")
         _check_setting(setting, f"{where}.{name}")
     return dict(value)
 
 
-def _check_setting(setting: Any, where: str) -> None:
-    if isinstance(setting, bool) or isinstance(setting, (int, float, str)):
+def _check_setting(setting: Any, where: str, rules: bool = True) -> None:
+    """mergekit's ``ParameterSetting``: a scalar or gradient, or ``{filter, value}`` rules whose values are
+    scalars or gradients (never rules again: a YAML alias could make them recursive)."""
+    if isinstance(setting, (int, float, str)):  # bool is an int
         return
-    if isinstance(setting, list) and setting:
-        if all(isinstance(e, (int, float, bool, str)) for e in setting):
-            return
+    if isinstance(setting, list) and setting and all(isinstance(e, (int, float, str)) for e in setting):
+        return
+    if rules and isinstance(setting, list) and setting:
         for i, rule in enumerate(setting):
             if not isinstance(rule, Mapping) or "value" not in rule or set(rule) - {"filter", "value"}:
-                raise OptionError(f"{where}[{i}]: a rule is {{filter: NAME_PART, value: V}}, not {rule!r}")
+                raise OptionError(f"{where}[{i}]: a rule is {{filter: NAME_PART, value: V}}, not {rule!r:.200}")
             if rule.get("filter") is not None and not isinstance(rule["filter"], str):
-                raise OptionError(f"{where}[{i}].filter must be a string, not {rule['filter']!r}")
-            _check_setting(rule["value"], f"{where}[{i}].value")
+                raise OptionError(f"{where}[{i}].filter must be a string, not {rule['filter']!r:.100}")
+            _check_setting(rule["value"], f"{where}[{i}].value", rules=False)
         return
-    if isinstance(setting, Mapping) and "value" in setting and set(setting) <= {"filter", "value"}:
-        _check_setting(setting["value"], f"{where}.value")
+    if rules and isinstance(setting, Mapping) and "value" in setting and set(setting) <= {"filter", "value"}:
+        _check_setting(setting["value"], f"{where}.value", rules=False)
         return
-    raise OptionError(f"{where}: a value is a number, a list of numbers (a gradient over the layers) "
-                      f"or a list of {{filter, value}} rules, not {setting!r}")
+    what = ("a value is a number, a list of numbers (a gradient over the layers) or a list of {filter, value} rules"
+            if rules else "a rule's value is a number or a list of numbers (a gradient over the layers)")
+    raise OptionError(f"{where}: {what}, not {setting!r:.200}")
 
 
 def _layer_range(value: Any, where: str) -> tuple[int, int]:
@@ -252,7 +257,14 @@ def read_recipe(path: str | Path) -> Recipe:
         import yaml
     except ImportError:
         raise MissingExtraError("recipes need pyyaml: pip install 'layerwise[recipes]'") from None
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such recipe file") from None
+    except OSError as e:  # a folder, no permission
+        raise OptionError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise OptionError(f"{path}: not a YAML recipe (not UTF-8 text: byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
