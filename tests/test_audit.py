@@ -135,6 +135,22 @@ def test_plain_adamw_decays_biases_and_norms(vit):
     assert "head.weight" not in found["weight-decay"]
 
 
+def test_weight_decay_check_reads_no_weight_decay_as_timm_does():
+    class FocalNetLike(nn.Module):  # timm's FocalNet returns {''}; patterns cross dots
+        def __init__(self, listed: set[str]):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+            self.layers[1].rel_pos = nn.Parameter(torch.zeros(3, 2))
+            self.listed = listed
+
+        def no_weight_decay(self) -> set[str]:
+            return self.listed
+
+    for listed, expected in (({""}, set()), ({"*.rel_pos"}, {"layers.1.rel_pos"})):
+        model = FocalNetLike(listed)
+        found = checks(lw.audit(model, torch.optim.AdamW(model.parameters())))
+        assert set(found["weight-decay"]) == {"layers.0.bias", "layers.1.bias"} | expected
+
 def test_fairseq_4702_frozen_after_backward_keeps_its_grad(vit):
     opt = torch.optim.AdamW(lw.param_groups(vit, lr=1e-3))
     vit(torch.randn(2, 3, 12)).sum().backward()

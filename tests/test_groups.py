@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import layerwise as lw
 
@@ -363,3 +364,39 @@ def test_add_param_group_with_any_options_adds_a_working_group_or_changes_nothin
     net(torch.ones(1, 2)).sum().backward()
     opt.step()
     scheduler.step()
+
+
+class _TimmNoDecayNames(nn.Module):
+    """timm's no_weight_decay() forms: fnmatch patterns over parameter names, FocalNet's {''}."""
+
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+        self.blocks[1].rel_pos = nn.Parameter(torch.zeros(3, 2))
+        self.blocks[1].attn = nn.Module()
+        self.blocks[1].attn.bias = nn.Parameter(torch.zeros(2, 2))  # 2-D, but a bias by name
+        self.pos_embed = nn.Module()
+        self.pos_embed.proj = nn.Linear(2, 2)
+        self.names = names
+
+    def no_weight_decay(self) -> set[str]:
+        return self.names
+
+
+@pytest.mark.parametrize(("names", "undecayed"), [
+    ({""}, set()),  # FocalNet: matches nothing (a selector '' was an error)
+    ({"*.rel_pos"}, {"blocks.1.rel_pos"}),  # fnmatch's '*' crosses dots
+    ({"pos_embed"}, set()),  # a module path is no parameter name: timm decays pos_embed.proj.weight
+    ({"blocks.?.weight", "pos_embed.proj.weight"}, {"blocks.0.weight", "blocks.1.weight", "pos_embed.proj.weight"}),
+])
+def test_default_no_decay_matches_timms_param_groups_weight_decay(names, undecayed):
+    model = _TimmNoDecayNames(names)
+    groups = lw.param_groups(model, lr=0.1, weight_decay=0.05)
+    got = {n for g in groups for n in g["names"] if g["weight_decay"] == 0.0}
+    # timm: ndim <= 1 or name.endswith(".bias") or fnmatch(name, any no_weight_decay() pattern)
+    assert got == {"blocks.0.bias", "blocks.1.bias", "blocks.1.attn.bias", "pos_embed.proj.bias"} | undecayed
+
+
+def test_no_weight_decay_giving_a_non_string_is_refused_naming_it():
+    with pytest.raises(lw.OptionTypeError, match=r"_TimmNoDecayNames.no_weight_decay\(\) gave 3"):
+        lw.param_groups(_TimmNoDecayNames({3}), lr=0.1)

@@ -20,6 +20,7 @@ from ._layer_ids import unmatched_before_blocks
 from ._tensors import require_module
 from ._term import console
 from .errors import OptionTypeError
+from .groups import default_no_decay
 from .select import select
 
 __all__ = ["Finding", "Findings", "audit"]
@@ -88,9 +89,9 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.op
       weight decay keep moving it (fairseq #4702, sparseml #965).
     - ``duplicate``: a parameter held twice, updated twice per step (Lightning #6879).
     - ``weight-decay``: a bias, a norm weight (any 1-D parameter) or a parameter the model's
-      ``no_weight_decay()`` names, under weight decay (transformers PR #10598: norms named
-      ``ln_1`` missed by a ``"LayerNorm.weight"`` name list). Embedding tables are left alone: the
-      Trainer and nanoGPT decay them on purpose.
+      ``no_weight_decay()`` names (timm's rule, as ``lw.param_groups``), under weight decay
+      (transformers PR #10598: norms named ``ln_1`` missed by a ``"LayerNorm.weight"`` name list).
+      Embedding tables are left alone: the Trainer and nanoGPT decay them on purpose.
     - ``lr-scale-twice`` / ``lr-scale-ignored``: groups carry ``lr_scale`` and, one scheduler step
       later, their lr is not the intended ``base lr * lr_scale``: the lr already held the scale
       and the scheduler multiplies again, or nothing reads ``lr_scale`` at all (timm PR #2532,
@@ -145,13 +146,10 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.op
         "in the optimizer twice: updated twice per step",
         "build the groups with lw.param_groups, which puts every parameter in exactly one group")
 
-    no_decay = {id(p) for p in inner.parameters() if p.ndim <= 1}
-    listed = getattr(inner, "no_weight_decay", lambda: ())()
-    if listed:
-        no_decay |= {id(p) for p in select(inner, *listed, missing_ok=True).params()}
+    no_decay = default_no_decay(inner)
     add("weight-decay", [p for g in groups if g.get("weight_decay", 0) for p in g["params"] if id(p) in no_decay],
         "a bias, norm weight or no_weight_decay() parameter under weight decay: it is pulled toward 0",
-        "lw.param_groups(model, ..., weight_decay=wd) gives them weight_decay=0.0 (by shape and type, not by name)")
+        "lw.param_groups(model, ..., weight_decay=wd) gives them weight_decay=0.0 (1-D, .bias and no_weight_decay(), as timm)")
 
     findings += _scheduler_findings(optimizers, scheduler, names)
     if len({g["lr"] * g.get("lr_scale", 1) for g in groups}) > 1:  # some decay: a fallback layer matters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -93,15 +94,25 @@ def _rule_list(rules: Rules | None, optimizer: Any) -> list[tuple[tuple[Selector
     return out
 
 
+def default_no_decay(model: nn.Module, walk: Walk | None = None) -> set[int]:
+    """The ``id`` of each parameter that timm's ``param_groups_weight_decay`` (and BEiT) keep from decay:
+    1-D tensors, names ending in ``.bias``, and names matching the model's ``no_weight_decay()``,
+    as fnmatch patterns, not selectors: ``*`` crosses dots there, a module path is no parameter
+    name, and FocalNet's ``{''}`` matches nothing."""
+    patterns = list(getattr(model, "no_weight_decay", lambda: ())() or ())
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise OptionTypeError(f"{type(model).__name__}.no_weight_decay() gave {bad[0]!r}: it must give parameter "
+                              "names (strings, fnmatch patterns as in timm)")
+    return {id(p) for names, p in resolve(walk or Walk(model)).groups
+            if p.ndim <= 1 or any(n.endswith(".bias") or any(fnmatchcase(n, pat) for pat in patterns) for n in names)}
+
+
 def _no_decay_ids(model: nn.Module, walk: Walk, no_decay: str | Iterable[Selector] | None) -> set[int]:
     if no_decay is None:
         return set()
     if no_decay == "default":
-        ids = {id(p) for p in model.parameters() if p.ndim <= 1}
-        names = getattr(model, "no_weight_decay", lambda: ())()
-        if names:
-            ids |= {id(p) for _, p in resolve(walk, *names, missing_ok=True).groups}
-        return ids
+        return default_no_decay(model, walk)
     if isinstance(no_decay, str):
         no_decay = [no_decay]
     return {id(p) for _, p in resolve(walk, *no_decay).groups}
@@ -130,8 +141,9 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     numbers >= 0, ``betas`` two numbers in [0, 1); with ``optimizer=`` (a class such as
     ``torch.optim.AdamW``, or an instance) an option it does not take (``lrr``) is an error.
 
-    No decay: parameters with ``ndim <= 1`` (biases, norm weights) and those named by the
-    model's ``no_weight_decay()`` (timm's convention) get ``weight_decay=0.0`` after the rules;
+    No decay: as timm's ``param_groups_weight_decay``, parameters with ``ndim <= 1`` (biases,
+    norm weights), names ending in ``.bias``, and names matching the model's ``no_weight_decay()``
+    (fnmatch patterns: ``*`` crosses dots) get ``weight_decay=0.0`` after the rules;
     ``no_decay=`` takes selectors to use instead, ``no_decay=None`` turns it off.
 
     Layer-wise LR decay (BEiT, ELECTRA, timm), ``layer_decay=d`` in (0, 1]: with
