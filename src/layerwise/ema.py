@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._shadow import Bucket, acc_dtype, flat_view, local, reshard, shadow_like
-from ._tensors import named_tensor_groups
+from ._tensors import named_tensor_groups, require_module
 from .errors import OptionError, OptionTypeError, StateError
 from .select import Selector, as_selectors, unwrap_compiled
 from .select import select as _select
@@ -92,6 +92,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
                  buffers: Literal["copy", "ema"] = "copy", select: Selector | Iterable[Selector] | None = None,
                  device: torch.device | str | None = None, foreach: bool | None = None):
+        require_module(model, "EMA")
         self.decay, self.warmup, self.every = _check_decay(decay), _check_int("warmup", warmup, 0), _check_int(
             "every", every, 1)
         if buffers not in ("copy", "ema"):
