@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
-from .errors import OptionError
+from .errors import OptionError, OptionTypeError
 
 T = TypeVar("T")
 
@@ -78,3 +78,12 @@ def human_bytes(n: float) -> str:
     from rich.filesize import decimal
 
     return decimal(int(n))
+
+
+def require_module(model: object, caller: str) -> None:
+    """An error naming ``caller`` unless ``model`` is an ``nn.Module``: a state dict has names and
+    values, but no modules, ``requires_grad``, gradients or hooks to act on."""
+    if not isinstance(model, nn.Module):
+        hint = (": a state dict holds values only; load it into the model (model.load_state_dict) and pass the model"
+                if isinstance(model, Mapping) else "")
+        raise OptionTypeError(f"{caller} takes an nn.Module, got {type(model).__name__}{hint}")

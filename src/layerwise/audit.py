@@ -17,6 +17,7 @@ from rich.table import Table
 from torch import nn
 
 from ._layer_ids import unmatched_before_blocks
+from ._tensors import require_module
 from ._term import console
 from .errors import OptionTypeError
 from .groups import default_no_decay
@@ -113,6 +114,7 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.op
         >>> lw.audit(net, torch.optim.AdamW(lw.param_groups(net, lr=1e-3)))
         Findings([])
     """
+    require_module(model, "audit")
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     if not optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in optimizers):
         raise OptionTypeError(f"audit takes a torch.optim.Optimizer (or a list of them); got {optimizer!r}")

@@ -38,6 +38,7 @@ from ._files import (
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import check_method
 from ._merge_options import merge_plan
+from ._merge_sliced import _slices
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
 from ._reader import Scratch, SliceReader, one_compute_thread
 from ._safetensors import METADATA
@@ -229,10 +230,6 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None, method=method,
             options={**options, **({"weights": list(weights)} if weights is not None else {})}) if folder else None
 
-        def slices(k: str) -> list[tuple[int, int]]:
-            numel = math.prod(first.specs[k][0])
-            return [(start, min(numel, start + _SLICE)) for start in range(0, numel, _SLICE)]
-
         def sources(k: str) -> list[Checkpoint]:
             """What a streamed key reads: the base or first model for a key left out, else every model
             and the base where the method uses one (last)."""
@@ -244,7 +241,8 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         # whole-tensor methods read one tensor of each input when they need it, nothing ahead.
         streamed = {k for k, _, _ in entries
                     if k not in chosen or (m.elementwise and first.specs[k][1].is_floating_point)}
-        reads = ((k, sources(k), start, stop) for k, _, _ in entries if k in streamed for start, stop in slices(k))
+        reads = ((k, sources(k), s.start, s.stop) for k, _, _ in entries if k in streamed
+                 for s in _slices(math.prod(first.specs[k][0]), _SLICE))
 
         def pieces_of(k: str) -> Iterator[torch.Tensor]:
             if k not in streamed:

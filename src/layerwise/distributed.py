@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging import utils as averaging
 
-from ._tensors import buckets, pick
+from ._tensors import buckets, pick, require_module
 from .errors import DistributedError, OptionError, OptionTypeError, StateError
 from .select import Selection, Selector, as_selectors
 from .select import select as _select
@@ -77,6 +77,7 @@ def average_parameters(model: nn.Module, *selectors: Selector, group: dist.Proce
 
         >>> lw.average_parameters(model, "encoder")  # doctest: +SKIP
     """
+    require_module(model, "average_parameters")
     _require_process_group()
     selection = _select(model, *selectors)
     agree(selection, group)
@@ -105,6 +106,7 @@ class PeriodicAverager:
 
     def __init__(self, model: nn.Module, period: int, warmup_steps: int = 0,
                  select: Selector | Sequence[Selector] | None = None, group: dist.ProcessGroup | None = None):
+        require_module(model, "PeriodicAverager")
         for name, value, low in (("period", period, 1), ("warmup_steps", warmup_steps, 0)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OptionTypeError(f"PeriodicAverager option {name}={value!r} must be an int >= {low} (steps)")

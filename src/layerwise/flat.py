@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._tensors import buckets, named_tensor_groups
+from ._tensors import buckets, named_tensor_groups, require_module
 from .errors import StateError
 from .select import unwrap_compiled
 
@@ -80,6 +80,7 @@ def flatten_parameters(model: nn.Module) -> FlatParameters:
         >>> net[1].bias.grad.data_ptr() == flat.grads[(torch.device("cpu"), torch.float32)][-2:].data_ptr()
         True
     """
+    require_module(model, "flatten_parameters")
     groups = named_tensor_groups(unwrap_compiled(model))
     params, names = [p for _, p in groups], [names[0] for names, _ in groups]
     sharded = [n for n, p in zip(names, params) if hasattr(p, "_local_tensor")]

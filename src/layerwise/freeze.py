@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ._ddp import ddp_wrapper, fsdp_sharded, rebuild_reducer
+from ._tensors import require_module
 from .errors import OptionError, OptionTypeError
 from .groups import add_group, group_index
 from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, resolve, select
@@ -89,6 +90,7 @@ def freeze(model: nn.Module, *selectors: Selector, norm_stats: Literal["freeze",
         >>> lw.frozen(net)
         ['0.weight', '0.bias', '1.weight', '1.bias']
     """
+    require_module(model, "freeze")
     if norm_stats not in ("freeze", "train"):
         raise OptionError(f"freeze: norm_stats must be 'freeze' or 'train', got {norm_stats!r}")
     # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
@@ -147,6 +149,7 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
         >>> net.train()[1].training, lw.frozen(net)
         (True, ['0.weight', '0.bias'])
     """
+    require_module(model, "unfreeze")
     # A selector counts as found when it reaches a parameter or a module (a norm with affine=False).
     resolution = resolve(model, *selectors, missing_ok=missing_ok)
     chosen = resolution.selection()
@@ -178,6 +181,7 @@ def frozen(model: nn.Module) -> list[str]:
         >>> lw.frozen(net)
         ['1.bias']
     """
+    require_module(model, "frozen")
     return [name for name, p in select(model) if not p.requires_grad]
 
 
@@ -213,6 +217,7 @@ class GradualUnfreeze:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: Mapping[int, Selector | Sequence[Selector]], *, scheduler: Any = None,
                  **group_options: Any):
+        require_module(model, "GradualUnfreeze")
         self.model, self.optimizer, self.group_options = model, optimizer, group_options
         self.schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) \
             else [scheduler]

@@ -40,7 +40,7 @@ from ._grad_engine import (
     to_host,
 )
 from ._hooks import Hooks
-from ._tensors import pick
+from ._tensors import pick, require_module
 from ._term import console
 from .errors import GradError, NonFiniteGradError, NotFoundError
 from .select import Selector, closest
@@ -184,6 +184,7 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         >>> lw.grad_stats(net, "**", stats="norm", by="module")["0"] is None
         True
     """
+    require_module(model, "grad_stats")
     stats = stat_names(stats)
     _grouper(by)  # checked before any work
     names, params, memo = chosen(model, selectors)
@@ -283,6 +284,7 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
         >>> result.ok, result.nonfinite, result.no_grad
         (False, ['1.weight'], ['0.weight', '0.bias'])
     """
+    require_module(model, "check_grads")
     names, params, _ = chosen(model, selectors)
     have, values = _measure(names, params, ("max_abs",), foreach)
     finite = values["max_abs"].isfinite().tolist()
@@ -351,5 +353,6 @@ def watch_nonfinite(model: nn.Module, *selectors: Selector) -> NonFiniteWatch:
         ['1.weight', '0.weight']
         >>> watch.remove()
     """
+    require_module(model, "watch_nonfinite")
     names, params, _ = chosen(model, selectors)
     return NonFiniteWatch(list(names), list(params))

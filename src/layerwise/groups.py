@@ -13,6 +13,7 @@ from rich.table import Table
 from torch import nn
 
 from ._layer_ids import layer_ids
+from ._tensors import require_module
 from ._term import console
 from .errors import OptionError, OptionTypeError, SelectionError
 from .select import Selector, Walk, closest, describe, resolve
@@ -167,6 +168,7 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         ...
         layerwise.errors.OptionError: rule '1' sets 'lrr', which AdamW does not take (did you mean 'lr'?). ...
     """
+    require_module(model, "param_groups")
     base = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
     check_options(base, "param_groups", optimizer)
     rule_list = _rule_list(rules, optimizer)
@@ -313,6 +315,7 @@ def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selecto
         ...
         layerwise.errors.SelectionError: cannot add to the optimizer: 1.bias is already in param group 1. ...
     """
+    require_module(model, "add_param_group")
     chosen = resolve(model, *selectors).selection()
     named = [(name, p) for name, p in chosen if p.requires_grad]
     if not named:

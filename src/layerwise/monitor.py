@@ -36,7 +36,7 @@ from ._grad_engine import (
     to_host,
     unscale,
 )
-from ._tensors import pick
+from ._tensors import pick, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
 from .sinks import Histogram, Sink, plot_grad_norms, writable_file
@@ -137,6 +137,7 @@ class GradMonitor:
                  sinks: Sequence[Sink] = (), optimizer: torch.optim.Optimizer | None = None,
                  on_nonfinite: str = "raise", scaler: torch.amp.GradScaler | None = None, foreach: bool | None = None,
                  flush_every: int = 50):
+        require_module(model, "GradMonitor")
         for option, value in (("every", every), ("flush_every", flush_every)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise OptionTypeError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")

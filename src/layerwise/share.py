@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._tensors import named_tensor_groups
+from ._tensors import named_tensor_groups, require_module
 from .select import SelectionError, closest
 
 __all__ = ["shared", "tie"]
@@ -55,6 +55,7 @@ def tie(model: nn.Module, target: str, source: str) -> list[str]:
         >>> lw.shared(lm)
         [['embed.weight', 'decoder.weight']]
     """
+    require_module(model, "tie")
     pairs = _pairs(model, target, source)
     params = dict(model.named_parameters(remove_duplicate=False))
     problems = []

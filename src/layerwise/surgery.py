@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._hooks import Hooks
+from ._tensors import require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selection, SelectionError, Selector, closest, describe, select
 
@@ -35,6 +36,7 @@ _MISSING: Any = object()
 def trainable(model: nn.Module, selectors: Sequence[Selector], caller: str) -> list[tuple[str, torch.Tensor]]:
     """The selected parameters that can have a gradient; an error if every one is frozen.
     Shared by every gradient tool (clipping and PCGrad too), so they refuse alike."""
+    require_module(model, caller)
     sel = select(model, *selectors)
     chosen = [(name, p) for name, p in sel if p.requires_grad]
     if not sel:
@@ -121,6 +123,7 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
         >>> net.weight.grad, net.bias.grad
         (tensor([[ 2., -1.]]), tensor([1.5000]))
     """
+    require_module(model, "set_grad")
     if mode not in ("replace", "add"):
         raise GradError(f"mode must be 'replace' or 'add', got {mode!r}")
     if isinstance(selector, Mapping):
