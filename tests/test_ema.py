@@ -31,7 +31,7 @@ def test_ema_warmup_every_and_buffers():
         decays.append(ema.current_decay())
         ema.update()
     assert ema.num_updates == 5
-    assert decays[:2] == [0.1, 0.1] and decays[2] == 2 / 11 and decays[4] == 3 / 12 and decays[6] == 0.999
+    assert decays[:2] == [2 / 11, 2 / 11] and decays[2] == 3 / 12 and decays[4] == 4 / 13 and decays[6] == 0.999
     with torch.no_grad():
         net[1].running_mean.fill_(1.0)
     ema.update(), ema.update()
@@ -41,6 +41,21 @@ def test_ema_warmup_every_and_buffers():
         net[1].running_mean.fill_(2.0)
     copy_ema.update()
     assert torch.equal(copy_ema.shadow_buffers[0], torch.full((2,), 2.0))
+
+
+def test_warmup_follows_torch_ema_num_updates():
+    # torch-ema: num_updates += 1, then decay = min(decay, (1 + num_updates) / (10 + num_updates)),
+    # so the decays are 2/11, 3/12, 4/13, ... from the first update on.
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    ema = lw.EMA(net, decay=0.999, warmup=10_000)
+    for x in (1.0, -2.0, 4.0):
+        nn.init.constant_(net.weight, x)
+        ema.update()
+    e1 = 9 / 11 * 1.0
+    e2 = 3 / 12 * e1 + 9 / 12 * -2.0
+    e3 = 4 / 13 * e2 + 9 / 13 * 4.0
+    assert math.isclose(ema.shadow[0].item(), e3, rel_tol=1e-6)
 
 
 def test_swapped_restores_training_weights_bit_identically(interleaved):
@@ -198,7 +213,7 @@ def test_the_average_is_the_recursion_on_every_every_th_call(decay, every, warmu
             net.weight.fill_(steps[i])
         ema.update()
         if (i + 1) % every == 0:
-            d = min(decay, (1 + n) / (10 + n)) if n < warmup else decay
+            d = min(decay, (2 + n) / (11 + n)) if n < warmup else decay  # torch-ema: n counts from 1
             expected, n = d * expected + (1 - d) * steps[i], n + 1
     assert ema.num_updates == n == calls // every
     assert math.isclose(ema.shadow[0].item(), expected, rel_tol=1e-5, abs_tol=1e-5)

@@ -48,11 +48,15 @@ class EMA:
     ``update()`` does ``shadow ← shadow + (1 − decay)·(param − shadow)`` with one
     ``torch._foreach_lerp_`` per device/dtype bucket (one ``lerp_`` when the parameters are
     views of one flat buffer, see :func:`~layerwise.flatten_parameters`). With ``warmup=N``
-    the first N updates use ``min(decay, (1 + n) / (10 + n))`` (timm), so early averages are
-    not dominated by the random initialization. ``every=k`` updates on every k-th call.
+    the n-th update (n = 1, 2, ...) uses ``min(decay, (1 + n) / (10 + n))`` while n <= N, so
+    early averages are not dominated by the random initialization: torch-ema's
+    ``ExponentialMovingAverage`` (its ``num_updates`` rule, on every update) for any
+    N >= (10·decay − 1) / (1 − decay). Without it the decay is constant, as timm's ``ModelEmaV3``
+    and ``swa_utils.get_ema_multi_avg_fn``. ``every=k`` updates on every k-th call.
     ``select=`` tracks a subset (e.g. ``"**.lora_*"``: LoRA adapters only) and the buffers
     whose names it matches; by default every parameter and buffer. Buffers (BatchNorm
-    statistics) are copied from the model (``buffers="copy"``) or averaged too (``"ema"``).
+    statistics) are copied from the model (``buffers="copy"``, as ``swa_utils.AveragedModel``) or
+    averaged too (``"ema"``, as timm's ``ModelEmaV3``; integer buffers are copied).
     ``device=`` keeps the shadows elsewhere (e.g. ``"cpu"`` for a GPU model). Tied parameters
     are averaged once; a ``torch.compile``d model is tracked by its inner names (no ``_orig_mod.``).
     The average of a float16/bfloat16 model is kept in float32: with a
@@ -211,8 +215,9 @@ class EMA:
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
-        if self.num_updates < self.warmup:
-            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        if self.num_updates < self.warmup:  # n counts this update, from 1: torch-ema's and TensorFlow's num_updates
+            n = self.num_updates + 1
+            return min(self.decay, (1 + n) / (10 + n))
         return self.decay
 
     @torch.no_grad()
