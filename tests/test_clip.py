@@ -133,6 +133,21 @@ def test_a_negative_or_nan_max_norm_is_refused_and_changes_nothing(vit, max_norm
     assert_same_grads(vit, before)
 
 
+@pytest.mark.parametrize("per", ["selection", "layer"])
+def test_sparse_gradients_clip_as_their_dense_equals(per):
+    models = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Embedding(6, 3, sparse=sparse), torch.nn.Linear(3, 1))
+        net(torch.tensor([1, 4, 1, 1])).pow(2).sum().backward()  # row 1 three times: an uncoalesced gradient
+        models.append(net)
+    assert models[0][0].weight.grad.is_sparse
+    got, expected = (lw.clip_grad_norm(net, 0.5, per=per) for net in models)
+    assert got.keys() == expected.keys() and all(torch.allclose(got[k], expected[k]) for k in got)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p.grad.to_dense(), q.grad, atol=1e-7)
+
+
 def test_max_norm_zero_zeroes_and_inf_leaves_bit_identical(vit):
     random_grads(vit)
     before = grads_of(vit)

@@ -134,3 +134,14 @@ def test_gradient_tools_and_torch_clipping_work_on_flat_gradients():
     total = torch.nn.utils.clip_grad_norm_(flat_net.parameters(), 0.1)
     assert torch.isclose(total, before)
     assert torch.isclose(flat.grads[CPU32].norm(), torch.tensor(0.1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("backward_first", [False, True])
+def test_a_sparse_embedding_is_refused_before_anything_moves(backward_first):
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Embedding(4, 3, sparse=True))
+    if backward_first:
+        (net[0].weight.sum() + net[1](torch.tensor([1, 1])).sum()).backward()
+    pointers = [p.data_ptr() for p in net.parameters()]
+    with pytest.raises(lw.StateError, match=r"1\.weight gets sparse gradients \(Embedding\(sparse=True\)\)"):
+        lw.flatten_parameters(net)
+    assert [p.data_ptr() for p in net.parameters()] == pointers  # the Linear before it did not move

@@ -132,3 +132,16 @@ def test_pcgrad_generator_must_be_a_torch_generator():
     with pytest.raises(lw.OptionTypeError, match="generator must be a torch.Generator"):
         lw.pcgrad(model.losses([1.0, 0.0], [-1.0, 1.0]), model, generator=0)
     assert model.trunk.grad is None
+
+
+@pytest.mark.parametrize("selected", ["**", "1"])  # the sparse embedding projected, or outside the selection
+def test_pcgrad_of_sparse_gradients_equals_that_of_their_dense_equals(selected):
+    nets = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Embedding(5, 3, sparse=sparse), nn.Linear(3, 1))
+        x = torch.tensor([1, 3, 1])
+        lw.pcgrad([net(x).sum(), -net(x).pow(2).sum()], net, selected, generator=torch.Generator().manual_seed(0))
+        nets.append(net)
+    for p, q in zip(*(net.parameters() for net in nets)):
+        assert torch.allclose(p.grad.to_dense(), q.grad)

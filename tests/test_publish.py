@@ -252,3 +252,25 @@ def test_new_weights_supersede_the_old_single_file_of_a_model_folder(tmp_path, o
     lw.save(NEW, out, max_shard_size=20, overwrite=True)
     assert not (out / old_weights).exists(), "stale weights would shadow the new index"
     assert (out / "config.json").read_bytes() == FOREIGN["config.json"] and _same(lw.load(out), NEW)
+
+
+@pytest.mark.parametrize("shard", [None, 4])
+def test_an_output_name_at_the_file_system_limit_is_written(tmp_path, shard):
+    name = "w" * (255 - len(".safetensors")) + ".safetensors"  # its temporary's name would be longer
+    for overwrite in (False, True):
+        out = lw.save({"w": torch.ones(2)}, tmp_path / name, max_shard_size=shard, overwrite=overwrite)
+        assert lw.load(out)["w"].tolist() == [1.0, 1.0]
+    assert os.listdir(tmp_path) == [name]
+
+
+@pytest.mark.parametrize("name, why", [("w" * 300 + ".safetensors", "File name too long"),
+                                       ("nul\0.safetensors", "embedded null byte")])
+def test_an_unusable_path_is_named_for_reading_and_writing(tmp_path, name, why):
+    with pytest.raises(lw.CheckpointError, match=f"not a path that can be written \\({why}\\)"):
+        lw.save({"w": torch.ones(2)}, tmp_path / name)
+    with pytest.raises(lw.CheckpointError, match=f"cannot be opened \\({why}\\)"):
+        lw.load(tmp_path / name)
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(lw.CheckpointError, match="cannot be opened .Too many levels of symbolic links"):
+        lw.load(tmp_path / "loop")
+    assert os.listdir(tmp_path) == ["loop"]

@@ -1,61 +1,89 @@
 """Sparsification: mergekit's exact top-k without its sort, and the random masks drawn in chunks."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layerwise import _sparsify
-from layerwise._sparsify import _replay_top, della_magprune, random, top_mask
+from layerwise import _replay, _sparsify
+from layerwise._replay import replay
+from layerwise._sparsify import della_magprune, prune_ranks, random
 
 
-def argsort_mask(values, k):
-    """mergekit's sparsify.magnitude selection: the first k of torch's (unstable) descending argsort."""
-    keep = torch.zeros(values.numel(), dtype=torch.bool)
-    keep[torch.argsort(values.abs().flatten().float(), descending=True)[:k]] = True
-    return keep.view(values.shape)
+def pruned(x, lo, hi, smallest=False):
+    """mergekit's selection: x times the mask of ranks [lo, hi) of torch's (unstable) argsort of |x|."""
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[torch.argsort(x.abs().flatten().float(), descending=not smallest)[lo:hi]] = True
+    return x * keep.view(x.shape)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(0, 6), min_size=1, max_size=3000), st.floats(0, 1))
-def test_the_replay_picks_the_entries_torch_s_unstable_sort_picks_among_ties(values, fraction):
-    x = torch.tensor(values, dtype=torch.float32)
-    k = max(1, min(x.numel(), int(fraction * x.numel())))
-    assert torch.equal(_replay_top(x.clone(), k), argsort_mask(x, k))
+def tie_heavy(kind, n, g):
+    return {"small integers": lambda: torch.randint(-6, 7, (n,), generator=g).float(),
+            "bf16 differences": lambda: torch.randn(n, generator=g).bfloat16().float()
+            - torch.randn(n, generator=g).bfloat16().float(),
+            "mostly zeros": lambda: torch.randn(n, generator=g).bfloat16().float() * (torch.rand(n, generator=g) < 0.1),
+            "all equal": lambda: torch.full((n,), -2.0),
+            "periodic": lambda: (torch.arange(n) % 97).float()}[kind]()
 
 
-@pytest.mark.parametrize("kind", ["bf16 differences", "few values", "all equal", "periodic"])
+@settings(max_examples=120, deadline=None)
+@given(st.sampled_from(["small integers", "bf16 differences", "mostly zeros", "all equal", "periodic"]),
+       st.integers(1, 3000), st.floats(0, 1), st.floats(0, 1), st.booleans(),
+       st.sampled_from([(64, 1), (256, 32), (1 << 20, 1 << 15)]), st.integers(0, 2**16))
+def test_pruning_keeps_the_ranks_torch_s_unstable_sort_gives_among_ties(kind, n, a, b, smallest, sizes, seed):
+    # Ties at the boundaries, segments counted chunk by chunk or read whole, one boundary (TIES) or
+    # two (breadcrumbs' slice of the ascending order): always argsort's own choice, ties included.
+    x = tie_heavy(kind, n, torch.Generator().manual_seed(seed))
+    lo, hi = sorted((int(a * n), int(b * n)))
+    with mock.patch.object(_replay, "CHUNK", sizes[0]), mock.patch.object(_replay, "_SMALL", sizes[1]), \
+            mock.patch.object(_sparsify, "_REPLAY_MIN", 1):
+        idx = replay(n, _sparsify._magnitudes(x, smallest), [lo, hi])  # None: std::sort would heapsort
+        order = torch.argsort(x.abs(), descending=not smallest)
+        assert idx is None or torch.equal(idx[lo:hi].sort().values.long(), order[lo:hi].sort().values)
+        assert torch.equal(prune_ranks(x.clone(), lo, hi, smallest=smallest), pruned(x, lo, hi, smallest))
+
+
+@pytest.mark.parametrize("kind", ["small integers", "bf16 differences", "mostly zeros", "periodic"])
 def test_the_replay_of_long_segments_equals_argsort(kind):
     g = torch.Generator().manual_seed(1)
-    n = 3 * _sparsify._SMALL + 12_345  # partitioned through chunk counts, then through stop positions
-    x = {"bf16 differences": lambda: (torch.randn(n, generator=g).bfloat16().float()
-                                      - torch.randn(n, generator=g).bfloat16().float()).abs(),
-         "few values": lambda: torch.randint(0, 5, (n,), generator=g).float(),
-         "all equal": lambda: torch.zeros(n),
-         "periodic": lambda: (torch.arange(n) % 97).float()}[kind]()
-    for k in (1, 4097, n // 2, int(0.7 * n), n - 1):
-        assert torch.equal(_replay_top(x.clone(), k), argsort_mask(x, k)), k
+    n = 2 * _replay.CHUNK + 12_288  # counted chunk by chunk, then read whole, then through stop positions
+    x = tie_heavy(kind, n, g).view(-1, 64)
+    for lo, hi, smallest in ((0, 1, False), (0, n // 2, False), (0, n - 1, False), (n // 10, n - n // 20, True)):
+        idx = replay(n, _sparsify._magnitudes(x.view(-1), smallest), [lo, hi])
+        order = torch.argsort(x.abs().view(-1), descending=not smallest)
+        assert torch.equal(idx[lo:hi].sort().values.long(), order[lo:hi].sort().values), (lo, hi)
+        assert torch.equal(prune_ranks(x.clone(), lo, hi, smallest=smallest), pruned(x, lo, hi, smallest))
 
 
-def test_top_mask_falls_back_to_argsort_for_nan_a_depth_limit_and_another_sort(monkeypatch):
+def test_the_replay_reads_the_keys_and_holds_one_index_vector():
+    x = tie_heavy("bf16 differences", _sparsify._REPLAY_MIN * 4, torch.Generator().manual_seed(3))
+    seen = []
+
+    def keys(where):
+        seen.append(where.numel() if isinstance(where, torch.Tensor) else where.stop - where.start)
+        return x[where].abs() if isinstance(where, slice) else x.index_select(0, where).abs_()
+
+    idx = replay(x.numel(), keys, [1000])
+    assert idx.dtype == torch.int32 and idx.numel() == x.numel()
+    assert torch.equal(idx[:1000].sort().values.long(), torch.argsort(x.abs(), descending=True)[:1000].sort().values)
+    assert max(seen) <= _replay.CHUNK
+
+
+def test_pruning_falls_back_to_argsort_for_nan_a_depth_limit_and_another_sort(monkeypatch):
     g = torch.Generator().manual_seed(2)
     x = torch.randint(-4, 5, (300, 300), generator=g).float()
-    before = x.clone()
-    assert torch.equal(top_mask(x, 40_000), argsort_mask(x, 40_000)) and torch.equal(x, before)
-    assert torch.equal(top_mask(x, 40_000), argsort_mask(x, 40_000))
-    x[3, 4] = float("nan")  # torch's comparator puts nan first: argsort decides
-    assert torch.equal(top_mask(x, 40_000), argsort_mask(x, 40_000))
-
-    def gives_up(values, k):  # the introsort's depth limit: the replay has reordered its copy and stops
-        values.copy_(values.flip(0))
-
-    monkeypatch.setattr(_sparsify, "_replay_top", gives_up)
-    assert torch.equal(top_mask(x, 40_000), argsort_mask(x, 40_000))
+    assert torch.equal(prune_ranks(x.clone(), 0, 40_000), pruned(x, 0, 40_000))
+    x[3, 4] = float("nan")  # torch's comparator puts nan first: argsort decides (and the nan stays)
+    assert torch.equal(prune_ranks(x.clone(), 0, 40_000).nan_to_num(7.0), pruned(x, 0, 40_000).nan_to_num(7.0))
+    x[3, 4] = 1.0
+    monkeypatch.setattr(_sparsify, "replay", lambda *a: None)  # the introsort's depth limit: heapsort
+    assert torch.equal(prune_ranks(x.clone(), 0, 40_000), pruned(x, 0, 40_000))
     calls = []
     monkeypatch.setattr(_sparsify, "_replay_is_exact", lambda: False)
-    monkeypatch.setattr(_sparsify, "_replay_top", lambda *a: calls.append(a))
-    x[3, 4] = 1.0
-    assert torch.equal(top_mask(x, 40_000), argsort_mask(x, 40_000)) and not calls
+    monkeypatch.setattr(_sparsify, "replay", lambda *a: calls.append(a))
+    assert torch.equal(prune_ranks(x.clone(), 0, 40_000), pruned(x, 0, 40_000)) and not calls
 
 
 def test_the_self_check_accepts_this_torch():
@@ -80,15 +108,3 @@ def test_della_keep_probability_rises_linearly_with_the_rank_in_each_row_across_
     expected = 0.1 + 0.8 * torch.arange(256) / 255  # density - epsilon at the smallest, + epsilon at the largest
     assert (by_rank.view(8, 32).mean(1) - expected.view(8, 32).mean(1)).abs().max() < 0.015
     assert abs(kept.mean().item() - 0.5) < 0.005
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 3), st.floats(0, 1), st.floats(0, 1))
-def test_smallest_prefixes_pick_what_the_ascending_sort_picks(seed, lo, hi):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(-3, 4, (_sparsify._REPLAY_MIN + 999,), generator=g).float()  # replayed, tie-heavy
-    order = torch.argsort(x.abs(), descending=False)  # mergekit's magnitude_outliers order
-    for k in (int(lo * x.numel()), int(hi * x.numel())):
-        expected = torch.zeros(x.numel(), dtype=torch.bool)
-        expected[order[:k]] = True
-        assert torch.equal(top_mask(x, k, smallest=True), expected)

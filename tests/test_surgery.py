@@ -271,6 +271,16 @@ def test_set_grad_replaces_an_existing_gradient_in_place():
     assert net.weight.grad is held and held.tolist() == [[3.0, 4.0]]
 
 
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_set_grad_over_a_sparse_gradient_gives_the_dense_result(mode):
+    emb = nn.Embedding(4, 2, sparse=True)
+    emb(torch.tensor([1, 1, 3])).sum().backward()
+    before = emb.weight.grad.to_dense()
+    lw.set_grad(emb, "weight", torch.full((4, 2), 0.5), mode=mode)
+    expected = torch.full((4, 2), 0.5) + (before if mode == "add" else 0)
+    assert emb.weight.grad.layout == torch.strided and torch.equal(emb.weight.grad, expected)
+
+
 def test_an_empty_model_is_named_in_the_error():
     with pytest.raises(lw.GradError, match="Sequential has no parameter"):
         lw.clip_grad_norm(nn.Sequential(), 1.0)

@@ -290,8 +290,12 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     if key is not None and not isinstance(key, str):
         raise OptionTypeError(f"key={key!r}: a string such as 'state_dict' or 'model/ema'")
     path = Path(path)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{path}: no such file or folder")
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointNotFoundError(f"{path}: no such file or folder") from None
+    except (OSError, ValueError) as e:  # a name over the file system's limit, a NUL byte, a loop of links
+        raise CheckpointError(f"{str(path)!r}: cannot be opened ({getattr(e, 'strerror', None) or e})") from None
     if not (path.is_file() or path.is_dir()):  # a FIFO or a device would block or never end
         raise CheckpointError(f"{path}: not a regular file or a folder")
     if path.is_dir() or path.name.endswith(".index.json"):

@@ -61,6 +61,12 @@ def _rename2(src: Path, dst: Path, flag: int) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
+def _hidden(output: Path) -> str:
+    """The prefix of a temporary beside ``output``: ``.NAME.``, the name cut so that the temporary's own name
+    stays within the 255 bytes file systems allow whenever ``output``'s does."""
+    return f".{os.fsencode(output.name)[:200].decode(errors='ignore')}."
+
+
 def _exists_error(output: Path) -> OutputExistsError:
     return OutputExistsError(f"{output}: already exists; pass overwrite=True (--force) to replace it")
 
@@ -157,7 +163,7 @@ def publish_over(temp: Path, output: Path) -> None:
     if _rename2(temp, output, _EXCHANGE):
         _remove(temp)  # now the old folder
         return
-    aside = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".old"))
+    aside = Path(tempfile.mkdtemp(dir=output.parent, prefix=_hidden(output), suffix=".old"))
     try:
         os.rename(output, aside / "old")
         try:
@@ -176,6 +182,12 @@ def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     """Refuse an output that is an input (or holds one), exists without ``overwrite``, or cannot be written."""
     if not isinstance(overwrite, bool):  # overwrite="no" would be truthy
         raise OptionTypeError(f"overwrite={overwrite!r}: pass True or False")
+    try:
+        os.lstat(output)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except (OSError, ValueError) as e:  # a name over the file system's limit, a NUL byte, a loop of links
+        raise CheckpointError(f"{str(output)!r}: not a path that can be written ({getattr(e, 'strerror', None) or e})") from None
     for p in inputs:
         same = output.resolve() == p.resolve() or (output.exists() and p.exists() and os.path.samefile(output, p))
         inside = output.exists() and output.is_dir() and p.resolve().is_relative_to(output.resolve())
@@ -214,9 +226,9 @@ def staged(output: Path, *, folder: bool, overwrite: bool, inputs: Sequence[Path
     check_output(output, inputs, overwrite)
     try:
         if folder:
-            temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp"))
+            temp = Path(tempfile.mkdtemp(dir=output.parent, prefix=_hidden(output), suffix=".tmp"))
         else:
-            fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+            fd, name = tempfile.mkstemp(dir=output.parent, prefix=_hidden(output), suffix=".tmp")
             os.close(fd)
             temp = Path(name)
     except OSError as e:

@@ -3,26 +3,26 @@ magnitude_outliers (breadcrumbs) and della_magprune (DELLA).
 
 Each function takes a task vector that is the caller's own (it may be modified in place), the resolved
 options, the model's index and the tensor's key, and returns the sparsified vector. Temporaries are
-bool masks or chunks of at most ``_CHUNK`` entries, so a whole-tensor merge stays within a few copies
-of its largest tensor.
+chunks of at most ``_CHUNK`` entries, and for the magnitude selections one int32 index vector of the
+tensor's length (:mod:`._replay`): a merge holds its task vectors plus one tensor's worth, the slot
+its output takes later.
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from ._merge_sliced import _slices
+from ._replay import Keys, replay
 
 Options = Mapping[str, Any]
 _CHUNK = 1 << 20  # entries per chunk of random draws and per-row ranks (4 MB of float32)
 _REPLAY_MIN = 1 << 16  # below this many entries torch's own argsort is cheap enough
-_SMALL = 1 << 15  # a segment this short is partitioned through its stops' positions
-_LEAF = 16  # libstdc++'s _S_threshold: ranges this small are left to the final insertion sort
 
 
 def generator(seed: int, key: str, index: int) -> torch.Generator:
@@ -30,16 +30,16 @@ def generator(seed: int, key: str, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{key}:{index}".encode()))
 
 
-def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: float) -> torch.Tensor:
-    """``tau`` masked by ``keep`` in place, its norm restored (``rescale`` l1/l2/linf, ``True`` = l1) or
-    divided by density. Multiplying by the mask, as mergekit does, keeps a nan where it was."""
-    if rescale is False:
-        return tau.mul_(keep)
-    if rescale == "density":
-        return tau.mul_(keep).div_(density)
+def _rescaled(tau: torch.Tensor, prune: Callable[[torch.Tensor], Any], rescale: Any, density: float) -> torch.Tensor:
+    """``tau`` pruned in place (``prune`` multiplies the dropped entries by 0, as mergekit's mask does: a
+    nan stays), its norm restored (``rescale`` l1/l2/linf, ``True`` = l1) or divided by density."""
+    if rescale is False or rescale == "density":
+        prune(tau)
+        return tau if rescale is False else tau.div_(density)
     norm = {"l2": torch.linalg.vector_norm, "linf": lambda x: x.abs().max()}.get(rescale, lambda x: x.abs().sum())
     before = norm(tau)
-    after = norm(tau.mul_(keep))
+    prune(tau)
+    after = norm(tau)
     if before < 1e-7 or after < 1e-7:  # mergekit's eps: nothing sensible to restore
         return tau
     return tau.mul_(before / after)
@@ -48,119 +48,39 @@ def _rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: Any, density: floa
 # --------------------------------------------------------------------------- exactly mergekit's top-k
 
 
-def _replay_top(values: torch.Tensor, k: int) -> torch.Tensor | None:
-    """The mask of ``torch.argsort(values, descending=True)[:k]`` without sorting: ``values`` (float32,
-    1-D, no nan; overwritten) is partitioned exactly as libstdc++'s introsort (torch's CPU sort) does,
-    following only the side that holds position k, so it costs a selection, not a sort. Entries tied
-    with the k-th largest are chosen as that sort's unstable order chooses them. None where the
-    introsort would fall back to heapsort (a depth limit; adversarial inputs only).
+def _magnitudes(flat: torch.Tensor, smallest: bool) -> Keys:
+    """The sort keys of ``torch.argsort(flat.abs().float(), descending=not smallest)`` at some positions: an
+    ascending sort compares exactly as a descending one of the negated magnitudes."""
+    def keys(where: slice | torch.Tensor) -> torch.Tensor:
+        v = (flat[where].abs() if isinstance(where, slice) else flat.index_select(0, where).abs_()).float()
+        return v.neg_() if smallest else v
+    return keys
+
+
+def prune_ranks(tau: torch.Tensor, lo: int, hi: int, *, smallest: bool = False) -> torch.Tensor:
+    """Multiply by 0, in place, every entry of ``tau`` outside ranks [lo, hi) of
+    ``torch.argsort(tau.abs().float(), descending=not smallest)``: mergekit's magnitude pruning (TIES keeps
+    [0, k), breadcrumbs [n_bottom, n - n_top) of the ascending order), ties at a boundary broken as that
+    unstable sort breaks them. The replay (:mod:`._replay`) needs one index vector of the tensor's length;
+    a nan, another sort library or its depth limit falls back to argsort.
+
+    Example:
+        >>> prune_ranks(torch.tensor([1.0, -5.0, 3.0, 5.0]), 0, 2)
+        tensor([ 0., -5.,  0.,  5.])
     """
-    n = values.numel()
-    idx = torch.arange(n, dtype=torch.int32 if n < 2**31 else torch.int64)
-    first, last, depth = 0, n, 2 * (n.bit_length() - 1)
-    while last - first > _LEAF and first != k:
-        if depth == 0:
-            return None
-        depth -= 1
-        # __move_median_to_first(first, first + 1, mid, last - 1), with comp(a, b) = a > b
-        a, b, c = first + 1, first + (last - first) // 2, last - 1
-        va, vb, vc = values[a].item(), values[b].item(), values[c].item()
-        if va > vb:
-            m = b if vb > vc else c if va > vc else a
-        else:
-            m = a if va > vc else c if vb > vc else b
-        values[[first, m]], idx[[first, m]] = values[[m, first]], idx[[m, first]]
-        cut = first + 1 + _partition(values[first + 1:last], idx[first + 1:last], values[first], k - first - 1)
-        if k < cut:
-            last = cut
-        else:
-            first = cut
-    keep = torch.zeros(n, dtype=torch.bool)
-    if first < k < last:  # the final insertion sort is stable within a leaf
-        order = torch.sort(values[first:last], descending=True, stable=True).indices
-        idx[first:last] = idx[first:last][order]
-    keep[idx[:k]] = True
-    return keep
-
-
-def _partition(seg: torch.Tensor, sidx: torch.Tensor, p: torch.Tensor, k: int) -> int:
-    """libstdc++'s __unguarded_partition of ``seg`` (and its indices ``sidx``) around ``p``; returns the cut.
-
-    Scanning from the left stops at each entry <= p, from the right at each entry >= p; the i-th stops
-    swap while they have not crossed (L[i] < R[i]), and the cut is where the scans meet. So the swaps
-    pair the first s entries <= p with the last s entries >= p, found with a few passes over two bool
-    masks, not an element loop. The left side's indices are always brought up to date; the values
-    only on the side that is partitioned further: the one holding position ``k`` (and the right side's
-    indices when it is that one).
-    """
-    m = seg.numel()
-    le, ge = seg <= p, seg >= p
-    if m <= _SMALL:  # a short segment: every stop's position
-        lpos, rpos = le.nonzero().squeeze(1), ge.nonzero().squeeze(1).flip(0)
-        q = min(lpos.numel(), rpos.numel())
-        swaps = int((lpos[:q] < rpos[:q]).sum())
-        cut = min(int(lpos[swaps]) if swaps < lpos.numel() else m, int(rpos[swaps - 1]) if swaps else m)
-        lpos, rpos = lpos[:swaps], rpos[:swaps]
-    else:  # a long one: counts per chunk find s and the cut; positions only of the entries that move
-        left, right = _Ranks(le), _Ranks(ge)
-        # s = max_j min(F(j), G(j)), F(j) = #le before j, G(j) = #ge from j on; F - G never decreases, so
-        # the maximum is where it first reaches 0: found among chunk boundaries, then inside the chunk before.
-        f_at, g_at = left.before, right.count - right.before
-        c = int(torch.searchsorted(f_at - g_at, 0))
-        if c == 0:  # no entry >= p: nothing to swap (impossible with a median pivot; kept for safety)
-            swaps = 0
-        else:
-            lo, hi = left.bounds(c - 1)
-            cle, cge = torch.cumsum(le[lo:hi], 0), torch.cumsum(ge[lo:hi], 0)
-            f0, g0 = int(f_at[c - 1]), int(g_at[c - 1])
-            t = int(torch.searchsorted((f0 - g0) + cle + cge, 0))  # F - G at j = lo + 1 + t first reaches 0
-            swaps = max(f0 + (int(cle[t - 1]) if t else 0), g0 - int(cge[t]))  # max(F(j - 1), G(j))
-        cut = min(left.position(swaps + 1) if swaps < left.count else m,
-                  right.position(right.count - swaps + 1) if swaps else m)
-        if swaps:
-            end, start = left.position(swaps) + 1, right.position(right.count - swaps + 1)
-            lpos = le[:end].nonzero().squeeze(1)  # the first s entries <= p
-            rpos = ge[start:].nonzero().squeeze(1).flip(0).add_(start)  # the last s entries >= p, from the end
-        del left, right
-    del le, ge
-    if swaps:
-        if k > cut:  # the right side goes on: it needs the left entries' values and indices
-            seg.index_copy_(0, rpos, seg.index_select(0, lpos))
-            moved = sidx.index_select(0, lpos)
-            sidx.index_copy_(0, lpos, sidx.index_select(0, rpos))
-            sidx.index_copy_(0, rpos, moved)
-        else:  # the left side goes on (or is the answer): the right side is dropped
-            seg.index_copy_(0, lpos, seg.index_select(0, rpos))
-            sidx.index_copy_(0, lpos, sidx.index_select(0, rpos))
-    return cut
-
-
-class _Ranks:
-    """Where the true entries of a bool vector are, by rank, from counts per chunk: no index vector of
-    the whole mask is built."""
-
-    chunk = 255 * 8  # bools per chunk: 255 words of 8 bytes sum without a carry between their bytes
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        self.mask = mask
-        whole = mask.numel() // self.chunk * self.chunk
-        counts = [torch.zeros(1, dtype=torch.int32)]
-        if whole:  # a bool is a byte 0/1: sum the chunk as int64 words, then each word's 8 byte lanes
-            words = mask[:whole].view(torch.int64).view(-1, 255).sum(1)
-            counts.append(words.view(torch.uint8).view(-1, 8).sum(1, dtype=torch.int32))
-        if whole < mask.numel():
-            counts.append(mask[whole:].sum(dtype=torch.int32).view(1))
-        self.before = torch.cat(counts).cumsum(0, dtype=torch.int64)  # true entries before each chunk boundary
-        self.count = int(self.before[-1])
-
-    def bounds(self, c: int) -> tuple[int, int]:
-        return c * self.chunk, min((c + 1) * self.chunk, self.mask.numel())
-
-    def position(self, rank: int) -> int:
-        """The position of the rank-th true entry (1-based) from the start."""
-        c = int(torch.searchsorted(self.before, rank)) - 1  # before[c] < rank <= before[c + 1]
-        lo, hi = self.bounds(c)
-        return lo + int(self.mask[lo:hi].nonzero()[rank - int(self.before[c]) - 1])
+    flat, n = tau.view(-1), tau.numel()
+    if n >= _REPLAY_MIN and tau.device.type == "cpu" and not flat.sum().isnan() and _replay_is_exact():
+        idx = replay(n, _magnitudes(flat, smallest), [b for b in (lo, hi) if 0 < b < n])
+        if idx is not None:  # the keys were only read: tau is untouched until here
+            for part in (idx[:lo], idx[hi:]):
+                for s in _slices(part.numel(), _CHUNK):
+                    where = part[s].long()  # (index_copy_ takes int64 only: a chunk of them)
+                    flat.index_copy_(0, where, flat.index_select(0, where).mul_(0))
+            return tau
+    order = torch.argsort(flat.abs().float(), descending=not smallest)
+    for part in (order[:lo], order[hi:]):
+        flat[part] *= 0
+    return tau
 
 
 @functools.cache
@@ -168,40 +88,16 @@ def _replay_is_exact() -> bool:
     """The replay assumes libstdc++'s std::sort behind torch's CPU sort; another build (libc++ on macOS,
     a future torch) is caught once per process on tie-heavy data, and then argsort is used."""
     g = torch.Generator().manual_seed(0)
-    values = torch.randint(0, 64, (_REPLAY_MIN + 12345,), generator=g).float()
-    for k in (1, 777, values.numel() // 2, values.numel() - 3):
-        expected = torch.zeros(values.numel(), dtype=torch.bool)
-        expected[torch.argsort(values, descending=True)[:k]] = True
-        got = _replay_top(values.clone(), k)
-        if got is None or not torch.equal(got, expected):
+    values = torch.randint(-64, 64, (_REPLAY_MIN + 12345,), generator=g).float()
+    n = values.numel()
+    for lo, hi, smallest in ((0, 1, False), (0, 777, False), (0, n // 2, False), (n // 5, n - 3, True)):
+        order = torch.argsort(values.abs(), descending=not smallest)
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[order[lo:hi]] = True
+        idx = replay(n, _magnitudes(values, smallest), [b for b in (lo, hi) if 0 < b < n])
+        if idx is None or not torch.equal(expected.nonzero().squeeze(1), idx[lo:hi].sort().values.long()):
             return False
     return True
-
-
-def top_mask(x: torch.Tensor, k: int, *, smallest: bool = False) -> torch.Tensor:
-    """The k entries of largest magnitude that ``torch.argsort(x.abs().float(), descending=True)[:k]``
-    picks, as a bool mask: mergekit's magnitude pruning, ties with the k-th largest chosen as that
-    sort chooses them. ``smallest=True``: the first k of the ascending argsort (the same sort on the
-    negated magnitudes, comparison for comparison).
-
-    Example:
-        >>> top_mask(torch.tensor([1.0, -5.0, 3.0, 5.0]), 2)
-        tensor([False,  True, False,  True])
-    """
-    values = x.abs().float().flatten()  # our own copy: the replay reorders it
-    if smallest:
-        values.neg_()
-    if values.numel() >= _REPLAY_MIN and values.device.type == "cpu" and not values.sum().isnan() \
-            and _replay_is_exact():
-        keep = _replay_top(values, k)
-        if keep is not None:
-            return keep.view(x.shape)
-        values = x.abs().float().flatten()
-        if smallest:
-            values.neg_()
-    keep = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    keep[torch.argsort(values, descending=True)[:k]] = True
-    return keep.view(x.shape)
 
 
 # --------------------------------------------------------------------------- the sparsifiers
@@ -214,11 +110,13 @@ def magnitude(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:
         return tau
     k = max(1, int(density * tau.numel()))  # mergekit asserts k > 0: a 4-entry bias at 0.2 keeps its largest
     if o.get("convention") == "layerwise":  # every entry tied with the k-th largest is kept
-        size = tau.abs().flatten()
-        keep = (size >= size.kthvalue(size.numel() - k + 1).values).view(tau.shape)
+        def prune(t: torch.Tensor) -> None:
+            size = t.abs().flatten()
+            t.mul_((size >= size.kthvalue(size.numel() - k + 1).values).view(t.shape))
     else:  # exactly the k entries mergekit's argsort picks
-        keep = top_mask(tau, k)
-    return _rescaled(tau, keep, o["rescale"], density)
+        def prune(t: torch.Tensor) -> None:
+            prune_ranks(t, 0, k)
+    return _rescaled(tau, prune, o["rescale"], density)
 
 
 def _masked_in_chunks(tau: torch.Tensor, masks: Iterator[tuple[slice, torch.Tensor, torch.Tensor | None]],
@@ -282,12 +180,8 @@ def magnitude_outliers(tau: torch.Tensor, o: Options, i: int, key: str) -> torch
     n_bottom = n - int(density * n) - n_top
     if n_bottom < 0:  # fewer outliers dropped, to keep density
         n_top, n_bottom = n_top + n_bottom, 0
-    # mergekit keeps torch.sort(|tau|).indices[n_bottom:n - n_top]: the first n - n_top of that order
-    # less its first n_bottom, each a prefix of the same (unstable) sort
-    keep = top_mask(tau, n - n_top, smallest=True)
-    if n_bottom:
-        keep &= ~top_mask(tau, n_bottom, smallest=True)
-    return _rescaled(tau, keep, o["rescale"], density)
+    # mergekit keeps torch.sort(|tau|).indices[n_bottom:n - n_top]: both ends of one (unstable) sort
+    return _rescaled(tau, lambda t: prune_ranks(t, n_bottom, n - n_top, smallest=True), o["rescale"], density)
 
 
 def della_magprune(tau: torch.Tensor, o: Options, i: int, key: str) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Plain gradients of one selection or group go through torch's own ``get_total_norm`` and
 ``clip_grads_with_norm_``, so the result is torch's to the bit. Per-layer units, and any unit
-holding DTensor gradients (FSDP2, HSDP, tensor parallel), go through one pooled computation:
+holding DTensor or sparse gradients (FSDP2, HSDP, tensor parallel; ``Embedding(sparse=True)``,
+measured by its coalesced values, which torch's functions cannot measure), go through one pooled computation:
 one norm kernel per (device, dtype), pooled per unit with an index, and the partial sums of
 sharded gradients reduced in one all-reduce per sharded mesh dimension for all units at
 once (one collective per call for FSDP2 and for HSDP, whose replicas hold equal shards).
@@ -48,6 +49,8 @@ def _local(g: torch.Tensor, dtensor: type | None) -> tuple[torch.Tensor, torch.T
 
     The key is ``(mesh, sharded mesh dims)`` for a sharded DTensor and None when the local
     tensor holds the whole gradient (a plain tensor, a replicated DTensor)."""
+    if g.is_sparse:  # Embedding(sparse=True): its stored values, coalesced so that repeated rows add up first
+        return g.coalesce().values(), g, None
     if dtensor is None or not isinstance(g, dtensor):
         return g, g, None
     from torch.distributed.tensor import Replicate
@@ -66,7 +69,7 @@ def _pooled_norms(grads: Sequence[torch.Tensor], owners: Sequence[int], units: i
     """Each unit's ``norm_type``-norm over its gradients (a 1-d tensor); each gradient's unit and
     the tensors to scale, both in (device, dtype) bucket order."""
     dtensor = _dtensor_type()
-    if dtensor is None:  # no DTensor anywhere: every gradient is whole
+    if dtensor is None and not any(g.is_sparse for g in grads):  # every gradient is whole and dense
         measured, scaled, keys = grads, grads, [None] * len(grads)
     else:
         measured, scaled, keys = zip(*(_local(g, dtensor) for g in grads))
@@ -221,7 +224,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *selectors: Selector,
     with torch.no_grad():
         if not grads:
             return {key: torch.tensor(0.0) for key in keys}
-        if per != "layer" and (dtensor is None or not any(isinstance(g, dtensor) for _, g in grads)):
+        # torch's own functions measure neither sparse nor sharded gradients
+        if per != "layer" and not any(g.is_sparse or dtensor is not None and isinstance(g, dtensor) for _, g in grads):
             norms = {key: get_total_norm([p.grad for _, p in ps if p.grad is not None], norm_type, False, foreach)
                      for key, ps in units.items()}
             if error_if_nonfinite:

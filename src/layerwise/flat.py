@@ -88,6 +88,12 @@ def flatten_parameters(model: nn.Module) -> FlatParameters:
         raise StateError(f"{', '.join(sharded[:3])} {'is a' if len(sharded) == 1 else 'are'} sharded (DTensor) "
                          "parameter(s): flatten_parameters lays out plain parameters; FSDP2 already keeps each "
                          "rank's shard in one buffer, so call it before fully_shard or not at all")
+    sparse_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    sparse = [n for n, p in zip(names, params) if id(p) in sparse_ids or p.grad is not None and p.grad.is_sparse]
+    if sparse:  # a dense gradient buffer cannot hold them: autograd would fail copying into it mid-backward
+        raise StateError(f"{', '.join(sparse[:3])} get{'s' if len(sparse) == 1 else ''} sparse gradients "
+                         "(Embedding(sparse=True)): flatten_parameters lays gradients out densely; build the "
+                         "embedding with sparse=False to flatten this model")
     # Build everything first: a failure (out of memory) leaves the model as it was.
     plan = []
     for (device, dtype), idx in buckets(params).items():

@@ -72,8 +72,9 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
         raise GradError(f"pcgrad changed nothing: loss {', '.join(unreached)} reaches none of the selected parameters "
                         f"({', '.join(map(describe, selectors)) or 'all'}). Select parameters every loss depends on "
                         "(the shared trunk), or leave those losses out.")
-    # By parameter: each task's gradient, None where the task does not reach it.
-    by_param = list(zip(*grads))
+    # By parameter: each task's gradient, None where the task does not reach it; a sparse one
+    # (Embedding(sparse=True)) dense, as the projections need (.grad becomes dense, as in autograd's sums).
+    by_param = [[g.to_dense() if g is not None and g.is_sparse else g for g in gs] for gs in zip(*grads)]
     projected = [(p, gs) for p, gs in zip(chosen, by_param) if any(g is not None for g in gs)]
 
     with torch.no_grad():

@@ -168,8 +168,12 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
                                          "Pass allow_nonfinite=True to assign such values anyway.")
         for (_, p, _), g in zip(targets, grads):
             if mode == "add" and p.grad is not None:
-                p.grad.add_(g)
-            elif p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype and p.grad.device == g.device:
+                if p.grad.layout == g.layout:
+                    p.grad.add_(g)
+                else:  # sparse (Embedding(sparse=True)) + dense is dense, as in autograd; g is our own copy
+                    p.grad = g.add_(p.grad)
+            elif (p.grad is not None and p.grad.shape == g.shape and p.grad.dtype == g.dtype
+                  and p.grad.device == g.device and p.grad.layout == g.layout):
                 p.grad.copy_(g)  # in place: DDP's bucket views and other holders of .grad see the new value
             else:
                 p.grad = g
