@@ -457,7 +457,9 @@ def peak_bytes(fn):
     ("model_stock", {}), ("model_stock", {"filter_wise": True}), ("sce", {}), ("multislerp", {}), ("slerp", {}),
     ("dare_ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("della", {"density": 0.5}),
     ("della_linear", {"density": 0.5}), ("task_arithmetic", {}), ("nuslerp", {}), ("karcher", {}),
-    ("ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.5}), ("breadcrumbs_ties", {"density": 0.5})])
+    ("ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.5}), ("breadcrumbs_ties", {"density": 0.5}),
+    ("sce", {"select_topk": 0.5}), ("nuslerp", {"nuslerp_flatten": False}),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True})])
 def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monkeypatch, method, options):
     # #14.6: at most (models + 2) x the tensor + 64 MB in merge_files, where the 64 MB are slices of
     # 1M entries. Scaled down here: slices of 4096 entries, so anything of the tensor's size shows.
@@ -465,7 +467,7 @@ def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monk
     monkeypatch.setattr(_sparsify, "_CHUNK", 4096)
     monkeypatch.setattr(_replay, "CHUNK", 4096)
     monkeypatch.setattr(_replay, "_SMALL", 1024)
-    _sparsify._replay_is_exact()  # once per process, not per tensor: before the window
+    _sparsify._replay_is_exact(), _merge_sliced._select_is_exact()  # once per process, not per tensor
     n, shape = {"slerp": 1, "nuslerp": 2}.get(method, 3), (512, 1024)
     size = 512 * 1024 * 4
     base = torch.randn(shape)
@@ -478,10 +480,8 @@ def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monk
     held = peak_bytes(lambda: merge_tensor(method, streamed(), base, o, key="w"))
     # The base was read before the window: the inputs and the output are n + 1 tensors, slices the rest
     # (karcher has no base: its iteration's step is the other tensor).
-    # TIES and breadcrumbs: the selection's one index vector takes the output's place (the last task
-    # vector is pruned before the output exists).
-    # Not yet within it: nuslerp with an angle per row, and sce with select_topk < 1 (the variance and
-    # torch.topk's result).
+    # TIES, breadcrumbs and SCE's selection: its one index vector takes the output's place (the last task
+    # vector is pruned, the variance's top k chosen, before the output exists).
     assert held <= (n + 1 + (method == "karcher")) * size + (1 << 20), held / size
 
 

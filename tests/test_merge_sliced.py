@@ -1,9 +1,13 @@
-"""Model Stock, SCE and multislerp computed slice by slice: mergekit's numbers, in bounded memory."""
+"""Model Stock, SCE, multislerp and nuslerp computed slice by slice: mergekit's numbers, in bounded memory."""
+
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from layerwise import _merge_sliced
+from layerwise import _merge_sliced, _replay
 from layerwise._merge_math import merge_tensor
 from layerwise._merge_methods import get_method
 from layerwise._merge_options import resolve_options
@@ -67,6 +71,20 @@ def mk_multislerp(xs, base, weights, eps=1e-8):
     return res.view(t.shape[1:]) + base
 
 
+def mk_nuslerp(t, v0, v1, row_wise, eps=1e-7):  # merge_methods/nuslerp.py, unflattened
+    shape = v0.shape
+    if row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=eps)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=eps)
+    theta = torch.acos(torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1))
+    sin = torch.sin(theta)
+    colinear = (sin.abs() < 1e-8).squeeze()
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
+    res[colinear] = (1 - t) * v0[colinear] + t * v1[colinear]
+    return (res.transpose(0, -1) if row_wise else res).reshape(shape)
+
+
 def inputs(shape, n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(*shape, generator=g).bfloat16().float()
@@ -104,3 +122,48 @@ def test_model_stock_keeps_the_base_where_the_ratio_is_singular():
     base = torch.zeros(4)
     a, b = torch.tensor([1.0, 0, 0, 0]), torch.tensor([-1.0, 0, 0, 0])  # cos = -1 with 2 models: 1 + (n-1)cos = 0
     assert torch.equal(merge_tensor("model_stock", [a, b], base, opts("model_stock", 2)), base)
+
+
+@pytest.mark.parametrize("slice_size", [1 << 20, 1000])  # one block of rows, many
+@pytest.mark.parametrize("shape", [(96, 130), (40,), (6, 5, 40)])
+@pytest.mark.parametrize("row_wise", [False, True])
+def test_nuslerp_with_an_angle_per_row_equals_mergekit_s_block_by_block(monkeypatch, slice_size, shape, row_wise):
+    monkeypatch.setattr(_merge_sliced, "_SLICE", slice_size)
+    base, (a, b) = inputs(shape, n=2, seed=5)
+    b[0] = 3 * (a[0] - base[0]) + base[0]  # a colinear row (or the 1-D vector): interpolated linearly
+    o = opts("nuslerp", 2, weight=[0.3, 0.7], nuslerp_flatten=False, nuslerp_row_wise=row_wise)
+    expected = base + mk_nuslerp(0.7, a - base, b - base, row_wise)
+    exact = not row_wise or slice_size > base.numel() or len(shape) < 2  # sums along dim 0 over blocks: float64
+    torch.testing.assert_close(merge_tensor("nuslerp", [a, b], base, o), expected, atol=0 if exact else 1e-6, rtol=0)
+    torch.testing.assert_close(merge_tensor("nuslerp", [a, b], None, o), mk_nuslerp(0.7, a, b, row_wise),
+                               atol=0 if exact else 1e-6, rtol=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(["small integers", "bf16", "mostly equal"]), st.integers(1, 3000), st.floats(0, 0.999),
+       st.sampled_from([(64, 1), (256, 32), (1 << 20, 1 << 15)]), st.integers(0, 2**16))
+def test_sce_selects_the_entries_torch_topk_picks_among_tied_variances(kind, n, fraction, sizes, seed):
+    # mergekit's sce_mask: torch.topk(var.abs(), k) with k = int(count_nonzero(var) * select_topk); its ties
+    # are std::nth_element's choice (k > n / 64, replayed) or std::partial_sort's (torch.topk itself).
+    g = torch.Generator().manual_seed(seed)
+    draw = {"small integers": lambda: torch.randint(-2, 3, (n,), generator=g).float(),
+            "bf16": lambda: torch.randn(n, generator=g).bfloat16().float(),
+            "mostly equal": lambda: torch.randint(0, 2, (n,), generator=g).float() * (torch.rand(n, generator=g) < 0.2)}
+    xs, base = [draw[kind]() for _ in range(3)], torch.zeros(n)
+    calls = []
+
+    def counted(*args):
+        calls.append(args)
+        return _replay.replay(*args)
+
+    with mock.patch.object(_replay, "CHUNK", sizes[0]), mock.patch.object(_replay, "_SMALL", sizes[1]), \
+            mock.patch.object(_merge_sliced, "replay", counted), mock.patch.object(_merge_sliced, "_SLICE", 1000):
+        keep = _merge_sliced._top_variance(xs, base, fraction)
+        got = torch.cat([keep(s) for s in _merge_sliced._slices(n)])
+    var = torch.var(torch.stack(xs), dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * fraction)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[var.abs().topk(k).indices] = True
+    assert torch.equal(got, expected)
+    assert bool(calls) == (k * 64 > n)
+

@@ -227,3 +227,21 @@ def test_a_bad_copy_from_is_named_and_nothing_is_written(tiny_llamas, tmp_path, 
         with pytest.raises(error, match=message):
             run_recipe(recipe, tmp_path / output, copy_from=source)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "recipe.yml") == before
+
+
+@pytest.mark.parametrize("template", ["chatml", "auto", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"])
+def test_chat_template_is_set_as_mergekit_sets_it_and_the_recipe_kept_as_mergekit_config(tiny_llamas, tmp_path, template):
+    import shutil
+
+    base, a, b = (shutil.copytree(tiny_llamas[n], tmp_path / n) for n in ("base", "a", "b"))
+    (b / "chat_template.jinja").write_text("{{ 'b' }}  \n")  # auto: the template most inputs have wins
+    text = (f"merge_method: task_arithmetic\nbase_model: {base}\nchat_template: \"{template}\"\n"
+            f"models:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "merged"
+    assert main(["merge", "--config", str(_recipe(tmp_path, text)), "-o", str(out), "--quiet"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    chat = tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False)
+    # mergekit: its chatml.jinja; auto: the plurality of the inputs' templates (stripped); else the text itself
+    assert chat == {"chatml": "<|im_start|>user\nw1<|im_end|>\n", "auto": "w1 "}.get(template, "<user>w1")
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert (out / "mergekit_config.yml").read_text() == text

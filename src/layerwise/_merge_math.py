@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ._merge_methods import Method, get_method
-from ._merge_sliced import _slices, _total, karcher, model_stock, multislerp, nuslerp_flat, sce
+from ._merge_sliced import _slices, _total, karcher, model_stock, multislerp, nuslerp_flat, nuslerp_rows, sce
 from ._sparsify import SPARSIFY
 from .errors import MergeError
 
@@ -95,10 +95,6 @@ def _gta(xs: list[torch.Tensor], base: torch.Tensor, o: Options, key: str, spars
     return mixed.add_(base)
 
 
-def _lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
-    return (1 - t) * a + t * b
-
-
 def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
     a, b = (base, xs[0]) if len(xs) == 1 else xs
     t = o["t"]
@@ -119,30 +115,12 @@ def slerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key
     return out.view(a.shape)
 
 
-def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool) -> torch.Tensor:
-    """nuslerp with one angle per row (or column): the flattened form is _merge_sliced.nuslerp_flat."""
-    shape = v0.shape
-    if row_wise:
-        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    theta = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1, 1))
-    sin = torch.sin(theta)
-    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
-    res = torch.where(sin.abs() < 1e-8, _lerp(v0, v1, t), res)
-    if row_wise:
-        res = res.transpose(0, -1)
-    return res.reshape(shape)
-
-
 def nuslerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options, key: str) -> torch.Tensor:
     w0, w1 = o["weight"]
     t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
     if o["nuslerp_flatten"] or xs[0].ndim == 0:  # one angle for the tensor: slice by slice
         return nuslerp_flat(t, xs[0], xs[1], base)
-    if base is None:
-        return _nuslerp_pair(t, xs[0], xs[1], o["nuslerp_row_wise"])
-    return base + _nuslerp_pair(t, xs[0] - base, xs[1] - base, o["nuslerp_row_wise"])
+    return nuslerp_rows(t, xs[0], xs[1], base, o["nuslerp_row_wise"])
 
 
 def nearswap(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:

@@ -6,17 +6,20 @@ over slices of ``_SLICE`` entries, and the element-wise tail is written slice by
 output. So a merge holds the inputs, the base and the output plus slice-sized temporaries: within
 ``(models + 2) × largest tensor + 64 MB`` in ``merge_files``. A statistic of a tensor that fits in
 one slice is the whole-tensor reduction itself (mergekit's numbers to the bit); over several slices
-the partial sums are added in float64 (within float32 rounding of mergekit's).
+the partial sums are added in float64 (within float32 rounding of mergekit's). SCE's top-k selection
+holds one index vector (before the output exists) and then its mask as bits.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
+from ._replay import SELECT_LEAF, replay
 from .errors import MergeError
 
 Options = Mapping[str, Any]
@@ -92,27 +95,20 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) ->
     def tvs(s: slice) -> list[torch.Tensor]:
         return [x[s] - b[s] for x in flat]
 
-    keep = None
-    if o["select_topk"] < 1:  # the entries of highest variance across models (mergekit's topk picks ties)
-        var = torch.empty_like(b)
-        for s in blocks:
-            var[s] = torch.var(torch.stack(tvs(s)), dim=0, unbiased=False)
-        k = int(torch.count_nonzero(var).item() * o["select_topk"])
-        keep = torch.zeros(b.numel(), dtype=torch.bool, device=b.device)
-        if k:
-            keep[var.abs_().topk(k).indices] = True
-        del var
+    keep = _top_variance(flat, b, o["select_topk"]) if o["select_topk"] < 1 else None
     # Each model's energy: the mean square of its (selected) task vector, as a share of the total.
     energy = [[] for _ in range(n)]
     for s in blocks:
+        mask = keep(s) if keep is not None else None
         for i, tv in enumerate(tvs(s)):
-            energy[i].append((tv * keep[s] if keep is not None else tv).square().sum())
+            energy[i].append((tv * mask if mask is not None else tv).square().sum())
     energies = torch.stack([_total(e) for e in energy]) / b.numel()
     total = energies.sum().item()
     weights = torch.full_like(energies, 1 / n) if abs(total) < 1e-6 else energies / total
     out = torch.empty_like(b)
     for s in blocks:
-        parts = [tv * keep[s] if keep is not None else tv for tv in tvs(s)]
+        mask = keep(s) if keep is not None else None
+        parts = [tv * mask if mask is not None else tv for tv in tvs(s)]
         positive = sum(parts[1:], parts[0].clone()) >= 0  # the elected sign: + where the sum is >= 0
         merged, divisor = torch.zeros_like(b[s]), torch.zeros_like(b[s])
         for i, tv in enumerate(parts):
@@ -121,6 +117,67 @@ def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) ->
             divisor += w
         out[s] = b[s] + merged / divisor.clamp(min=1e-6)
     return out.view(base.shape)
+
+
+def _variance(flat: Sequence[torch.Tensor], b: torch.Tensor) -> Callable[[slice | torch.Tensor], torch.Tensor]:
+    """The variance across models of the task vectors at some positions (a slice, or an index vector)."""
+    def keys(where: slice | torch.Tensor) -> torch.Tensor:
+        if isinstance(where, slice):
+            tvs = [x[where] - b[where] for x in flat]
+        else:
+            bw = b.index_select(0, where)
+            tvs = [x.index_select(0, where).sub_(bw) for x in flat]
+        return torch.var(torch.stack(tvs), dim=0, unbiased=False).abs_()
+    return keys
+
+
+def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float) -> Callable[[slice], torch.Tensor]:
+    """The mask, slice by slice, of mergekit's ``torch.topk(var.abs().view(-1), k)`` with
+    ``k = int(count_nonzero(var) * fraction)``, ties chosen as torch's CPU topk chooses them.
+
+    Where topk runs std::nth_element (k > n / 64) the selection is replayed (:mod:`._replay`): the
+    variances are computed again where read, so the merge holds one index vector, not the variance,
+    and the mask is kept as bits. Below that topk runs a heap (std::partial_sort), which no replay
+    follows: torch.topk itself picks, holding the variance and its (value, index) pairs.
+    """
+    n, keys = b.numel(), _variance(flat, b)
+    nonzero, finite = 0, True
+    for s in _slices(n):
+        v = keys(s)
+        nonzero += int(torch.count_nonzero(v))
+        finite = finite and not v.sum().isnan()
+    k = int(nonzero * fraction)
+    idx = None
+    if k * 64 > n and b.device.type == "cpu" and finite and _select_is_exact():
+        idx = replay(n, keys, [k], SELECT_LEAF)
+    if idx is None and k:
+        idx = torch.cat([keys(s) for s in _slices(n)]).topk(k).indices
+    bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=b.device)
+    one = torch.ones(1, dtype=torch.uint8, device=b.device)
+    for s in _slices(k):  # positions are distinct: adding their bits is or-ing them
+        where = idx[s].long()
+        bits.index_add_(0, where >> 3, one.expand(where.numel()) << (where & 7).to(torch.uint8))
+    del idx
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)
+
+    def mask(s: slice) -> torch.Tensor:
+        skip = s.start % 8
+        byte = bits[s.start // 8:(s.stop + 7) // 8]
+        return ((byte.unsqueeze(1) >> shifts) & 1).view(-1)[skip:skip + s.stop - s.start].bool()
+    return mask
+
+
+@functools.cache
+def _select_is_exact() -> bool:
+    """The replay assumes libstdc++'s std::nth_element behind torch's CPU topk; another build is caught
+    once per process on tie-heavy data, and then torch.topk is used."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 64, (50_000,), generator=g).float()
+    for k in (1000, 25_000, 49_990):
+        idx = replay(values.numel(), lambda w: values[w].clone(), [k], SELECT_LEAF)
+        if idx is None or not torch.equal(idx[:k].sort().values.long(), values.topk(k).indices.sort().values):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- multislerp
@@ -255,3 +312,62 @@ def nuslerp_flat(t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tenso
         r = (1 - t) * a + t * b if colinear else (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
         out[s] = fb[s] + r if fb is not None else r
     return out.view(x0.shape)
+
+
+def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool) -> torch.Tensor:
+    """mergekit's nuslerp of two tensors held whole, one angle per row (``row_wise``: per column)."""
+    shape = v0.shape
+    if row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.linalg.vector_norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.linalg.vector_norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    theta = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1, 1))
+    res = _nuslerp_rows(t, v0, v1, theta)
+    if row_wise:
+        res = res.transpose(0, -1)
+    return res.reshape(shape)
+
+
+def _nuslerp_rows(t: float, v0: torch.Tensor, v1: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    sin = torch.sin(theta)
+    res = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin
+    return torch.where(sin.abs() < 1e-8, (1 - t) * v0 + t * v1, res)  # colinear: mergekit interpolates linearly
+
+
+def nuslerp_rows(t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tensor | None,
+                 row_wise: bool) -> torch.Tensor:
+    """nuslerp with one angle per row of the last dimension (``row_wise``: per position of the other
+    dimensions, along dim 0), of the models or of their task vectors from ``base``, block of rows by
+    block of rows: whole rows give the per-row numbers to the bit; along dim 0 over several blocks the
+    sums of the blocks are added in float64."""
+    shape, out = x0.shape, torch.empty_like(x0)
+    if not row_wise or x0.ndim < 2:
+        width = shape[-1] if x0.ndim else 1
+        mats = [x.reshape(-1, width) if x is not None else None for x in (x0, x1, base, out)]
+    else:
+        mats = [x.reshape(shape[0], -1) if x is not None else None for x in (x0, x1, base, out)]
+    m0, m1, mb, mo = mats
+    blocks = list(_slices(m0.shape[0], max(1, _SLICE // m0.shape[1])))
+
+    def v(m: torch.Tensor, s: slice) -> torch.Tensor:
+        return m[s] - mb[s] if mb is not None else m[s]
+
+    if not row_wise or x0.ndim < 2 or len(blocks) == 1:  # each angle's reductions within one block
+        for s in blocks:
+            r = _nuslerp_pair(t, v(m0, s).view(-1, *shape[1:]), v(m1, s).view(-1, *shape[1:]), row_wise)
+            r = r.reshape(-1, m0.shape[1])
+            mo[s] = r + mb[s] if mb is not None else r
+        return out
+    sums = [torch.zeros(m0.shape[1], dtype=torch.float64, device=m0.device) for _ in range(3)]
+    for s in blocks:  # the columns' norms
+        sums[0] += v(m0, s).square().sum(0, dtype=torch.float64)
+        sums[1] += v(m1, s).square().sum(0, dtype=torch.float64)
+    n0, n1 = (q.sqrt().to(m0.dtype).clamp(min=1e-7) for q in sums[:2])
+    for s in blocks:  # the cosine of their unit vectors
+        sums[2] += ((v(m0, s) / n0) * (v(m1, s) / n1)).sum(0, dtype=torch.float64)
+    theta = torch.acos(sums[2].to(m0.dtype).clamp(-1, 1))
+    for s in blocks:
+        r = _nuslerp_rows(t, v(m0, s), v(m1, s), theta)
+        mo[s] = r + mb[s] if mb is not None else r
+    return out
+

@@ -20,7 +20,7 @@ from ._files import Checkpoint, Plan, open_checkpoints, parse_dtype, parse_size,
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import ALIASES, Method, check_method, get_method
 from ._merge_options import resolve_options
-from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder, vocabulary
+from ._model_folder import DEFAULT_SHARD, auto_chat_template, copy_source, folder_finisher, source_folder, vocabulary
 from ._term import byte_progress
 from .errors import MergeError, OptionError
 from .recipes import Recipe, _where, layer_plan, read_recipe
@@ -153,8 +153,9 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     (keys, shapes, layer ranges) and every option of every tensor. The folder holds
     ``model.safetensors`` (or shards and an index above ``max_shard_size``), the config and
     generation config of the base model (else the first model, or ``copy_from``) with its dtype
-    and layer count updated, the tokenizer of ``tokenizer_source`` (default: the same model), and a
-    ``README.md`` recording the recipe. Output tensors are in ``dtype`` if given, else the recipe's
+    and layer count updated, the tokenizer of ``tokenizer_source`` (default: the same model) with the
+    recipe's ``chat_template`` if it has one, a ``README.md`` recording the recipe and, as mergekit,
+    the recipe itself in ``mergekit_config.yml``. Output tensors are in ``dtype`` if given, else the recipe's
     ``out_dtype``, else its ``dtype``, else the inputs' (promoted) dtype; arithmetic is in
     ``compute_dtype`` (default float32; mergekit computes in the recipe's ``dtype``).
     """
@@ -194,7 +195,8 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             tokenizer_source=copied or source_folder(recipe.tokenizer_source or recipe.base_model or first),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
             layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None,
-            vocab_size=vocab_size)
+            vocab_size=vocab_size, chat_template=auto_chat_template(list(map(source_folder, recipe.models())))
+            if recipe.chat_template == "auto" else recipe.chat_template)
         plan = Plan(entries, {}, {"layerwise.merge": recipe.method}, parse_size(max_shard_size))
         with byte_progress(progress, plan.total_bytes, f"{recipe.method} → {output.name}") as bar:
             return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,
