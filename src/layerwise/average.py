@@ -156,7 +156,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
     if isinstance(models, (nn.Module, Mapping)) or not isinstance(models, Sequence):
         raise MergeError(f"models must be a list of modules or state dicts, not {type(models).__name__}")
     m = check_method(method, has_base=base is not None, models=len(models))
-    dtype, compute_dtype = parse_dtype(dtype), parse_dtype(compute_dtype)
+    dtype, compute_dtype = parse_dtype(dtype), parse_dtype(compute_dtype, "compute_dtype")
     sds = [state_dict_of(x) for x in models]
     base_sd = state_dict_of(base) if base is not None else None
     labelled = ([("base", base_sd)] if base_sd is not None else []) + [(f"model {i}", sd) for i, sd in enumerate(sds)]
