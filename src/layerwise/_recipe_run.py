@@ -166,7 +166,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     output = Path(output)
     copied = copy_source(copy_from) if copy_from is not None else None
     out_dtype = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
-    work_dtype = parse_dtype(compute_dtype)
+    work_dtype = parse_dtype(compute_dtype, "compute_dtype")
     paths = recipe.models()
     method = get_method(recipe.method)
     with open_checkpoints(paths) as checkpoints:
