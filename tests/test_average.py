@@ -231,6 +231,27 @@ def test_greedy_soup_may_use_a_candidate_as_the_vessel():
     assert [n.weight.item() for n in nets[1:]] == [3.0, 10.0]
 
 
+@pytest.mark.parametrize("bad", [float("nan"), "good", None, torch.ones(2), ZeroDivisionError])
+def test_greedy_soup_with_a_failing_evaluate_leaves_the_vessel_as_it_was(bad):
+    nets = [nn.Linear(1, 1, bias=False) for _ in range(3)]
+    vessel = nn.Linear(1, 1, bias=False)
+    held = vessel.weight.detach().clone()
+    calls = []
+
+    def evaluate(m):
+        calls.append(m.weight.item())
+        if len(calls) < 3:
+            return -len(calls)
+        if bad is ZeroDivisionError:
+            raise ZeroDivisionError
+        return bad
+
+    with pytest.raises(ZeroDivisionError if bad is ZeroDivisionError else lw.MergeError,
+                       match="" if bad is ZeroDivisionError else "evaluate returned .* for candidate 2"):
+        lw.greedy_soup(nets, evaluate, vessel)
+    assert torch.equal(vessel.weight, held)
+
+
 def test_ties_keeps_at_least_the_largest_entry_of_a_small_tensor():
     base = {"b": torch.zeros(3)}
     out = lw.merge(base, [{"b": torch.tensor([1.0, 0.5, 0.2])}, {"b": torch.tensor([1.0, 0.1, 0.0])}], "ties", density=0.2)

@@ -314,6 +314,11 @@ def test_bad_method_and_options_are_refused_before_writing(tmp_path, three):
         lw.merge_files(three[1:], tmp_path / "o.safetensors", "ties", base=three[0], density=0.0)
     assert not (tmp_path / "o.safetensors").exists()
     assert_refused(tmp_path, lambda: lw.merge_files(three[:2], tmp_path / "o.safetensors", dtype="fp12"), "fp12")
+    for option, value, error in (("dtype", "fp12", lw.OptionError), ("compute_dtype", "int8", lw.OptionError),
+                                 ("compute_dtype", torch.int8, lw.OptionError), ("dtype", 16, lw.OptionTypeError)):
+        with pytest.raises(error, match=f"^{option}"):  # the option is named: merges take two dtypes
+            lw.merge_files(three[:2], tmp_path / "o.safetensors", **{option: value})
+    assert not (tmp_path / "o.safetensors").exists()
 
 
 KILL_CHILD = textwrap.dedent("""

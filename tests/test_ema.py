@@ -157,6 +157,14 @@ def test_ema_copy_to_keeps_the_average():
     assert torch.equal(net.weight, expected)
 
 
+def test_ema_copy_to_a_state_dict_is_refused_by_name():
+    ema = lw.EMA(nn.Linear(2, 2))
+    with pytest.raises(lw.OptionTypeError, match=r"EMA.copy_to \(or swapped\) takes an nn.Module"):
+        ema.copy_to(nn.Linear(2, 2).state_dict())
+    with pytest.raises(lw.OptionTypeError, match="got OrderedDict"), ema.swapped(nn.Linear(2, 2).state_dict()):
+        pass
+
+
 def test_ema_load_state_dict_reports_every_missing_tensor():
     net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     state = lw.EMA(net).state_dict()

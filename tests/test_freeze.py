@@ -206,6 +206,21 @@ def test_gradual_unfreeze_checks_selectors_up_front_and_resumes(interleaved):
     assert [g.get("names") for g in fresh_opt.param_groups] == [g.get("names") for g in opt.param_groups]
 
 
+@pytest.mark.parametrize("state", [{}, None, {"done": [[1], [7]]}, {"done": [[1], [1]]}, {"done": [["1"]]},
+                                   {"done": [1, 2]}])
+def test_gradual_unfreeze_refuses_a_foreign_state_before_replaying_any_of_it(interleaved, state):
+    lw.freeze(interleaved, "lstm1", "lstm2")
+    opt = torch.optim.SGD(interleaved.linear.parameters(), lr=0.1)
+    schedule = lw.GradualUnfreeze(interleaved, opt, {1: "lstm2", 2: "lstm1"})
+    with pytest.raises(lw.StateError, match="GradualUnfreeze.load_state_dict takes"):
+        schedule.load_state_dict(state)
+    assert len(opt.param_groups) == 1 and sorted(lw.frozen(interleaved)) == sorted(
+        n for n, _ in interleaved.named_parameters() if n.startswith("lstm"))
+    schedule.step(1)
+    with pytest.raises(lw.StateError, match="has stepped already"):
+        schedule.load_state_dict(schedule.state_dict())
+
+
 def test_a_misspelt_negation_is_an_error_not_a_silent_freeze(interleaved):
     with pytest.raises(lw.SelectionError) as e:
         lw.freeze(interleaved, "lstm2", "!lstm2.wieght_ih_l0")

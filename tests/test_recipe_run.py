@@ -173,7 +173,7 @@ def test_a_bert_recipe_with_slices_gives_a_deeper_bert_that_loads_with_its_token
     assert model(**tok("w0 w1", return_tensors="pt")).logits.shape == (1, 4, 32)
 
 
-def test_tokenizer_source_cuts_padded_embeddings_to_the_vocabulary_and_refuses_a_different_one(tmp_path, capsys):
+def test_tokenizer_source_cuts_padded_embeddings_to_the_vocabulary(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import _tiny_tokenizer
@@ -198,13 +198,41 @@ def test_tokenizer_source_cuts_padded_embeddings_to_the_vocabulary_and_refuses_a
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 32
 
-    other = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, unk_token="<unk>")
-    other.add_tokens(["extra"])
-    other.save_pretrained(tmp_path / "a")
-    (tmp_path / "out2").mkdir()
-    capsys.readouterr()
-    assert main(["merge", "--config", str(recipe), "-o", str(tmp_path / "out2" / "m"), "--quiet"]) == 2
-    assert "the vocabulary of" in capsys.readouterr().err and not (tmp_path / "out2" / "m").exists()
+
+def _llama_with_tokens(folder, rows: int, added: list[str], seed: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import _tiny_tokenizer
+
+    tokenizer = _tiny_tokenizer()  # 32 tokens, then ``added`` from id 32 on
+    tokenizer.add_tokens(added)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2,
+                                 tie_word_embeddings=False)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_tokenizer_source_remaps_embedding_rows_by_token_as_mergekit(tmp_path):
+    # a: 32 tokens; d: x1, x0 at 32, 33; c (the tokenizer source): x0..x3 at 32..35.
+    for name, rows, added, seed in (("a", 32, [], 0), ("d", 34, ["x1", "x0"], 1), ("c", 36, ["x0", "x1", "x2", "x3"], 2)):
+        _llama_with_tokens(tmp_path / name, rows, added, seed)
+    recipe = _recipe(tmp_path, f"merge_method: linear\ntokenizer_source: {tmp_path / 'c'}\nmodels:\n"
+                               f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1}}\n"
+                               f"  - model: {tmp_path / 'd'}\n    parameters: {{weight: 2}}\n"
+                               f"  - model: {tmp_path / 'c'}\n    parameters: {{weight: 4}}\n")
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 0
+    got = lw.load(out)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        a, d, c = (lw.load(tmp_path / n)[key] for n in "adc")
+        # mergekit: a token a model lacks takes the one holder's row, else the mean of the holders' rows
+        x0, x1 = (d[33] + c[32]) / 2, (d[32] + c[33]) / 2
+        expected = torch.cat([(a + 2 * d[:32] + 4 * c[:32]) / 7, ((x0 + 2 * d[33] + 4 * c[32]) / 7)[None],
+                              ((x1 + 2 * d[32] + 4 * c[33]) / 7)[None], c[34:]])
+        torch.testing.assert_close(got[key], expected)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 36
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 36
 
 
 @pytest.mark.parametrize("copy_from, output, error, message", [
@@ -227,3 +255,21 @@ def test_a_bad_copy_from_is_named_and_nothing_is_written(tiny_llamas, tmp_path, 
         with pytest.raises(error, match=message):
             run_recipe(recipe, tmp_path / output, copy_from=source)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "recipe.yml") == before
+
+
+@pytest.mark.parametrize("template", ["chatml", "auto", "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"])
+def test_chat_template_is_set_as_mergekit_sets_it_and_the_recipe_kept_as_mergekit_config(tiny_llamas, tmp_path, template):
+    import shutil
+
+    base, a, b = (shutil.copytree(tiny_llamas[n], tmp_path / n) for n in ("base", "a", "b"))
+    (b / "chat_template.jinja").write_text("{{ 'b' }}  \n")  # auto: the template most inputs have wins
+    text = (f"merge_method: task_arithmetic\nbase_model: {base}\nchat_template: \"{template}\"\n"
+            f"models:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 1}}\n")
+    out = tmp_path / "merged"
+    assert main(["merge", "--config", str(_recipe(tmp_path, text)), "-o", str(out), "--quiet"]) == 0
+    tok = AutoTokenizer.from_pretrained(out)
+    chat = tok.apply_chat_template([{"role": "user", "content": "w1"}], tokenize=False)
+    # mergekit: its chatml.jinja; auto: the plurality of the inputs' templates (stripped); else the text itself
+    assert chat == {"chatml": "<|im_start|>user\nw1<|im_end|>\n", "auto": "w1 "}.get(template, "<user>w1")
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    assert (out / "mergekit_config.yml").read_text() == text

@@ -29,7 +29,8 @@ def test_models_form_with_per_model_and_global_parameters(models):
 @pytest.mark.parametrize("recipe, message", [
     ({"merge_method": "linear", "models": [{"model": "a"}], "modules": {}}, "'modules' is not supported"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {}}, "'tokenizer' is not supported"),
-    ({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": "chatml"}, "'chat_template'"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": "llama3"}, "'llama3' is neither"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": 3}, "chat_template: 'auto', 'chatml'"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "'union'"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "paramters": {}}, "did you mean 'parameters'"),
     ({"merge_method": "linear", "models": [{"model": "a", "weight": 1}]}, r"models\[0\]: unknown key 'weight'"),

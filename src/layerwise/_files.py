@@ -43,20 +43,20 @@ _SINGLES = ("model.safetensors", "pytorch_model.bin")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bf16"``, ``"float16"``, ``torch.float32`` ... to a floating ``torch.dtype``."""
+def parse_dtype(dtype: str | torch.dtype | None, option: str = "dtype") -> torch.dtype | None:
+    """``"bf16"``, ``"float16"``, ``torch.float32`` ... to a floating ``torch.dtype``; errors name ``option``."""
     if dtype is None:
         return dtype
     if isinstance(dtype, torch.dtype):
         if not dtype.is_floating_point:  # casting merged floats to integers would silently truncate them
-            raise OptionError(f"dtype {dtype} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
+            raise OptionError(f"{option}={dtype} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
         return dtype
     if not isinstance(dtype, str):
-        raise OptionTypeError(f"dtype must be a string such as 'bf16' or a torch.dtype, not {type(dtype).__name__}")
+        raise OptionTypeError(f"{option} must be a string such as 'bf16' or a torch.dtype, not {type(dtype).__name__}")
     try:
         return _DTYPE_NAMES[dtype.lower()]
     except KeyError:
-        raise CheckpointError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}") from None
+        raise OptionError(f"{option}={dtype!r} is not a dtype layerwise writes; use one of {', '.join(_DTYPE_NAMES)}") from None
 
 
 def parse_size(size: int | str | None, option: str = "max_shard_size") -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,10 +83,34 @@ def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None, vo
     return config
 
 
+def chat_template_of(folder: Path | None) -> str | None:
+    """The chat template a model folder's tokenizer loads: ``chat_template.jinja``, else the
+    ``chat_template`` of ``tokenizer_config.json`` (its ``default`` entry when it holds several)."""
+    if folder is None:
+        return None
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def auto_chat_template(folders: Sequence[Path | None]) -> str | None:
+    """mergekit's ``chat_template: auto``: the template (stripped) most of ``folders`` have; None if none has one."""
+    templates = [t.strip() for t in map(chat_template_of, folders) if t and t.strip()]
+    return Counter(templates).most_common(1)[0][0] if templates else None
+
+
 def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path | None, *, dtype: str | None,
-                      layer_map: Sequence[int] | None = None, vocab_size: int | None = None) -> list[str]:
+                      layer_map: Sequence[int] | None = None, vocab_size: int | None = None,
+                      chat_template: str | None = None) -> list[str]:
     """Write into folder ``out`` the config (updated) and generation config of ``config_from`` and the
-    tokenizer files of ``tokenizer_from``; returns the names written.
+    tokenizer files of ``tokenizer_from``, with ``chat_template`` (text) in ``chat_template.jinja``
+    as ``save_pretrained`` writes it; returns the names written.
 
     Example:
         >>> import json, os, tempfile
@@ -111,6 +136,14 @@ def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path 
             if p.name not in ("config.json", "generation_config.json"):
                 shutil.copyfile(p, out / p.name)
                 written.append(p.name)
+    if chat_template is not None:
+        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        written += [] if "chat_template.jinja" in written else ["chat_template.jinja"]
+        config = out / "tokenizer_config.json"
+        if "tokenizer_config.json" in written:  # a template kept there too would contradict the file
+            data = json.loads(config.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.pop("chat_template", None) is not None:
+                config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return sorted(written)
 
 
@@ -143,16 +176,19 @@ def model_card(*, method: str, inputs: Sequence[tuple[str, str]], options: Mappi
 def folder_finisher(*, inputs: Sequence[tuple[Path, Checkpoint]], source: Path | None, tokenizer_source: Path | None = None,
                     dtype: str | None, method: str, options: Mapping[str, Any],
                     layer_map: Sequence[int] | None = None, recipe_text: str | None = None,
-                    vocab_size: int | None = None) -> Callable[[Path], None]:
+                    vocab_size: int | None = None, chat_template: str | None = None) -> Callable[[Path], None]:
     """What completes a merged folder before it is published: model files from ``source`` (the
-    tokenizer from ``tokenizer_source``, default ``source``) and the card."""
+    tokenizer from ``tokenizer_source``, default ``source``), the card, and for a recipe its text in
+    ``mergekit_config.yml`` as mergekit writes it (the hub's merge tooling reads that file)."""
     from . import __version__
 
     digests = [(str(p), layout_digest(c.specs)) for p, c in inputs]
 
     def finish(folder: Path) -> None:
         write_model_files(folder, source, tokenizer_source or source, dtype=dtype, layer_map=layer_map,
-                          vocab_size=vocab_size)
+                          vocab_size=vocab_size, chat_template=chat_template)
+        if recipe_text:
+            (folder / "mergekit_config.yml").write_text(recipe_text, encoding="utf-8")
         (folder / "README.md").write_text(model_card(method=method, inputs=digests, options=options,
                                                      version=__version__, recipe_text=recipe_text))
     return finish

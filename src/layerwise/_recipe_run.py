@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ from ._files import Checkpoint, Plan, open_checkpoints, parse_dtype, parse_size,
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import ALIASES, Method, check_method, get_method
 from ._merge_options import resolve_options
-from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder, vocabulary
+from ._model_folder import DEFAULT_SHARD, auto_chat_template, copy_source, folder_finisher, source_folder, vocabulary
 from ._term import byte_progress
+from ._vocab import permutation, remap_rows
 from .errors import MergeError, OptionError
 from .recipes import Recipe, _where, layer_plan, read_recipe
 
@@ -59,6 +60,7 @@ class _Job:
     base: tuple[Checkpoint, str] | None
     options: dict[str, Any]
     rows: int | None = None  # an embedding cut to the tokenizer's vocabulary
+    index: list[torch.Tensor] | None = None  # per input (base last): its row of each token (vocabularies differ)
 
 
 def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
@@ -101,7 +103,8 @@ def _known(method: Method, parameters: Mapping[str, Any], where: str) -> None:
 
 
 def _check(jobs: Sequence[_Job]) -> None:
-    """Every tensor each job reads exists with one shape: all differences in one error."""
+    """Every tensor each job reads exists with one shape (but for the rows of re-mapped embeddings):
+    all differences in one error."""
     problems = []
     for job in jobs:
         shapes = {}
@@ -109,7 +112,7 @@ def _check(jobs: Sequence[_Job]) -> None:
             if key not in ckpt.specs:
                 problems.append(f"{job.key}: {ckpt.label} lacks {key}")
             else:
-                shapes[f"{ckpt.label}:{key}"] = ckpt.specs[key][0]
+                shapes[f"{ckpt.label}:{key}"] = ckpt.specs[key][0][1 if job.index is not None else 0:]
         if len(set(shapes.values())) > 1:
             problems.append(f"{job.key}: shapes differ: " + ", ".join(f"{w} {list(s)}" for w, s in shapes.items()))
     if problems:
@@ -117,29 +120,29 @@ def _check(jobs: Sequence[_Job]) -> None:
                          + (" ..." if len(problems) > 8 else ""))
 
 
-def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job]) -> int | None:
+def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job], opened: Mapping[Path, Checkpoint]) -> int | None:
     """mergekit's ``tokenizer_source``: the embeddings (and head) get one row per token of that
     tokenizer's vocabulary. When every model shares the vocabulary this keeps the first
-    ``len(vocab)`` rows (padding rows go, as in mergekit); vocabularies that differ would need
-    mergekit's token-by-token re-mapping of rows, which is refused by name."""
+    ``len(vocab)`` rows (padding rows go, as in mergekit); else each input's rows are re-mapped
+    token by token (:mod:`layerwise._vocab`)."""
     if recipe.tokenizer_source is None:
         return None
     source = source_folder(recipe.tokenizer_source)
     vocab = vocabulary(source, str(recipe.tokenizer_source))
-    for model in recipe.models():
-        folder = source_folder(model)
-        if folder != source and vocabulary(folder, str(model)) != vocab:
-            raise OptionError(f"tokenizer_source: the vocabulary of {model} differs from that of "
-                              f"{recipe.tokenizer_source}; merging them needs mergekit's token-by-token re-mapping of "
-                              "embedding rows, which layerwise does not do. Merge models that share a tokenizer, "
-                              "or drop tokenizer_source to keep the embeddings as they are")
+    vocab_of = {id(ckpt): vocab if source_folder(model) == source else vocabulary(source_folder(model), str(model))
+                for model, ckpt in opened.items()}
     for job in jobs:
-        if _EMBEDDING.search(job.key):
+        if not _EMBEDDING.search(job.key):
+            continue
+        inputs = job.sources + ([job.base] if job.base else [])
+        if any(vocab_of[id(c)] != vocab for c, _ in inputs):
+            job.index = [permutation(vocab, vocab_of[id(c)], c.specs[k][0][0]) for c, k in inputs]
+        else:
             rows = job.sources[0][0].specs[job.sources[0][1]][0][0]
             if rows < len(vocab):
                 raise OptionError(f"tokenizer_source: {job.key} has {rows} rows for the {len(vocab)} tokens of "
                                   f"{recipe.tokenizer_source}")
-            job.rows = len(vocab)
+        job.rows = len(vocab)
     return len(vocab)
 
 
@@ -153,8 +156,9 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     (keys, shapes, layer ranges) and every option of every tensor. The folder holds
     ``model.safetensors`` (or shards and an index above ``max_shard_size``), the config and
     generation config of the base model (else the first model, or ``copy_from``) with its dtype
-    and layer count updated, the tokenizer of ``tokenizer_source`` (default: the same model), and a
-    ``README.md`` recording the recipe. Output tensors are in ``dtype`` if given, else the recipe's
+    and layer count updated, the tokenizer of ``tokenizer_source`` (default: the same model) with the
+    recipe's ``chat_template`` if it has one, a ``README.md`` recording the recipe and, as mergekit,
+    the recipe itself in ``mergekit_config.yml``. Output tensors are in ``dtype`` if given, else the recipe's
     ``out_dtype``, else its ``dtype``, else the inputs' (promoted) dtype; arithmetic is in
     ``compute_dtype`` (default float32; mergekit computes in the recipe's ``dtype``).
     """
@@ -162,13 +166,14 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     output = Path(output)
     copied = copy_source(copy_from) if copy_from is not None else None
     out_dtype = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
-    work_dtype = parse_dtype(compute_dtype)
+    work_dtype = parse_dtype(compute_dtype, "compute_dtype")
     paths = recipe.models()
     method = get_method(recipe.method)
     with open_checkpoints(paths) as checkpoints:
-        jobs = _jobs(recipe, dict(zip(paths, checkpoints)))
+        opened = dict(zip(paths, checkpoints))
+        jobs = _jobs(recipe, opened)
+        vocab_size = _fit_vocabulary(recipe, jobs, opened)
         _check(jobs)
-        vocab_size = _fit_vocabulary(recipe, jobs)
         entries, dtypes = [], {}
         for job in jobs:
             ckpt, key = job.sources[0]
@@ -184,8 +189,12 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             job = by_key[key]
             rows = slice(job.rows)
             base = job.base[0].read(job.base[1])[rows] if job.base else None
-            yield merge_tensor(method, (c.read(k)[rows] for c, k in job.sources), base, job.options, dtypes[key][1],
-                               key=key, dtype=dtypes[key][0])
+            tensors: Iterable[torch.Tensor] = (c.read(k)[rows] for c, k in job.sources)
+            if job.index is not None:  # vocabularies differ: every input re-mapped to the output's tokens
+                inputs = [c.read(k) for c, k in job.sources + ([job.base] if job.base else [])]
+                tensors = remap_rows(inputs, job.index, len(job.sources) if job.base else None)
+                base = tensors.pop() if job.base else None
+            yield merge_tensor(method, tensors, base, job.options, dtypes[key][1], key=key, dtype=dtypes[key][0])
 
         first = recipe.slices[0].sources[0].model
         source = copied or source_folder(recipe.base_model or first)
@@ -194,7 +203,8 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             tokenizer_source=copied or source_folder(recipe.tokenizer_source or recipe.base_model or first),
             dtype=str(out_dtype).removeprefix("torch.") if out_dtype else None,
             layer_map=[i for s in recipe.slices for i in range(*s.sources[0].layer_range)] if recipe.stacked else None,
-            vocab_size=vocab_size)
+            vocab_size=vocab_size, chat_template=auto_chat_template(list(map(source_folder, recipe.models())))
+            if recipe.chat_template == "auto" else recipe.chat_template)
         plan = Plan(entries, {}, {"layerwise.merge": recipe.method}, parse_size(max_shard_size))
         with byte_progress(progress, plan.total_bytes, f"{recipe.method} → {output.name}") as bar:
             return write(plan, output, pieces_of, overwrite=overwrite, inputs=paths, model_folder=finish,

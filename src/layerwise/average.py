@@ -8,6 +8,7 @@ in-memory result.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -155,7 +156,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
     if isinstance(models, (nn.Module, Mapping)) or not isinstance(models, Sequence):
         raise MergeError(f"models must be a list of modules or state dicts, not {type(models).__name__}")
     m = check_method(method, has_base=base is not None, models=len(models))
-    dtype, compute_dtype = parse_dtype(dtype), parse_dtype(compute_dtype)
+    dtype, compute_dtype = parse_dtype(dtype), parse_dtype(compute_dtype, "compute_dtype")
     sds = [state_dict_of(x) for x in models]
     base_sd = state_dict_of(base) if base is not None else None
     labelled = ([("base", base_sd)] if base_sd is not None else []) + [(f"model {i}", sd) for i, sd in enumerate(sds)]
@@ -255,18 +256,32 @@ def greedy_soup(candidates: Sequence[ModelLike], evaluate: Callable[[nn.Module],
            else sd for sd in map(state_dict_of, candidates)]
     check_compatible([(f"candidate {i}", {k: (tuple(t.shape), t.dtype) for k, t in sd.items()}) for i, sd in enumerate(sds)])
 
-    def score(state: StateDict) -> float:
+    def score(state: StateDict, what: str) -> float:
         model.load_state_dict(state, strict=True)
-        return float(evaluate(model))
+        value = evaluate(model)
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+            number = math.nan
+        if math.isnan(number):  # it would order nothing: every comparison with nan is False
+            raise MergeError(f"greedy_soup: evaluate returned {value!r:.100} for {what}; it must return a number "
+                             "(higher is better), and the model is as it was")
+        return number
 
-    alone = [score(sd) for sd in sds]
-    order = sorted(range(len(sds)), key=lambda i: -alone[i])
-    chosen, best = [order[0]], alone[order[0]]
-    soup = {k: t.clone() for k, t in sds[order[0]].items()}
-    for i in order[1:]:
-        trial = average([sds[j] for j in chosen + [i]])
-        s = score(trial)
-        if s >= best:
-            chosen, best, soup = chosen + [i], s, trial
+    # A failed evaluation (or a raising one) leaves the vessel holding what it held, not a candidate.
+    held = {k: t.detach().clone() for k, t in model.state_dict().items()}
+    try:
+        alone = [score(sd, f"candidate {i}") for i, sd in enumerate(sds)]
+        order = sorted(range(len(sds)), key=lambda i: -alone[i])
+        chosen, best = [order[0]], alone[order[0]]
+        soup = {k: t.clone() for k, t in sds[order[0]].items()}
+        for i in order[1:]:
+            trial = average([sds[j] for j in chosen + [i]])
+            s = score(trial, f"the soup of candidates {chosen + [i]}")
+            if s >= best:
+                chosen, best, soup = chosen + [i], s, trial
+    except BaseException:
+        model.load_state_dict(held, strict=True)
+        raise
     model.load_state_dict(soup, strict=True)
     return soup, chosen

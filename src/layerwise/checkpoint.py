@@ -200,7 +200,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         tensor([2., 4.])
     """
     m = check_method(method, has_base=base is not None, models=len(inputs))
-    output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype)
+    output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype, "compute_dtype")
     folder = output.suffix != ".safetensors"
     if copy_from is not None and not folder:
         raise OptionError(f"copy_from: {output} is a single .safetensors file; config and tokenizer are copied "

@@ -235,6 +235,8 @@ class EMA:
 
     def _targets(self, model: nn.Module | None) -> list[torch.Tensor]:
         """The local tensors of ``model`` (default: the tracked one) that the shadows belong in."""
+        if model is not None:
+            require_module(model, "EMA.copy_to (or swapped)")
         model = None if model is None else unwrap_compiled(model)
         if model is not None:
             reshard(model)

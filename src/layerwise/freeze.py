@@ -14,7 +14,7 @@ from torch import nn
 
 from ._ddp import ddp_wrapper, fsdp_sharded, rebuild_reducer
 from ._tensors import require_module
-from .errors import OptionError, OptionTypeError
+from .errors import OptionError, OptionTypeError, StateError
 from .groups import add_group, group_index
 from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, resolve, select
 
@@ -260,5 +260,16 @@ class GradualUnfreeze:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replay the recorded steps, so the optimizer gets the same groups in the same order."""
-        for entries in state["done"]:
-            self._apply([int(at) for at in entries])
+        done = state.get("done") if isinstance(state, Mapping) else None
+        ok = isinstance(done, list) and all(isinstance(e, list) and e for e in done)
+        flat = [at for entries in done for at in entries] if ok else []
+        if not ok or len(set(flat)) < len(flat) or not all(type(at) is int and at in self.schedule for at in flat):
+            # checked whole first: a replay that failed half-way would leave half the groups added
+            raise StateError(f"GradualUnfreeze.load_state_dict takes the {{'done': [[entry, ...], ...]}} of "
+                             f"state_dict(), each entry once and one of this schedule's {list(self.schedule)}; "
+                             f"got {state!r:.200}")
+        if self.done:
+            raise StateError("GradualUnfreeze.load_state_dict replays the recorded steps, but this one has stepped "
+                             "already: load the state into a fresh GradualUnfreeze")
+        for entries in done:
+            self._apply(list(entries))

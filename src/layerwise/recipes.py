@@ -5,8 +5,8 @@ stacked into a deeper model: a "frankenmerge"), a ``base_model``, ``parameters``
 per slice and per model; each a scalar, a "gradient" list interpolated over the layers, or
 a list of ``{filter, value}`` rules) and dtypes. layerwise runs such a file unchanged with
 ``layerwise merge --config recipe.yml -o DIR``; what it does not support (``modules``,
-``tokenizer``, ``chat_template``, a ``union`` tokenizer, hub ids, LoRA references) is
-refused by name before anything is read.
+``tokenizer``, a ``union`` tokenizer, hub ids, LoRA references, chat template names other
+than ``chatml``) is refused by name before anything is read.
 
 Values follow mergekit exactly: a per-model option is looked up in that model's own
 ``parameters``, then the slice's, then the recipe's; a gradient ``[a, b, c]`` at layer
@@ -30,11 +30,11 @@ from .errors import CheckpointNotFoundError, MissingExtraError, OptionError
 
 __all__ = ["Recipe", "Slice", "Source", "OutputTensor", "parse_recipe", "read_recipe", "layer_plan", "stack_of"]
 
-_TOP = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+_TOP = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+        "chat_template"}
 _REFUSED = {
     "modules": "multi-module recipes are not supported; use 'models' or 'slices'",
     "tokenizer": "tokenizer surgery is not supported; use tokenizer_source: base or a model path",
-    "chat_template": "chat_template is not supported; the template of the tokenizer source is copied",
 }
 _SLICE_KEYS = {"sources", "base_model", "parameters"}
 _SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -84,6 +84,7 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: Path | None = None  # given (``base`` is the base model): embeddings follow its vocabulary
     text: str = ""
+    chat_template: str | None = None  # "auto" (the inputs' most common one) or the template's Jinja text
 
     def models(self) -> list[Path]:
         """Every model the recipe reads, base first, each once."""
@@ -107,6 +108,27 @@ def _unknown(keys: Any, allowed: set[str], where: str) -> None:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f"; known keys: {', '.join(sorted(allowed))}"
             raise OptionError(f"{where}: unknown key '{key}'{hint}")
+
+
+# mergekit's named templates that layerwise ships: ChatML as the transformers documentation gives it.
+CHAT_TEMPLATES = {"chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                            "+ '<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant"
+                            "\\n' }}{% endif %}\n"}
+
+
+def _chat_template(value: Any) -> str | None:
+    """mergekit's ``chat_template``: ``auto``, a template name, or the template's Jinja text."""
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, str):
+        raise OptionError(f"chat_template: 'auto', 'chatml' or a Jinja template (text), not {value!r}")
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{" in value and len(value) >= 20:  # mergekit's test for template text
+        return value
+    raise OptionError(f"chat_template: {value[:60]!r} is neither 'auto', 'chatml' nor a Jinja template; layerwise does "
+                      "not ship mergekit's other named templates (llama3, mistral, alpaca, exaone): give the template "
+                      "text, or 'auto' for the one most input models have")
 
 
 def _model_path(value: Any, where: str) -> Path:
@@ -239,7 +261,7 @@ def parse_recipe(data: Any, *, text: str = "") -> Recipe:
     return Recipe(method, tuple(slices), "slices" in data, base, _parameters(data.get("parameters"), "parameters"),
                   data.get("dtype"), data.get("out_dtype"),
                   None if tokenizer is None else base if tokenizer == "base" else _model_path(tokenizer, "tokenizer_source"),
-                  text)
+                  text, _chat_template(data.get("chat_template")))
 
 
 def read_recipe(path: str | Path) -> Recipe:
