@@ -340,6 +340,8 @@ def test_hf_trainer_logs_unfrozen_layers_from_their_first_step_warms_them_up_and
 
     history = {row["step"]: row for row in trainer.state.log_history if "grad_norm/classifier.weight" in row}
     assert sorted(history) == [2, 4, 6, 8], "every logging_steps, on the Trainer's global step"
+    own = [r["step"] for r in trainer.state.log_history if {"loss", "grad_norm", "learning_rate"} <= r.keys()]
+    assert own == [2, 4, 6, 8], "the Trainer's own logs of those steps are kept (our log once cleared should_log)"
     assert [s for s in history if f"grad_norm/{layer0}" in history[s]] == [6, 8], "from its first trained step"
     monitored = {r["step"]: r["grad_norm"] for r in ours.monitor.history if r["layer"] == "classifier.weight"}
     assert {s: history[s]["grad_norm/classifier.weight"] for s in history} == monitored
