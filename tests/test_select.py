@@ -394,6 +394,18 @@ def test_regex_selects_a_module_subtree_like_a_path(interleaved):
     assert lw.select(interleaved, "re:(?x) lin ear  # verbose, with a comment").names() == ["linear.weight", "linear.bias"]
 
 
+@given(model=random_models(), anchor=st.sampled_from(["$", r"\Z", "(?:$)", "(?:x|$)"]))
+def test_an_end_anchored_regex_of_a_module_path_selects_its_subtree_like_the_path(model, anchor):
+    for path, _ in model.named_modules():
+        if path:  # the documented form: a full match of a module path above a name selects the subtree
+            wanted = lw.select(model, path, missing_ok=True).names()
+            assert lw.select(model, f"re:{re.escape(path)}{anchor}", missing_ok=True).names() == wanted, path
+    for name, param in model.named_parameters(remove_duplicate=False):  # a tied one is listed under its first name
+        assert any(q is param for q in lw.select(model, f"re:{re.escape(name)}{anchor}").params())
+    keys = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    assert select_keys(keys, "re:.*$") == keys
+
+
 def test_select_keys_keeps_key_order_and_refuses_what_needs_a_model():
     keys = ["b.1.w", "a.0.w", "a.0.b", "b.10.w"]
     assert select_keys(keys, "**.w", "!b.[10-99]") == ["b.1.w", "a.0.w"]

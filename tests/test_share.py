@@ -53,6 +53,13 @@ def test_tie_unknown_names_suggests_real_ones(tied_lm):
     assert "'decoder.wieght'" in str(e.value) and "decoder.weight" in str(e.value)
 
 
+@pytest.mark.parametrize("target, source", [(5, "embed.weight"), ("decoder.weight", None), (["decoder"], "embed")])
+def test_tie_names_a_name_that_is_not_a_string(tied_lm, target, source):
+    what = "target" if not isinstance(target, str) else "source"
+    with pytest.raises(lw.OptionTypeError, match=f"tie: {what} is a parameter name or module path"):
+        lw.tie(tied_lm, target, source)
+
+
 def test_tie_dtype_mismatch_is_refused():
     net = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3).double()})
     with pytest.raises(lw.SelectionError, match="dtype"):

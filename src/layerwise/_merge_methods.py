@@ -201,6 +201,14 @@ def check_method(method: str | Method, *, has_base: bool, models: int) -> Method
     return m
 
 
+def check_complex(method: Method, keys: list[str]) -> None:
+    """Complex tensors (``keys``) only for the methods defined on them: checked before anything is written."""
+    if keys and not method.complex_ok:
+        raise MergeError(f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}: {method.name} needs magnitudes, "
+                         "signs or angles, which complex tensors lack; merge complex tensors with linear, "
+                         "task_arithmetic or passthrough, or leave them out with select=")
+
+
 def describe_methods() -> str:
     """Every method with its options and defaults, for ``layerwise merge --help`` and the docs."""
     lines = []

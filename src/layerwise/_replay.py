@@ -11,6 +11,7 @@ and the swaps are found from counts per chunk, so every other temporary is a chu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -146,25 +147,24 @@ class _Replay:
             if swaps:
                 self._swap(lpos[:swaps].add_(lo), rpos[:swaps].add_(lo))
             return lo + cut
-        counts = [torch.zeros(2, dtype=torch.int64)]
-        for s in _slices(lo, hi):
+        counts = [torch.zeros(1, 2, dtype=torch.int64)]
+        for s in _slices(lo, hi):  # stops per block (blocks tile the chunks; only the last one is short)
             v = self.read(s.start, s.stop)
-            counts.append(torch.stack([torch.count_nonzero(v <= p), torch.count_nonzero(v >= p)]))
-        before = torch.stack(counts).cumsum(0)  # stops of each scan before each chunk boundary
+            counts.append(torch.stack([_per_block(v <= p), _per_block(v >= p)], 1))
+        before = torch.cat(counts).cumsum(0)  # stops of each scan before each block boundary
         before_le, before_ge = before[:, 0].contiguous(), before[:, 1].contiguous()
         n_le, n_ge = int(before_le[-1]), int(before_ge[-1])
         # s = max_j min(F(j), G(j)), F(j) = #le before j, G(j) = #ge from j on; F - G never decreases, so the
-        # maximum is where it first reaches 0: found among chunk boundaries, then inside the chunk before.
+        # maximum is where it first reaches 0: found among block boundaries, then inside the block before.
         c = int(torch.searchsorted(before_le - (n_ge - before_ge), 0))
         if c == 0:  # no key >= p (impossible with a median pivot): no swap, the cut at the first key <= p
             return self._position(lo, hi, before_le, 1, True, p) if n_le else hi
-        clo = lo + (c - 1) * CHUNK
-        v = self.read(clo, min(clo + CHUNK, hi))
-        cle, cge = torch.cumsum(v <= p, 0, dtype=torch.int32), torch.cumsum(v >= p, 0, dtype=torch.int32)
+        blo = lo + (c - 1) * _block()
+        v = self.read(blo, min(blo + _block(), hi))
+        cle, cge = torch.cumsum(v <= p, 0), torch.cumsum(v >= p, 0)
         f0, g0 = int(before_le[c - 1]), n_ge - int(before_ge[c - 1])
-        t = int(torch.searchsorted((f0 - g0) + cle + cge, 0))  # F - G at j = clo + 1 + t first reaches 0
+        t = int(torch.searchsorted((f0 - g0) + cle + cge, 0))  # F - G at j = blo + 1 + t first reaches 0
         swaps = max(f0 + (int(cle[t - 1]) if t else 0), g0 - int(cge[t]))  # max(F(j - 1), G(j))
-        del v, cle, cge
         cut = min(self._position(lo, hi, before_le, swaps + 1, True, p) if swaps < n_le else hi,
                   self._position(lo, hi, before_ge, n_ge - swaps + 1, False, p) if swaps else hi)
         if swaps:  # the i-th stop of [lo, cut) from the left with the i-th of [cut, hi) from the right
@@ -183,10 +183,10 @@ class _Replay:
     def _position(self, lo: int, hi: int, before: torch.Tensor, rank: int, le: bool, p: float) -> int:
         """The position of the rank-th (1-based) stop of one scan, counted from ``lo``."""
         c = int(torch.searchsorted(before, rank)) - 1  # before[c] < rank <= before[c + 1]
-        clo = lo + c * CHUNK
-        v = self.read(clo, min(clo + CHUNK, hi))
-        ranks = torch.cumsum((v <= p) if le else (v >= p), 0, dtype=torch.int32)
-        return clo + int(torch.searchsorted(ranks, rank - int(before[c])))  # the first reaching that rank
+        blo = lo + c * _block()
+        v = self.read(blo, min(blo + _block(), hi))
+        ranks = torch.cumsum((v <= p) if le else (v >= p), 0)
+        return blo + int(torch.searchsorted(ranks, rank - int(before[c])))  # the first reaching that rank
 
     def _stops(self, lo: int, hi: int, le: bool, p: float) -> Iterator[torch.Tensor]:
         """The left scan's stops in [lo, hi) in order (``le``), or the right scan's from the end, chunk by chunk."""
@@ -197,3 +197,20 @@ class _Replay:
 
 def _slices(lo: int, hi: int) -> Iterator[slice]:
     return (slice(start, min(start + CHUNK, hi)) for start in range(lo, hi, CHUNK))
+
+
+def _block() -> int:
+    """Stops are counted per block of this many positions, a divisor of CHUNK: a rank is then found by
+    reading one block, not a chunk."""
+    return math.gcd(CHUNK, 4096)
+
+
+def _per_block(mask: torch.Tensor) -> torch.Tensor:
+    b = _block()
+    whole = mask.numel() // b * b
+    if b % 1024 == 0:  # a bool is a byte 0/1: sum 128 int64 words (no carry between their byte lanes), then the lanes
+        counts = mask[:whole].view(torch.int64).view(-1, 128).sum(1).view(torch.uint8).view(-1, b // 128).sum(1)
+    else:
+        counts = mask[:whole].view(torch.uint8).view(-1, b).sum(1)
+    return torch.cat([counts, torch.count_nonzero(mask[whole:]).view(1)]) if whole < mask.numel() else counts
+

@@ -17,6 +17,8 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from re import _constants as C  # noqa: N812 - the parser's own names, as in _backtracking
+from re import _parser
 
 import torch
 from torch import nn
@@ -72,13 +74,18 @@ class Pattern:
     regex: re.Pattern | None = None  # path and re: `.match(path)` says the path or a prefix matches
     literal: str = ""
     type_name: str = ""
+    ends: bool = False  # an re: with $ or \Z: `regex.match` cannot stop it at the end of a module path
 
     @property
     def body(self) -> str:
         return self.text[1:] if self.negate else self.text
 
     def matches(self, path: str) -> bool:
-        return self.regex.match(path) is not None
+        if not self.ends:  # one match tries every segment end: the regex ends with (?![^.])
+            return self.regex.match(path) is not None
+        # The name cut at each segment end (endpos: where $ matches), so 're:encoder$' selects the subtree.
+        ends = [i for i, c in enumerate(path) if c == "."] + [len(path)]
+        return any(self.regex.match(path, 0, end) for end in ends)
 
 
 def _fail(text: str, start: int, end: int, problem: str, hint: str) -> SelectionError:
@@ -195,6 +202,18 @@ def _regex(text: str, offset: int) -> re.Pattern:
     return compiled
 
 
+def _ends(items) -> bool:
+    """Whether a parsed regex asserts the end of the text ($, \\Z) anywhere."""
+    for op, av in items:
+        if op is C.AT and av in (C.AT_END, C.AT_END_STRING):
+            return True
+        for x in av if isinstance(av, (tuple, list)) else [av]:
+            parts = x if isinstance(x, list) else [x]  # a branch holds a list of alternatives
+            if any(isinstance(y, _parser.SubPattern) and _ends(y) for y in parts):
+                return True
+    return False
+
+
 @functools.lru_cache(maxsize=8192)
 def _parse(text: str) -> Pattern:
     if text.strip() == "":
@@ -204,7 +223,8 @@ def _parse(text: str) -> Pattern:
     if negate and text[1:2] in ("", "!"):
         raise _fail(text, 0, 2, "'!' must be followed by one selector", "Write '!head' to remove what 'head' matches.")
     if text.startswith("re:", offset):
-        return Pattern(text, negate, "re", regex=_regex(text, offset))
+        regex = _regex(text, offset)
+        return Pattern(text, negate, "re", regex=regex, ends=_ends(_parser.parse(text[offset + 3:])))
     if text.startswith("type:", offset):
         name = text[offset + 5:]
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name, flags=re.ASCII):

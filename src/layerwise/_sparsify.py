@@ -69,6 +69,13 @@ def prune_ranks(tau: torch.Tensor, lo: int, hi: int, *, smallest: bool = False) 
         tensor([ 0., -5.,  0.,  5.])
     """
     flat, n = tau.view(-1), tau.numel()
+    zeros = n - int(torch.count_nonzero(flat))  # (a nan counts as nonzero)
+    if smallest and lo <= zeros:  # ranks [0, lo) are zeros: multiplying them by 0 changes nothing
+        lo = 0
+    if not smallest and hi >= n - zeros:  # so are ranks [hi, n): a sparse task vector needs no selection
+        hi = n
+    if lo == 0 and hi == n:
+        return tau
     if n >= _REPLAY_MIN and tau.device.type == "cpu" and not flat.sum().isnan() and _replay_is_exact():
         idx = replay(n, _magnitudes(flat, smallest), [b for b in (lo, hi) if 0 < b < n])
         if idx is not None:  # the keys were only read: tau is untouched until here

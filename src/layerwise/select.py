@@ -201,7 +201,7 @@ class Walk:
     def _scan(self, pattern: Pattern, items: list[str], which: str) -> list[int]:
         """Indices of ``items`` the pattern matches; with a literal prefix, only the candidates that
         start with it (found by bisection in a sorted copy, built once per walk)."""
-        match = pattern.regex.match
+        match = pattern.matches if pattern.ends else pattern.regex.match
         if not pattern.literal or len(items) < 64:
             return [i for i, item in enumerate(items) if match(item)]
         if which not in self._sorted:

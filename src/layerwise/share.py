@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._tensors import named_tensor_groups, require_module
+from .errors import OptionTypeError
 from .select import SelectionError, closest
 
 __all__ = ["shared", "tie"]
@@ -56,6 +57,9 @@ def tie(model: nn.Module, target: str, source: str) -> list[str]:
         [['embed.weight', 'decoder.weight']]
     """
     require_module(model, "tie")
+    for what, name in (("target", target), ("source", source)):
+        if not isinstance(name, str):
+            raise OptionTypeError(f"tie: {what} is a parameter name or module path (a string), not {name!r:.100}")
     pairs = _pairs(model, target, source)
     params = dict(model.named_parameters(remove_duplicate=False))
     problems = []
