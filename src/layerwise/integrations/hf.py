@@ -124,7 +124,11 @@ class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
         if self._rows.metrics:
             metrics, self._rows.metrics = self._rows.metrics, {}
             if self.trainer is not None:
+                # Trainer.log ends in on_log, which clears control.should_log: the Trainer would then
+                # drop its own log of this step (loss, grad_norm, learning_rate).
+                should_log = control.should_log
                 self.trainer.log(metrics)
+                control.should_log = should_log
             else:
                 state.log_history.append({**metrics, "step": state.global_step})
         if control.should_evaluate:  # the Trainer evaluates right after this event
