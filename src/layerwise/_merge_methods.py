@@ -106,7 +106,7 @@ def _gta(name: str, summary: str, *, sparsify: str | None, consensus: bool, norm
         options.append(Option("gamma", 0.01, _number(0, 1), "fraction of the largest entries dropped as outliers",
                               per_model=True))
     if sparsify == "della_magprune":
-        options.append(Option("epsilon", 0.15, _number(0, 1, lo_open=True, hi_open=True),
+        options.append(Option("epsilon", 0.15, _number(0, 1, hi_open=True),  # 0: mergekit allows it
                               "half-width of the keep probabilities around density", per_model=True))
     if sparsify in ("random", "della_magprune"):
         options.append(_SEED)
