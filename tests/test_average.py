@@ -269,3 +269,12 @@ def test_a_wrapper_prefix_gets_a_hint():
 def test_dare_seed_must_be_an_integer():
     with pytest.raises(lw.MergeError, match="seed='x'"):
         lw.merge({"w": torch.zeros(2)}, [{"w": torch.ones(2)}], "dare", seed="x")
+
+
+def test_della_takes_epsilon_zero_as_mergekit_does():
+    # mergekit checks only that density ± epsilon stays in (0, 1): epsilon = 0 keeps each entry with p = density.
+    base, a, b = {"w": torch.zeros(6)}, {"w": torch.arange(6.0)}, {"w": -torch.ones(6)}
+    out = lw.merge(base, [a, b], "della_linear", weights=[0.5, 2.0], density=1.0, epsilon=0.0, scale=0.9)["w"]
+    assert torch.equal(out, 0.9 * (0.5 * torch.arange(6.0) + 2.0 * -torch.ones(6)))
+    kept = lw.merge(base, [a], "della_linear", density=0.5, epsilon=0.0, rescale=False)["w"]
+    assert set(kept.tolist()) <= set(range(6)) and 0 < (kept != 0).sum() < 6

@@ -321,6 +321,18 @@ def test_bad_method_and_options_are_refused_before_writing(tmp_path, three):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_complex_tensors_for_a_method_without_them_are_refused_before_writing(tmp_path, monkeypatch, method):
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for i, p in enumerate(paths):
+        lw.save({"w": torch.full((4,), float(i)), "z": torch.full((2,), 1j * i)}, p)
+    monkeypatch.setattr("layerwise.checkpoint.write", lambda *a, **k: pytest.fail("writing started"))
+    with pytest.raises(lw.MergeError, match=f"^z: {method} needs magnitudes"):
+        lw.merge_files(paths[1:], tmp_path / "o.safetensors", method, base=paths[0], density=0.5) if method == "ties" \
+            else lw.merge_files(paths[1:], tmp_path / "o.safetensors", method)
+    assert sorted(tmp_path.iterdir()) == paths
+
+
 KILL_CHILD = textwrap.dedent("""
     import os, signal, sys
     import layerwise.checkpoint as checkpoint

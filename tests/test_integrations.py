@@ -103,6 +103,42 @@ class _Metrics:
         return Keep()
 
 
+def test_lightning_grad_keys_log_what_lightnings_grad_norm_utility_gives(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities import grad_norm
+
+    from layerwise.integrations.lightning import LayerwiseCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.reference = nn.Linear(4, 8), nn.Linear(8, 2), {}
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.head(torch.relu(self.body(batch[0]))), batch[1])
+
+        def on_before_optimizer_step(self, optimizer):  # where Lightning's docs call grad_norm
+            self.reference[self.trainer.global_step] = {k: v.item() for k, v in grad_norm(self, norm_type=2).items()}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module, logger = Module(), _Metrics()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, logger=logger, log_every_n_steps=2,
+                         callbacks=[LayerwiseCallback(grad_monitor=True, grad_keys="lightning")],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(toy_data(), batch_size=8))  # 4 steps, logged at 0 and 2
+    logged = {step: {k: v for k, v in metrics.items() if k.startswith("grad_2.0_norm")}
+              for step, metrics in logger.steps.items()}
+    logged = {step: m for step, m in logged.items() if m}
+    assert list(logged) == [0, 2]
+    for step, metrics in logged.items():
+        assert metrics == pytest.approx(module.reference[step], rel=1e-5)
+    with pytest.raises(lw.OptionError, match="grad_keys='pl'"):
+        LayerwiseCallback(grad_keys="pl")
+
 def test_lightning_unfrozen_layers_get_columns_from_their_first_step_their_options_a_warmup_and_resume(tmp_path):
     import lightning.pytorch as pl
 
@@ -304,6 +340,8 @@ def test_hf_trainer_logs_unfrozen_layers_from_their_first_step_warms_them_up_and
 
     history = {row["step"]: row for row in trainer.state.log_history if "grad_norm/classifier.weight" in row}
     assert sorted(history) == [2, 4, 6, 8], "every logging_steps, on the Trainer's global step"
+    own = [r["step"] for r in trainer.state.log_history if {"loss", "grad_norm", "learning_rate"} <= r.keys()]
+    assert own == [2, 4, 6, 8], "the Trainer's own logs of those steps are kept (our log once cleared should_log)"
     assert [s for s in history if f"grad_norm/{layer0}" in history[s]] == [6, 8], "from its first trained step"
     monitored = {r["step"]: r["grad_norm"] for r in ours.monitor.history if r["layer"] == "classifier.weight"}
     assert {s: history[s]["grad_norm/classifier.weight"] for s in history} == monitored

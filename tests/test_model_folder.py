@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,3 +62,15 @@ def test_model_card_records_method_inputs_options_and_recipe():
                       version="0.2.0", recipe_text="merge_method: ties\n")
     assert "method `ties`" in card and "| `a` | `0123` |" in card and '"density": 0.5' in card
     assert "merge_method: ties" in card and card.startswith("---\n")
+
+
+@pytest.mark.parametrize("config", [b"{not json", b"[" * 100_000, b"\xff\xfe"])
+def test_a_source_config_that_cannot_be_read_fails_before_any_weight_is_written(tmp_path, monkeypatch, config):
+    src = tmp_path / "src"
+    src.mkdir()
+    lw.save({"w": torch.ones(2)}, src / "model.safetensors")
+    (src / "config.json").write_bytes(config)
+    monkeypatch.setattr("layerwise.checkpoint.write", lambda *a, **k: pytest.fail("writing started"))
+    with pytest.raises(lw.CheckpointError, match="config.json: not a JSON config"):
+        lw.merge_files([src, src], tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

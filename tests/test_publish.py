@@ -163,6 +163,19 @@ def test_overwriting_a_folder_keeps_files_the_writer_did_not_produce_and_drops_i
         {"config.json", "tokenizer.json", "extra", "model.safetensors.index.json"} | new_shards)
 
 
+def test_an_old_index_naming_files_that_are_not_weights_does_not_get_them_deleted(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text("my card")
+    (out / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "notes.txt", "b": "README.md", "c": "old.safetensors"}}')
+    (out / "old.safetensors").write_bytes(b"stale shard")
+    lw.save(NEW, out, max_shard_size=16, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "README.md").read_text() == "my card"
+    assert not (out / "old.safetensors").exists() and _same(lw.load(out), NEW)
+
+
 @pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["renameat2", "link-or-rename"])
 def test_without_overwrite_concurrent_writers_exactly_one_wins(tmp_path, monkeypatch, folder, kernel):

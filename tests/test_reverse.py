@@ -66,3 +66,17 @@ def test_a_bad_alpha_is_refused_by_name():
     with pytest.raises(lw.OptionError, match="alpha must be finite"):
         reverse.alpha = float("nan")
     assert reverse.alpha == 1.0
+
+
+@pytest.mark.parametrize("x, alpha, error, message", [
+    (torch.ones(2), "1", lw.OptionTypeError, "grad_reverse: alpha must be a real number"),
+    (torch.ones(2), float("nan"), lw.OptionError, "grad_reverse: alpha must be finite"),  # nan gradients before
+    (torch.ones(2), torch.ones(2), lw.OptionTypeError, "one-element real tensor"),
+    ([1.0, 2.0], 1.0, lw.OptionTypeError, "grad_reverse takes a tensor, got list"),
+])
+def test_the_function_refuses_a_bad_alpha_or_input_when_called_not_inside_backward(x, alpha, error, message):
+    with pytest.raises(error, match=message):
+        lw.grad_reverse(x.requires_grad_() if isinstance(x, torch.Tensor) else x, alpha)
+    y = torch.ones(2, requires_grad=True)
+    lw.grad_reverse(y, torch.tensor(0.5)).sum().backward()  # a 0-d tensor alpha, as GradReverse passes
+    assert y.grad.tolist() == [-0.5, -0.5]

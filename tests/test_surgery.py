@@ -317,3 +317,13 @@ def test_a_bad_scale_factor_is_refused_when_given_not_inside_backward(interleave
 def test_grad_hook_needs_a_callable(interleaved):
     with pytest.raises(lw.OptionTypeError, match="fn must be a callable"):
         lw.grad_hook(interleaved, "linear", fn="clamp")
+
+
+@pytest.mark.parametrize("result, got", [(lambda g: g.sum(), r"shape \(\)"), (lambda g: "clamped", "a str")])
+def test_a_hook_result_of_the_wrong_kind_is_named_with_its_parameter(result, got):
+    net = nn.Linear(2, 1)
+    hooks = lw.grad_hook(net, "weight", fn=lambda name, grad: result(grad))
+    with pytest.raises(lw.GradError, match=rf"grad_hook: fn returned {got} for 'weight'; return a tensor of the "
+                                           r"gradient's shape \(1, 2\)"):
+        net(torch.ones(1, 2)).sum().backward()
+    hooks.remove()

@@ -106,7 +106,7 @@ def _gta(name: str, summary: str, *, sparsify: str | None, consensus: bool, norm
         options.append(Option("gamma", 0.01, _number(0, 1), "fraction of the largest entries dropped as outliers",
                               per_model=True))
     if sparsify == "della_magprune":
-        options.append(Option("epsilon", 0.15, _number(0, 1, lo_open=True, hi_open=True),
+        options.append(Option("epsilon", 0.15, _number(0, 1, hi_open=True),  # 0: mergekit allows it
                               "half-width of the keep probabilities around density", per_model=True))
     if sparsify in ("random", "della_magprune"):
         options.append(_SEED)
@@ -199,6 +199,14 @@ def check_method(method: str | Method, *, has_base: bool, models: int) -> Method
             " (or a base and one model)" if m.name == "slerp" else ""
         raise MergeError(f"{m.name} merges {wanted} model{'s' * (lo != 1)}{extra}; got {models}")
     return m
+
+
+def check_complex(method: Method, keys: list[str]) -> None:
+    """Complex tensors (``keys``) only for the methods defined on them: checked before anything is written."""
+    if keys and not method.complex_ok:
+        raise MergeError(f"{', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}: {method.name} needs magnitudes, "
+                         "signs or angles, which complex tensors lack; merge complex tensors with linear, "
+                         "task_arithmetic or passthrough, or leave them out with select=")
 
 
 def describe_methods() -> str:

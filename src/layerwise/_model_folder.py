@@ -61,7 +61,9 @@ def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None, vo
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past the parser's depth
         raise CheckpointError(f"{path}: not a JSON config ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: not a JSON object")
@@ -141,7 +143,10 @@ def write_model_files(out: Path, config_from: Path | None, tokenizer_from: Path 
         written += [] if "chat_template.jinja" in written else ["chat_template.jinja"]
         config = out / "tokenizer_config.json"
         if "tokenizer_config.json" in written:  # a template kept there too would contradict the file
-            data = json.loads(config.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as e:
+                raise CheckpointError(f"{tokenizer_from / config.name}: not a JSON tokenizer config ({e})") from None
             if isinstance(data, dict) and data.pop("chat_template", None) is not None:
                 config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return sorted(written)
@@ -183,6 +188,8 @@ def folder_finisher(*, inputs: Sequence[tuple[Path, Checkpoint]], source: Path |
     from . import __version__
 
     digests = [(str(p), layout_digest(c.specs)) for p, c in inputs]
+    if source is not None:  # a config that cannot be read fails now, not after every weight is written
+        _config(source, dtype, layer_map, vocab_size)
 
     def finish(folder: Path) -> None:
         write_model_files(folder, source, tokenizer_source or source, dtype=dtype, layer_map=layer_map,

@@ -33,6 +33,7 @@ from pathlib import Path
 from .errors import CheckpointError, LayerwiseError, OptionTypeError, OutputExistsError
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # what a shard of an index can be
 _NOREPLACE, _EXCHANGE = 1, 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -107,7 +108,9 @@ def _products(folder: Path) -> set[str]:
         with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
             weight_map = json.loads((folder / index).read_text())["weight_map"]
             names.add(index)
-            names.update(s for s in weight_map.values() if isinstance(s, str) and "/" not in s)
+            # only weight files: an index is data, and one naming notes.txt must not get it deleted
+            names.update(s for s in weight_map.values()
+                         if isinstance(s, str) and "/" not in s and s.endswith(_WEIGHT_SUFFIXES))
     return names
 
 

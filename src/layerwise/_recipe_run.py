@@ -18,7 +18,7 @@ import torch
 
 from ._files import Checkpoint, Plan, open_checkpoints, parse_dtype, parse_size, write
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
-from ._merge_methods import ALIASES, Method, check_method, get_method
+from ._merge_methods import ALIASES, Method, check_complex, check_method, get_method
 from ._merge_options import resolve_options
 from ._model_folder import DEFAULT_SHARD, auto_chat_template, copy_source, folder_finisher, source_folder, vocabulary
 from ._term import byte_progress
@@ -174,6 +174,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
         jobs = _jobs(recipe, opened)
         vocab_size = _fit_vocabulary(recipe, jobs, opened)
         _check(jobs)
+        check_complex(method, [j.key for j in jobs if j.sources[0][0].specs[j.sources[0][1]][1].is_complex])
         entries, dtypes = [], {}
         for job in jobs:
             ckpt, key = job.sources[0]

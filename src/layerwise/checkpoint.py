@@ -36,7 +36,7 @@ from ._files import (
     write,
 )
 from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
-from ._merge_methods import check_method
+from ._merge_methods import check_complex, check_method
 from ._merge_options import merge_plan
 from ._merge_sliced import _slices
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
@@ -215,6 +215,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         per_key, chosen = merge_plan(m, keys, len(models), weights=weights, options=options,
                                      model_options=model_options, select=select)
         first = labelled[0]
+        check_complex(m, [k for k in keys if k in chosen and first.specs[k][1].is_complex])
         aliases = {a: s for a, s in first.aliases.items() if all(c.aliases.get(a) == s for c in labelled)}
         entries = []
         for k in keys:

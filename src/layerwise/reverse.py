@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import OptionTypeError
 from .surgery import finite_real
 
 __all__ = ["GradReverse", "grad_reverse"]
@@ -41,6 +42,14 @@ def grad_reverse(x: torch.Tensor, alpha: float | torch.Tensor = 1.0) -> torch.Te
         >>> x.grad
         tensor([-0.5000, -0.5000, -0.5000])
     """
+    # Checked here: inside backward a bad alpha would give nan gradients or a raw torch error.
+    if not isinstance(x, torch.Tensor):
+        raise OptionTypeError(f"grad_reverse takes a tensor, got {type(x).__name__}")
+    if not isinstance(alpha, torch.Tensor):
+        alpha = finite_real("grad_reverse", "alpha", alpha)
+    elif alpha.numel() != 1 or alpha.is_complex():
+        raise OptionTypeError(f"grad_reverse: alpha must be a real number or a one-element real tensor, "
+                              f"got a {alpha.dtype} tensor of shape {tuple(alpha.shape)}")
     return _GradReverse.apply(x, alpha)
 
 

@@ -261,7 +261,15 @@ def grad_hook(model: nn.Module, *selectors: Selector,
     """
     if not callable(fn):
         raise OptionTypeError(f"grad_hook: fn must be a callable (name, grad) -> grad or None, got {type(fn).__name__}")
-    return GradHooks(trainable(model, selectors, "grad_hook"), fn)
+
+    def checked(name: str, grad: torch.Tensor) -> torch.Tensor | None:
+        out = fn(name, grad)  # autograd would name neither the parameter nor the hook of a bad result
+        if out is not None and not (isinstance(out, torch.Tensor) and out.shape == grad.shape):
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise GradError(f"grad_hook: fn returned {got} for {name!r}; return a tensor of the gradient's shape "
+                            f"{tuple(grad.shape)}, or None to keep the gradient")
+        return out
+    return GradHooks(trainable(model, selectors, "grad_hook"), checked)
 
 
 def scale_grad(model: nn.Module, *selectors: Selector, factor: float) -> GradScale:

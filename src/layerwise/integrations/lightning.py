@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import MissingExtraError, StateError
+from ..errors import MissingExtraError, OptionError, StateError
 
 try:
     import lightning.pytorch as pl
@@ -19,16 +20,22 @@ __all__ = ["LayerwiseCallback"]
 
 
 class _LoggerSink:
-    """Send the monitor's rows to the Trainer's loggers as ``grad_norm/<layer>``-style metrics."""
+    """Send the monitor's rows to the Trainer's loggers as ``grad_norm/<layer>``-style metrics, or
+    with ``lightning_keys`` under the keys of Lightning's ``utilities.grad_norm(module, 2)``."""
 
     histograms = False
 
-    def __init__(self, trainer: pl.Trainer, plan: Plan):
-        self.trainer, self.plan = trainer, plan
+    def __init__(self, trainer: pl.Trainer, plan: Plan, lightning_keys: bool = False):
+        self.trainer, self.plan, self.lightning_keys = trainer, plan, lightning_keys
 
     def write(self, step: int, rows: list[dict[str, Any]], histograms: Any = None) -> None:
-        metrics = {f"{key}/{row['layer']}": value for row in self.plan.trained_rows(rows) for key, value in row.items()
+        rename = {"grad_norm": "grad_2.0_norm"} if self.lightning_keys else {}
+        trained = self.plan.trained_rows(rows)
+        metrics = {f"{rename.get(key, key)}/{row['layer']}": value for row in trained for key, value in row.items()
                    if isinstance(value, float)}
+        norms = [row["grad_norm"] for row in trained if isinstance(row.get("grad_norm"), float)]
+        if self.lightning_keys and norms:  # Lightning's total: the norm of all gradients as one vector
+            metrics["grad_2.0_norm_total"] = math.sqrt(math.fsum(n * n for n in norms))
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
@@ -53,7 +60,10 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
     ``grad_monitor``: ``True`` (every ``log_every_n_steps``), ``every`` as an int, or
     :class:`~layerwise.GradMonitor` keyword arguments (``select=`` for selectors); rows go to the
     Trainer's loggers as ``grad_norm/<layer>``-style metrics, a layer the schedule unfreezes from
-    its first trained step. ``ema``: a decay or :class:`~layerwise.EMA` keyword arguments; the EMA
+    its first trained step; ``grad_keys="lightning"`` logs the norms under the keys of Lightning's
+    ``grad_norm(module, norm_type=2)``: ``grad_2.0_norm/<layer>`` and ``grad_2.0_norm_total``. The
+    values are the gradients the optimizer applies, after ``gradient_clip_val`` clips them; Lightning's
+    ``grad_norm`` in ``on_before_optimizer_step`` is taken before clipping (equal without it). ``ema``: a decay or :class:`~layerwise.EMA` keyword arguments; the EMA
     is updated after every optimizer step and its weights are swapped in for validation;
     ``ema_apply_at_end=True`` leaves them in the model when training ends. EMA, unfreezing and
     warm-up progress are saved in checkpoints.
@@ -69,7 +79,12 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
                  unfreeze_options: Mapping[str, Any] | None = None,
                  grad_monitor: bool | int | Mapping[str, Any] | None = None,
                  ema: float | Mapping[str, Any] | None = None, *, unfreeze_warmup_steps: int = 0,
-                 unfreeze_warmup_ratio: float = 0.1, ema_apply_at_end: bool = False):
+                 unfreeze_warmup_ratio: float = 0.1, ema_apply_at_end: bool = False,
+                 grad_keys: Literal["layerwise", "lightning"] = "layerwise"):
+        if grad_keys not in ("layerwise", "lightning"):
+            raise OptionError(f"grad_keys={grad_keys!r}: 'layerwise' (grad_norm/<layer>) or 'lightning' "
+                              "(grad_2.0_norm/<layer> and grad_2.0_norm_total, as lightning's grad_norm utility)")
+        self.grad_keys = grad_keys
         self.plan = Plan(freeze, unfreeze_schedule, unfreeze_options, grad_monitor, ema,
                          unfreeze_warmup_steps=unfreeze_warmup_steps, unfreeze_warmup_ratio=unfreeze_warmup_ratio,
                          ema_apply_at_end=ema_apply_at_end)
@@ -81,7 +96,7 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
             raise StateError("LayerwiseCallback needs the optimizer that configure_optimizers returns: return one.")
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         # Monitor steps count as Lightning's logging step does: the optimizer steps taken before.
-        self.plan.optimizer_ready(pl_module, optimizer, schedulers, sinks=[_LoggerSink(trainer, self.plan)],
+        self.plan.optimizer_ready(pl_module, optimizer, schedulers, sinks=[_LoggerSink(trainer, self.plan, self.grad_keys == "lightning")],
                                   step=trainer.global_step, every=max(1, trainer.log_every_n_steps))
         self._last_step = trainer.global_step
 
