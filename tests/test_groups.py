@@ -155,6 +155,16 @@ def test_group_matcher_numbers_layers_as_timm_on_every_parameter(cls):
     assert layer_of(groups) == {n: top - layer(n) for n, _ in model.named_parameters()}
 
 
+@pytest.mark.parametrize(("cls", "layers"), [(TimmViT, "blocks.*"), (TimmConvNeXt, "stages.*.blocks.*")],
+                         ids=["vit", "convnext"])
+def test_block_pattern_numbers_a_timm_model_as_its_group_matcher(cls, layers):
+    # Between blocks (a stage's downsample) is the next block's layer; the final norm is the blocks'
+    # container's sibling (norm_pre), a norm inside the head (head.norm) stays with the head.
+    model = cls()
+    groups = lw.param_groups(model, lr=1.0, layer_decay=0.5, layers=layers, no_decay=None)
+    layer, top = TIMM_LAYERS[cls]
+    assert layer_of(groups) == {n: top - layer(n) for n, _ in model.named_parameters()}
+
 def test_group_matcher_leaves_frozen_parameters_out_of_the_numbering():
     # timm #2691: a frozen module numbered after the blocks pushed every trained layer one scale down.
     model = TimmViT()

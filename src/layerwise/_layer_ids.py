@@ -97,7 +97,8 @@ def _ordinal(spec: Mapping[str, Any] | Callable[[str], Any]) -> Callable[[str], 
 
 
 def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tuple[dict[str, int], int]:
-    """Blocks 1..L in model order; before the first 0; the norms right after the last L; the rest L + 1."""
+    """Blocks 1..L in model order; before the first 0; between two blocks the later one's; the
+    final norm right after the last L; the rest L + 1."""
     if not isinstance(layers, str) or parse(layers).kind == "re":
         raise SelectionError(f"layers={layers!r} must be a module path pattern like 'encoder.layers.*' "
                              "or a type selector like 'type:TransformerEncoderLayer'")
@@ -127,17 +128,28 @@ def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tup
         raise SelectionError(f"layers={layers!r} matches no numbered blocks of {type(model).__name__}; "
                              "give the pattern of the repeated blocks, e.g. 'encoder.layers.*' or 'blocks.*'")
     top = len(order)
+    # The final norm is a sibling of the blocks' container (ViT's norm, ConvNeXt's norm_pre, a
+    # Llama's model.norm); a norm inside the head (ConvNeXt's head.norm) stays with the head, as in timm.
+    paths = [k.split(".") for k in order]
+    common: list[str] = []
+    for segments in zip(*paths):
+        if len(set(segments)) > 1:
+            break
+        common.append(segments[0])
+    container = paths[0][:-1] if len(paths) == 1 else common  # e.g. blocks, stages, model.layers
+    outer = ".".join(container[:-1])
     ids: dict[str, int] = {}
     seen, after_top = 0, False
     for name, layer, is_norm in assigned:
         if layer is not None:
             seen, after_top = layer, False
-        elif seen == top and not after_top and is_norm:
-            layer = top  # the final norm closes the last block (timm's MATCH_PREV_GROUP for ViTs)
+        elif seen == top and not after_top and is_norm and name.rpartition(".")[0].rpartition(".")[0] == outer:
+            layer = top  # the final norm closes the last block (timm's MATCH_PREV_GROUP)
         else:
             after_top = seen == top
-            # Before the first block: embeddings (0). Between blocks: the block before. After: the head.
-            layer = 0 if seen == 0 else top + 1 if seen == top else seen
+            # Before the first block: embeddings (0). Between blocks (a stage's downsample): the block
+            # after, as timm's staged models number them. After the last: the head.
+            layer = 0 if seen == 0 else top + 1 if seen == top else seen + 1
         if name in trainable:
             ids[name] = layer
     return ids, top + 1

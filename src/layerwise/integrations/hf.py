@@ -43,7 +43,8 @@ class _Rows:
 class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
     """Freeze, unfreeze on a schedule, monitor gradients and keep an EMA inside ``transformers.Trainer``.
 
-    The options are those of :class:`layerwise.integrations.lightning.LayerwiseCallback`.
+    The options are those of :class:`layerwise.integrations.lightning.LayerwiseCallback` (but
+    ``grad_keys``: metrics here are named like the Trainer's own ``grad_norm``).
     ``freeze`` applies when training starts, once the Trainer has built its optimizer: the
     frozen parameters stay in it, skipped while they get no gradient, so unfreezing at the
     start of a scheduled epoch needs no new param group and leaves the LR scheduler alone.
@@ -57,7 +58,9 @@ class LayerwiseTrainerCallback(PlanAccess, TrainerCallback):
     they reach every ``report_to`` integration and ``trainer.state.log_history``; a callback
     needs the trainer for that: ``trainer.add_callback(LayerwiseTrainerCallback(..., trainer=trainer))``
     (without it they reach ``log_history`` only). Layers the schedule unfreezes are logged
-    from their first trained step. Rows are also in ``callback.monitor.history``.
+    from their first trained step. Rows are also in ``callback.monitor.history``. They measure the
+    gradients the optimizer applies, after ``max_grad_norm`` clipping; the Trainer's ``grad_norm``
+    is the total before clipping (the two agree when nothing is clipped).
 
     The EMA is updated after every optimizer step and swapped in for the evaluations the
     Trainer runs during training, then swapped out; ``ema_apply_at_end=True`` leaves its

@@ -61,7 +61,9 @@ class LayerwiseCallback(PlanAccess, pl.Callback):
     :class:`~layerwise.GradMonitor` keyword arguments (``select=`` for selectors); rows go to the
     Trainer's loggers as ``grad_norm/<layer>``-style metrics, a layer the schedule unfreezes from
     its first trained step; ``grad_keys="lightning"`` logs the norms under the keys of Lightning's
-    ``grad_norm(module, norm_type=2)``: ``grad_2.0_norm/<layer>`` and ``grad_2.0_norm_total``. ``ema``: a decay or :class:`~layerwise.EMA` keyword arguments; the EMA
+    ``grad_norm(module, norm_type=2)``: ``grad_2.0_norm/<layer>`` and ``grad_2.0_norm_total``. The
+    values are the gradients the optimizer applies, after ``gradient_clip_val`` clips them; Lightning's
+    ``grad_norm`` in ``on_before_optimizer_step`` is taken before clipping (equal without it). ``ema``: a decay or :class:`~layerwise.EMA` keyword arguments; the EMA
     is updated after every optimizer step and its weights are swapped in for validation;
     ``ema_apply_at_end=True`` leaves them in the model when training ends. EMA, unfreezing and
     warm-up progress are saved in checkpoints.
