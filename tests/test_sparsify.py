@@ -30,18 +30,20 @@ def tie_heavy(kind, n, g):
 
 @settings(max_examples=120, deadline=None)
 @given(st.sampled_from(["small integers", "bf16 differences", "mostly zeros", "all equal", "periodic"]),
-       st.integers(1, 3000), st.floats(0, 1), st.floats(0, 1), st.booleans(),
+       st.integers(1, 3000), st.floats(0, 1), st.floats(0, 1), st.booleans(), st.booleans(),
        st.sampled_from([(64, 1), (256, 32), (1 << 20, 1 << 15)]), st.integers(0, 2**16))
-def test_pruning_keeps_the_ranks_torch_s_unstable_sort_gives_among_ties(kind, n, a, b, smallest, sizes, seed):
-    # Ties at the boundaries, segments counted chunk by chunk or read whole, one boundary (TIES) or
-    # two (breadcrumbs' slice of the ascending order): always argsort's own choice, ties included.
+def test_pruning_keeps_the_ranks_torch_s_unstable_sort_gives_among_ties(kind, n, a, b, smallest, outside, sizes, seed):
+    # Ties at the boundaries, segments counted chunk by chunk or read whole, keys kept whole or read through
+    # the index, one boundary (TIES) or two (breadcrumbs' slice of the ascending order): always argsort's
+    # own choice, ties included.
     x = tie_heavy(kind, n, torch.Generator().manual_seed(seed))
     lo, hi = sorted((int(a * n), int(b * n)))
     with mock.patch.object(_replay, "CHUNK", sizes[0]), mock.patch.object(_replay, "_SMALL", sizes[1]), \
-            mock.patch.object(_sparsify, "_REPLAY_MIN", 1):
-        idx = replay(n, _sparsify._magnitudes(x, smallest), [lo, hi])  # None: std::sort would heapsort
+            mock.patch.object(_sparsify, "_REPLAY_MIN", 1):  # up to 8 chunks the keys are kept whole
+        idx = replay(n, _sparsify._magnitudes(x, smallest), lo, hi, outside=outside)  # None: std::sort would heapsort
         order = torch.argsort(x.abs(), descending=not smallest)
-        assert idx is None or torch.equal(idx[lo:hi].sort().values.long(), order[lo:hi].sort().values)
+        parts = [(lo, hi), (0, lo), (hi, n)] if outside else [(lo, hi)]
+        assert idx is None or all(torch.equal(idx[i:j].sort().values.long(), order[i:j].sort().values) for i, j in parts)
         assert torch.equal(prune_ranks(x.clone(), lo, hi, smallest=smallest), pruned(x, lo, hi, smallest))
 
 
@@ -51,7 +53,7 @@ def test_the_replay_of_long_segments_equals_argsort(kind):
     n = 2 * _replay.CHUNK + 12_288  # counted chunk by chunk, then read whole, then through stop positions
     x = tie_heavy(kind, n, g).view(-1, 64)
     for lo, hi, smallest in ((0, 1, False), (0, n // 2, False), (0, n - 1, False), (n // 10, n - n // 20, True)):
-        idx = replay(n, _sparsify._magnitudes(x.view(-1), smallest), [lo, hi])
+        idx = replay(n, _sparsify._magnitudes(x.view(-1), smallest), lo, hi)
         order = torch.argsort(x.abs().view(-1), descending=not smallest)
         assert torch.equal(idx[lo:hi].sort().values.long(), order[lo:hi].sort().values), (lo, hi)
         assert torch.equal(prune_ranks(x.clone(), lo, hi, smallest=smallest), pruned(x, lo, hi, smallest))
@@ -65,7 +67,7 @@ def test_the_replay_reads_the_keys_and_holds_one_index_vector():
         seen.append(where.numel() if isinstance(where, torch.Tensor) else where.stop - where.start)
         return x[where].abs() if isinstance(where, slice) else x.index_select(0, where).abs_()
 
-    idx = replay(x.numel(), keys, [1000])
+    idx = replay(x.numel(), keys, 0, 1000)
     assert idx.dtype == torch.int32 and idx.numel() == x.numel()
     assert torch.equal(idx[:1000].sort().values.long(), torch.argsort(x.abs(), descending=True)[:1000].sort().values)
     assert max(seen) <= _replay.CHUNK
@@ -78,11 +80,11 @@ def test_pruning_falls_back_to_argsort_for_nan_a_depth_limit_and_another_sort(mo
     x[3, 4] = float("nan")  # torch's comparator puts nan first: argsort decides (and the nan stays)
     assert torch.equal(prune_ranks(x.clone(), 0, 40_000).nan_to_num(7.0), pruned(x, 0, 40_000).nan_to_num(7.0))
     x[3, 4] = 1.0
-    monkeypatch.setattr(_sparsify, "replay", lambda *a: None)  # the introsort's depth limit: heapsort
+    monkeypatch.setattr(_sparsify, "replay", lambda *a, **k: None)  # the introsort's depth limit: heapsort
     assert torch.equal(prune_ranks(x.clone(), 0, 40_000), pruned(x, 0, 40_000))
     calls = []
     monkeypatch.setattr(_sparsify, "_replay_is_exact", lambda: False)
-    monkeypatch.setattr(_sparsify, "replay", lambda *a: calls.append(a))
+    monkeypatch.setattr(_sparsify, "replay", lambda *a, **k: calls.append(a))
     assert torch.equal(prune_ranks(x.clone(), 0, 40_000), pruned(x, 0, 40_000)) and not calls
 
 

@@ -153,9 +153,8 @@ def _welford(xs: list[torch.Tensor]) -> torch.Tensor:
 @functools.cache
 def _welford_is_exact(models: int) -> bool:
     g = torch.Generator().manual_seed(models)
-    xs = [torch.randn(4099, generator=g).mul_(10.0 ** (i - 2)).bfloat16().float() for i in range(models)]
-    xs.append(torch.randint(-3, 4, (4099,), generator=g).float())
-    xs = xs[-models:]
+    xs = [torch.randn(4099, generator=g).mul_(10.0 ** (i - 2)).bfloat16().float() for i in range(models - 1)]
+    xs = [*xs, torch.randint(-3, 4, (4099,), generator=g).float()]  # (small integers: exact ties)
     return torch.equal(_welford(xs), torch.var(torch.stack(xs), dim=0, unbiased=False))
 
 
@@ -170,14 +169,14 @@ def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float
     """
     n, keys = b.numel(), _variance(flat, b)
     nonzero, finite = 0, True
-    for s in _slices(n):
+    for s in _slices(n, max(1, _SLICE // 4)):  # (quarter slices: the variance's float64 temporaries)
         v = keys(s)
         nonzero += int(torch.count_nonzero(v))
         finite = finite and not v.sum().isnan()
     k = int(nonzero * fraction)
     idx = None
     if k * 64 > n and b.device.type == "cpu" and finite and _select_is_exact():
-        idx = replay(n, keys, [k], SELECT_LEAF)
+        idx = replay(n, keys, 0, k, SELECT_LEAF)
     if idx is None and k:
         idx = torch.cat([keys(s) for s in _slices(n)]).topk(k).indices
     bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=b.device)
@@ -202,7 +201,7 @@ def _select_is_exact() -> bool:
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 64, (50_000,), generator=g).float()
     for k in (1000, 25_000, 49_990):
-        idx = replay(values.numel(), lambda w: values[w].clone(), [k], SELECT_LEAF)
+        idx = replay(values.numel(), lambda w: values[w].clone(), 0, k, SELECT_LEAF)
         if idx is None or not torch.equal(idx[:k].sort().values.long(), values.topk(k).indices.sort().values):
             return False
     return True
@@ -369,18 +368,15 @@ def nuslerp_rows(t: float, x0: torch.Tensor, x1: torch.Tensor, base: torch.Tenso
     block of rows: whole rows give the per-row numbers to the bit; along dim 0 over several blocks the
     sums of the blocks are added in float64."""
     shape, out = x0.shape, torch.empty_like(x0)
-    if not row_wise or x0.ndim < 2:
-        width = shape[-1] if x0.ndim else 1
-        mats = [x.reshape(-1, width) if x is not None else None for x in (x0, x1, base, out)]
-    else:
-        mats = [x.reshape(shape[0], -1) if x is not None else None for x in (x0, x1, base, out)]
-    m0, m1, mb, mo = mats
+    by_row = not row_wise or x0.ndim < 2  # rows of the last dimension, else columns along dim 0
+    rows, width = (-1, shape[-1] if x0.ndim else 1) if by_row else (shape[0], -1)
+    m0, m1, mb, mo = (x.reshape(rows, width) if x is not None else None for x in (x0, x1, base, out))
     blocks = list(_slices(m0.shape[0], max(1, _SLICE // m0.shape[1])))
 
     def v(m: torch.Tensor, s: slice) -> torch.Tensor:
         return m[s] - mb[s] if mb is not None else m[s]
 
-    if not row_wise or x0.ndim < 2 or len(blocks) == 1:  # each angle's reductions within one block
+    if by_row or len(blocks) == 1:  # each angle's reductions within one block
         for s in blocks:
             r = _nuslerp_pair(t, v(m0, s).view(-1, *shape[1:]), v(m1, s).view(-1, *shape[1:]), row_wise)
             r = r.reshape(-1, m0.shape[1])

@@ -6,7 +6,7 @@ mergekit picks the entries to keep with ``torch.argsort(...)[:k]`` (TIES, breadc
 three, Hoare's unguarded partition, the same depth limit) but only of the ranges that hold a boundary,
 so it costs a selection, not a sort. Its one tensor of the input's length is the permutation ``idx``
 (int32 below 2**31 entries): the sort keys are read through it chunk by chunk (``keys``), never copied,
-and the swaps are found from counts per chunk, so every other temporary is a chunk's.
+and the swaps are found from counts of stops per block, so every other temporary is a chunk's.
 """
 
 from __future__ import annotations
@@ -24,19 +24,30 @@ SELECT_LEAF = 3  # std::nth_element's: its loop runs while last - first > 3
 Keys = Callable[[slice | torch.Tensor], torch.Tensor]  # positions -> a new float32 tensor of their sort keys
 
 
-def replay(n: int, keys: Keys, bounds: Sequence[int], leaf: int = SORT_LEAF) -> torch.Tensor | None:
-    """A permutation ``idx`` of ``range(n)`` whose first ``b`` entries, for each ``b`` in ``bounds``, are the
-    positions a descending libstdc++ introsort (``leaf=SORT_LEAF``) or introselect (``SELECT_LEAF``) of the
-    keys puts first. ``keys(where)`` (a slice, or an index tensor) returns the keys at those positions of
-    the input; they must not be nan. None where the library would switch to heapsort (its depth limit:
-    adversarial inputs only), so the caller falls back to torch's own sort.
+def replay(n: int, keys: Keys, lo: int, hi: int, leaf: int = SORT_LEAF, *, outside: bool = False
+           ) -> torch.Tensor | None:
+    """A permutation ``idx`` of ``range(n)`` whose entries [lo, hi) are the positions that a descending
+    libstdc++ introsort (``leaf=SORT_LEAF``) or introselect (``SELECT_LEAF``) of the keys puts at ranks
+    [lo, hi); with ``outside``, idx[:lo] and idx[hi:] hold the others' too (else only as a set, together).
+    ``keys(where)`` (a slice, or an index tensor) returns the keys at those positions of the input; they
+    must not be nan. None where the library would switch to heapsort (its depth limit: adversarial
+    inputs only), so the caller falls back to torch's own sort.
 
     Example:
         >>> x = torch.tensor([3.0, 1.0, 3.0, 2.0])
-        >>> replay(4, lambda w: x[w].clone(), [2]).tolist()[:2]
+        >>> replay(4, lambda w: x[w].clone(), 0, 2).tolist()[:2]
         [0, 2]
     """
-    r = _Replay(n, keys, bounds)
+    bounds = [b for b in (lo, hi) if 0 < b < n]
+    r = _Replay(n, keys, bounds, (lo, hi, outside))
+    if n <= kept():  # the keys of a tensor this small are kept whole (working memory) and permuted along
+        step = max(1, CHUNK // 4)  # (quarter chunks: the keys' own temporaries stay small beside them)
+        first = keys(slice(0, min(n, step)))
+        whole = torch.empty(n, dtype=first.dtype, device=first.device)
+        whole[:first.numel()] = first
+        for s in _slices(first.numel(), n, step):
+            whole[s] = keys(s)
+        r.cache = 0, n, whole
     # (first, last, depth limit left): the ranges that hold a bound, the only ones partitioned further
     segments = [(0, n, 2 * (n.bit_length() - 1))] if any(0 < b < n for b in bounds) else []
     while segments:
@@ -55,11 +66,13 @@ class _Replay:
     """The permutation of one replay. Until the first partition is done it is the identity but for the
     pivot's swap, so that partition (the longest) reads the keys in place, not through ``idx``."""
 
-    def __init__(self, n: int, keys: Keys, bounds: Sequence[int]) -> None:
-        self.n, self.keys, self.bounds, self.idx = n, keys, bounds, None
+    def __init__(self, n: int, keys: Keys, bounds: Sequence[int], wanted: tuple[int, int, bool]) -> None:
+        self.n, self.keys, self.bounds, self.wanted, self.idx = n, keys, bounds, wanted, None
         self.sides = (True, True)  # whether the keys of the partition's left and right sides are read again
+        self.kept = (True, True)  # whether their positions are (partitioned again, or ranks wanted)
         self.moved, self.key0 = -1, None  # the root's pivot swap: position moved holds entry 0's key
         self.cache: tuple[int, int, torch.Tensor] | None = None  # the last range read, until idx changes
+        self.masks: tuple[int, torch.Tensor, torch.Tensor] | None = None  # a one-chunk partition's stops
 
     def index(self) -> torch.Tensor:
         if self.idx is None:
@@ -120,9 +133,11 @@ class _Replay:
 
     def _swap(self, lpos: torch.Tensor, rpos: torch.Tensor) -> None:
         """Exchange the entries at positions lpos[i] and rpos[i] (all of lpos before all of rpos)."""
-        moved = self.idx.index_select(0, lpos)
-        self.idx.index_copy_(0, lpos, self.idx.index_select(0, rpos))
-        self.idx.index_copy_(0, rpos, moved)
+        moved = self.idx.index_select(0, lpos) if self.kept[1] else None
+        if self.kept[0]:
+            self.idx.index_copy_(0, lpos, self.idx.index_select(0, rpos))
+        if moved is not None:
+            self.idx.index_copy_(0, rpos, moved)
         if self._covered(int(lpos[0]), int(rpos[0]) + 1) is not None:  # the cached keys move with them
             lo, _, v = self.cache  # (only to a side that is partitioned again: the other is never read)
             lpos, rpos = (lpos - lo, rpos - lo) if lo else (lpos, rpos)
@@ -152,9 +167,13 @@ class _Replay:
                 self._swap(lpos[:swaps].add_(lo), rpos[:swaps].add_(lo))
             return lo + cut
         counts = [torch.zeros(1, 2, dtype=torch.int64)]
+        self.masks = None
         for s in _slices(lo, hi):  # stops per block (blocks tile the chunks; only the last one is short)
             v = self.read(s.start, s.stop)
-            counts.append(torch.stack([_per_block(v <= p), _per_block(v >= p)], 1))
+            le, ge = v <= p, v >= p
+            counts.append(torch.stack([_per_block(le), _per_block(ge)], 1))
+        if m <= CHUNK:  # one chunk: its stops are searched and gathered from these masks
+            self.masks = lo, le, ge
         before = torch.cat(counts).cumsum(0)  # stops of each scan before each block boundary
         before_le, before_ge = before[:, 0].contiguous(), before[:, 1].contiguous()
         n_le, n_ge = int(before_le[-1]), int(before_ge[-1])
@@ -164,8 +183,7 @@ class _Replay:
         if c == 0:  # no key >= p (impossible with a median pivot): no swap, the cut at the first key <= p
             return self._position(lo, hi, before_le, 1, True, p) if n_le else hi
         blo = lo + (c - 1) * _block()
-        v = self.read(blo, min(blo + _block(), hi))
-        cle, cge = torch.cumsum(v <= p, 0), torch.cumsum(v >= p, 0)
+        cle, cge = (torch.cumsum(self._stopped(blo, min(blo + _block(), hi), le, p), 0) for le in (True, False))
         f0, g0 = int(before_le[c - 1]), n_ge - int(before_ge[c - 1])
         t = int(torch.searchsorted((f0 - g0) + cle + cge, 0))  # F - G at j = blo + 1 + t first reaches 0
         swaps = max(f0 + (int(cle[t - 1]) if t else 0), g0 - int(cge[t]))  # max(F(j - 1), G(j))
@@ -186,25 +204,39 @@ class _Replay:
         return cut
 
     def _goes_on(self, first: int, cut: int, last: int) -> None:
+        """Which sides are partitioned again (their keys are read), and which positions are still wanted:
+        a side that is not partitioned again lies within the wanted ranks or outside them."""
         self.sides = (any(first < b < cut for b in self.bounds), any(cut < b < last for b in self.bounds))
+        lo, hi, outside = self.wanted
+        self.kept = (self.sides[0] or outside or lo <= first and cut <= hi,
+                     self.sides[1] or outside or lo <= cut and last <= hi)
 
     def _position(self, lo: int, hi: int, before: torch.Tensor, rank: int, le: bool, p: float) -> int:
         """The position of the rank-th (1-based) stop of one scan, counted from ``lo``."""
         c = int(torch.searchsorted(before, rank)) - 1  # before[c] < rank <= before[c + 1]
         blo = lo + c * _block()
-        v = self.read(blo, min(blo + _block(), hi))
-        ranks = torch.cumsum((v <= p) if le else (v >= p), 0)
+        ranks = torch.cumsum(self._stopped(blo, min(blo + _block(), hi), le, p), 0)
         return blo + int(torch.searchsorted(ranks, rank - int(before[c])))  # the first reaching that rank
 
     def _stops(self, lo: int, hi: int, le: bool, p: float) -> Iterator[torch.Tensor]:
         """The left scan's stops in [lo, hi) in order (``le``), or the right scan's from the end, chunk by chunk."""
-        for s in (_slices(lo, hi) if le else reversed(list(_slices(lo, hi)))):
-            v = self.read(s.start, s.stop)
-            yield (v <= p).nonzero().squeeze(1).add_(s.start) if le else (v >= p).nonzero().squeeze(1).flip(0).add_(s.start)
+        step = max(1, CHUNK // 4)  # a quarter chunk: their int64 positions take 2 MB
+        for s in (_slices(lo, hi, step) if le else reversed(list(_slices(lo, hi, step)))):
+            at = self._stopped(s.start, s.stop, le, p).nonzero().squeeze(1).add_(s.start)
+            yield at if le else at.flip(0)
+
+    def _stopped(self, lo: int, hi: int, le: bool, p: float) -> torch.Tensor:
+        """Where the left scan (``le``: keys <= p) or the right one (keys >= p) stops in [lo, hi)."""
+        if self.masks is not None and self.masks[0] <= lo:
+            start, whole_le, whole_ge = self.masks
+            return (whole_le if le else whole_ge)[lo - start:hi - start]
+        v = self.read(lo, hi)
+        return v <= p if le else v >= p
 
 
-def _slices(lo: int, hi: int) -> Iterator[slice]:
-    return (slice(start, min(start + CHUNK, hi)) for start in range(lo, hi, CHUNK))
+def _slices(lo: int, hi: int, step: int | None = None) -> Iterator[slice]:
+    step = step or CHUNK
+    return (slice(start, min(start + step, hi)) for start in range(lo, hi, step))
 
 
 def _block() -> int:
@@ -220,5 +252,10 @@ def _per_block(mask: torch.Tensor) -> torch.Tensor:
         counts = mask[:whole].view(torch.int64).view(-1, 128).sum(1).view(torch.uint8).view(-1, b // 128).sum(1)
     else:
         counts = mask[:whole].view(torch.uint8).view(-1, b).sum(1)
-    return torch.cat([counts, torch.count_nonzero(mask[whole:]).view(1)]) if whole < mask.numel() else counts
+    return torch.cat([counts, mask[whole:].sum().view(1)]) if whole < mask.numel() else counts
+
+
+def kept() -> int:
+    """Up to this many keys (32 MB of float32: working memory) are read once and kept, not read per partition."""
+    return 8 * CHUNK
 

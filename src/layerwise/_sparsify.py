@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import _replay
 from ._merge_sliced import _slices
 from ._replay import Keys, replay
 
@@ -77,8 +78,16 @@ def prune_ranks(tau: torch.Tensor, lo: int, hi: int, *, smallest: bool = False) 
     if lo == 0 and hi == n:
         return tau
     if n >= _REPLAY_MIN and tau.device.type == "cpu" and not flat.sum().isnan() and _replay_is_exact():
-        idx = replay(n, _magnitudes(flat, smallest), [b for b in (lo, hi) if 0 < b < n])
-        if idx is not None:  # the keys were only read: tau is untouched until here
+        small = n <= _replay.kept()  # its keys and a mask of it fit in the working memory
+        idx = replay(n, _magnitudes(flat, smallest), lo, hi, outside=not small)
+        if idx is not None and small:  # the keys were only read: tau is untouched until here
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[idx[lo:hi]] = True
+            del idx
+            for s in _slices(n, _CHUNK):  # (a float mask multiplies faster than a bool one, which promotes)
+                flat[s].mul_(keep[s].to(flat.dtype))
+            return tau
+        if idx is not None:  # the dropped ranks, a chunk of positions at a time
             for part in (idx[:lo], idx[hi:]):
                 for s in _slices(part.numel(), _CHUNK):
                     where = part[s].long()  # (index_copy_ takes int64 only: a chunk of them)
@@ -101,7 +110,7 @@ def _replay_is_exact() -> bool:
         order = torch.argsort(values.abs(), descending=not smallest)
         expected = torch.zeros(n, dtype=torch.bool)
         expected[order[lo:hi]] = True
-        idx = replay(n, _magnitudes(values, smallest), [b for b in (lo, hi) if 0 < b < n])
+        idx = replay(n, _magnitudes(values, smallest), lo, hi)
         if idx is None or not torch.equal(expected.nonzero().squeeze(1), idx[lo:hi].sort().values.long()):
             return False
     return True
