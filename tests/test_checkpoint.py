@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -245,6 +246,20 @@ def test_diff_values_against_hand_computation(tmp_path):
     assert d.to_dict()["same"] == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
     assert d.only_a == ["only_a"] and d.only_b == ["only_b"] and d.mismatched[0].startswith("shape:")
     assert list(lw.diff_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors", "w").to_dict()) == ["w"]
+
+
+def test_diff_measures_complex_tensors_and_reports_nan_files_as_identical_to_themselves(tmp_path):
+    a = {"c": torch.tensor([1j, 2.0]), "n": torch.tensor([math.nan, 1.0]), "m": torch.tensor([math.nan, 1.0])}
+    b = {"c": torch.tensor([2j, 2.0]), "n": torch.tensor([math.nan, 1.0]), "m": torch.tensor([math.nan, 2.0])}
+    lw.save(a, tmp_path / "a.safetensors")
+    lw.save(b, tmp_path / "b.safetensors")
+    d = lw.diff_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors").to_dict()
+    # The imaginary parts count: they were dropped (with a warning), so 1j against 2j looked equal.
+    assert d["c"]["max_abs"] == 1.0 and d["c"]["rel_l2"] == pytest.approx(1 / 5 ** 0.5)
+    assert d["c"]["cosine"] == pytest.approx(6 / 40 ** 0.5)
+    assert d["n"] == {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}  # the same bits, NaN included
+    assert all(math.isnan(v) for v in d["m"].values())  # no distance where a NaN meets a number
+    assert lw.diff_files(tmp_path / "a.safetensors", tmp_path / "a.safetensors").identical
 
 
 # --------------------------------------------------------------------------- bad input: nothing written, nothing touched

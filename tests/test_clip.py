@@ -224,3 +224,8 @@ def test_clipping_a_sharded_model_equals_one_process_with_one_collective_per_cal
                 torch.testing.assert_close(norms[key], value, rtol=1e-6, atol=0, msg=f"{per} {key}")
             for name, p in model.named_parameters():
                 torch.testing.assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-7, msg=f"{per} {name}")
+
+
+def test_per_group_names_an_optimizer_that_is_not_one(vit):
+    with pytest.raises(GradError, match="pass optimizer=, a torch.optim.Optimizer, not list"):
+        lw.clip_grad_norm(vit, 1.0, per="group", optimizer=lw.param_groups(vit))

@@ -206,6 +206,18 @@ def test_gradual_unfreeze_checks_selectors_up_front_and_resumes(interleaved):
     assert [g.get("names") for g in fresh_opt.param_groups] == [g.get("names") for g in opt.param_groups]
 
 
+@pytest.mark.parametrize("args, options, error, message", [
+    (("sgd",), {}, lw.OptionTypeError, "GradualUnfreeze takes the torch.optim.Optimizer to extend, got str"),
+    ((), {"lr": -1.0}, lw.OptionError, "GradualUnfreeze sets lr=-1.0"),
+    ((), {"lrr": 0.1}, lw.OptionError, "GradualUnfreeze sets 'lrr', which SGD does not take"),
+])
+def test_gradual_unfreeze_checks_the_new_group_when_made_not_when_it_fires(interleaved, args, options, error, message):
+    opt = torch.optim.SGD(interleaved.linear.parameters(), lr=0.1)
+    lw.freeze(interleaved, "lstm2")
+    with pytest.raises(error, match=message):
+        lw.GradualUnfreeze(interleaved, *(args or (opt,)), {3: "lstm2"}, **options)
+
+
 @pytest.mark.parametrize("state", [{}, None, {"done": [[1], [7]]}, {"done": [[1], [1]]}, {"done": [["1"]]},
                                    {"done": [1, 2]}])
 def test_gradual_unfreeze_refuses_a_foreign_state_before_replaying_any_of_it(interleaved, state):

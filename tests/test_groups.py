@@ -243,6 +243,7 @@ def test_layer_decayed_groups_agree_with_timms_own_groups_under_timms_scheduler(
     ({"rules": {"head": {"params": []}}}, lw.OptionError, "the selector chooses"),
     ({"rules": "head"}, lw.OptionTypeError, "rules must be"),
     ({"optimizer": "adamw"}, lw.OptionTypeError, "optimizer="),
+    ({"rules": {"head": {5: 0.1}}}, lw.OptionTypeError, "rule 'head' sets 5; an option is named by a string"),
 ])
 def test_option_values_are_checked_naming_the_option(vit, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -323,6 +324,11 @@ def test_add_param_group_refuses_a_parameter_twice_naming_its_group(interleaved)
     assert len(opt.param_groups) == 2
     group = lw.add_param_group(opt, interleaved, "lstm2", "norm", lr=0.01)
     assert group["lr"] == 0.01 and group["names"][0] == "lstm2.weight_ih_l0"
+
+
+def test_add_param_group_names_an_optimizer_that_is_not_one(interleaved):
+    with pytest.raises(lw.OptionTypeError, match="add_param_group takes a torch.optim.Optimizer, got list"):
+        lw.add_param_group(lw.param_groups(interleaved), interleaved, "lstm2")
 
 
 def test_add_param_group_refuses_only_frozen_and_keeps_torch_names(interleaved):

@@ -167,3 +167,13 @@ def test_sce_selects_the_entries_torch_topk_picks_among_tied_variances(kind, n, 
     assert torch.equal(got, expected)
     assert bool(calls) == (k * 64 > n)
 
+
+
+@pytest.mark.parametrize("models", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sce_s_variance_without_the_stack_is_torch_var_to_the_bit(models, dtype):
+    g = torch.Generator().manual_seed(models)
+    xs = [torch.randn(70_000, generator=g, dtype=dtype).mul_(10.0 ** i) for i in range(models)]
+    xs[-1][:1000] = torch.randint(-2, 3, (1000,), generator=g).to(dtype)  # ties and exact zeros
+    assert _merge_sliced._welford_is_exact(models)  # (else _var is torch.var itself)
+    assert torch.equal(_merge_sliced._var(xs), torch.var(torch.stack(xs), dim=0, unbiased=False))

@@ -234,6 +234,27 @@ def test_sink_paths_are_checked_at_construction(tmp_path):
         lw.TensorBoardSink(tmp_path / "file" / "run")
 
 
+@pytest.mark.parametrize("path, error, message", [
+    ("grads\0.csv", lw.GradError, "embedded null byte"), ("g" * 300 + ".csv", lw.GradError, "File name too long"),
+    (5, lw.OptionTypeError, "a sink writes to a path"),
+])
+def test_sink_paths_that_cannot_be_files_are_refused_at_construction(tmp_path, path, error, message):
+    for sink in (lw.CSVSink, lw.JSONLSink, lw.TensorBoardSink):  # not at the first log step, mid-training
+        with pytest.raises(error, match=message):
+            sink(tmp_path / path if isinstance(path, str) else path)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sinks": [print]}, "sinks: builtin_function_or_method is not a sink"),
+    ({"sinks": "grads.csv"}, "sinks takes a list of sinks, not str"),
+    ({"scaler": 1024.0}, "scaler=1024.0: pass the torch.amp.GradScaler"),
+    ({"optimizer": "adam"}, "optimizer='adam': pass the torch.optim.Optimizer"),
+])
+def test_monitor_options_that_would_fail_at_the_first_log_step_are_refused_at_once(vit, options, message):
+    with pytest.raises(lw.OptionTypeError, match=message):
+        lw.GradMonitor(vit, **options)
+
+
 def test_plot_writes_a_png(vit, tmp_path):
     monitor = train_with(vit, [])
     path = monitor.plot(tmp_path / "grads.png", "blocks.0")

@@ -110,6 +110,11 @@ def test_a_bad_recipe_fails_before_writing_and_names_the_problem(tiny_llamas, tm
         recipe = _recipe(tmp_path, "merge_method: linear\n" + models)  # a per-model typo fell to the default
         assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 2
         assert f"{where}.parameters: linear takes no option" in capsys.readouterr().err and not out.exists()
+    base, b = tiny_llamas["base"], tiny_llamas["b"]
+    recipe = _recipe(tmp_path, f"merge_method: slerp\nbase_model: {base}\nmodels: [{base}, {a}, {b}]\n"
+                               "parameters: {t: 0.5}\n")  # three models: the base was silently left out
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 2
+    assert "slerp interpolates the base_model" in capsys.readouterr().err and not out.exists()
 
 
 def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card(tiny_llamas, tmp_path):

@@ -477,3 +477,8 @@ def test_path_selectors_match_the_reference_semantics(segments):
     expected = [k for k in _POOL if _reference(segments, k)]
     assert select_keys(_POOL, pattern, missing_ok=True) == expected
     assert select_keys(_POOL[:40], pattern, missing_ok=True) == [k for k in expected if k in _POOL[:40]]
+
+
+def test_missing_ok_must_be_a_bool_not_a_truthy_word(interleaved):
+    with pytest.raises(lw.OptionTypeError, match="missing_ok='no': pass True or False"):
+        lw.select(interleaved, "lstm9", missing_ok="no")  # it allowed the empty match it meant to refuse

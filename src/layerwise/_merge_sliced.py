@@ -127,8 +127,36 @@ def _variance(flat: Sequence[torch.Tensor], b: torch.Tensor) -> Callable[[slice 
         else:
             bw = b.index_select(0, where)
             tvs = [x.index_select(0, where).sub_(bw) for x in flat]
-        return torch.var(torch.stack(tvs), dim=0, unbiased=False).abs_()
+        return _var(tvs).abs_()
     return keys
+
+
+def _var(xs: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.var(torch.stack(xs), dim=0, unbiased=False)`` without the stack, several times faster:
+    torch's CPU kernel runs Welford's update in float64, one model after another, which this repeats
+    operation for operation (checked once per process and model count, else torch.var)."""
+    if xs[0].dtype not in (torch.float32, torch.float64) or xs[0].device.type != "cpu" or not _welford_is_exact(len(xs)):
+        return torch.var(torch.stack(xs), dim=0, unbiased=False)
+    return _welford(xs)
+
+
+def _welford(xs: list[torch.Tensor]) -> torch.Tensor:
+    mean, m2 = xs[0].to(torch.float64, copy=True), torch.zeros(xs[0].shape, dtype=torch.float64)
+    for i, x in enumerate(xs[1:], start=2):
+        x = x.to(torch.float64, copy=True)
+        delta = x - mean
+        mean += delta / i
+        m2 += delta.mul_(x.sub_(mean))
+    return m2.div_(len(xs)).to(xs[0].dtype)
+
+
+@functools.cache
+def _welford_is_exact(models: int) -> bool:
+    g = torch.Generator().manual_seed(models)
+    xs = [torch.randn(4099, generator=g).mul_(10.0 ** (i - 2)).bfloat16().float() for i in range(models)]
+    xs.append(torch.randint(-3, 4, (4099,), generator=g).float())
+    xs = xs[-models:]
+    return torch.equal(_welford(xs), torch.var(torch.stack(xs), dim=0, unbiased=False))
 
 
 def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float) -> Callable[[slice], torch.Tensor]:

@@ -36,7 +36,7 @@ def replay(n: int, keys: Keys, bounds: Sequence[int], leaf: int = SORT_LEAF) -> 
         >>> replay(4, lambda w: x[w].clone(), [2]).tolist()[:2]
         [0, 2]
     """
-    r = _Replay(n, keys)
+    r = _Replay(n, keys, bounds)
     # (first, last, depth limit left): the ranges that hold a bound, the only ones partitioned further
     segments = [(0, n, 2 * (n.bit_length() - 1))] if any(0 < b < n for b in bounds) else []
     while segments:
@@ -55,8 +55,9 @@ class _Replay:
     """The permutation of one replay. Until the first partition is done it is the identity but for the
     pivot's swap, so that partition (the longest) reads the keys in place, not through ``idx``."""
 
-    def __init__(self, n: int, keys: Keys) -> None:
-        self.n, self.keys, self.idx = n, keys, None
+    def __init__(self, n: int, keys: Keys, bounds: Sequence[int]) -> None:
+        self.n, self.keys, self.bounds, self.idx = n, keys, bounds, None
+        self.sides = (True, True)  # whether the keys of the partition's left and right sides are read again
         self.moved, self.key0 = -1, None  # the root's pivot swap: position moved holds entry 0's key
         self.cache: tuple[int, int, torch.Tensor] | None = None  # the last range read, until idx changes
 
@@ -122,12 +123,14 @@ class _Replay:
         moved = self.idx.index_select(0, lpos)
         self.idx.index_copy_(0, lpos, self.idx.index_select(0, rpos))
         self.idx.index_copy_(0, rpos, moved)
-        if self._covered(int(lpos[0]), int(rpos.max()) + 1) is not None:  # the cached keys move with them
-            lo, _, v = self.cache
+        if self._covered(int(lpos[0]), int(rpos[0]) + 1) is not None:  # the cached keys move with them
+            lo, _, v = self.cache  # (only to a side that is partitioned again: the other is never read)
             lpos, rpos = (lpos - lo, rpos - lo) if lo else (lpos, rpos)
-            moved = v.index_select(0, lpos)
-            v.index_copy_(0, lpos, v.index_select(0, rpos))
-            v.index_copy_(0, rpos, moved)
+            moved = v.index_select(0, lpos) if self.sides[1] else None
+            if self.sides[0]:
+                v.index_copy_(0, lpos, v.index_select(0, rpos))
+            if moved is not None:
+                v.index_copy_(0, rpos, moved)
 
     def _partition(self, lo: int, hi: int, p: float) -> int:
         """Hoare's partition of [lo, hi) around ``p``; returns the cut.
@@ -144,6 +147,7 @@ class _Replay:
             q = min(lpos.numel(), rpos.numel())
             swaps = int((lpos[:q] < rpos[:q]).sum())
             cut = min(int(lpos[swaps]) if swaps < lpos.numel() else m, int(rpos[swaps - 1]) if swaps else m)
+            self._goes_on(lo - 1, lo + cut, hi)
             if swaps:
                 self._swap(lpos[:swaps].add_(lo), rpos[:swaps].add_(lo))
             return lo + cut
@@ -167,6 +171,7 @@ class _Replay:
         swaps = max(f0 + (int(cle[t - 1]) if t else 0), g0 - int(cge[t]))  # max(F(j - 1), G(j))
         cut = min(self._position(lo, hi, before_le, swaps + 1, True, p) if swaps < n_le else hi,
                   self._position(lo, hi, before_ge, n_ge - swaps + 1, False, p) if swaps else hi)
+        self._goes_on(lo - 1, cut, hi)
         if swaps:  # the i-th stop of [lo, cut) from the left with the i-th of [cut, hi) from the right
             lefts, rights = self._stops(lo, cut, True, p), self._stops(cut, hi, False, p)
             left = right = torch.empty(0, dtype=torch.int64)
@@ -179,6 +184,9 @@ class _Replay:
                     self._swap(left[:q], right[:q])
                 left, right, done = left[q:], right[q:], done + q
         return cut
+
+    def _goes_on(self, first: int, cut: int, last: int) -> None:
+        self.sides = (any(first < b < cut for b in self.bounds), any(cut < b < last for b in self.bounds))
 
     def _position(self, lo: int, hi: int, before: torch.Tensor, rank: int, le: bool, p: float) -> int:
         """The position of the rank-th (1-based) stop of one scan, counted from ``lo``."""

@@ -329,12 +329,17 @@ class Diff:
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    x, y = a.to(torch.float64).flatten(), b.to(torch.float64).flatten()  # a report: exact beats fast
-    xx, yy, xy, dd = x @ x, y @ y, x @ y, (x - y) @ (x - y)
+    if torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)):  # bit for bit, NaNs alike
+        return {"max_abs": 0.0, "rel_l2": 0.0, "cosine": 1.0}
+    wide = torch.complex128 if a.is_complex() else torch.float64  # a report: exact beats fast; complex stays complex
+    x, y = a.to(wide).flatten(), b.to(wide).flatten()
+    xx, yy, xy, dd = (torch.vdot(u, v).real.item() for u, v in ((x, x), (y, y), (x, y), (x - y, x - y)))
+    if math.isnan(xx + yy + dd):  # nan (or inf - inf) where the files differ: no distance to report
+        return {"max_abs": math.nan, "rel_l2": math.nan, "cosine": math.nan}
     return {
         "max_abs": (x - y).abs().max().item() if x.numel() else 0.0,
-        "rel_l2": 0.0 if dd == 0 else (dd / xx).sqrt().item() if xx > 0 else math.inf,
-        "cosine": 1.0 if xx == 0 and yy == 0 else (xy / (xx * yy).sqrt()).item() if xx > 0 and yy > 0 else 0.0,
+        "rel_l2": 0.0 if dd == 0 else math.sqrt(dd / xx) if xx > 0 else math.inf,
+        "cosine": 1.0 if xx == 0 and yy == 0 else xy / math.sqrt(xx * yy) if xx > 0 and yy > 0 else 0.0,
     }
 
 

@@ -167,8 +167,9 @@ def _check_options(max_norm: Any, per: str, optimizer: Any, norm_type: Any) -> t
         raise OptionError(f"clip_grad_norm: norm_type must be positive or inf, got {norm_type}")
     if per not in ("selection", "layer", "group"):
         raise GradError(f"per must be 'selection', 'layer' or 'group', got {per!r}")
-    if per == "group" and optimizer is None:
-        raise GradError("per='group' clips each param group of an optimizer: pass optimizer=")
+    if per == "group" and not isinstance(optimizer, torch.optim.Optimizer):
+        raise GradError("per='group' clips each param group of an optimizer: pass optimizer=, a torch.optim.Optimizer"
+                        + (f", not {type(optimizer).__name__}" if optimizer is not None else ""))
     if per != "group" and optimizer is not None:
         raise GradError(f"optimizer is used only with per='group' (got per={per!r}): leave it out, or pass per='group'")
     return float(max_norm), float(norm_type)

@@ -15,7 +15,7 @@ from torch import nn
 from ._ddp import ddp_wrapper, fsdp_sharded, rebuild_reducer
 from ._tensors import require_module
 from .errors import OptionError, OptionTypeError, StateError
-from .groups import add_group, group_index
+from .groups import add_group, check_options, group_index
 from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, resolve, select
 
 __all__ = ["GradualUnfreeze", "freeze", "frozen", "unfreeze"]
@@ -218,9 +218,12 @@ class GradualUnfreeze:
                  schedule: Mapping[int, Selector | Sequence[Selector]], *, scheduler: Any = None,
                  **group_options: Any):
         require_module(model, "GradualUnfreeze")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise OptionTypeError(f"GradualUnfreeze takes the torch.optim.Optimizer to extend, got {type(optimizer).__name__}")
         self.model, self.optimizer, self.group_options = model, optimizer, group_options
         self.schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) \
             else [scheduler]
+        check_options(group_options, "GradualUnfreeze", optimizer)  # now, not epochs later when a group is added
         for at in schedule:
             if isinstance(at, bool) or not isinstance(at, numbers.Integral):
                 raise OptionTypeError(f"GradualUnfreeze: schedule keys are epochs or steps (ints >= 0), got {at!r} "

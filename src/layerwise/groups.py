@@ -58,6 +58,8 @@ def check_options(options: Mapping[str, Any], where: str, optimizer: Any = None)
     """Refuse, naming ``where`` and the option, an unknown option name or a value the optimizer would refuse late."""
     name, known = _known_options(optimizer)
     for key, value in options.items():
+        if not isinstance(key, str):
+            raise OptionTypeError(f"{where} sets {key!r}; an option is named by a string, such as 'lr'")
         if key in ("params", "names"):
             raise OptionError(f"{where} sets {key!r}; the selector chooses the parameters")
         if known is not None and key not in known:
@@ -318,6 +320,8 @@ def add_param_group(optimizer: torch.optim.Optimizer, model: nn.Module, *selecto
         layerwise.errors.SelectionError: cannot add to the optimizer: 1.bias is already in param group 1. ...
     """
     require_module(model, "add_param_group")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise OptionTypeError(f"add_param_group takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
     chosen = resolve(model, *selectors).selection()
     named = [(name, p) for name, p in chosen if p.requires_grad]
     if not named:

@@ -140,6 +140,8 @@ class Walk:
 
     def resolve(self, *selectors: Selector, missing_ok: bool = False) -> Resolution:
         """See :func:`resolve`."""
+        if not isinstance(missing_ok, bool):  # missing_ok="no" would be truthy
+            raise OptionTypeError(f"missing_ok={missing_ok!r}: pass True or False")
         with gc_paused():
             return self._resolve(selectors, missing_ok)
 
@@ -278,8 +280,7 @@ class Resolution:
         return Selection(self.groups)
 
 
-def resolve(source: nn.Module | Mapping[str, torch.Tensor] | Walk, *selectors: Selector,
-            missing_ok: bool = False) -> Resolution:
+def resolve(source: nn.Module | Mapping[str, torch.Tensor] | Walk, *selectors: Selector, missing_ok: bool = False) -> Resolution:
     """Resolve selectors against a model (or a state dict, or a :class:`Walk` of either) in one walk.
 
     Several selectors are a union and ``!`` negations are removed from it afterwards, for

@@ -17,7 +17,7 @@ from typing import IO, Any, NamedTuple, Protocol
 
 from torch import Tensor
 
-from .errors import GradError, MissingExtraError
+from .errors import GradError, MissingExtraError, OptionTypeError
 
 __all__ = ["CSVSink", "Histogram", "JSONLSink", "Sink", "TensorBoardSink"]
 
@@ -64,8 +64,21 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+def _usable(path: Any) -> Path:
+    """``path`` as a Path if a file could be made there; checked now, not at the first log step mid-training."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise OptionTypeError(f"a sink writes to a path (a str or os.PathLike), not {type(path).__name__} {path!r:.80}")
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except (OSError, ValueError) as e:  # a name over the file system's limit, a NUL byte
+        raise GradError(f"cannot write {str(path)!r}: {getattr(e, 'strerror', None) or e}.") from None
+    return Path(path)
+
+
 def writable_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = _usable(path)
     folder = path.parent
     if not folder.is_dir():
         raise GradError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist. Create it first.")
@@ -77,7 +90,7 @@ def writable_file(path: str | os.PathLike) -> Path:
 
 
 def _writable_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = _usable(path)
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise GradError(f"cannot write into {str(path)!r}: {str(existing)!r} is not a writable folder.")
