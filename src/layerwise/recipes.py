@@ -175,10 +175,10 @@ def parse_recipe(data: Any, *, text: str = "") -> Recipe:
 
     Example:
         >>> from layerwise.recipes import parse_recipe
-        >>> parse_recipe({"merge_method": "linear", "models": [{"model": "."}], "tokenizer": {}})
+        >>> parse_recipe({"merge_method": "linear", "models": [{"model": "."}], "modules": {}})
         Traceback (most recent call last):
         ...
-        layerwise.errors.OptionError: recipe: 'tokenizer' is not supported: tokenizer surgery is not supported...
+        layerwise.errors.OptionError: recipe: 'modules' is not supported: multi-module recipes are not supported...
     """
     if not isinstance(data, Mapping):
         raise OptionError(f"recipe: expected a mapping of keys (merge_method, models...), not {type(data).__name__}")
