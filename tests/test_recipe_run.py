@@ -294,3 +294,15 @@ def test_tokenizer_block_pads_rows_to_a_multiple_with_each_models_mean_row(tmp_p
         a, c = (torch.cat([t, t.mean(0).expand(16, -1)]) for t in (a, c))
         torch.testing.assert_close(got[key], (a + 3 * c) / 4)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 48
+
+
+def test_tokenizer_source_merges_models_padded_to_different_row_counts(tmp_path):
+    _llama_with_tokens(tmp_path / "a", 40, [], 0)  # 32 tokens, padded to 40 rows
+    _llama_with_tokens(tmp_path / "b", 32, [], 1)
+    recipe = _recipe(tmp_path, f"merge_method: linear\ntokenizer_source: {tmp_path / 'b'}\nmodels:\n"
+                               f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1}}\n"
+                               f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 1}}\n")
+    assert main(["merge", "--config", str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    got, a, b = lw.load(tmp_path / "out"), lw.load(tmp_path / "a"), lw.load(tmp_path / "b")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(got[key], (a[key][:32] + b[key]) / 2)

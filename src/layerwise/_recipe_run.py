@@ -140,7 +140,8 @@ def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job], opened: Mapping[Path, 
         if not _EMBEDDING.search(job.key):
             continue
         inputs = job.sources + ([job.base] if job.base else [])
-        if size > len(vocab) or any(vocab_of[id(c)] != vocab for c, _ in inputs):
+        if size > len(vocab) or any(vocab_of[id(c)] != vocab for c, _ in inputs) or \
+                len({c.specs[k][0][0] for c, k in inputs}) > 1:  # one vocabulary, padded differently
             job.index = [permutation(vocab, vocab_of[id(c)], c.specs[k][0][0]) for c, k in inputs]
         else:
             rows = job.sources[0][0].specs[job.sources[0][1]][0][0]
