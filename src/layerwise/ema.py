@@ -110,7 +110,8 @@ class EMA:
         except (RuntimeError, TypeError) as e:
             raise OptionError(f"EMA option device={device!r} is not a device: {e}") from None
         try:  # a device this machine lacks (cuda without a GPU, cuda:7 of 2): named now, not mid-construction
-            _ = None if self.device is None else torch.empty(0, device=self.device)
+            if self.device is not None:
+                torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
             raise OptionError(f"EMA option device={device!r} is not available here: {e}") from None
         model = unwrap_compiled(model)  # a torch.compile'd model is tracked by its inner names
