@@ -51,6 +51,15 @@ def three(tmp_path):
 # --------------------------------------------------------------------------- round trips
 
 
+@pytest.mark.parametrize("shard", [None, 8])
+def test_lazy_conjugate_and_negative_views_and_strided_single_elements_save_their_values(tmp_path, shard):
+    z = torch.tensor([1 + 2j, 3 - 1j])
+    state = {"conj": z.conj(), "neg": torch._neg_view(torch.ones(2)), "imag": torch.tensor([[1 + 1j]]).imag,
+             "conj_imag": torch.tensor([1 + 1j]).conj().imag}
+    got = lw.load(lw.save(state, tmp_path / ("m.safetensors" if shard is None else "m"), max_shard_size=shard))
+    assert all(torch.equal(got[k], v.resolve_conj().resolve_neg()) for k, v in state.items())
+
+
 @pytest.mark.parametrize("name", ["m.safetensors", "m.pt", "m.bin"])
 def test_round_trip_of_every_dtype(tmp_path, name):
     state = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),

@@ -104,6 +104,13 @@ def test_bad_periods_are_named():
         lw.PeriodicAverager(nn.Linear(2, 2), period=2, warmup_steps=-1)
 
 
+def test_a_group_that_is_not_a_process_group_is_named_when_given():
+    with pytest.raises(lw.OptionTypeError, match="PeriodicAverager: group must be a torch.distributed ProcessGroup"):
+        lw.PeriodicAverager(nn.Linear(2, 2), period=2, group=[0, 1])  # it failed at the first averaging step
+    with pytest.raises(lw.OptionTypeError, match="average_parameters: group must be"):
+        lw.average_parameters(nn.Linear(2, 2), group="world")
+
+
 def test_a_malformed_averager_state_changes_nothing():
     averager = lw.PeriodicAverager(nn.Linear(2, 2), period=2)
     for bad in ({"steps": 1.5}, {"step": 3}, {"steps": -1}, [3]):

@@ -58,6 +58,36 @@ def test_warmup_follows_torch_ema_num_updates():
     assert math.isclose(ema.shadow[0].item(), e3, rel_tol=1e-6)
 
 
+def test_update_after_step_zero_is_swa_utils_ema():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    ours = lw.EMA(net, decay=0.8, update_after_step=0)
+    theirs = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(0.8))  # its first update copies the weights
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(6, 3))  # moves the running statistics: both copy buffers
+        ours.update()
+        theirs.update_parameters(net)
+    expected = {k.removeprefix("module."): v for k, v in theirs.state_dict().items() if k.startswith("module.")}
+    got = {**dict(zip(ours.names, ours.shadow)), **dict(zip(ours._buffer_names, ours.shadow_buffers))}
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_update_after_step_copies_the_first_updates_then_averages():
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    ema = lw.EMA(net, decay=0.5, update_after_step=2)  # timm ModelEmaV3: steps 1..3 copy
+    for x in (1.0, 2.0, 4.0, 8.0):
+        nn.init.constant_(net.weight, x)
+        ema.update()
+    assert ema.shadow[0].item() == 0.5 * 4.0 + 0.5 * 8.0
+
 def test_swapped_restores_training_weights_bit_identically(interleaved):
     ema = lw.EMA(interleaved, decay=0.5)
     with torch.no_grad():
@@ -187,8 +217,11 @@ def test_ema_load_state_dict_reports_every_missing_tensor():
     ({"every": True}, lw.OptionTypeError, "every=True"),
     ({"warmup": -1}, lw.OptionError, "warmup=-1"),
     ({"warmup": 2.0}, lw.OptionTypeError, "warmup=2.0"),
+    ({"update_after_step": -1}, lw.OptionError, "update_after_step=-1"),
+    ({"update_after_step": 0.5}, lw.OptionTypeError, "update_after_step=0.5"),
     ({"buffers": "mean"}, lw.OptionError, "buffers='mean'"),
     ({"device": "nowhere"}, lw.OptionError, "device='nowhere'"),
+    ({"device": "cuda:64"}, lw.OptionError, "device='cuda:64' is not available here"),  # AssertionError
 ])
 def test_bad_options_are_named(options, error, match):
     with pytest.raises(error, match=match):
@@ -200,7 +233,8 @@ ANYTHING = st.one_of(st.none(), st.booleans(), st.integers(-3, 5), st.floats(all
 
 
 @settings(max_examples=200, deadline=None)
-@given(option=st.sampled_from(["decay", "warmup", "every", "buffers", "device", "foreach", "select"]), value=ANYTHING)
+@given(option=st.sampled_from(["decay", "warmup", "every", "buffers", "device", "foreach", "select",
+                                     "update_after_step"]), value=ANYTHING)
 def test_any_option_value_gives_an_ema_or_a_layerwise_error(option, value):
     try:
         lw.EMA(nn.Linear(2, 2), **{option: value})

@@ -416,6 +416,7 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     ({"unfreeze_warmup_steps": -1}, lw.OptionError), ({"unfreeze_warmup_steps": 2.5}, lw.OptionTypeError),
     ({"unfreeze_warmup_ratio": 0.0}, lw.OptionError), ({"unfreeze_warmup_ratio": "0.1"}, lw.OptionTypeError),
     ({"ema_apply_at_end": True}, lw.OptionError), ({"ema_apply_at_end": 1}, lw.OptionTypeError),
+    ({"grad_monitor": "yes"}, lw.OptionTypeError), ({"ema": [0.999]}, lw.OptionTypeError),  # ValueError, TypeError
 ])
 def test_callback_options_are_checked_when_made(options, error):
     from layerwise.integrations._core import Plan

@@ -50,6 +50,20 @@ def test_a_file_merge_reading_ahead_while_reading_whole_tensors_equals_the_in_me
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+@pytest.mark.parametrize("order", ["st,pt", "pt,st", "st,pt,st", "st,st,pt"])
+def test_a_merge_of_safetensors_and_torch_files_in_any_order_equals_the_in_memory_merge(tmp_path, order):
+    # A mapped safetensors input takes no read buffer: a .pt input after it found no buffer at its position.
+    states = [{"w": torch.randn(5, 3, generator=torch.Generator().manual_seed(i)), "n": torch.tensor(i)}
+              for i, _ in enumerate(order.split(","))]
+    paths = []
+    for i, (kind, state) in enumerate(zip(order.split(","), states)):
+        paths.append(tmp_path / f"{i}.{'safetensors' if kind == 'st' else 'pt'}")
+        lw.save(state, paths[-1])
+    got = lw.load(lw.merge_files(paths, tmp_path / "out.safetensors"))
+    expected = lw.merge(None, states)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 @needs_madvise
 def test_mapped_slices_release_their_pages_once_the_next_is_taken(tmp_path):
     lw.save({"w": torch.arange(2**24, dtype=torch.int32)}, tmp_path / "x.safetensors")  # 64 MB

@@ -110,6 +110,11 @@ def test_a_bad_recipe_fails_before_writing_and_names_the_problem(tiny_llamas, tm
         recipe = _recipe(tmp_path, "merge_method: linear\n" + models)  # a per-model typo fell to the default
         assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 2
         assert f"{where}.parameters: linear takes no option" in capsys.readouterr().err and not out.exists()
+    base, b = tiny_llamas["base"], tiny_llamas["b"]
+    recipe = _recipe(tmp_path, f"merge_method: slerp\nbase_model: {base}\nmodels: [{base}, {a}, {b}]\n"
+                               "parameters: {t: 0.5}\n")  # three models: the base was silently left out
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 2
+    assert "slerp interpolates the base_model" in capsys.readouterr().err and not out.exists()
 
 
 def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card(tiny_llamas, tmp_path):
@@ -273,3 +278,31 @@ def test_chat_template_is_set_as_mergekit_sets_it_and_the_recipe_kept_as_mergeki
     assert chat == {"chatml": "<|im_start|>user\nw1<|im_end|>\n", "auto": "w1 "}.get(template, "<user>w1")
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
     assert (out / "mergekit_config.yml").read_text() == text
+
+
+def test_tokenizer_block_pads_rows_to_a_multiple_with_each_models_mean_row(tmp_path):
+    for name, rows, added, seed in (("a", 32, [], 0), ("c", 36, ["x0", "x1", "x2", "x3"], 2)):
+        _llama_with_tokens(tmp_path / name, rows, added, seed)
+    recipe = _recipe(tmp_path, f"merge_method: linear\ntokenizer:\n  source: {tmp_path / 'a'}\n  pad_to_multiple_of: 24\n"
+                               f"models:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1}}\n"
+                               f"  - model: {tmp_path / 'c'}\n    parameters: {{weight: 3}}\n")
+    out = tmp_path / "out"
+    assert main(["merge", "--config", str(recipe), "-o", str(out), "--quiet"]) == 0
+    got = lw.load(out)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        a, c = lw.load(tmp_path / "a")[key], lw.load(tmp_path / "c")[key][:32]  # a's 32 tokens, 48 rows
+        a, c = (torch.cat([t, t.mean(0).expand(16, -1)]) for t in (a, c))
+        torch.testing.assert_close(got[key], (a + 3 * c) / 4)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 48
+
+
+def test_tokenizer_source_merges_models_padded_to_different_row_counts(tmp_path):
+    _llama_with_tokens(tmp_path / "a", 40, [], 0)  # 32 tokens, padded to 40 rows
+    _llama_with_tokens(tmp_path / "b", 32, [], 1)
+    recipe = _recipe(tmp_path, f"merge_method: linear\ntokenizer_source: {tmp_path / 'b'}\nmodels:\n"
+                               f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1}}\n"
+                               f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 1}}\n")
+    assert main(["merge", "--config", str(recipe), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    got, a, b = lw.load(tmp_path / "out"), lw.load(tmp_path / "a"), lw.load(tmp_path / "b")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(got[key], (a[key][:32] + b[key]) / 2)

@@ -28,7 +28,13 @@ def test_models_form_with_per_model_and_global_parameters(models):
 
 @pytest.mark.parametrize("recipe, message", [
     ({"merge_method": "linear", "models": [{"model": "a"}], "modules": {}}, "'modules' is not supported"),
-    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {}}, "'tokenizer' is not supported"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {}}, r"tokenizer.source: 'union'"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "a", "tokens": {}}},
+     "tokenizer.tokens"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "a", "pad_to_multiple_of": 0}},
+     "pad_to_multiple_of: a whole number"),
+    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": "a"}, "tokenizer_source": "a"},
+     "without tokenizer_source"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": "llama3"}, "'llama3' is neither"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "chat_template": 3}, "chat_template: 'auto', 'chatml'"),
     ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "'union'"),

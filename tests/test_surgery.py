@@ -327,3 +327,11 @@ def test_a_hook_result_of_the_wrong_kind_is_named_with_its_parameter(result, got
                                            r"gradient's shape \(1, 2\)"):
         net(torch.ones(1, 2)).sum().backward()
     hooks.remove()
+
+
+@pytest.mark.parametrize("flag", ["allow_frozen", "allow_nonfinite"])
+def test_set_grad_flags_are_bools_not_truthy_words(interleaved, flag):
+    lw.freeze(interleaved, "linear")
+    with pytest.raises(lw.OptionTypeError, match=f"set_grad: {flag}='no': pass True or False"):
+        lw.set_grad(interleaved, "linear", float("nan"), **{flag: "no"})
+    assert interleaved.linear.weight.grad is None

@@ -85,6 +85,27 @@ def _config(folder: Path, dtype: str | None, layer_map: Sequence[int] | None, vo
     return config
 
 
+# mergekit's named templates that layerwise ships: ChatML as the transformers documentation gives it.
+CHAT_TEMPLATES = {"chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                            "+ '<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant"
+                            "\\n' }}{% endif %}\n"}
+
+
+def chat_template_option(value: Any) -> str | None:
+    """mergekit's ``chat_template``: ``auto``, a template name, or the template's Jinja text."""
+    if value is None or value == "auto":
+        return value
+    if not isinstance(value, str):
+        raise OptionError(f"chat_template: 'auto', 'chatml' or a Jinja template (text), not {value!r}")
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{" in value and len(value) >= 20:  # mergekit's test for template text
+        return value
+    raise OptionError(f"chat_template: {value[:60]!r} is neither 'auto', 'chatml' nor a Jinja template; layerwise does "
+                      "not ship mergekit's other named templates (llama3, mistral, alpaca, exaone): give the template "
+                      "text, or 'auto' for the one most input models have")
+
+
 def chat_template_of(folder: Path | None) -> str | None:
     """The chat template a model folder's tokenizer loads: ``chat_template.jinja``, else the
     ``chat_template`` of ``tokenizer_config.json`` (its ``default`` entry when it holds several)."""

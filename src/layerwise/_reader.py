@@ -90,9 +90,9 @@ class SliceReader:
                 out.append(view)
                 continue
             n = (stop - start) * ckpt.specs[key][1].itemsize
-            if len(buffers) <= i:
-                buffers.append(torch.empty(n, dtype=torch.uint8))
-            elif buffers[i].numel() < n:
+            while len(buffers) <= i:  # by input position: a mapped input before this one took no buffer
+                buffers.append(torch.empty(0, dtype=torch.uint8))
+            if buffers[i].numel() < n:
                 buffers[i] = torch.empty(n, dtype=torch.uint8)
             out.append(ckpt.read_flat(key, start, stop, out=buffers[i][:n]))
         return out

@@ -77,6 +77,9 @@ def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
         if base is not None and base_at is None and recipe.stacked:
             raise MergeError(f"slices[{i}]: base_model {base} must be one of the slice's sources (as in mergekit)")
         check_method(method, has_base=base is not None, models=len(positions))
+        if method.name == "slerp" and base is not None and len(positions) != 1:  # the base would be left out
+            raise MergeError(f"slerp interpolates the base_model {base} and one other model, as in mergekit; "
+                             f"{'slices[' + str(i) + ']' if recipe.stacked else 'models'} gives {len(positions)} others")
         outs = [o for o in plan if o.slice == i]
         glob = _merged(s.parameters, recipe.parameters)
         per_model = [{n: v for n, v in _merged(s.sources[j].parameters, glob).items() if n in per_model_names}
@@ -131,19 +134,22 @@ def _fit_vocabulary(recipe: Recipe, jobs: Sequence[_Job], opened: Mapping[Path, 
     vocab = vocabulary(source, str(recipe.tokenizer_source))
     vocab_of = {id(ckpt): vocab if source_folder(model) == source else vocabulary(source_folder(model), str(model))
                 for model, ckpt in opened.items()}
+    multiple = recipe.pad_to_multiple_of or 1
+    size = -(-len(vocab) // multiple) * multiple  # padding rows: each model's mean token row, as mergekit
     for job in jobs:
         if not _EMBEDDING.search(job.key):
             continue
         inputs = job.sources + ([job.base] if job.base else [])
-        if any(vocab_of[id(c)] != vocab for c, _ in inputs):
+        if size > len(vocab) or any(vocab_of[id(c)] != vocab for c, _ in inputs) or \
+                len({c.specs[k][0][0] for c, k in inputs}) > 1:  # one vocabulary, padded differently
             job.index = [permutation(vocab, vocab_of[id(c)], c.specs[k][0][0]) for c, k in inputs]
         else:
             rows = job.sources[0][0].specs[job.sources[0][1]][0][0]
             if rows < len(vocab):
                 raise OptionError(f"tokenizer_source: {job.key} has {rows} rows for the {len(vocab)} tokens of "
                                   f"{recipe.tokenizer_source}")
-        job.rows = len(vocab)
-    return len(vocab)
+        job.rows = size
+    return size
 
 
 def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bool = False,
@@ -193,7 +199,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             tensors: Iterable[torch.Tensor] = (c.read(k)[rows] for c, k in job.sources)
             if job.index is not None:  # vocabularies differ: every input re-mapped to the output's tokens
                 inputs = [c.read(k) for c, k in job.sources + ([job.base] if job.base else [])]
-                tensors = remap_rows(inputs, job.index, len(job.sources) if job.base else None)
+                tensors = remap_rows(inputs, job.index, len(job.sources) if job.base else None, job.rows)
                 base = tensors.pop() if job.base else None
             yield merge_tensor(method, tensors, base, job.options, dtypes[key][1], key=key, dtype=dtypes[key][0])
 

@@ -88,7 +88,11 @@ class DiskStream:
 
     def write(self, t: torch.Tensor) -> None:
         """Append the bytes of ``t`` (any dtype, little-endian as in memory)."""
-        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        # resolve_*: a lazily conjugated or negated view (x.conj()) has other bytes than its values
+        data = t.detach().cpu().resolve_conj().resolve_neg().reshape(-1)
+        if data.numel() and data.stride(0) != 1:  # one element at a stride (z.imag): contiguous() keeps it
+            data = data.clone(memory_format=torch.contiguous_format)
+        data = data.view(torch.uint8)
         done, total = 0, data.numel()
         if total and data.data_ptr() == self._buffers[self._filling].data_ptr() + self._used \
                 and self._used + total <= self._chunk:  # computed in place (see room)

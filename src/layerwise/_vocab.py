@@ -31,9 +31,11 @@ def permutation(out_vocab: Mapping[str, int], vocab: Mapping[str, int], rows: in
     return index
 
 
-def remap_rows(tensors: Sequence[torch.Tensor], index: Sequence[torch.Tensor], base_at: int | None) -> list[torch.Tensor]:
+def remap_rows(tensors: Sequence[torch.Tensor], index: Sequence[torch.Tensor], base_at: int | None,
+               rows: int | None = None) -> list[torch.Tensor]:
     """Every tensor's rows in the output vocabulary's order (``index[m]`` from :func:`permutation`),
     a token input ``m`` lacks filled as mergekit fills it; ``base_at`` is the base model's position.
+    ``rows`` beyond the vocabulary (``pad_to_multiple_of``) get the mean of the tensor's token rows.
 
     Example:
         >>> a, b = torch.tensor([[1.0], [2.0]]), torch.tensor([[3.0], [5.0]])
@@ -62,10 +64,11 @@ def remap_rows(tensors: Sequence[torch.Tensor], index: Sequence[torch.Tensor], b
             fill[token] = row / len(have)
     out = []
     for t, idx, mine in zip(tensors, index, present):
-        new = torch.zeros((len(idx), *width), dtype=dtype)
-        new[mine] = t[idx[mine]].to(dtype)
+        new = torch.zeros((max(rows or 0, len(idx)), *width), dtype=dtype)
+        new[:len(idx)][mine] = t[idx[mine]].to(dtype)
         for token, row in fill.items():
             if not mine[token]:
                 new[token] = row
+        new[len(idx):] = new[:len(idx)].mean(0)  # mergekit, after vocab-expansion practice
         out.append(new)
     return out

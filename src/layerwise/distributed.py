@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,12 @@ def _differences(specs: Sequence[list[tuple[str, tuple[int, ...], str]]]) -> str
     return "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
 
 
+def _check_group(group: Any, caller: str) -> None:
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise OptionTypeError(f"{caller}: group must be a torch.distributed ProcessGroup or None (the default "
+                              f"group), not {type(group).__name__}")
+
+
 @torch.no_grad()
 def average_parameters(model: nn.Module, *selectors: Selector, group: dist.ProcessGroup | None = None) -> None:
     """Replace the selected parameters (all with no selector) by their mean over the processes of ``group``.
@@ -78,6 +85,7 @@ def average_parameters(model: nn.Module, *selectors: Selector, group: dist.Proce
         >>> lw.average_parameters(model, "encoder")  # doctest: +SKIP
     """
     require_module(model, "average_parameters")
+    _check_group(group, "average_parameters")
     _require_process_group()
     selection = _select(model, *selectors)
     agree(selection, group)
@@ -112,6 +120,7 @@ class PeriodicAverager:
                 raise OptionTypeError(f"PeriodicAverager option {name}={value!r} must be an int >= {low} (steps)")
             if value < low:
                 raise OptionError(f"PeriodicAverager option {name}={value} must be >= {low}")
+        _check_group(group, "PeriodicAverager")  # now, not at the first averaging step
         self.model, self.period, self.warmup_steps, self.group = model, period, warmup_steps, group
         self.selectors = as_selectors(select)
         selection = _select(model, *self.selectors)  # fail now, not at the first averaging step

@@ -52,7 +52,10 @@ class EMA:
     early averages are not dominated by the random initialization: torch-ema's
     ``ExponentialMovingAverage`` (its ``num_updates`` rule, on every update) for any
     N >= (10·decay − 1) / (1 − decay). Without it the decay is constant, as timm's ``ModelEmaV3``
-    and ``swa_utils.get_ema_multi_avg_fn``. ``every=k`` updates on every k-th call.
+    and ``swa_utils.get_ema_multi_avg_fn``. ``update_after_step=K`` makes the first K + 1 updates
+    copy the weights, so the average starts from them and not from the weights at creation:
+    ``swa_utils.AveragedModel`` (K = 0) and timm's ``ModelEmaV3.update(model, step)``, as
+    timm's training script calls it (K = its ``update_after_step``). ``every=k`` updates on every k-th call.
     ``select=`` tracks a subset (e.g. ``"**.lora_*"``: LoRA adapters only) and the buffers
     whose names it matches; by default every parameter and buffer. Buffers (BatchNorm
     statistics) are copied from the model (``buffers="copy"``, as ``swa_utils.AveragedModel``) or
@@ -91,10 +94,13 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
                  buffers: Literal["copy", "ema"] = "copy", select: Selector | Iterable[Selector] | None = None,
-                 device: torch.device | str | None = None, foreach: bool | None = None):
+                 device: torch.device | str | None = None, foreach: bool | None = None,
+                 update_after_step: int | None = None):
         require_module(model, "EMA")
         self.decay, self.warmup, self.every = _check_decay(decay), _check_int("warmup", warmup, 0), _check_int(
             "every", every, 1)
+        self.update_after_step = None if update_after_step is None else _check_int(
+            "update_after_step", update_after_step, 0)
         if buffers not in ("copy", "ema"):
             raise OptionError(f"EMA option buffers={buffers!r} must be 'copy' (copy them from the model) or 'ema'")
         if foreach not in (None, True, False):
@@ -103,6 +109,11 @@ class EMA:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise OptionError(f"EMA option device={device!r} is not a device: {e}") from None
+        try:  # a device this machine lacks (cuda without a GPU, cuda:7 of 2): named now, not mid-construction
+            if self.device is not None:
+                torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
+            raise OptionError(f"EMA option device={device!r} is not available here: {e}") from None
         model = unwrap_compiled(model)  # a torch.compile'd model is tracked by its inner names
         self.buffers, self.foreach, self.model = buffers, foreach, model
         try:
@@ -215,6 +226,8 @@ class EMA:
 
     def current_decay(self) -> float:
         """The decay the next update uses."""
+        if self.update_after_step is not None and self.num_updates <= self.update_after_step:
+            return 0.0  # the average starts from the weights of this update
         if self.num_updates < self.warmup:  # n counts this update, from 1: torch-ema's and TensorFlow's num_updates
             n = self.num_updates + 1
             return min(self.decay, (1 + n) / (10 + n))

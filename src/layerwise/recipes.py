@@ -5,8 +5,8 @@ stacked into a deeper model: a "frankenmerge"), a ``base_model``, ``parameters``
 per slice and per model; each a scalar, a "gradient" list interpolated over the layers, or
 a list of ``{filter, value}`` rules) and dtypes. layerwise runs such a file unchanged with
 ``layerwise merge --config recipe.yml -o DIR``; what it does not support (``modules``,
-``tokenizer``, a ``union`` tokenizer, hub ids, LoRA references, chat template names other
-than ``chatml``) is refused by name before anything is read.
+a ``union`` tokenizer, per-token ``tokenizer.tokens``, hub ids, LoRA references, chat template
+names other than ``chatml``) is refused by name before anything is read.
 
 Values follow mergekit exactly: a per-model option is looked up in that model's own
 ``parameters``, then the slice's, then the recipe's; a gradient ``[a, b, c]`` at layer
@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._model_folder import chat_template_option
 from .errors import CheckpointNotFoundError, MissingExtraError, OptionError
 
 __all__ = ["Recipe", "Slice", "Source", "OutputTensor", "parse_recipe", "read_recipe", "layer_plan", "stack_of"]
 
 _TOP = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
-        "chat_template"}
+        "chat_template", "tokenizer"}
 _REFUSED = {
     "modules": "multi-module recipes are not supported; use 'models' or 'slices'",
-    "tokenizer": "tokenizer surgery is not supported; use tokenizer_source: base or a model path",
 }
 _SLICE_KEYS = {"sources", "base_model", "parameters"}
 _SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -85,6 +85,7 @@ class Recipe:
     tokenizer_source: Path | None = None  # given (``base`` is the base model): embeddings follow its vocabulary
     text: str = ""
     chat_template: str | None = None  # "auto" (the inputs' most common one) or the template's Jinja text
+    pad_to_multiple_of: int | None = None  # tokenizer.pad_to_multiple_of: embedding rows rounded up
 
     def models(self) -> list[Path]:
         """Every model the recipe reads, base first, each once."""
@@ -108,27 +109,6 @@ def _unknown(keys: Any, allowed: set[str], where: str) -> None:
             near = difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else f"; known keys: {', '.join(sorted(allowed))}"
             raise OptionError(f"{where}: unknown key '{key}'{hint}")
-
-
-# mergekit's named templates that layerwise ships: ChatML as the transformers documentation gives it.
-CHAT_TEMPLATES = {"chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] "
-                            "+ '<|im_end|>' + '\\n'}}{% endfor %}\n{% if add_generation_prompt %}{{ '<|im_start|>assistant"
-                            "\\n' }}{% endif %}\n"}
-
-
-def _chat_template(value: Any) -> str | None:
-    """mergekit's ``chat_template``: ``auto``, a template name, or the template's Jinja text."""
-    if value is None or value == "auto":
-        return value
-    if not isinstance(value, str):
-        raise OptionError(f"chat_template: 'auto', 'chatml' or a Jinja template (text), not {value!r}")
-    if value in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[value]
-    if "{" in value and len(value) >= 20:  # mergekit's test for template text
-        return value
-    raise OptionError(f"chat_template: {value[:60]!r} is neither 'auto', 'chatml' nor a Jinja template; layerwise does "
-                      "not ship mergekit's other named templates (llama3, mistral, alpaca, exaone): give the template "
-                      "text, or 'auto' for the one most input models have")
 
 
 def _model_path(value: Any, where: str) -> Path:
@@ -195,10 +175,10 @@ def parse_recipe(data: Any, *, text: str = "") -> Recipe:
 
     Example:
         >>> from layerwise.recipes import parse_recipe
-        >>> parse_recipe({"merge_method": "linear", "models": [{"model": "."}], "tokenizer": {}})
+        >>> parse_recipe({"merge_method": "linear", "models": [{"model": "."}], "modules": {}})
         Traceback (most recent call last):
         ...
-        layerwise.errors.OptionError: recipe: 'tokenizer' is not supported: tokenizer surgery is not supported...
+        layerwise.errors.OptionError: recipe: 'modules' is not supported: multi-module recipes are not supported...
     """
     if not isinstance(data, Mapping):
         raise OptionError(f"recipe: expected a mapping of keys (merge_method, models...), not {type(data).__name__}")
@@ -249,19 +229,30 @@ def parse_recipe(data: Any, *, text: str = "") -> Recipe:
             slices.append(Slice(tuple(sources), _model_path(slice_base, _where("slices", i, "base_model"))
                                 if slice_base is not None else None, _parameters(s.get("parameters"),
                                                                                  _where("slices", i, "parameters"))))
-    tokenizer = data.get("tokenizer_source")
+    tokenizer, pad, where = data.get("tokenizer_source"), None, "tokenizer_source"
+    if "tokenizer" in data:  # mergekit's newer form: {source: union (default), base or a model, pad_to_multiple_of}
+        if tokenizer is not None or not isinstance(data["tokenizer"], Mapping):
+            raise OptionError("tokenizer: {source: base or a model path, pad_to_multiple_of: n}, and without "
+                              "tokenizer_source (mergekit takes one of the two)")
+        if "tokens" in data["tokenizer"]:
+            raise OptionError("tokenizer.tokens (per-token embedding sources) is not supported; give source "
+                              "(and pad_to_multiple_of) only")
+        _unknown(data["tokenizer"], {"source", "pad_to_multiple_of"}, "tokenizer")
+        tokenizer, pad, where = data["tokenizer"].get("source", "union"), data["tokenizer"].get("pad_to_multiple_of"), \
+            "tokenizer.source"
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise OptionError(f"tokenizer.pad_to_multiple_of: a whole number >= 1, not {pad!r}")
     if tokenizer == "union":
-        raise OptionError("tokenizer_source: 'union' (building a merged vocabulary) is not supported; "
-                          "use 'base' or a model path")
+        raise OptionError(f"{where}: 'union' (building a merged vocabulary) is not supported; use 'base' or a model path")
     if tokenizer == "base" and base is None:
-        raise OptionError("tokenizer_source: 'base' needs a base_model")
+        raise OptionError(f"{where}: 'base' needs a base_model")
     for name in ("dtype", "out_dtype"):
         if data.get(name) is not None and not isinstance(data[name], str):
             raise OptionError(f"{name}: a dtype name (bfloat16, float16, float32), not {data[name]!r}")
     return Recipe(method, tuple(slices), "slices" in data, base, _parameters(data.get("parameters"), "parameters"),
                   data.get("dtype"), data.get("out_dtype"),
-                  None if tokenizer is None else base if tokenizer == "base" else _model_path(tokenizer, "tokenizer_source"),
-                  text, _chat_template(data.get("chat_template")))
+                  None if tokenizer is None else base if tokenizer == "base" else _model_path(tokenizer, where),
+                  text, chat_template_option(data.get("chat_template")), pad)
 
 
 def read_recipe(path: str | Path) -> Recipe:

@@ -126,6 +126,9 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
     require_module(model, "set_grad")
     if mode not in ("replace", "add"):
         raise GradError(f"mode must be 'replace' or 'add', got {mode!r}")
+    for flag, given in (("allow_frozen", allow_frozen), ("allow_nonfinite", allow_nonfinite)):
+        if not isinstance(given, bool):  # allow_frozen="no" would be truthy: the very thing it refuses
+            raise OptionTypeError(f"set_grad: {flag}={given!r}: pass True or False")
     if isinstance(selector, Mapping):
         if value is not _MISSING:
             raise GradError("set_grad(model, {name: value}) takes no separate value: "

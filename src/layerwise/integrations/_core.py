@@ -22,7 +22,8 @@ from ._unfrozen import UnfrozenGroups
 Selectors = Selector | Sequence[Selector]
 
 
-def _options(value: bool | int | float | Mapping[str, Any] | None, number: str) -> dict[str, Any] | None:
+def _options(value: bool | int | float | Mapping[str, Any] | None, number: str,
+             option: str) -> dict[str, Any] | None:
     """``True``/a number/a dict of keyword arguments, or None when the feature is off."""
     if value is None or value is False:
         return None
@@ -30,6 +31,9 @@ def _options(value: bool | int | float | Mapping[str, Any] | None, number: str) 
         return {}
     if isinstance(value, (int, float)):
         return {number: value}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise OptionTypeError(f"{option}={value!r:.80}: pass True, a number ({number}) or a dict of its keyword "
+                              "arguments")
     return dict(value)
 
 
@@ -76,8 +80,8 @@ class Plan:
         self.unfreeze_schedule = dict(unfreeze_schedule or {})
         self.unfreeze_options = dict(unfreeze_options or {})
         self.warmup_steps, self.warmup_ratio = unfreeze_warmup_steps, float(unfreeze_warmup_ratio)
-        self.monitor_options = _options(grad_monitor, "every")
-        self.ema_options = _options(ema, "decay")
+        self.monitor_options = _options(grad_monitor, "every", "grad_monitor")
+        self.ema_options = _options(ema, "decay", "ema")
         self.ema_apply_at_end = ema_apply_at_end
         self.unfreezer: GradualUnfreeze | None = None
         self.unfrozen: UnfrozenGroups | None = None
