@@ -165,6 +165,14 @@ def test_block_pattern_numbers_a_timm_model_as_its_group_matcher(cls, layers):
     layer, top = TIMM_LAYERS[cls]
     assert layer_of(groups) == {n: top - layer(n) for n, _ in model.named_parameters()}
 
+def test_block_pattern_leaves_a_global_pool_vits_fc_norm_in_the_head():
+    model = TimmViT()  # timm with global_pool='avg' (MAE, BEiT fine-tuning): norm is Identity, fc_norm a norm
+    model.norm, model.fc_norm = nn.Identity(), nn.LayerNorm(4)
+    for layers in ("blocks.*", None):  # the block pattern, and timm's own group_matcher ('^norm' misses fc_norm)
+        groups = lw.param_groups(model, lr=1.0, layer_decay=0.5, layers=layers, no_decay=None)
+        assert options_of(groups, "fc_norm.weight")["lr"] == options_of(groups, "head.weight")["lr"] == 1.0
+        assert options_of(groups, "blocks.2.attn.weight")["lr"] == 0.5
+
 def test_group_matcher_leaves_frozen_parameters_out_of_the_numbering():
     # timm #2691: a frozen module numbered after the blocks pushed every trained layer one scale down.
     model = TimmViT()

@@ -143,7 +143,7 @@ def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tup
     for name, layer, is_norm in assigned:
         if layer is not None:
             seen, after_top = layer, False
-        elif seen == top and not after_top and is_norm and name.rpartition(".")[0].rpartition(".")[0] == outer:
+        elif seen == top and not after_top and is_norm and _final_norm(name, outer):
             layer = top  # the final norm closes the last block (timm's MATCH_PREV_GROUP)
         else:
             after_top = seen == top
@@ -153,3 +153,11 @@ def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tup
         if name in trainable:
             ids[name] = layer
     return ids, top + 1
+
+
+def _final_norm(name: str, outer: str) -> bool:
+    """A norm parameter right after the last block that closes it: one of a sibling of the blocks'
+    container, but a pooled-feature ``fc_norm`` (global-pool ViTs), which timm and MAE leave in the head."""
+    module, _, _ = name.rpartition(".")
+    parent, _, last = module.rpartition(".")
+    return parent == outer and last != "fc_norm"

@@ -152,8 +152,9 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
     ``layers="encoder.layers.*"`` the blocks the pattern matches are layers 1..L in model order;
     parameters before the first block (embeddings, cls token) are layer 0, those between two
     blocks (a stage's downsample) the later block's, the final norm right after the last block
-    (a sibling of the blocks' container: a ViT's ``norm``, a Llama's ``model.norm``) closes it,
-    the rest (head, its own norm included) is L + 1: timm's numbering of ViTs and ConvNeXts. Without
+    (a sibling of the blocks' container: a ViT's ``norm``, a Llama's ``model.norm``; not a
+    global-pool ``fc_norm``) closes it, the rest (head, its own norm included) is L + 1: timm's
+    numbering of ViTs and ConvNeXts. Without
     ``layers=``, a model with timm's ``group_matcher()`` numbers its own layers exactly as timm's
     ``param_groups_layer_decay`` does (frozen parameters aside: they shift no trained layer).
     Each group's ``lr`` is multiplied by ``d ** (top - layer_id)``. The groups carry no
