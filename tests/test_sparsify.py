@@ -47,10 +47,13 @@ def test_pruning_keeps_the_ranks_torch_s_unstable_sort_gives_among_ties(kind, n,
         assert torch.equal(prune_ranks(x.clone(), lo, hi, smallest=smallest), pruned(x, lo, hi, smallest))
 
 
-@pytest.mark.parametrize("kind", ["small integers", "bf16 differences", "mostly zeros", "periodic"])
-def test_the_replay_of_long_segments_equals_argsort(kind):
+@pytest.mark.parametrize("kind, chunk", [  # the keys kept whole (up to 8 chunks), or read through idx
+    ("small integers", 1 << 20), ("bf16 differences", 1 << 20), ("mostly zeros", 1 << 20), ("periodic", 1 << 20),
+    ("small integers", 1 << 17), ("bf16 differences", 1 << 17)])
+def test_the_replay_of_long_segments_equals_argsort(monkeypatch, kind, chunk):
+    monkeypatch.setattr(_replay, "CHUNK", chunk)
     g = torch.Generator().manual_seed(1)
-    n = 2 * _replay.CHUNK + 12_288  # counted chunk by chunk, then read whole, then through stop positions
+    n = 2 * (1 << 20) + 12_288  # counted chunk by chunk, then read whole, then through stop positions
     x = tie_heavy(kind, n, g).view(-1, 64)
     for lo, hi, smallest in ((0, 1, False), (0, n // 2, False), (0, n - 1, False), (n // 10, n - n // 20, True)):
         idx = replay(n, _sparsify._magnitudes(x.view(-1), smallest), lo, hi)
