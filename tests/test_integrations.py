@@ -385,6 +385,23 @@ def test_ema_and_unfreezing_progress_resume_from_the_callback_state(interleaved)
     assert all(torch.equal(a, b) for a, b in zip(resumed.ema.shadow, plan.ema.shadow))
 
 
+@pytest.mark.parametrize("bad", [{"ema": {"decay": 2.0}}, {"grad_monitor": {"every": 0}},
+                                 {"unfreeze_schedule": {1: "no_such_layer"}}, {"freeze": "no_such_layer"}])
+def test_a_bad_option_at_fit_start_leaves_model_and_optimizer_as_they_were(interleaved, bad):
+    from layerwise.integrations._core import Plan
+
+    optimizer = torch.optim.SGD(interleaved.parameters(), lr=0.1)
+    before = {n: p.requires_grad for n, p in interleaved.named_parameters()}
+    hooks = (dict(optimizer._optimizer_step_pre_hooks), dict(optimizer._optimizer_step_post_hooks))
+    plan = Plan(**{"freeze": "lstm1", "grad_monitor": 1, "ema": 0.9, "unfreeze_schedule": {2: "lstm1"},
+                   "unfreeze_options": {"lr": 0.01}, **bad})
+    with pytest.raises(lw.LayerwiseError):
+        plan.optimizer_ready(interleaved, optimizer)
+    assert {n: p.requires_grad for n, p in interleaved.named_parameters()} == before  # nothing frozen
+    assert (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks) == hooks  # nothing hooked
+    assert plan.monitor is None and plan.ema is None and plan.unfreezer is None
+
+
 @pytest.mark.parametrize("missing, extra, load", [
     ("lightning.pytorch", "lightning", lambda: __import__("layerwise.integrations.lightning")),
     ("transformers", "hf", lambda: __import__("layerwise.integrations.hf")),

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ema import EMA
 from ..errors import OptionError, OptionTypeError
-from ..freeze import GradualUnfreeze, freeze
+from ..freeze import GradualUnfreeze, freeze, unfreeze
 from ..monitor import GradMonitor
 from ..select import Selector, as_selectors, select
 from ._unfrozen import UnfrozenGroups
@@ -97,34 +97,58 @@ class Plan:
         """Once the optimizer exists. Freezing now keeps the frozen parameters in it (skipped while
         they get no gradient), so unfreezing later needs no new param group nor scheduler surgery.
         ``step`` numbers the monitor's first step (the framework's, on resume), ``every`` is the
-        monitor's default period (the framework's logging period)."""
+        monitor's default period (the framework's logging period). A bad option fails before the
+        model changes: the freeze comes after everything that checks options, and a failure after
+        it (a resumed state that does not fit) unhooks what was built and unfreezes what it froze."""
         self._model = model
         self._params = dict(model.named_parameters(remove_duplicate=False))
-        if self.freeze:
-            freeze(model, *self.freeze)
-        if self.unfreeze_schedule:
-            self.unfreezer = GradualUnfreeze(model, optimizer, self.unfreeze_schedule, scheduler=list(schedulers),
-                                             **self.unfreeze_options)
-            if self.unfreeze_options or self.warmup_steps:
-                self.unfrozen = UnfrozenGroups(optimizer, self.unfreeze_options, self.warmup_steps, self.warmup_ratio)
-        if self.monitor_options is not None and self.monitor is None:
-            options = {"sinks": sinks, "every": every, **self.monitor_options}
-            # Each log step reaches the framework's loggers at that step: they expect steps in order.
-            options.setdefault("flush_every", options["every"])
-            selectors = as_selectors(options.pop("select", None)) or [self._trained_at_some_point()]
-            self.monitor = GradMonitor(model, *selectors, optimizer=optimizer, **options)
-            self.monitor.steps = step
-        if self.ema_options is not None and self.ema is None:
-            self.ema = EMA(model, **self.ema_options)
-        if self._pending_state is not None:
-            self.load_state_dict(self._pending_state)
+        to_freeze = [p for p in select(model, *self.freeze, missing_ok=True).params() if p.requires_grad] if self.freeze else []
+        built: list[Any] = []
+        frozen = False
+        try:
+            if self.unfreeze_schedule:
+                self.unfreezer = GradualUnfreeze(model, optimizer, self.unfreeze_schedule, scheduler=list(schedulers),
+                                                 **self.unfreeze_options)
+                if self.unfreeze_options or self.warmup_steps:
+                    self.unfrozen = UnfrozenGroups(optimizer, self.unfreeze_options, self.warmup_steps,
+                                                   self.warmup_ratio)
+                    built.append(self.unfrozen)
+            if self.monitor_options is not None and self.monitor is None:
+                options = {"sinks": sinks, "every": every, **self.monitor_options}
+                # Each log step reaches the framework's loggers at that step: they expect steps in order.
+                options.setdefault("flush_every", options["every"])
+                selectors = as_selectors(options.pop("select", None)) or [self._trained_at_some_point(to_freeze)]
+                self.monitor = GradMonitor(model, *selectors, optimizer=optimizer, **options)
+                self.monitor.steps = step
+                built.append(self.monitor)
+            if self.ema_options is not None and self.ema is None:
+                self.ema = EMA(model, **self.ema_options)
+                built.append(self.ema)
+            if self.freeze:
+                freeze(model, *self.freeze)
+                frozen = True
+            if self._pending_state is not None:
+                self.load_state_dict(self._pending_state)
+        except BaseException:
+            for part in built:
+                if hasattr(part, "remove"):
+                    part.remove()
+            self.monitor = None if self.monitor in built else self.monitor
+            self.ema = None if self.ema in built else self.ema
+            self.unfreezer = self.unfrozen = None
+            if frozen and to_freeze:
+                ids = {id(p) for p in to_freeze}
+                unfreeze(model, lambda name, p: id(p) in ids)
+            raise
 
-    def _trained_at_some_point(self) -> Any:
-        """The monitor covers from the start what trains now or once the schedule unfreezes it, so a
-        layer's columns appear from its first trained step (its memory is what it will need then)."""
+    def _trained_at_some_point(self, to_freeze: Sequence[torch.Tensor]) -> Any:
+        """The monitor covers from the start what trains once ``to_freeze`` is frozen, or once the schedule
+        unfreezes it, so a layer's columns appear from its first trained step (its memory is what it
+        will need then)."""
         scheduled = {id(p) for sels in self.unfreeze_schedule.values()
                      for p in select(self._model, *as_selectors(sels), missing_ok=True).params()}
-        return lambda name, p: p.requires_grad or id(p) in scheduled
+        frozen = {id(p) for p in to_freeze}
+        return lambda name, p: (p.requires_grad and id(p) not in frozen) or id(p) in scheduled
 
     def trained_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The monitor's rows of layers that train now: a layer waiting for its unfreeze is not logged."""
