@@ -511,3 +511,23 @@ def test_a_fifo_named_like_a_checkpoint_is_refused_without_blocking(tmp_path):
     os.mkfifo(tmp_path / "pipe.safetensors")
     with pytest.raises(lw.CheckpointError, match="not a regular file or a folder"):
         lw.load(tmp_path / "pipe.safetensors")
+
+
+def test_float8_checkpoints_merge_in_float32_and_a_float8_mix_needs_an_output_dtype(tmp_path):
+    a = {"w": torch.tensor([1.0, 2.0, -0.5, 448.0]).to(torch.float8_e4m3fn), "b": torch.ones(2)}
+    b = {"w": torch.tensor([3.0, 2.0, 0.5, 448.0]).to(torch.float8_e4m3fn), "b": torch.zeros(2)}
+    lw.save(a, tmp_path / "a.safetensors")
+    lw.save(b, tmp_path / "b.safetensors")
+    lw.merge_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "out.safetensors")
+    merged = lw.load(tmp_path / "out.safetensors")
+    expected = ((a["w"].float() + b["w"].float()) / 2).to(torch.float8_e4m3fn)
+    assert merged["w"].dtype == torch.float8_e4m3fn and torch.equal(merged["w"].float(), expected.float())
+    assert torch.equal(lw.average([a, b])["w"].float(), merged["w"].float())  # the file equals the in-memory merge
+
+    lw.save({"w": b["w"].float().to(torch.float8_e5m2), "b": b["b"]}, tmp_path / "c.safetensors")
+    with pytest.raises(lw.OptionError, match="w: the inputs are float8_e4m3fn, float8_e5m2.*pass dtype="):
+        lw.merge_files([tmp_path / "a.safetensors", tmp_path / "c.safetensors"], tmp_path / "mixed.safetensors")
+    assert not (tmp_path / "mixed.safetensors").exists()
+    lw.merge_files([tmp_path / "a.safetensors", tmp_path / "c.safetensors"], tmp_path / "mixed.safetensors",
+                   dtype=torch.bfloat16)
+    assert lw.load(tmp_path / "mixed.safetensors")["w"].dtype == torch.bfloat16

@@ -19,7 +19,7 @@ import torch
 from ._merge_methods import Method, get_method
 from ._merge_sliced import _slices, _total, karcher, model_stock, multislerp, nuslerp_flat, nuslerp_rows, sce
 from ._sparsify import SPARSIFY
-from .errors import MergeError
+from .errors import MergeError, OptionError
 
 Options = Mapping[str, Any]
 _COLINEAR = 0.9995  # |cos| above this: SLERP interpolates linearly (mergekit's DOT_THRESHOLD)
@@ -157,13 +157,24 @@ def compute_dtype_of(dtypes: Iterable[torch.dtype], compute_dtype: torch.dtype |
         return compute_dtype
     out = torch.float32
     for d in dtypes:
-        out = torch.promote_types(out, d)
+        if not _is_float8(d):  # torch promotes float8 with nothing; float32 holds every float8 value
+            out = torch.promote_types(out, d)
     return out
 
 
-def promoted_dtype(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The dtype torch promotes all of ``dtypes`` to (float16 with bfloat16: float32)."""
-    return functools.reduce(torch.promote_types, dtypes)
+def _is_float8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+def promoted_dtype(dtypes: Sequence[torch.dtype], key: str = "") -> torch.dtype:
+    """The dtype torch promotes all of ``dtypes`` to (float16 with bfloat16: float32). A float8 dtype
+    promotes only with itself: mixed with another dtype, the output dtype must be given."""
+    try:
+        return functools.reduce(torch.promote_types, dtypes)
+    except RuntimeError:  # float8 with another dtype
+        names = ", ".join(sorted({str(d).removeprefix("torch.") for d in dtypes}))
+        raise OptionError(f"{key + ': ' if key else ''}the inputs are {names}, which torch promotes to no common "
+                          "dtype (a float8 type mixes with nothing): pass dtype= (--dtype) for the output") from None
 
 
 def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: torch.Tensor | None,
@@ -209,7 +220,8 @@ def merge_tensor(method: str | Method, tensors: Iterable[torch.Tensor], base: to
         del x  # a streamed input in another dtype is released as soon as it is converted
     if not xs:
         raise MergeError(f"{key}: no tensors to merge")
-    out_dtype = dtype or promoted_dtype(dtypes + ([base.dtype] if base is not None and base.is_floating_point() else []))
+    out_dtype = dtype or promoted_dtype(dtypes + ([base.dtype] if base is not None and base.is_floating_point() else []),
+                                        key)
     if xs[0].numel() == 0:
         return torch.empty(xs[0].shape, dtype=out_dtype, device=xs[0].device)
     b = base.to(cdt) if base is not None and m.base != "none" else None

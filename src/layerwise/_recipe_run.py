@@ -187,7 +187,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
             shape, dtype = ckpt.specs[key]
             ins = [c.specs[k][1] for c, k in job.sources + ([job.base] if job.base else [])]
             if dtype.is_floating_point:
-                dtype = out_dtype or promoted_dtype(ins)
+                dtype = out_dtype or promoted_dtype(ins, job.key)
             dtypes[job.key] = (dtype, compute_dtype_of(ins, work_dtype))
             entries.append((job.key, dtype, shape if job.rows is None else (job.rows, *shape[1:])))
         by_key = {job.key: job for job in jobs}

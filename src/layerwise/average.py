@@ -176,7 +176,7 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
                 out = merge_tensor(m, [sd[k] for sd in sds], base_sd[k] if base_sd is not None else None,
                                    per_key[k], compute_dtype, key=k, dtype=dtype)
             elif fallback[k].is_floating_point():  # the dtype the merged tensors get
-                out = fallback[k].to(dtype or promoted_dtype([sd[k].dtype for _, sd in labelled]), copy=True)
+                out = fallback[k].to(dtype or promoted_dtype([sd[k].dtype for _, sd in labelled], k), copy=True)
             else:
                 out = fallback[k].clone()
             for alias in group:

@@ -222,7 +222,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
             if k not in aliases:
                 shape, in_dtype = first.specs[k]
                 if in_dtype.is_floating_point:  # mixed float inputs: the promoted dtype
-                    in_dtype = out_dtype or promoted_dtype([c.specs[k][1] for c in labelled])
+                    in_dtype = out_dtype or promoted_dtype([c.specs[k][1] for c in labelled], k)
                 entries.append((k, in_dtype, shape))
         plan = Plan(entries, aliases, {"layerwise.merge": method},
                     parse_size(max_shard_size if max_shard_size is not None or not folder else DEFAULT_SHARD))
