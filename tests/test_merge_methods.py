@@ -105,6 +105,8 @@ def test_slerp_by_definition_and_near_zero_conventions():
     a, b = T([1.0, 0.0]), T([0.0, 1.0])
     assert torch.allclose(one("slerp", None, a, b, t=1 / 3), T([math.cos(math.pi / 6), math.sin(math.pi / 6)]))
     assert torch.allclose(one("slerp", a, b, t=1 / 3), one("slerp", None, a, b, t=1 / 3))  # base + one model
+    with pytest.raises(lw.MergeError, match="slerp merges exactly 1 model besides the base; got 2"):
+        lw.merge({"w": a}, [{"w": b}, {"w": a + b}], "slerp")  # which two? mergekit refuses it too
     zero = torch.zeros(2)
     assert torch.allclose(one("slerp", None, zero, b, t=0.5), math.sin(math.pi / 4) * b)  # mergekit: 90°
     assert torch.allclose(one("slerp", None, zero, b, t=0.5, convention="layerwise"), 0.5 * b)
@@ -170,7 +172,7 @@ def test_passthrough_scales_one_model():
 def _needs(method, n_models=3):
     m = METHODS[method]
     lo, hi = m.models
-    models = 2 if method in ("slerp", "nuslerp") else max(lo, min(hi, n_models))
+    models = 1 if method == "slerp" else 2 if method == "nuslerp" else max(lo, min(hi, n_models))  # slerp: base → one
     options = {"t": 0.05} if method == "nearswap" else {}
     if "density" in {o.name for o in m.options}:
         options["density"] = 0.6

@@ -191,8 +191,8 @@ def check_method(method: str | Method, *, has_base: bool, models: int) -> Method
         raise MergeError(f"{m.name} combines task vectors (model − base): pass base=<the common ancestor> "
                          "(--base on the command line)")
     lo, hi = m.models
-    if m.name == "slerp" and not has_base:  # two models, or a base and one model (t=0 is the base)
-        lo = 2
+    if m.name == "slerp":  # two models, or a base and one model (t=0 is the base): never a base and two
+        lo, hi = (1, 1) if has_base else (2, 2)
     if not lo <= models <= hi:
         wanted = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi == math.inf else f"{lo} to {hi:g}"
         extra = " besides the base" if m.base == "required" or (m.name == "slerp" and has_base) else \

@@ -76,10 +76,10 @@ def _jobs(recipe: Recipe, opened: Mapping[Path, Checkpoint]) -> list[_Job]:
         base_at = next((j for j, src in enumerate(s.sources) if src.model == base), None)
         if base is not None and base_at is None and recipe.stacked:
             raise MergeError(f"slices[{i}]: base_model {base} must be one of the slice's sources (as in mergekit)")
-        check_method(method, has_base=base is not None, models=len(positions))
-        if method.name == "slerp" and base is not None and len(positions) != 1:  # the base would be left out
+        if method.name == "slerp" and base is not None and len(positions) != 1:  # said where, before check_method
             raise MergeError(f"slerp interpolates the base_model {base} and one other model, as in mergekit; "
                              f"{'slices[' + str(i) + ']' if recipe.stacked else 'models'} gives {len(positions)} others")
+        check_method(method, has_base=base is not None, models=len(positions))
         outs = [o for o in plan if o.slice == i]
         glob = _merged(s.parameters, recipe.parameters)
         per_model = [{n: v for n, v in _merged(s.sources[j].parameters, glob).items() if n in per_model_names}
