@@ -9,7 +9,7 @@ import layerwise as lw
 from layerwise.cli import main
 
 
-def test_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
+def test_demo_runs_end_to_end_writes_the_report_and_repeats_it_with_the_same_seed(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["demo", "--out", str(out), "--epochs", "1", "--seed", "1"]) == 0
     report = (out / "report.md").read_text()
@@ -17,12 +17,8 @@ def test_demo_runs_end_to_end_and_writes_the_report(tmp_path, capsys):
     assert (out / "training_curves.png").read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
     assert "lstm1.weight_ih_l0" in printed and "checks passed" in printed
-
-
-def test_demo_is_deterministic_with_a_seed(tmp_path):
-    for name in ("a", "b"):
-        assert main(["demo", "--out", str(tmp_path / name), "--epochs", "1", "--seed", "7", "--quiet"]) == 0
-    assert (tmp_path / "a" / "report.md").read_text() == (tmp_path / "b" / "report.md").read_text()
+    assert main(["demo", "--out", str(tmp_path / "again"), "--epochs", "1", "--seed", "1", "--quiet"]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == report  # deterministic with a seed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
