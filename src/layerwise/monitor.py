@@ -39,7 +39,7 @@ from ._grad_engine import (
 from ._tensors import pick, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
-from .sinks import Histogram, Sink, plot_grad_norms, writable_file
+from .sinks import Histogram, Sink, checked_sinks, plot_grad_norms, writable_file
 
 __all__ = ["GradMonitor"]
 
@@ -145,19 +145,11 @@ class GradMonitor:
                 raise OptionError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
         if on_nonfinite not in ("raise", "warn", "ignore"):
             raise OptionError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
-        # Checked now: each would fail only at the first log step, deep into training.
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):  # not at the first log step
             raise OptionTypeError(f"optimizer={optimizer!r:.80}: pass the torch.optim.Optimizer whose steps to count")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise OptionTypeError(f"scaler={scaler!r:.80}: pass the torch.amp.GradScaler that scales the loss")
-        if isinstance(sinks, (str, bytes)) or hasattr(sinks, "write") or not isinstance(sinks, Iterable):
-            raise OptionTypeError(f"sinks takes a list of sinks, not {type(sinks).__name__}: pass sinks=[...]")
-        sinks = tuple(sinks)
-        bad = [type(s).__name__ for s in sinks if not (callable(getattr(s, "write", None))
-                                                       and callable(getattr(s, "close", None)))]
-        if bad:
-            raise OptionTypeError(f"sinks: {', '.join(bad)} is not a sink (an object with write(step, rows, "
-                                  "histograms) and close(), such as CSVSink, JSONLSink or TensorBoardSink)")
+        sinks = checked_sinks(sinks)
         if optimizer is not None and scaler is not None:
             raise GradError("pass scaler= only without optimizer=: with an optimizer the monitor runs inside "
                             "scaler.step(optimizer), where it finds the gradients unscaled.")

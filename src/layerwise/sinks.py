@@ -11,7 +11,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol
 
@@ -75,6 +75,19 @@ def _usable(path: Any) -> Path:
     except (OSError, ValueError) as e:  # a name over the file system's limit, a NUL byte
         raise GradError(f"cannot write {str(path)!r}: {getattr(e, 'strerror', None) or e}.") from None
     return Path(path)
+
+
+def checked_sinks(sinks: Any) -> tuple[Sink, ...]:
+    """``sinks`` as a tuple once each is known to be a sink: a wrong one would fail only at the first log step."""
+    if isinstance(sinks, (str, bytes)) or hasattr(sinks, "write") or not isinstance(sinks, Iterable):
+        raise OptionTypeError(f"sinks takes a list of sinks, not {type(sinks).__name__}: pass sinks=[...]")
+    sinks = tuple(sinks)
+    bad = [type(s).__name__ for s in sinks if not (callable(getattr(s, "write", None))
+                                                   and callable(getattr(s, "close", None)))]
+    if bad:
+        raise OptionTypeError(f"sinks: {', '.join(bad)} is not a sink (an object with write(step, rows, "
+                              "histograms) and close(), such as CSVSink, JSONLSink or TensorBoardSink)")
+    return sinks
 
 
 def writable_file(path: str | os.PathLike) -> Path:
