@@ -40,7 +40,7 @@ from ._grad_engine import (
     to_host,
 )
 from ._hooks import Hooks
-from ._tensors import pick, require_module
+from ._tensors import pick, require_flag, require_module
 from ._term import console
 from .errors import GradError, NonFiniteGradError, NotFoundError
 from .select import Selector, closest
@@ -185,6 +185,7 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         True
     """
     require_module(model, "grad_stats")
+    require_flag(foreach, "foreach", "grad_stats", none=True)
     stats = stat_names(stats)
     _grouper(by)  # checked before any work
     names, params, memo = chosen(model, selectors)
@@ -285,6 +286,7 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
         (False, ['1.weight'], ['0.weight', '0.bias'])
     """
     require_module(model, "check_grads")
+    require_flag(foreach, "foreach", "check_grads", none=True)
     names, params, _ = chosen(model, selectors)
     have, values = _measure(names, params, ("max_abs",), foreach)
     finite = values["max_abs"].isfinite().tolist()
