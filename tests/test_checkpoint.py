@@ -215,6 +215,12 @@ def test_merge_files_overwrite(tmp_path, three):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors", "out.safetensors"]
 
 
+def test_merge_files_progress_is_a_bool_not_a_truthy_word(tmp_path, three, capfd):
+    with pytest.raises(lw.OptionTypeError, match="merge_files: progress='no': pass True or False"):
+        lw.merge_files(three[:2], tmp_path / "out.safetensors", progress="no")
+    assert not (tmp_path / "out.safetensors").exists() and capfd.readouterr().err == ""
+
+
 MEMORY_CHILD = textwrap.dedent("""
     import resource, sys, torch, layerwise as lw
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

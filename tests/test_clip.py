@@ -229,3 +229,12 @@ def test_clipping_a_sharded_model_equals_one_process_with_one_collective_per_cal
 def test_per_group_names_an_optimizer_that_is_not_one(vit):
     with pytest.raises(GradError, match="pass optimizer=, a torch.optim.Optimizer, not list"):
         lw.clip_grad_norm(vit, 1.0, per="group", optimizer=lw.param_groups(vit))
+
+
+@pytest.mark.parametrize("flag, value", [("error_if_nonfinite", "no"), ("foreach", "no"), ("foreach", 0)])
+def test_flags_are_bools_not_truthy_words(interleaved, flag, value):
+    random_grads(interleaved, scale=10.0)
+    before = grads_of(interleaved)
+    with pytest.raises(lw.OptionTypeError, match=f"clip_grad_norm: {flag}={value!r}: pass"):
+        lw.clip_grad_norm(interleaved, 1.0, **{flag: value})
+    assert_same_grads(interleaved, before)  # nothing was clipped

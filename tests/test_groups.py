@@ -295,6 +295,12 @@ def test_verbose_prints_the_groups(vit, capsys):
     assert "param groups" in out and "head.weight" in out and "0.05" in out
 
 
+def test_verbose_is_a_bool_not_a_truthy_word(vit, capsys):
+    with pytest.raises(lw.OptionTypeError, match="param_groups: verbose='no': pass True or False"):
+        lw.param_groups(vit, lr=0.01, verbose="no")
+    assert capsys.readouterr().out == ""
+
+
 def test_show_reports_each_parameters_lr_and_weight_decay(vit):
     opt = torch.optim.AdamW(lw.param_groups(vit, {"head": {"lr": 0.1}}, lr=0.01, weight_decay=0.05))
     rows = {r["name"]: r for r in lw.show(vit, opt, file=io.StringIO())}

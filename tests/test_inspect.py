@@ -250,3 +250,25 @@ def test_a_roll_up_at_any_depth_accounts_for_every_parameter_once(model, depth, 
         assert owner.count(".") < depth or owner == r["name"]
         counted[owner] += 1
     assert counted == {m["name"]: m["tensors"] for m in rolled}
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("file", 3, "file=3 must be a text stream"), ("monitor", 3, "monitor= takes a layerwise.GradMonitor, got int"),
+    ("ema", object(), "ema= takes a layerwise.EMA, got object"), ("quiet", "no", "quiet='no': pass True or False"),
+    ("trainable_only", "no", "trainable_only='no': pass True or False")])
+def test_options_of_the_wrong_type_are_named_before_anything_prints(interleaved, option, value, fragment):
+    out = io.StringIO()
+    kwargs = {"file": out, **({} if option == "quiet" else {"quiet": True}), option: value}
+    with pytest.raises(lw.OptionTypeError, match=f"show: {fragment}"):
+        lw.show(interleaved, **kwargs)
+    assert out.getvalue() == ""
+
+
+def test_inputs_the_model_cannot_take_are_named_and_leave_it_as_it_was(interleaved):
+    interleaved.train()
+    hooks = [len(m._forward_pre_hooks) for m in interleaved.modules()]
+    with pytest.raises(lw.OptionError, match=r"show\(inputs=...\): Interleaved's forward failed on them \(RuntimeError:") as e:
+        lw.show(interleaved, inputs=torch.zeros(2, 99), quiet=True)
+    assert isinstance(e.value.__cause__, RuntimeError)  # the model's own error, chained
+    assert all(m.training for m in interleaved.modules())
+    assert [len(m._forward_pre_hooks) for m in interleaved.modules()] == hooks

@@ -460,7 +460,7 @@ def peak_bytes(fn):
     ("dare_ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}), ("della", {"density": 0.5}),
     ("della_linear", {"density": 0.5}), ("task_arithmetic", {}), ("nuslerp", {}), ("karcher", {}),
     ("ties", {"density": 0.5}), ("breadcrumbs", {"density": 0.5}), ("breadcrumbs_ties", {"density": 0.5}),
-    ("sce", {"select_topk": 0.5}), ("nuslerp", {"nuslerp_flatten": False}),
+    ("sce", {"select_topk": 0.5}), ("sce", {"select_topk": 0.01}), ("nuslerp", {"nuslerp_flatten": False}),
     ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True})])
 def test_streamed_whole_tensor_merges_hold_the_inputs_the_output_and_slices(monkeypatch, method, options):
     # #14.6: at most (models + 2) x the tensor + 64 MB in merge_files, where the 64 MB are slices of

@@ -140,24 +140,32 @@ def test_nuslerp_with_an_angle_per_row_equals_mergekit_s_block_by_block(monkeypa
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.sampled_from(["small integers", "bf16", "mostly equal"]), st.integers(1, 3000), st.floats(0, 0.999),
-       st.sampled_from([(64, 1), (256, 32), (1 << 20, 1 << 15)]), st.integers(0, 2**16))
+@given(st.sampled_from(["small integers", "bf16", "mostly equal", "distinct"]), st.integers(1, 3000),
+       st.one_of(st.floats(0, 0.03), st.floats(0, 0.999)), st.sampled_from([(64, 1), (256, 32), (1 << 20, 1 << 15)]),
+       st.integers(0, 2**16))
 def test_sce_selects_the_entries_torch_topk_picks_among_tied_variances(kind, n, fraction, sizes, seed):
     # mergekit's sce_mask: torch.topk(var.abs(), k) with k = int(count_nonzero(var) * select_topk); its ties
-    # are std::nth_element's choice (k > n / 64, replayed) or std::partial_sort's (torch.topk itself).
+    # are std::nth_element's choice (k > n / 64) or std::partial_sort's heap's, both replayed.
     g = torch.Generator().manual_seed(seed)
     draw = {"small integers": lambda: torch.randint(-2, 3, (n,), generator=g).float(),
             "bf16": lambda: torch.randn(n, generator=g).bfloat16().float(),
-            "mostly equal": lambda: torch.randint(0, 2, (n,), generator=g).float() * (torch.rand(n, generator=g) < 0.2)}
+            "mostly equal": lambda: torch.randint(0, 2, (n,), generator=g).float() * (torch.rand(n, generator=g) < 0.2),
+            "distinct": lambda: torch.randn(n, generator=g)}
     xs, base = [draw[kind]() for _ in range(3)], torch.zeros(n)
-    calls = []
+    replays, topks = [], []
+    _merge_sliced._select_is_exact()  # (its once-per-process self-check calls torch.topk)
 
     def counted(*args):
-        calls.append(args)
+        replays.append(args)
         return _replay.replay(*args)
 
+    def topk(self, *args, **kwargs):
+        topks.append(args)
+        return torch.topk(self, *args, **kwargs)
+
     with mock.patch.object(_replay, "CHUNK", sizes[0]), mock.patch.object(_replay, "_SMALL", sizes[1]), \
-            mock.patch.object(_merge_sliced, "replay", counted), mock.patch.object(_merge_sliced, "_SLICE", 1000):
+            mock.patch.object(_merge_sliced, "replay", counted), mock.patch.object(_merge_sliced, "_SLICE", 1000), \
+            mock.patch.object(torch.Tensor, "topk", topk):
         keep = _merge_sliced._top_variance(xs, base, fraction)
         got = torch.cat([keep(s) for s in _merge_sliced._slices(n)])
     var = torch.var(torch.stack(xs), dim=0, unbiased=False)
@@ -165,7 +173,8 @@ def test_sce_selects_the_entries_torch_topk_picks_among_tied_variances(kind, n, 
     expected = torch.zeros(n, dtype=torch.bool)
     expected[var.abs().topk(k).indices] = True
     assert torch.equal(got, expected)
-    assert bool(calls) == (k * 64 > n)
+    assert bool(replays) == (k * 64 > n)
+    assert not topks  # never torch.topk itself: its (value, index) pairs are 4x the variance
 
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from layerwise import _replay, _sparsify
-from layerwise._replay import replay
+from layerwise._replay import heap_select, replay
 from layerwise._sparsify import della_magprune, prune_ranks, random
 
 
@@ -74,6 +74,29 @@ def test_the_replay_reads_the_keys_and_holds_one_index_vector():
     assert idx.dtype == torch.int32 and idx.numel() == x.numel()
     assert torch.equal(idx[:1000].sort().values.long(), torch.argsort(x.abs(), descending=True)[:1000].sort().values)
     assert max(seen) <= _replay.CHUNK
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(["small integers", "bf16 differences", "mostly zeros", "all equal", "periodic"]),
+       st.integers(64, 20_000), st.floats(0, 1), st.sampled_from([64, 4096, 1 << 20]), st.integers(0, 2**16))
+def test_the_heap_replay_keeps_the_entries_torch_topk_s_heap_keeps_among_ties(kind, n, a, chunk, seed):
+    # torch's CPU topk with k * 64 <= n: std::partial_sort's heap, whose choice among tied keys depends on
+    # every entry that passed through it. SCE's mask is that choice (mergekit's torch.topk).
+    x = tie_heavy(kind, n, torch.Generator().manual_seed(seed)).abs()
+    k = max(1, int(a * n / 64))
+    with mock.patch.object(_replay, "CHUNK", chunk):
+        idx = heap_select(n, lambda w: x[w].clone(), k)
+    assert torch.equal(idx.sort().values, x.topk(k).indices.sort().values)
+
+
+def test_the_heap_replay_gives_up_on_an_adversarial_order():
+    # Ascending keys enter the heap one and all (n operations in Python): the caller takes torch.topk.
+    n, k = 1 << 18, 1 << 12
+    ascending = torch.arange(n, dtype=torch.float32)
+    assert heap_select(n, lambda w: ascending[w].clone(), k) is None
+    shuffled = ascending[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    assert torch.equal(heap_select(n, lambda w: shuffled[w].clone(), k).sort().values,
+                       shuffled.topk(k).indices.sort().values)
 
 
 def test_pruning_falls_back_to_argsort_for_nan_a_depth_limit_and_another_sort(monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ._replay import SELECT_LEAF, replay
+from ._replay import SELECT_LEAF, heap_select, replay
 from .errors import MergeError
 
 Options = Mapping[str, Any]
@@ -88,8 +88,7 @@ def model_stock(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key:
 
 
 def sce(xs: Sequence[torch.Tensor], base: torch.Tensor, o: Options, key: str) -> torch.Tensor:
-    n, b = len(xs), _flat(base)
-    flat = [_flat(x) for x in xs]
+    n, b, flat = len(xs), _flat(base), [_flat(x) for x in xs]
     blocks = list(_slices(b.numel()))
 
     def tvs(s: slice) -> list[torch.Tensor]:
@@ -164,8 +163,9 @@ def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float
 
     Where topk runs std::nth_element (k > n / 64) the selection is replayed (:mod:`._replay`): the
     variances are computed again where read, so the merge holds one index vector, not the variance,
-    and the mask is kept as bits. Below that topk runs a heap (std::partial_sort), which no replay
-    follows: torch.topk itself picks, holding the variance and its (value, index) pairs.
+    and the mask is kept as bits. Below that topk runs a heap (std::partial_sort), replayed too
+    (:func:`._replay.heap_select`, k floats). torch.topk itself picks, holding the variance and its
+    (value, index) pairs, only off libstdc++ or for an adversarial order.
     """
     n, keys = b.numel(), _variance(flat, b)
     nonzero, finite = 0, True
@@ -175,8 +175,8 @@ def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float
         finite = finite and not v.sum().isnan()
     k = int(nonzero * fraction)
     idx = None
-    if k * 64 > n and b.device.type == "cpu" and finite and _select_is_exact():
-        idx = replay(n, keys, 0, k, SELECT_LEAF)
+    if k and b.device.type == "cpu" and finite and _select_is_exact():
+        idx = replay(n, keys, 0, k, SELECT_LEAF) if k * 64 > n else heap_select(n, keys, k)
     if idx is None and k:
         idx = torch.cat([keys(s) for s in _slices(n)]).topk(k).indices
     bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=b.device)
@@ -196,12 +196,13 @@ def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float
 
 @functools.cache
 def _select_is_exact() -> bool:
-    """The replay assumes libstdc++'s std::nth_element behind torch's CPU topk; another build is caught
-    once per process on tie-heavy data, and then torch.topk is used."""
+    """The replays assume libstdc++'s std::nth_element and std::partial_sort behind torch's CPU topk;
+    another build is caught once per process on tie-heavy data, and then torch.topk is used."""
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 64, (50_000,), generator=g).float()
-    for k in (1000, 25_000, 49_990):
-        idx = replay(values.numel(), lambda w: values[w].clone(), 0, k, SELECT_LEAF)
+    for k in (100, 700, 1000, 25_000, 49_990):  # (the first two: topk's heap)
+        n, keys = values.numel(), lambda w: values[w].clone()
+        idx = heap_select(n, keys, k) if k * 64 <= n else replay(n, keys, 0, k, SELECT_LEAF)
         if idx is None or not torch.equal(idx[:k].sort().values.long(), values.topk(k).indices.sort().values):
             return False
     return True
@@ -234,7 +235,8 @@ def multislerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options
         for i in range(1, n):
             acc += delta(i, s) / scale[i] * w[i]
         mean[s] = acc
-    mean_norm = _norm(mean, blocks)
+    mean_norm = torch.linalg.vector_norm(mean) if len(blocks) == 1 else \
+        _total([mean[s].square().sum() for s in blocks]).sqrt()
     if mean_norm < eps:
         if n != 2:
             raise MergeError(f"multislerp: the weighted directions of {key} cancel out (antipodal tensors with "
@@ -261,12 +263,6 @@ def multislerp(xs: Sequence[torch.Tensor], base: torch.Tensor | None, o: Options
     if b is not None:
         mean += b
     return mean.view(xs[0].shape)
-
-
-def _norm(x: torch.Tensor, blocks: list[slice]) -> torch.Tensor:
-    if len(blocks) == 1:
-        return torch.linalg.vector_norm(x)
-    return _total([x[s].square().sum() for s in blocks]).sqrt()
 
 
 # --------------------------------------------------------------------------- karcher, nuslerp (flattened)

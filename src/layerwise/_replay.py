@@ -2,7 +2,7 @@
 
 mergekit picks the entries to keep with ``torch.argsort(...)[:k]`` (TIES, breadcrumbs) or
 ``torch.topk(...)`` (SCE); among entries tied at the boundary, the unstable order of libstdc++'s
-``std::sort`` / ``std::nth_element`` decides. :func:`replay` performs the same partitions (median of
+``std::sort`` / ``std::nth_element`` / ``std::partial_sort`` decides. :func:`replay` performs the same partitions (median of
 three, Hoare's unguarded partition, the same depth limit) but only of the ranges that hold a boundary,
 so it costs a selection, not a sort. Its one tensor of the input's length is the permutation ``idx``
 (int32 below 2**31 entries): the sort keys are read through it chunk by chunk (``keys``), never copied,
@@ -11,6 +11,7 @@ and the swaps are found from counts of stops per block, so every other temporary
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterator, Sequence
 
@@ -232,6 +233,41 @@ class _Replay:
             return (whole_le if le else whole_ge)[lo - start:hi - start]
         v = self.read(lo, hi)
         return v <= p if le else v >= p
+
+
+def heap_select(n: int, keys: Keys, k: int) -> torch.Tensor | None:
+    """The positions of the k largest keys that libstdc++'s ``std::partial_sort`` keeps (torch's CPU topk
+    where k * 64 <= n), ties included. Its heap is replayed with :mod:`heapq`, whose sift is the same
+    operation for operation (the same child on ties, the same strict tests), over the keys as Python floats
+    that carry their positions: k of them held, the keys read chunk by chunk. None where far more entries enter
+    the heap than in any order but an adversarial one (the caller falls back to torch.topk).
+
+    Example:
+        >>> x = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0] * 26)  # 130 keys, k = 2: torch.topk takes its heap
+        >>> sorted(heap_select(130, lambda w: x[w].clone(), 2).tolist()), sorted(x.topk(2).indices.tolist())
+        ([1, 3], [1, 3])
+    """
+    heap = [_Entry(v) for v in keys(slice(0, k)).tolist()]
+    for at, entry in enumerate(heap):
+        entry.at = at
+    heapq.heapify(heap)  # std::make_heap: the same sifts from the same last parent down
+    budget = int(4 * k * (1 + math.log(n / k))) + (1 << 16)  # entries expected in a random order: k ln(n / k)
+    for s in _slices(k, n, min(max(k, 4096), CHUNK)):  # chunks of about k: the heap's top rises as they pass
+        chunk = keys(s)
+        above = torch.nonzero(chunk > heap[0]).view(-1)
+        if (budget := budget - above.numel()) < 0:
+            return None
+        for v, at in zip(chunk[above].tolist(), above.add_(s.start).tolist()):
+            if v > heap[0]:  # std::__heap_select: comp(i, first), i.e. greater than the heap's smallest
+                entry = _Entry(v)
+                entry.at = at
+                heapq.heapreplace(heap, entry)  # std::__pop_heap: the same sift from the top
+    return torch.tensor([entry.at for entry in heap], dtype=torch.int64)
+
+
+class _Entry(float):
+    """A key that compares as the float it is (in C: heapq's sifts stay fast) and knows its position."""
+    __slots__ = ("at",)
 
 
 def _slices(lo: int, hi: int, step: int | None = None) -> Iterator[slice]:

@@ -73,6 +73,14 @@ def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: 
     return foreach
 
 
+def require_flag(value: object, name: str, caller: str, *, none: bool = False) -> None:
+    """An error naming ``caller`` and ``name`` unless ``value`` is a bool (or None where ``none``):
+    ``foreach="no"`` or ``quiet="false"`` are truthy, and would do the opposite of what they say."""
+    if not (isinstance(value, bool) or (none and value is None)):
+        accepted = "None, True or False" if none else "True or False"
+        raise OptionTypeError(f"{caller}: {name}={value!r}: pass {accepted}")
+
+
 def human_bytes(n: float) -> str:
     """Decimal units (kB = 1000 B), the one convention of the CLI, rich's progress bars and Hugging Face."""
     from rich.filesize import decimal

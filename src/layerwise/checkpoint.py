@@ -42,7 +42,7 @@ from ._merge_sliced import _slices
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
 from ._reader import Scratch, SliceReader, one_compute_thread
 from ._safetensors import METADATA
-from ._tensors import aliases_of, human_bytes
+from ._tensors import aliases_of, human_bytes, require_flag
 from ._term import byte_progress, console
 from .average import check_compatible
 from .errors import CheckpointError, OptionError
@@ -200,6 +200,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         tensor([2., 4.])
     """
     m = check_method(method, has_base=base is not None, models=len(inputs))
+    require_flag(progress, "progress", "merge_files")
     output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype, "compute_dtype")
     folder = output.suffix != ".safetensors"
     if copy_from is not None and not folder:

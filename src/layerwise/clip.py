@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from ._tensors import buckets, pick, use_foreach
+from ._tensors import buckets, pick, require_flag, use_foreach
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .groups import group_index
 from .select import Selector
@@ -215,6 +215,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, *selectors: Selector,
         layerwise.errors.OptionError: clip_grad_norm: max_norm must be >= 0 (inf: no clipping), got -1.0; ...
     """
     max_norm, norm_type = _check_options(max_norm, per, optimizer, norm_type)
+    require_flag(error_if_nonfinite, "error_if_nonfinite", "clip_grad_norm")
+    require_flag(foreach, "foreach", "clip_grad_norm", none=True)
     units = _units(trainable(model, selectors, "clip_grad_norm"), per, optimizer)
     label: Callable[[Any], str] = {"selection": lambda _: "the selection", "layer": lambda u: f"layer {u!r}",
                                    "group": lambda g: f"param group {g}"}[per]

@@ -13,7 +13,7 @@ from rich.table import Table
 from torch import nn
 
 from ._layer_ids import layer_ids
-from ._tensors import require_module
+from ._tensors import require_flag, require_module
 from ._term import console
 from .errors import OptionError, OptionTypeError, SelectionError
 from .select import Selector, Walk, closest, describe, resolve
@@ -174,6 +174,7 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
         layerwise.errors.OptionError: rule '1' sets 'lrr', which AdamW does not take (did you mean 'lr'?). ...
     """
     require_module(model, "param_groups")
+    require_flag(verbose, "verbose", "param_groups")
     base = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
     check_options(base, "param_groups", optimizer)
     rule_list = _rule_list(rules, optimizer)

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from ._tensors import require_flag
 from ._term import console
 from .audit import audit as audit_setup
 from .errors import OptionError, OptionTypeError
@@ -41,6 +42,10 @@ def count_calls(model: nn.Module, inputs: Any) -> dict[int, int]:
         model.eval()  # eval so that normalization statistics stay as they are
         with torch.no_grad():
             model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+    except Exception as e:  # the inputs do not fit the model; its own error stays chained
+        raise OptionError(f"show(inputs=...): {type(model).__name__}'s forward failed on them "
+                          f"({type(e).__name__}: {e}); pass what model(inputs) takes, a tuple for several "
+                          "arguments") from e
     finally:
         for h in handles:
             h.remove()
@@ -204,6 +209,23 @@ def _rollup(rows: list[dict[str, Any]], depth: int, extra: Sequence[str]) -> lis
     return out
 
 
+def _check_show_options(file: Any, monitor: Any, ema: Any, **flags: Any) -> None:
+    """The keyword options of :func:`show` are what they say, before anything runs or prints."""
+    for name, value in flags.items():
+        require_flag(value, name, "show")
+    if file is not None and not callable(getattr(file, "write", None)):
+        raise OptionTypeError(f"show: file={file!r} must be a text stream with write() (sys.stdout, "
+                              "open(path, 'w'), io.StringIO()), or None for the terminal")
+    if monitor is not None:
+        from .monitor import GradMonitor
+        if not isinstance(monitor, GradMonitor):
+            raise OptionTypeError(f"show: monitor= takes a layerwise.GradMonitor, got {type(monitor).__name__}")
+    if ema is not None:
+        from .ema import EMA
+        if not isinstance(ema, EMA):
+            raise OptionTypeError(f"show: ema= takes a layerwise.EMA, got {type(ema).__name__}")
+
+
 def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *selectors: Selector,
          inputs: Any = None, monitor: Any = None, ema: Any = None, trainable_only: bool = False,
          depth: int | None = None, file: IO[str] | None = None, quiet: bool = False,
@@ -244,6 +266,7 @@ def show(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *sele
     """
     if optimizer is not None and not hasattr(optimizer, "param_groups"):
         selectors, optimizer = (optimizer, *selectors), None  # show(model, "encoder"): a selector, no optimizer
+    _check_show_options(file, monitor, ema, quiet=quiet, trainable_only=trainable_only, audit=audit)
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int)):
         raise OptionTypeError(f"depth={depth!r}: pass an integer number of module levels (depth=1: top modules).")
     if depth is not None and depth < 1:
