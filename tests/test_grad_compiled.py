@@ -138,10 +138,12 @@ def test_grad_stats_and_the_monitor_give_the_eager_results_with_compile():
 def test_compile_takes_a_bool(bad):
     net = torch.nn.Linear(2, 1)
     net(torch.ones(1, 2)).sum().backward()
-    with pytest.raises(lw.OptionTypeError, match=r"compile=.*pass True"):
+    with pytest.raises(lw.OptionTypeError, match=r"grad_stats: compile=.*pass True or False"):
         lw.grad_stats(net, compile=bad)
-    with pytest.raises(lw.OptionTypeError, match=r"compile=.*pass True"):
+    with pytest.raises(lw.OptionTypeError, match=r"GradMonitor: compile=.*pass True or False"):
         lw.GradMonitor(net, compile=bad)
+    with pytest.raises(lw.OptionTypeError, match=r"grad_stats: foreach='no': pass None, True or False"):
+        lw.grad_stats(net, foreach="no")
 
 
 def test_without_a_cxx_compiler_compile_true_names_the_fix_and_eager_still_works(monkeypatch):

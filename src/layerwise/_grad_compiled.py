@@ -27,7 +27,7 @@ from torch import Tensor
 
 from . import _grad_kernels as kernels
 from ._tensors import pick
-from .errors import MissingExtraError, OptionTypeError
+from .errors import MissingExtraError
 
 # The kernel's rows, in the engine's canonical order (_grad_engine.PRIMITIVES).
 ORDER = ("sumsq", "sum", "nonzero", "max_abs")
@@ -38,13 +38,6 @@ _PIECE = 1 << 30
 _compiled: Callable[[Tensor], Tensor] | None = None
 _ready: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) that compiled in this process
 _failed: dict[tuple[str, torch.dtype], str] = {}  # ... and those that could not, with the reason
-
-
-def check_compile(compile: object) -> None:
-    """Refuse a ``compile=`` option that is not a bool (a mode string is torch.compile's, not ours)."""
-    if not isinstance(compile, bool):
-        raise OptionTypeError(f"compile={compile!r:.80}: pass True to read each gradient once with a "
-                              "torch.compile'd kernel, or False (the default) for the eager kernels.")
 
 
 def primitives(x: Tensor) -> Tensor:

@@ -26,7 +26,6 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from ._grad_compiled import check_compile
 from ._grad_engine import (
     STATS,
     chosen,
@@ -41,7 +40,7 @@ from ._grad_engine import (
     to_host,
 )
 from ._hooks import Hooks
-from ._tensors import pick, require_module
+from ._tensors import pick, require_flag, require_module
 from ._term import console
 from .errors import GradError, NonFiniteGradError, NotFoundError
 from .select import Selector, closest
@@ -197,7 +196,8 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     """
     require_module(model, "grad_stats")
     stats = stat_names(stats)
-    check_compile(compile)
+    require_flag(compile, "compile", "grad_stats")
+    require_flag(foreach, "foreach", "grad_stats", none=True)
     _grouper(by)  # checked before any work
     names, params, memo = chosen(model, selectors)
     layout = memo.get(("layout", by))

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._grad_compiled import check_compile
 from ._grad_engine import (
     STATS,
     Prims,
@@ -37,7 +36,7 @@ from ._grad_engine import (
     to_host,
     unscale,
 )
-from ._tensors import pick, require_module
+from ._tensors import pick, require_flag, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
 from .sinks import Histogram, Sink, checked_sinks, plot_grad_norms, writable_file
@@ -145,7 +144,7 @@ class GradMonitor:
                 raise OptionTypeError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
             if value < 1:
                 raise OptionError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
-        check_compile(compile)
+        require_flag(compile, "compile", "GradMonitor")
         if on_nonfinite not in ("raise", "warn", "ignore"):
             raise OptionError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):  # not at the first log step
