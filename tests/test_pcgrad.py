@@ -145,3 +145,42 @@ def test_pcgrad_of_sparse_gradients_equals_that_of_their_dense_equals(selected):
         nets.append(net)
     for p, q in zip(*(net.parameters() for net in nets)):
         assert torch.allclose(p.grad.to_dense(), q.grad)
+
+
+def _two_task_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trunk: str) -> dict[str, torch.Tensor]:
+    """Three SGD steps of PCGrad on two conflicting task losses over outputs 0-1 and 2."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        opt.zero_grad()
+        out = model(x)
+        losses = [(out[:, :2] - y[:, :2]).square().mean(), (out[:, 2:] - y[:, 2:]).square().mean()]
+        lw.pcgrad(losses, model, trunk, generator=torch.Generator().manual_seed(step))
+        opt.step()
+    return {k: v.clone() for k, v in getattr(model, "module", model).state_dict().items()}
+
+
+def _task_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _task_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)
+
+
+def _ddp_pcgrad(rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    x, y = (t.chunk(world_size)[rank] for t in _task_batch())  # each rank its share of the global batch
+    return [_two_task_steps(DistributedDataParallel(_task_net(), **options), x, y, "module.0")
+            for options in ({}, {"find_unused_parameters": True}, {"static_graph": True})]
+
+
+def test_pcgrad_under_ddp_equals_one_process_over_the_global_batch(run_ranks):
+    # The task gradients were local to each rank: the replicas drifted apart, silently.
+    want = _two_task_steps(_task_net(), *_task_batch(), "0")
+    for rank in run_ranks(_ddp_pcgrad):
+        for got in rank:
+            for name, value in want.items():
+                torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)

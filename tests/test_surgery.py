@@ -335,3 +335,81 @@ def test_set_grad_flags_are_bools_not_truthy_words(interleaved, flag):
     with pytest.raises(lw.OptionTypeError, match=f"set_grad: {flag}='no': pass True or False"):
         lw.set_grad(interleaved, "linear", float("nan"), **{flag: "no"})
     assert interleaved.linear.weight.grad is None
+
+
+# --------------------------------------------------------------------------- FSDP2
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)  # (3, 6) and (6, 6) weights: uneven and even shards over two ranks
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _batch(rank: int | None, world_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch, or the rank's share of it: FSDP2 averages the ranks' gradients, as one process over all."""
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 3)
+    if rank is None:
+        return x, y
+    n = len(x) // world_size
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def _surgery_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list, str]:
+    """scale_grad (a schedule), grad_hook and set_grad over three backward passes, then the hooks removed."""
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    seen: list[str] = []
+    scale = lw.scale_grad(model, "2", factor=0.5)
+    hooks = lw.grad_hook(model, "4.weight", fn=lambda name, grad: seen.append(name) or grad.clamp(-0.01, 0.01))
+    grads = []
+    for step in range(3):
+        scale.factor = 0.5 / (step + 1)
+        model.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), y).backward()
+        lw.set_grad(model, "0.bias", torch.arange(6.0) * step, mode="add")
+        lw.set_grad(model, {"4.bias": torch.tensor([1.0, -2.0, 3.0])})
+        grads.append({name: full(p.grad).clone() for name, p in model.named_parameters()})
+    scale.remove(), hooks.remove()
+    model.zero_grad(set_to_none=True)
+    nn.functional.mse_loss(model(x), y).backward()
+    grads.append({name: full(p.grad).clone() for name, p in model.named_parameters()})
+    try:
+        out = model(x)
+        lw.pcgrad([out[:, 0].mean(), out[:, 1].mean()], model)
+        refusal = ""
+    except lw.GradError as e:
+        refusal = str(e)
+    return grads, seen, refusal
+
+
+def _fsdp_surgery(rank: int, world_size: int) -> list:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    results = []
+    for reshard in (True, False):
+        model = _mlp()
+        mesh = init_device_mesh("cpu", (world_size,))
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        results.append(_surgery_steps(model, *_batch(rank, world_size)))
+    return results
+
+
+def test_grad_hooks_and_set_grad_on_fsdp2_equal_one_process_over_the_global_batch(run_ranks):
+    # The hooks used to sit on the sharded parameters, which autograd never reaches under FSDP2:
+    # scale_grad and grad_hook silently did nothing; set_grad raised torch's mixed Tensor/DTensor error.
+    want, want_seen, _ = _surgery_steps(_mlp(), *_batch(None))
+    for rank in run_ranks(_fsdp_surgery):
+        for grads, seen, refusal in rank:  # reshard_after_forward True, then False
+            assert seen == ["4.weight"] * 3 and want_seen == seen  # once per backward, local gradient
+            for step, (got, expected) in enumerate(zip(grads, want)):
+                for name, grad in expected.items():
+                    if name == "4.weight" and step < 3:
+                        # clamped before the reduction, as under DDP: each rank's clamped local gradient, averaged
+                        assert got[name].abs().max() <= 0.01 + 1e-7, step
+                        continue
+                    torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+            assert "sharded by FSDP2" in refusal and "0.weight" in refusal

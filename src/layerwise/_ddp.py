@@ -58,3 +58,18 @@ def fsdp_sharded(model: nn.Module) -> bool:
     """Whether ``fully_shard`` (FSDP2) manages ``model``: it follows requires_grad by itself."""
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
     return fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())
+
+
+def fsdp_params(model: nn.Module) -> dict[int, object]:
+    """id -> FSDP2's ``FSDPParam`` for each tensor that stands for a parameter ``fully_shard`` manages: the sharded
+    parameter and, once FSDP2 made it, the unsharded one it swaps in for forward and backward (the one
+    ``named_parameters()`` returns between a forward and its backward, e.g. with ``reshard_after_forward=False``)."""
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    out: dict[int, object] = {}
+    for module in model.modules() if fsdp is not None else ():
+        group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, fsdp) else None
+        for param in group.fsdp_params if group is not None else ():
+            out[id(param.sharded_param)] = param
+            if (unsharded := getattr(param, "_unsharded_param", None)) is not None:
+                out[id(unsharded)] = param
+    return out

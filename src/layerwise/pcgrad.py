@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._ddp import ddp_wrapper, fsdp_params
+from ._selector import unwrap_compiled
 from ._tensors import buckets, pick
 from .errors import GradError, OptionTypeError
 from .select import Selector, describe, select
@@ -36,8 +38,10 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
 
     The projections are done on the ``T x T`` Gram matrix of the task gradients, so beyond the
     ``T`` backward passes the surgery costs two matrix products per (device, dtype) of
-    parameters, and nothing waits for the device. Under DistributedDataParallel the
-    gradients written are local to each rank, as with :func:`set_grad`.
+    parameters, and nothing waits for the device. Pass a DistributedDataParallel wrapper as
+    ``model``: the task gradients are then averaged over its processes before the projections
+    (one all-reduce per device and dtype, as DDP's own), so every rank writes the gradients one
+    process would compute over the global batch. Parameters sharded by FSDP2 are refused.
 
     Example:
         >>> import layerwise as lw, torch
@@ -61,12 +65,20 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
             raise GradError(f"pcgrad: loss {i} must be a one-element tensor, got {got}")
         if not loss.requires_grad:
             raise GradError(f"pcgrad changed nothing: loss {i} does not require grad (it depends on no trainable parameter)")
-    chosen = [p for _, p in trainable(model, selectors, "pcgrad")]
+    named = trainable(model, selectors, "pcgrad")
+    managed = fsdp_params(unwrap_compiled(model))
+    if sharded := [n for n, p in named if id(p) in managed]:
+        raise GradError(f"pcgrad: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} are sharded by FSDP2 "
+                        "(fully_shard): autograd differentiates FSDP2's unsharded stand-ins, not these, so the task "
+                        "gradients cannot be taken. Apply pcgrad to parameters left out of fully_shard "
+                        "(ignored_params=...), or wrap the model in DistributedDataParallel instead")
+    chosen = [p for _, p in named]
     ids = {id(p) for p in chosen}
     others = [p for p in select(model).params() if p.requires_grad and id(p) not in ids]
     tasks = len(losses)
     grads = [torch.autograd.grad(loss, chosen + others, retain_graph=i < tasks - 1, allow_unused=True)
              for i, loss in enumerate(losses)]
+    ddp = ddp_wrapper(model)
     unreached = [str(i) for i, g in enumerate(grads) if all(x is None for x in g[:len(chosen)])]
     if unreached:
         raise GradError(f"pcgrad changed nothing: loss {', '.join(unreached)} reaches none of the selected parameters "
@@ -81,6 +93,8 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
         groups = buckets([p for p, _ in projected])
         mats = {key: _task_matrix(pick(projected, idx), tasks, torch.promote_types(key[1], torch.float32))
                 for key, idx in groups.items()}
+        if ddp is not None:  # the projections of one process over the global batch: on the averaged task gradients
+            _average(list(mats.values()), ddp.process_group)
         first = next(iter(mats.values()))
         gram = sum((m @ m.T).to(first.device) for m in mats.values())
         # Each projected gradient stays a combination of the original ones, pc_i = coef[i] @ G,
@@ -100,12 +114,29 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
                 if reduction == "mean" and all(g is not None for g in gs):
                     flat = flat / tasks
                 p.grad = like(p).copy_(flat.view(p.shape))
+        summed = []
         for p, gs in zip(others, by_param[len(chosen):]):
             reached = [g for g in gs if g is not None]
             if reached:
                 p.grad = like(p).copy_(reached[0])
                 for g in reached[1:]:
                     p.grad.add_(g)
+                summed.append(p.grad)
+        if ddp is not None:
+            _average(summed, ddp.process_group)
+
+
+def _average(tensors: list[torch.Tensor], group: object) -> None:
+    """Replace ``tensors`` by their mean over the processes of ``group``: one all-reduce per device and dtype."""
+    import torch.distributed as dist
+
+    for idx in buckets(tensors).values():
+        chunk = pick(tensors, idx)
+        flat = torch.cat([t.reshape(-1) for t in chunk])
+        dist.all_reduce(flat, group=group)
+        flat /= dist.get_world_size(group)
+        for t, part in zip(chunk, flat.split([t.numel() for t in chunk])):
+            t.copy_(part.view_as(t))
 
 
 def _task_matrix(entries: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor | None]]], tasks: int,

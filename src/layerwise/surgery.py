@@ -13,7 +13,6 @@ Two moments to act on a gradient:
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._hooks import Hooks
+from ._hooks import Hooks, grad_hooks
 from ._tensors import require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selection, SelectionError, Selector, closest, describe, select
@@ -63,6 +62,19 @@ def like(p: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- set_grad
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "_local_tensor")
+
+
+def _sharded_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A full-shape ``value`` laid out as the sharded (FSDP2, DTensor) parameter ``p``: each rank keeps its
+    own shard of its own value, with no collective (as a gradient assigned after backward under DDP)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = value.detach().to(device=p.device, dtype=p.dtype)
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def _by_key(sel: Selection, values: Mapping, what: str, *, exact: bool) -> list[tuple[str, torch.Tensor, Any]]:
@@ -142,7 +154,7 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
     else:
         targets = [(name, p, value(name, p) if callable(value) else value) for name, p in select(model, selector)]
 
-    grads, frozen, problems = [], [], []
+    grads, checks, frozen, problems = [], [], [], []
     with torch.no_grad():
         for name, p, v in targets:
             if not (p.requires_grad or allow_frozen):
@@ -153,9 +165,12 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
                 # torch would drop the imaginary part with only a warning.
                 problems.append(f"the value for {name} is complex but {name} is {p.dtype}; pass its real part")
             elif isinstance(v, torch.Tensor):
-                grads.append(like(p).copy_(v))
+                sharded = _is_dtensor(p) and not _is_dtensor(v)
+                grads.append(_sharded_like(p, v) if sharded else like(p).copy_(v))
+                checks.append(v if sharded else grads[-1])
             elif isinstance(v, numbers.Number):
                 grads.append(torch.full_like(p, v, memory_format=torch.preserve_format))
+                checks.append(torch.tensor(v))
             else:
                 problems.append(f"the value for {name} is a {type(v).__name__}; expected a tensor or a number")
         if frozen:
@@ -164,7 +179,9 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
             raise GradError("set_grad changed nothing: " + "; ".join(problems) + ".")
         if grads and not allow_nonfinite:
             # One transfer to the host for all the checks, not one per tensor.
-            finite = torch.stack([g.isfinite().all().to(grads[0].device) for g in grads]).tolist()
+            # A sharded (DTensor) gradient is checked through its full value, so that every rank given it agrees.
+            full = [c.full_tensor() if _is_dtensor(c) else c for c in checks]
+            finite = torch.stack([c.isfinite().all().to(full[0].device) for c in full]).tolist()
             bad = [name for (name, _, _), ok in zip(targets, finite) if not ok]
             if bad:
                 raise NonFiniteGradError(f"set_grad changed nothing: nan or inf in the value for {', '.join(bad)}. "
@@ -202,9 +219,9 @@ class GradHooks(Hooks):
     """
 
     def __init__(self, params: Sequence[tuple[str, torch.Tensor]],
-                 fn: Callable[[str, torch.Tensor], torch.Tensor | None]):
+                 fn: Callable[[str, torch.Tensor], torch.Tensor | None], model: nn.Module | None = None):
         self.names = [name for name, _ in params]
-        super().__init__(p.register_hook(functools.partial(fn, name)) for name, p in params)
+        super().__init__(grad_hooks(model, params, fn))
 
     def __repr__(self) -> str:
         state = "active" if self._handles else "removed"
@@ -225,9 +242,9 @@ class GradScale(GradHooks):
         >>> scale.remove()
     """
 
-    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], factor: float):
+    def __init__(self, params: Sequence[tuple[str, torch.Tensor]], factor: float, model: nn.Module | None = None):
         self.factor = factor
-        super().__init__(params, self._scale)
+        super().__init__(params, self._scale, model)
 
     @property
     def factor(self) -> float:
@@ -272,7 +289,7 @@ def grad_hook(model: nn.Module, *selectors: Selector,
             raise GradError(f"grad_hook: fn returned {got} for {name!r}; return a tensor of the gradient's shape "
                             f"{tuple(grad.shape)}, or None to keep the gradient")
         return out
-    return GradHooks(trainable(model, selectors, "grad_hook"), checked)
+    return GradHooks(trainable(model, selectors, "grad_hook"), checked, model)
 
 
 def scale_grad(model: nn.Module, *selectors: Selector, factor: float) -> GradScale:
@@ -291,4 +308,4 @@ def scale_grad(model: nn.Module, *selectors: Selector, factor: float) -> GradSca
         >>> torch.equal(net[0].bias.grad, 0.5 * net[1].weight.detach().flatten())
         True
     """
-    return GradScale(trainable(model, selectors, "scale_grad"), factor)
+    return GradScale(trainable(model, selectors, "scale_grad"), factor, model)
