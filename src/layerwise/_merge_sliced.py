@@ -165,7 +165,7 @@ def _top_variance(flat: Sequence[torch.Tensor], b: torch.Tensor, fraction: float
     variances are computed again where read, so the merge holds one index vector, not the variance,
     and the mask is kept as bits. Below that topk runs a heap (std::partial_sort), replayed too
     (:func:`._replay.heap_select`, k floats). torch.topk itself picks, holding the variance and its
-    (value, index) pairs, only off libstdc++ or for an adversarial order.
+    (value, index) pairs, only off libstdc++ (or where the introselect's depth limit is reached).
     """
     n, keys = b.numel(), _variance(flat, b)
     nonzero, finite = 0, True

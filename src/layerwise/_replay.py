@@ -235,12 +235,11 @@ class _Replay:
         return v <= p if le else v >= p
 
 
-def heap_select(n: int, keys: Keys, k: int) -> torch.Tensor | None:
+def heap_select(n: int, keys: Keys, k: int) -> torch.Tensor:
     """The positions of the k largest keys that libstdc++'s ``std::partial_sort`` keeps (torch's CPU topk
     where k * 64 <= n), ties included. Its heap is replayed with :mod:`heapq`, whose sift is the same
     operation for operation (the same child on ties, the same strict tests), over the keys as Python floats
-    that carry their positions: k of them held, the keys read chunk by chunk. None where far more entries enter
-    the heap than in any order but an adversarial one (the caller falls back to torch.topk).
+    that carry their positions: k of them held, the keys read chunk by chunk.
 
     Example:
         >>> x = torch.tensor([1.0, 3.0, 2.0, 3.0, 3.0] * 26)  # 130 keys, k = 2: torch.topk takes its heap
@@ -251,12 +250,11 @@ def heap_select(n: int, keys: Keys, k: int) -> torch.Tensor | None:
     for at, entry in enumerate(heap):
         entry.at = at
     heapq.heapify(heap)  # std::make_heap: the same sifts from the same last parent down
-    budget = int(4 * k * (1 + math.log(n / k))) + (1 << 16)  # entries expected in a random order: k ln(n / k)
-    for s in _slices(k, n, min(max(k, 4096), CHUNK)):  # chunks of about k: the heap's top rises as they pass
+    # Chunks of about k: the heap's top rises as they pass, so about k ln(n / k) entries are looked at in
+    # Python in a random order (all of them in an ascending one: slow, still exact and bounded).
+    for s in _slices(k, n, min(max(k, 4096), CHUNK)):
         chunk = keys(s)
         above = torch.nonzero(chunk > heap[0]).view(-1)
-        if (budget := budget - above.numel()) < 0:
-            return None
         for v, at in zip(chunk[above].tolist(), above.add_(s.start).tolist()):
             if v > heap[0]:  # std::__heap_select: comp(i, first), i.e. greater than the heap's smallest
                 entry = _Entry(v)
