@@ -439,3 +439,10 @@ def test_a_replaced_parameter_is_not_kept_alive_by_the_remembered_selection(vit)
     gc.collect()
     assert old() is None
     assert lw.grad_stats(vit)["head.weight"] is None  # the new one, without gradient
+
+
+@pytest.mark.parametrize("measure", [lw.grad_stats, lw.check_grads])
+def test_foreach_is_none_or_a_bool_not_a_truthy_word(vit, measure):
+    backward(vit)
+    with pytest.raises(lw.OptionTypeError, match=rf"{measure.__name__}: foreach='no': pass None, True or False"):
+        measure(vit, foreach="no")

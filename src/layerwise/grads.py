@@ -195,6 +195,7 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         True
     """
     require_module(model, "grad_stats")
+    require_flag(foreach, "foreach", "grad_stats", none=True)
     stats = stat_names(stats)
     require_flag(compile, "compile", "grad_stats")
     require_flag(foreach, "foreach", "grad_stats", none=True)
@@ -297,6 +298,7 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
         (False, ['1.weight'], ['0.weight', '0.bias'])
     """
     require_module(model, "check_grads")
+    require_flag(foreach, "foreach", "check_grads", none=True)
     names, params, _ = chosen(model, selectors)
     have, values = _measure(names, params, ("max_abs",), foreach)
     finite = values["max_abs"].isfinite().tolist()
