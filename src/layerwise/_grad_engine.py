@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _grad_compiled
 from . import _grad_kernels as kernels
 from ._tensors import pick, use_foreach
 from .errors import GradError
@@ -184,17 +185,17 @@ class Prims:
 
 
 def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
-                     foreach: bool | None) -> Prims:
+                     foreach: bool | None, compile: bool = False) -> Prims:
     """The ``needed`` primitives of each tensor's local part, on its device; sharded ones still unreduced.
 
     Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
-    unchanged; element counts come from the caller, not from here.
+    unchanged; element counts come from the caller. ``compile``: large tensors by the compiled kernel.
     """
     prims = Prims(needed, len(local))
     for key, idx in _groups(local, shards).items():
         device, dtype, _ = key
         xs = [x if x.numel() else x.new_zeros(1) for x in pick(local, idx)]
-        prims.groups[key] = (idx, kernels.block(xs, needed, device, foreach))
+        prims.groups[key] = (idx, (_grad_compiled.block if compile else kernels.block)(xs, needed, device, foreach))
     return prims
 
 

@@ -36,7 +36,7 @@ from ._grad_engine import (
     to_host,
     unscale,
 )
-from ._tensors import pick, require_module
+from ._tensors import pick, require_flag, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
 from .sinks import Histogram, Sink, checked_sinks, plot_grad_norms, writable_file
@@ -119,6 +119,7 @@ class GradMonitor:
     by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
 
     Sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) get the statistics of the full tensors.
+    ``compile=True``: each gradient read once, by a kernel compiled on the first log step (see :func:`grad_stats`).
 
     Example:
         >>> import layerwise as lw, torch
@@ -136,13 +137,14 @@ class GradMonitor:
     def __init__(self, model: nn.Module, *selectors: Selector, every: int = 50, stats: str | Iterable[str] = STATS,
                  sinks: Sequence[Sink] = (), optimizer: torch.optim.Optimizer | None = None,
                  on_nonfinite: str = "raise", scaler: torch.amp.GradScaler | None = None, foreach: bool | None = None,
-                 flush_every: int = 50):
+                 flush_every: int = 50, compile: bool = False):
         require_module(model, "GradMonitor")
         for option, value in (("every", every), ("flush_every", flush_every)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise OptionTypeError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
             if value < 1:
                 raise OptionError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
+        require_flag(compile, "compile", "GradMonitor")
         if on_nonfinite not in ("raise", "warn", "ignore"):
             raise OptionError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):  # not at the first log step
@@ -160,7 +162,7 @@ class GradMonitor:
                             "Select frozen ones explicitly to watch them anyway.")
         self.stats = stat_names(stats)
         self.every, self.optimizer, self.scaler, self.foreach = every, optimizer, scaler, foreach
-        self.flush_every = flush_every
+        self.flush_every, self.compile = flush_every, compile
         self.on_nonfinite = on_nonfinite
         self.sinks: tuple[Sink, ...] = tuple(sinks)
         self.steps = 0
@@ -245,7 +247,7 @@ class GradMonitor:
     def _measure(self, scale: Tensor | None, scaler_in_charge: bool) -> _Record:
         have = [i for i, p in enumerate(self._params) if p.grad is not None]
         grads, grad_shards = local_tensors([self._params[i].grad for i in have], pick(self.names, have))
-        grad = local_primitives(grads, grad_shards, self._needed, self.foreach)
+        grad = local_primitives(grads, grad_shards, self._needed, self.foreach, self.compile)
         weight, self._weight = self._weight, None  # measured with the snapshot, if one was taken
         if weight is None:
             weight = local_primitives(*local_tensors(self._params, self.names), ("sumsq",), self.foreach)
@@ -280,12 +282,6 @@ class GradMonitor:
         # Results wait on the device and travel in batches: one transfer per flush_every steps.
         if record.step + self.every - self._pending[0].step >= self.flush_every:
             self.flush()
-
-    def _materialize(self, records: list[_Record]) -> None:
-        parts = [r.tensors() for r in records]
-        host = iter(to_host([t for part in parts for t in part]))
-        for record, part in zip(records, parts):
-            record.load([next(host) for _ in part])
 
     def _rows(self, record: _Record) -> list[dict[str, Any]]:
         grad = record.grad.values()
@@ -325,7 +321,10 @@ class GradMonitor:
     def flush(self) -> None:
         """Move every measured log step to the host (one transfer), into :attr:`history` and the sinks."""
         pending, self._pending = self._pending, []
-        self._materialize(pending)
+        parts = [r.tensors() for r in pending]
+        host = iter(to_host([t for part in parts for t in part]))
+        for record, part in zip(pending, parts):
+            record.load([next(host) for _ in part])
         for record in pending:
             if self.on_nonfinite == "warn" and "max_abs" in record.grad.needed and self._nonfinite(record):
                 warnings.warn(self._nonfinite_message(record), RuntimeWarning, stacklevel=2)

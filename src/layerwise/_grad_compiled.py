@@ -1,0 +1,101 @@
+"""The gradient engine's compiled kernel: every primitive of a tensor in ONE loop over its memory.
+
+No library kernel computes several reductions in one pass, so the eager engine reads each
+gradient once per primitive (on CPU, once from memory and again from cache). ``torch.compile``
+(inductor: C++ on CPU, Triton on GPUs) fuses the sum of squares, the sum, the non-zero count and
+max |x| into one loop. It is opt-in (``grad_stats(compile=True)``, ``GradMonitor(compile=True)``)
+because the first call compiles: a few seconds per dtype and device, less once inductor's
+on-disk cache holds the kernel (``benchmarks/bench_grad_stats.py --compile`` measures both).
+
+One graph serves every size: the kernel is compiled with dynamic shapes for one 1-D tensor, so
+it recompiles per dtype and device only (dynamo guards on nothing else). Tensors of up to
+``_SMALL`` elements keep the eager path, which measures them all in one segmented pass: a compiled
+call costs tens of microseconds of Python, more than reading them, and sizes 0 and 1, which
+dynamo specializes, never reach the graph. Norms alone, or any single primitive, are one pass
+already and stay eager; so do complex gradients.
+
+Results equal the eager engine's: non-zero counts and max |x| exactly; sums accumulate in float32
+(float64 for float64 gradients) in another order, so they agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import _grad_kernels as kernels
+from ._tensors import pick
+from .errors import MissingExtraError
+
+# The kernel's rows, in the engine's canonical order (_grad_engine.PRIMITIVES).
+ORDER = ("sumsq", "sum", "nonzero", "max_abs")
+# Elements per call, at most: the int32 count of non-zeros stays exact (2^30 < 2^31). A larger
+# tensor is cut into equal pieces of 2^29 to 2^30 elements, none small enough to specialize on.
+_PIECE = 1 << 30
+
+_compiled: Callable[[Tensor], Tensor] | None = None
+_ready: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) that compiled in this process
+_failed: dict[tuple[str, torch.dtype], str] = {}  # ... and those that could not, with the reason
+
+
+def primitives(x: Tensor) -> Tensor:
+    """(sum of squares, sum, non-zero count, max |x|) of a 1-D real tensor, float64: one loop once compiled."""
+    a = x.to(torch.promote_types(x.dtype, torch.float32))  # 16-bit values widen in registers, not in memory
+    # int32 counts: cheaper than int64 in the vector loop, exact below 2^31 elements (see _PIECE).
+    return torch.stack([(a * a).sum().double(), a.sum().double(), (a != 0).sum(dtype=torch.int32).double(),
+                        a.abs().amax().double()])
+
+
+def _plain(v: Tensor) -> Tensor:
+    """``v`` (1-D, contiguous) as a tensor on the same memory that is not a view: dynamo would guard a
+    view on its base's size and recompile for each new relation between the two."""
+    return v.new_empty(0).set_(v.untyped_storage(), v.storage_offset(), v.shape, (1,))
+
+
+def _run(v: Tensor) -> Tensor:
+    global _compiled
+    key = (v.device.type, v.dtype)
+    if key in _ready:
+        return _compiled(v)
+    if key in _failed:
+        raise MissingExtraError(_failed[key])
+    if _compiled is None:
+        _compiled = torch.compile(primitives, dynamic=True)
+    try:
+        out = _compiled(v)
+    except (RuntimeError, ImportError, OSError) as e:  # dynamo wraps what inductor raised in a RuntimeError
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        need = "a C++ compiler (g++ or clang, or set CXX)" if v.device.type == "cpu" else "Triton"
+        _failed[key] = (f"compile=True could not compile the gradient kernel for {v.dtype} on {v.device.type}: "
+                        f"torch.compile's inductor backend needs {need} there ({reason}). Install it, or pass "
+                        "compile=False (the eager kernels give the same statistics).")
+        raise MissingExtraError(_failed[key]) from e
+    _ready.add(key)
+    return out
+
+
+def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None) -> Tensor:
+    """As :func:`layerwise._grad_kernels.block`, every tensor of more than ``_SMALL`` elements read once
+    by the compiled kernel; the (primitives, tensors) float64 block is the same up to float32 rounding."""
+    big = [i for i, x in enumerate(xs) if x.numel() > kernels._SMALL]
+    if not big or len(needed) == 1 or xs[0].is_complex():
+        return kernels.block(xs, needed, device, foreach)
+    columns = []
+    for i in big:
+        v = xs[i].contiguous().view(-1)
+        if v.numel() <= _PIECE:
+            columns.append(_run(_plain(v)))
+            continue
+        parts = torch.stack([_run(_plain(p)) for p in v.tensor_split(-(-v.numel() // _PIECE))])
+        columns.append(torch.cat([parts[:, :3].sum(0), parts[:, 3:].amax(0)]))  # pieces pool like tensors
+    rows = [ORDER.index(p) for p in needed]
+    measured = torch.stack(columns, 1)[rows]
+    if len(big) == len(xs):
+        return measured
+    out = torch.empty(len(needed), len(xs), dtype=torch.float64, device=measured.device)
+    small = [i for i, x in enumerate(xs) if x.numel() <= kernels._SMALL]
+    out[:, small] = kernels.block(pick(xs, small), needed, device, foreach).to(out.device)
+    out[:, big] = measured
+    return out
