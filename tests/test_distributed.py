@@ -118,3 +118,26 @@ def test_a_malformed_averager_state_changes_nothing():
             averager.load_state_dict(bad)
     averager.load_state_dict({"steps": 4})
     assert averager.state_dict() == {"steps": 4}
+
+
+def _average_sharded(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(make_model(0).float(), mesh=init_device_mesh("cpu", (world_size,)))
+    before = [p.to_local().clone() for p in model.parameters()]
+    messages = []
+    for call in (lambda: lw.average_parameters(model), lambda: lw.PeriodicAverager(model, period=1)):
+        try:
+            call()
+        except lw.DistributedError as e:
+            messages.append(str(e))
+    return messages, all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
+
+
+def test_averaging_fsdp2_shards_is_refused_on_every_rank_and_changes_nothing(run_ranks):
+    # The ranks hold different shards: averaging them mixed unrelated elements (an even shard) or raised
+    # DTensor's "cannot flatten unevenly sharded tensor" (an uneven one).
+    for messages, unchanged in run_ranks(_average_sharded):
+        assert len(messages) == 2 and unchanged
+        assert all("0.weight, 0.bias, 1.weight ... are sharded" in m for m in messages), messages
