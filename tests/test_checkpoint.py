@@ -221,6 +221,25 @@ def test_merge_files_progress_is_a_bool_not_a_truthy_word(tmp_path, three, capfd
     assert not (tmp_path / "out.safetensors").exists() and capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda t, three: lw.merge_files(str(three[0]), t / "o.safetensors"), lw.OptionTypeError,
+     "inputs must be a list of paths, not the one path '.*m0.safetensors': put it in a list"),  # was read letter by letter
+    (lambda t, three: lw.merge_files([three[0], 3], t / "o.safetensors"), lw.OptionTypeError,
+     r"inputs\[1\] must be a path \(a str or os.PathLike\), not int 3"),
+    (lambda t, three: lw.merge_files(three[:2], t / "o.safetensors", "task_arithmetic", base=b"m2"),
+     lw.OptionTypeError, "base must be a path"),
+    (lambda t, three: lw.merge_files(three[:2], None), lw.OptionTypeError, "output must be a path"),
+    (lambda t, three: lw.save({"w": torch.ones(1)}, ""), lw.OptionError, "save: path is an empty path"),
+    (lambda t, three: lw.load(None), lw.OptionTypeError, "the checkpoint must be a path"),
+    (lambda t, three: lw.diff_files(three[0], ""), lw.OptionError, "the checkpoint is an empty path"),
+])
+def test_paths_of_the_wrong_type_or_empty_are_named(tmp_path, three, monkeypatch, call, error, message):
+    monkeypatch.chdir(tmp_path)  # an empty path must not become this folder
+    with pytest.raises(error, match=message):
+        call(tmp_path, three)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+
+
 MEMORY_CHILD = textwrap.dedent("""
     import resource, sys, torch, layerwise as lw
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

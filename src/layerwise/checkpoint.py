@@ -41,6 +41,7 @@ from ._merge_options import merge_plan
 from ._merge_sliced import _slices
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
 from ._model_state import file_state, load_into, on_rank0, unwrapped
+from ._publish import as_path, input_paths, output_path
 from ._reader import Scratch, SliceReader, one_compute_thread
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes, require_flag
@@ -109,7 +110,7 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
         >>> sd["out.weight"] is sd["embed.weight"]
         True
     """
-    path = Path(path)
+    path = as_path(path, "save: path")
     model_or_state_dict, full = file_state(model_or_state_dict)
     if full is not model_or_state_dict:  # sharded (FSDP2): gathered on rank 0, which writes; all return or raise alike
         return on_rank0(lambda: save(full, path, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite))
@@ -174,7 +175,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
     with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...);
     without it, inputs of mixed float dtypes give their promoted dtype. ``compute_dtype``
     (default float32) is the precision of the arithmetic.
-    The output is a ``.safetensors`` file, or a folder (any other name): a Hugging Face model
+    The output is a ``.safetensors`` file, or a folder (any other name but ``.pt``, ``.bin``...): a Hugging Face model
     folder that ``from_pretrained`` loads, with ``model.safetensors`` (shards and an index above
     ``max_shard_size``, default ``"5GB"``), the config and generation config of the base (else the
     first input, or ``copy_from``) with its dtype updated, its tokenizer files, and a ``README.md``
@@ -193,15 +194,16 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         >>> lw.load(out)["w"]
         tensor([2., 4.])
     """
+    paths = input_paths(inputs) + ([as_path(base, "base")] if base is not None else [])
     m = check_method(method, has_base=base is not None, models=len(inputs))
     require_flag(progress, "progress", "merge_files")
-    output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype, "compute_dtype")
+    output, out_dtype = output_path(output, file_ok=True), parse_dtype(dtype)
+    work_dtype = parse_dtype(compute_dtype, "compute_dtype")
     folder = output.suffix != ".safetensors"
     if copy_from is not None and not folder:
         raise OptionError(f"copy_from: {output} is a single .safetensors file; config and tokenizer are copied "
                           "only into a folder output")
     source = copy_source(copy_from) if copy_from is not None else None
-    paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
     with open_checkpoints(paths, key=key) as opened:
         models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
         labelled = ([base_ckpt] if base_ckpt is not None else []) + models
