@@ -221,6 +221,25 @@ def test_merge_files_progress_is_a_bool_not_a_truthy_word(tmp_path, three, capfd
     assert not (tmp_path / "out.safetensors").exists() and capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda t, three: lw.merge_files(str(three[0]), t / "o.safetensors"), lw.OptionTypeError,
+     "inputs must be a list of paths, not the one path '.*m0.safetensors': put it in a list"),  # was read letter by letter
+    (lambda t, three: lw.merge_files([three[0], 3], t / "o.safetensors"), lw.OptionTypeError,
+     r"inputs\[1\] must be a path \(a str or os.PathLike\), not int 3"),
+    (lambda t, three: lw.merge_files(three[:2], t / "o.safetensors", "task_arithmetic", base=b"m2"),
+     lw.OptionTypeError, "base must be a path"),
+    (lambda t, three: lw.merge_files(three[:2], None), lw.OptionTypeError, "output must be a path"),
+    (lambda t, three: lw.save({"w": torch.ones(1)}, ""), lw.OptionError, "save: path is an empty path"),
+    (lambda t, three: lw.load(None), lw.OptionTypeError, "the checkpoint must be a path"),
+    (lambda t, three: lw.diff_files(three[0], ""), lw.OptionError, "the checkpoint is an empty path"),
+])
+def test_paths_of_the_wrong_type_or_empty_are_named(tmp_path, three, monkeypatch, call, error, message):
+    monkeypatch.chdir(tmp_path)  # an empty path must not become this folder
+    with pytest.raises(error, match=message):
+        call(tmp_path, three)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+
+
 MEMORY_CHILD = textwrap.dedent("""
     import resource, sys, torch, layerwise as lw
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -537,3 +556,77 @@ def test_float8_checkpoints_merge_in_float32_and_a_float8_mix_needs_an_output_dt
     lw.merge_files([tmp_path / "a.safetensors", tmp_path / "c.safetensors"], tmp_path / "mixed.safetensors",
                    dtype=torch.bfloat16)
     assert lw.load(tmp_path / "mixed.safetensors")["w"].dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- sharded and wrapped models
+
+
+def _trained(seed: int, rank: int | None = None, world_size: int = 2) -> nn.Module:
+    """TiedLM after two SGD steps on the global batch, or on this rank's share of it (then wrapped by the caller)."""
+    torch.manual_seed(seed)
+    model = TiedLM()
+    tokens = torch.randint(0, 11, (8, 5), generator=torch.Generator().manual_seed(seed))
+    return model, tokens if rank is None else tokens.chunk(world_size)[rank]
+
+
+def _steps(model: nn.Module, tokens: torch.Tensor) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+
+
+def _sharded_checkpoints(rank: int, world_size: int, folder: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    out: dict = {}
+    for seed, name in ((0, "a"), (1, "b")):
+        model, tokens = _trained(seed, rank, world_size)
+        fully_shard(model.body, mesh=init_device_mesh("cpu", (world_size,)))
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)), reshard_after_forward=seed == 0)
+        _steps(model, tokens)
+        out[name] = lw.save(model, f"{folder}/{name}.safetensors")  # every rank calls; rank 0 writes
+    try:
+        lw.save(model, f"{folder}/a.safetensors")
+    except lw.OutputExistsError as e:
+        out["again"] = str(e)  # raised on every rank, not only on the one that writes
+    fresh, _ = _trained(2)
+    fully_shard(fresh.body, mesh=init_device_mesh("cpu", (world_size,)))
+    fully_shard(fresh, mesh=init_device_mesh("cpu", (world_size,)))
+    lw.load(f"{folder}/a.safetensors", into=fresh)  # each rank takes its shards of the full tensors
+    out["loaded"] = {k: v.full_tensor() for k, v in fresh.state_dict().items()}
+    out["local"] = fresh.body.weight.to_local().clone()
+    ddp = DistributedDataParallel(_trained(3)[0])
+    if rank == 0:
+        lw.save(ddp, f"{folder}/ddp.safetensors")
+    lw.load(f"{folder}/a.safetensors", into=ddp)
+    out["ddp"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
+    return out
+
+
+def test_sharded_and_ddp_models_save_full_files_and_load_them_back(run_ranks, tmp_path):
+    # lw.save of an FSDP2 model raised torch's "invalid python storage"; lw.load(into=) its mixed Tensor/DTensor
+    # error; a DDP wrapper saved 'module.'-prefixed names that no unwrapped model loads.
+    r0, r1 = run_ranks(_sharded_checkpoints, str(tmp_path))
+    assert r0["a"] == r1["a"] == tmp_path / "a.safetensors" and r0["again"] == r1["again"]
+    assert "already exists" in r0["again"]
+    for seed, name in ((0, "a"), (1, "b")):
+        model, tokens = _trained(seed)
+        _steps(model, tokens)  # one process over the global batch
+        saved = lw.load(tmp_path / f"{name}.safetensors")
+        assert saved.keys() == model.state_dict().keys() and saved["decoder.weight"] is saved["embed.weight"]
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(saved[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    a = lw.load(tmp_path / "a.safetensors")
+    for rank, result in enumerate((r0, r1)):
+        for k, v in a.items():
+            assert torch.equal(result["loaded"][k], v) and torch.equal(result["ddp"][k], v), k
+        assert torch.equal(result["local"], a["body.weight"].chunk(2)[rank])
+    assert sorted(lw.load(tmp_path / "ddp.safetensors")) == sorted(TiedLM().state_dict())  # no "module."
+    merged = lw.merge_files([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], tmp_path / "m.safetensors")
+    b = lw.load(tmp_path / "b.safetensors")
+    for k, v in lw.load(merged).items():
+        torch.testing.assert_close(v, (a[k] + b[k]) / 2, msg=k)

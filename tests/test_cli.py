@@ -35,6 +35,26 @@ def test_bad_epochs_is_a_usage_error(capsys):
     assert e.value.code == 2 and "--epochs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--device", "tpu", "argument --device: tpu: the demo runs on cpu or cuda"),
+    ("--device", "meta", "argument --device: meta: the demo runs on cpu or cuda"),
+    ("--epochs", "x", "argument --epochs: x: a whole number of epochs, at least 1")])
+def test_a_device_or_epochs_the_demo_cannot_use_is_a_usage_error_of_the_demo(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["demo", option, value, "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: layerwise demo") and f"layerwise demo: error: {message}" in err
+    assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("argv, missing", [(["show"], "file"), (["diff", "a.safetensors"], "b")])
+def test_a_missing_argument_is_named_alone(capsys, argv, missing):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.rstrip().endswith(f"the following arguments are required: {missing}")
+
+
 # --------------------------------------------------------------------------- checkpoint commands
 
 
@@ -108,6 +128,22 @@ def test_a_bad_merge_option_exits_2_naming_it(ckpts, tmp_path, capsys, option, m
     assert main(["merge", "--method", "linear", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--option", option]) == 2
     err = capsys.readouterr().err
     assert err.startswith("layerwise merge: error:") and message in err and not out.exists()
+
+
+@pytest.mark.parametrize("output, message", [
+    ("", "output is an empty path"),  # -o "$UNSET": not the current folder
+    ("merged.pt", "output {out}: this merge writes one .safetensors file or a model folder, and 'merged.pt' would be a "
+                  "folder named like a .pt file; write {stem}.safetensors or a folder name such as {stem}"),
+    ("merged.bin", "'merged.bin' would be a folder named like a .bin file")])
+def test_an_output_name_that_is_no_file_or_folder_it_could_be_exits_2(ckpts, tmp_path, capsys, monkeypatch, output,
+                                                                     message):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / output if output else ""
+    assert main(["average", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--quiet", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("layerwise average: error:")
+    assert message.format(out=out, stem=tmp_path / "merged") in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
 
 
 def test_existing_output_needs_force(ckpts, tmp_path, capsys):

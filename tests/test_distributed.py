@@ -118,3 +118,59 @@ def test_a_malformed_averager_state_changes_nothing():
             averager.load_state_dict(bad)
     averager.load_state_dict({"steps": 4})
     assert averager.state_dict() == {"steps": 4}
+
+
+def _average_sharded(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(make_model(0).float(), mesh=init_device_mesh("cpu", (world_size,)))
+    before = [p.to_local().clone() for p in model.parameters()]
+    messages = []
+    for call in (lambda: lw.average_parameters(model), lambda: lw.PeriodicAverager(model, period=1)):
+        try:
+            call()
+        except lw.DistributedError as e:
+            messages.append(str(e))
+    return messages, all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
+
+
+def test_averaging_fsdp2_shards_is_refused_on_every_rank_and_changes_nothing(run_ranks):
+    # The ranks hold different shards: averaging them mixed unrelated elements (an even shard) or raised
+    # DTensor's "cannot flatten unevenly sharded tensor" (an uneven one).
+    for messages, unchanged in run_ranks(_average_sharded):
+        assert len(messages) == 2 and unchanged
+        assert all("0.weight, 0.bias, 1.weight ... are sharded" in m for m in messages), messages
+
+
+def _wrapped_too_late(rank, world_size):
+    """The order mistakes users make around fully_shard; each must raise, never train silently wrong."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built on the parameters fully_shard replaces
+    ema = lw.EMA(model, decay=0.9)
+    lw.freeze(model, "0")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    for name, call in (("tie", lambda: lw.tie(model, "2.weight", "0.weight")),
+                       ("unfreeze", lambda: lw.GradualUnfreeze(model, opt, {1: "0"})),
+                       ("ema", ema.update)):
+        try:
+            call()
+        except lw.StateError as e:
+            errors[name] = str(e)
+    errors["audit"] = [(f.check, len(f.names)) for f in lw.audit(model, opt)]
+    errors["untied"] = model[2].weight is not model[0].weight
+    return errors
+
+
+def test_wrapping_order_mistakes_under_fsdp2_raise_instead_of_training_silently_wrong(run_ranks):
+    # A tie after fully_shard was undone by FSDP2 at the next forward, and a GradualUnfreeze on an optimizer
+    # built before it trained stale tensors: both silently.
+    for errors in run_ranks(_wrapped_too_late):
+        assert "0.weight already sharded by FSDP2" in errors["tie"] and errors["untied"]
+        assert "none of them a parameter of FSDPSequential" in errors["unfreeze"]
+        assert "0.weight was replaced by a new parameter" in errors["ema"]
+        assert ("not-in-model", 4) in errors["audit"]

@@ -117,6 +117,15 @@ def test_a_bad_recipe_fails_before_writing_and_names_the_problem(tiny_llamas, tm
     assert "slerp interpolates the base_model" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("name", ["merged.safetensors", "merged.pt"])
+def test_a_recipe_output_named_like_a_weight_file_is_refused(tiny_llamas, tmp_path, capsys, name):
+    recipe = _recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_llamas['a']}\n")
+    assert main(["merge", "--config", str(recipe), "-o", str(tmp_path / name), "--quiet"]) == 2
+    assert (f"this merge writes a model folder, and '{name}' would be a folder named like a .{name.split('.')[1]} "
+            f"file; write a folder name such as {tmp_path / 'merged'}") in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [recipe]
+
+
 def test_merge_files_into_a_folder_writes_a_model_with_config_tokenizer_and_card(tiny_llamas, tmp_path):
     base, a, b = tiny_llamas["base"], tiny_llamas["a"], tiny_llamas["b"]
     out = tmp_path / "merged"

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from ._publish import INDEXES
+from ._publish import INDEXES, as_path
 from ._publish import check_output as check_output  # re-exported: the writers' entry points
 from ._publish import staged as staged
 from ._safetensors import ALIASES, METADATA, parse_json, read_header
@@ -289,7 +289,7 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
     """Open a checkpoint file or folder and check its header(s); no tensor is read yet."""
     if key is not None and not isinstance(key, str):
         raise OptionTypeError(f"key={key!r}: a string such as 'state_dict' or 'model/ema'")
-    path = Path(path)
+    path = as_path(path, "the checkpoint")
     try:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):

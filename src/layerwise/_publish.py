@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import CheckpointError, LayerwiseError, OptionTypeError, OutputExistsError
+from .errors import CheckpointError, LayerwiseError, OptionError, OptionTypeError, OutputExistsError
 
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")  # what a shard of an index can be
@@ -179,6 +179,37 @@ def publish_over(temp: Path, output: Path) -> None:
             os.rmdir(aside)  # empty once the old folder is back; kept (with it) if that failed
         raise
     _remove(aside)
+
+
+def as_path(value: object, what: str) -> Path:
+    """``value`` as a Path, or an error naming ``what``: ``Path("")`` would be the current folder,
+    and a number or None would fail inside pathlib with a TypeError that names nothing."""
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+        raise OptionTypeError(f"{what} must be a path (a str or os.PathLike), not {type(value).__name__} {value!r:.80}")
+    if os.fspath(value) == "":
+        raise OptionError(f"{what} is an empty path; give a file or folder name ('.' for the current folder)")
+    return Path(value)
+
+
+def input_paths(inputs: object, what: str = "inputs") -> list[Path]:
+    """A list of input paths; one path given alone (a string is a sequence of letters) is refused by name."""
+    if isinstance(inputs, (str, os.PathLike)):
+        raise OptionTypeError(f"{what} must be a list of paths, not the one path {os.fspath(inputs)!r}: put it in a list")
+    if isinstance(inputs, bytes) or not isinstance(inputs, Sequence):
+        raise OptionTypeError(f"{what} must be a list of paths, not {type(inputs).__name__} {inputs!r:.80}")
+    return [as_path(p, f"{what}[{i}]") for i, p in enumerate(inputs)]
+
+
+def output_path(output: object, *, file_ok: bool) -> Path:
+    """Where a merge writes: a ``.safetensors`` file (where ``file_ok``) or a model folder, never a
+    folder named like a weight file (``merged.pt``), which torch.load and safe_open cannot open."""
+    path = as_path(output, "output")
+    if path.suffix in _WEIGHT_SUFFIXES and not (file_ok and path.suffix == ".safetensors"):
+        writes = "one .safetensors file or a model folder" if file_ok else "a model folder"
+        instead = f"{path.with_suffix('.safetensors')} or " if file_ok else ""
+        raise OptionError(f"output {path}: this merge writes {writes}, and {path.name!r} would be a folder named like "
+                          f"a {path.suffix} file; write {instead}a folder name such as {path.with_suffix('')}")
+    return path
 
 
 def check_output(output: Path, inputs: Sequence[Path], overwrite: bool) -> None:

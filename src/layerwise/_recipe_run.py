@@ -21,6 +21,7 @@ from ._merge_math import compute_dtype_of, merge_tensor, promoted_dtype
 from ._merge_methods import ALIASES, Method, check_complex, check_method, get_method
 from ._merge_options import resolve_options
 from ._model_folder import DEFAULT_SHARD, auto_chat_template, copy_source, folder_finisher, source_folder, vocabulary
+from ._publish import output_path
 from ._term import byte_progress
 from ._vocab import permutation, remap_rows
 from .errors import MergeError, OptionError
@@ -169,7 +170,7 @@ def run_recipe(recipe: Recipe | str | Path, output: str | Path, *, overwrite: bo
     ``compute_dtype`` (default float32; mergekit computes in the recipe's ``dtype``).
     """
     recipe = recipe if isinstance(recipe, Recipe) else read_recipe(recipe)
-    output = Path(output)
+    output = output_path(output, file_ok=False)
     copied = copy_source(copy_from) if copy_from is not None else None
     out_dtype = parse_dtype(dtype or recipe.out_dtype or recipe.dtype)
     work_dtype = parse_dtype(compute_dtype, "compute_dtype")

@@ -40,6 +40,8 @@ from ._merge_methods import check_complex, check_method
 from ._merge_options import merge_plan
 from ._merge_sliced import _slices
 from ._model_folder import DEFAULT_SHARD, copy_source, folder_finisher, source_folder
+from ._model_state import file_state, load_into, on_rank0, unwrapped
+from ._publish import as_path, input_paths, output_path
 from ._reader import Scratch, SliceReader, one_compute_thread
 from ._safetensors import METADATA
 from ._tensors import aliases_of, human_bytes, require_flag
@@ -56,11 +58,6 @@ _RESERVED = "layerwise."  # metadata keys layerwise writes and reads back (the t
 _SLICE = 1 << 20
 
 
-def _unwrapped(name: str) -> str:
-    """A key without torch.compile's wrapper segment: files never hold ``_orig_mod.`` names."""
-    return ".".join(p for p in name.split(".") if p != "_orig_mod") if "_orig_mod" in name else name
-
-
 def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor], path: Path) -> Mapping[str, torch.Tensor]:
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
@@ -72,7 +69,7 @@ def _state_dict(obj: nn.Module | Mapping[str, torch.Tensor], path: Path) -> Mapp
     bad = [k for k in obj if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"{path}: tensor names are strings; not {', '.join(map(repr, bad[:5]))}")
-    state = {_unwrapped(k): v for k, v in obj.items()}
+    state = {unwrapped(k): v for k, v in obj.items()}
     if len(state) < len(obj):
         raise CheckpointError(f"{path}: keys differ only by torch.compile's '_orig_mod.': save the model once")
     for k, t in state.items():
@@ -97,8 +94,11 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
     written under a temporary name and renamed when complete; an existing ``path`` is
     replaced only with ``overwrite=True`` (a folder keeps the files it holds beside the weights,
     such as ``config.json``). A ``torch.compile``d model is saved under its inner names (no
-    ``_orig_mod.``). ``metadata`` maps strings to strings; keys starting ``layerwise.`` are
-    reserved.
+    ``_orig_mod.``), a DistributedDataParallel wrapper under its module's names (no ``module.``).
+    A sharded (FSDP2, DTensor) model or state dict is a collective: every rank calls ``save``,
+    the full tensors are gathered to rank 0, which writes the file, and every rank returns the
+    path or raises rank 0's error. ``metadata`` maps strings to strings; keys starting
+    ``layerwise.`` are reserved.
 
     Example:
         >>> import layerwise as lw, torch, tempfile, os
@@ -110,7 +110,10 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
         >>> sd["out.weight"] is sd["embed.weight"]
         True
     """
-    path = Path(path)
+    path = as_path(path, "save: path")
+    model_or_state_dict, full = file_state(model_or_state_dict)
+    if full is not model_or_state_dict:  # sharded (FSDP2): gathered on rank 0, which writes; all return or raise alike
+        return on_rank0(lambda: save(full, path, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite))
     state = _state_dict(model_or_state_dict, path)
     bad = [f"{k!r}: {type(v).__name__}" for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
@@ -138,7 +141,8 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
     mmap=True)``; a file holding Python objects is refused with a note on converting it. A
     nested checkpoint (``{"state_dict": ...}``, Lightning files) is found when unambiguous,
     else ``key=`` chooses (the error lists the top-level keys). Tied tensors come back
-    shared. ``into=model`` loads the result with ``strict=True``.
+    shared. ``into=model`` loads the result with ``strict=True`` (into a DDP wrapper's module; into an
+    FSDP2 model each rank takes its shards of the full tensors, with no collective).
 
     Example:
         >>> import layerwise as lw, torch, tempfile, os
@@ -151,16 +155,7 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
         stored = {k: ckpt.read(k) for k in ckpt.specs if k not in ckpt.aliases}
         state = {k: stored[ckpt.aliases.get(k, k)] for k in ckpt.specs}
     if into is not None:
-        # a compiled module (or one holding compiled parts) names its tensors with '_orig_mod.'
-        own = {_unwrapped(k): (k, t) for k, t in into.state_dict().items()}
-        problems = [f"{k}: not in the model" for k in state if k not in own]
-        problems += [f"{k}: missing from the file" for k in own if k not in state]
-        problems += [f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k][1].shape)} in the model"
-                     for k, v in state.items() if k in own and v.shape != own[k][1].shape]
-        if problems:  # checked first: torch would copy the tensors that fit before raising
-            raise CheckpointError(f"{path}: does not fit {type(into).__name__} ({len(problems)} differences): "
-                                  + "; ".join(problems[:20]) + (" ..." if len(problems) > 20 else ""))
-        into.load_state_dict({own[k][0]: v for k, v in state.items()}, strict=True)
+        load_into(into, state, path)
     return state
 
 
@@ -180,7 +175,7 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
     with ``overwrite=True``). ``dtype`` casts floating tensors of the output (``"bf16"``...);
     without it, inputs of mixed float dtypes give their promoted dtype. ``compute_dtype``
     (default float32) is the precision of the arithmetic.
-    The output is a ``.safetensors`` file, or a folder (any other name): a Hugging Face model
+    The output is a ``.safetensors`` file, or a folder (any other name but ``.pt``, ``.bin``...): a Hugging Face model
     folder that ``from_pretrained`` loads, with ``model.safetensors`` (shards and an index above
     ``max_shard_size``, default ``"5GB"``), the config and generation config of the base (else the
     first input, or ``copy_from``) with its dtype updated, its tokenizer files, and a ``README.md``
@@ -199,15 +194,16 @@ def merge_files(inputs: Sequence[PathLike], output: PathLike, method: str = "lin
         >>> lw.load(out)["w"]
         tensor([2., 4.])
     """
+    paths = input_paths(inputs) + ([as_path(base, "base")] if base is not None else [])
     m = check_method(method, has_base=base is not None, models=len(inputs))
     require_flag(progress, "progress", "merge_files")
-    output, out_dtype, work_dtype = Path(output), parse_dtype(dtype), parse_dtype(compute_dtype, "compute_dtype")
+    output, out_dtype = output_path(output, file_ok=True), parse_dtype(dtype)
+    work_dtype = parse_dtype(compute_dtype, "compute_dtype")
     folder = output.suffix != ".safetensors"
     if copy_from is not None and not folder:
         raise OptionError(f"copy_from: {output} is a single .safetensors file; config and tokenizer are copied "
                           "only into a folder output")
     source = copy_source(copy_from) if copy_from is not None else None
-    paths = [Path(p) for p in inputs] + ([Path(base)] if base is not None else [])
     with open_checkpoints(paths, key=key) as opened:
         models, base_ckpt = (opened[:-1], opened[-1]) if base is not None else (opened, None)
         labelled = ([base_ckpt] if base_ckpt is not None else []) + models

@@ -144,6 +144,33 @@ def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _epochs(text: str) -> int:
+    try:
+        epochs = int(text)
+    except ValueError:
+        epochs = 0
+    if epochs < 1:
+        raise argparse.ArgumentTypeError(f"{text}: a whole number of epochs, at least 1")
+    return epochs
+
+
+def _device(text: str) -> str:
+    """cpu, or a CUDA device this machine has: checked while parsing, so the demo's usage line comes with it."""
+    if text == "cpu":
+        return text  # the default: --help and a cpu run never import torch here
+    import torch
+
+    try:
+        kind = torch.device(text).type
+    except (RuntimeError, ValueError):  # torch's message lists every device type it knows
+        kind = None
+    if kind != "cuda":
+        raise argparse.ArgumentTypeError(f"{text}: the demo runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device is available here; use --device cpu")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="layerwise", description="Per-layer control of PyTorch training.")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -153,14 +180,14 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="walk through the techniques on a Siamese LSTM over the digits data")
     demo.add_argument("--out", default="layerwise-demo", help="report folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialization and order (default: %(default)s)")
-    demo.add_argument("--epochs", type=int, default=10, help="epochs of the main training run (default: %(default)s)")
-    demo.add_argument("--device", default="cpu", help="cpu, or cuda where present (default: %(default)s)")
+    demo.add_argument("--epochs", type=_epochs, default=10, help="epochs of the main training run (default: %(default)s)")
+    demo.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda where present (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="print nothing but errors")
     demo.set_defaults(run=_demo)
 
     show = sub.add_parser("show", help="list a checkpoint's tensors: name, dtype, shape, numel, bytes, totals")
     show.add_argument("file", help="a .safetensors/.pt/.bin file or a Hugging Face folder")
-    show.add_argument("selectors", nargs="*", metavar="SELECTOR", help="only these tensors (e.g. 'encoder.**' '!**.bias')")
+    show.add_argument("selectors", nargs="*", default=[], metavar="SELECTOR", help="only these tensors (e.g. 'encoder.**' '!**.bias')")
     show.add_argument("--key", help="the state dict inside a nested .pt checkpoint")
     show.set_defaults(run=_show)
 
@@ -198,7 +225,7 @@ def _parser() -> argparse.ArgumentParser:
     diff = sub.add_parser("diff", help="compare two checkpoints: max |a-b|, relative L2, cosine per tensor")
     diff.add_argument("a")
     diff.add_argument("b")
-    diff.add_argument("selectors", nargs="*", metavar="SELECTOR")
+    diff.add_argument("selectors", nargs="*", default=[], metavar="SELECTOR")
     diff.add_argument("--key", help="the state dict inside nested .pt checkpoints")
     diff.set_defaults(run=_diff)
 
@@ -220,13 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``) and return its exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if getattr(args, "epochs", 1) < 1:
-        parser.error("--epochs must be at least 1")
-    if getattr(args, "device", "cpu").startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: no CUDA device is available here; use --device cpu")
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -62,6 +62,15 @@ def _differences(specs: Sequence[list[tuple[str, tuple[int, ...], str]]]) -> str
     return "; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else "")
 
 
+def _refuse_sharded(selection: Selection, caller: str) -> None:
+    sharded = [name for name, p in selection if hasattr(p, "_local_tensor")]
+    if sharded:  # each rank holds other elements of them: a mean over ranks would mix unrelated shards
+        raise DistributedError(f"{caller}: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} "
+                               "are sharded (DTensor, e.g. FSDP2's fully_shard): each rank holds a different "
+                               "shard, so there is one copy to keep, not replicas to average. Leave them out "
+                               "of the selection")
+
+
 def _check_group(group: Any, caller: str) -> None:
     if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise OptionTypeError(f"{caller}: group must be a torch.distributed ProcessGroup or None (the default "
@@ -88,6 +97,7 @@ def average_parameters(model: nn.Module, *selectors: Selector, group: dist.Proce
     _check_group(group, "average_parameters")
     _require_process_group()
     selection = _select(model, *selectors)
+    _refuse_sharded(selection, "average_parameters")
     agree(selection, group)
     params = selection.params()
     for idx in buckets(params).values():
@@ -124,6 +134,7 @@ class PeriodicAverager:
         self.model, self.period, self.warmup_steps, self.group = model, period, warmup_steps, group
         self.selectors = as_selectors(select)
         selection = _select(model, *self.selectors)  # fail now, not at the first averaging step
+        _refuse_sharded(selection, "PeriodicAverager")
         if dist.is_available() and dist.is_initialized():
             agree(selection, group)
         self.steps = 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._ddp import fsdp_params
+from ._selector import unwrap_compiled
 from ._tensors import named_tensor_groups, require_module
-from .errors import OptionTypeError
+from .errors import OptionTypeError, StateError
 from .select import SelectionError, closest
 
 __all__ = ["shared", "tie"]
@@ -62,6 +64,11 @@ def tie(model: nn.Module, target: str, source: str) -> list[str]:
             raise OptionTypeError(f"tie: {what} is a parameter name or module path (a string), not {name!r:.100}")
     pairs = _pairs(model, target, source)
     params = dict(model.named_parameters(remove_duplicate=False))
+    managed = fsdp_params(unwrap_compiled(model))
+    if late := [n for pair in pairs for n in pair if id(params[n]) in managed]:
+        raise StateError(f"cannot tie {target!r} to {source!r}: {', '.join(dict.fromkeys(late))} already sharded by "
+                         "FSDP2 (fully_shard), which puts its own tensor for each parameter back into the modules at "
+                         "every forward and would silently undo the tie. Tie before fully_shard. Nothing was changed.")
     problems = []
     for t, s in pairs:
         pt, ps = params[t], params[s]
