@@ -155,6 +155,41 @@ def test_group_matcher_numbers_layers_as_timm_on_every_parameter(cls):
     assert layer_of(groups) == {n: top - layer(n) for n, _ in model.named_parameters()}
 
 
+class _MatcherViT(TimmViT):
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+
+    def group_matcher(self, coarse: bool = False):
+        return self.spec
+
+
+@pytest.mark.parametrize("form", ["compiled", "callable"])
+def test_group_matcher_in_timms_other_forms_numbers_layers_as_timm(form):
+    # timm's group_with_matcher also takes the compiled rules [(regex, prefix, suffix)] and a callable name -> ordinal
+    import re
+    rules = [(re.compile(r"^cls_token|reg_token|pos_embed|patch_embed"), (0,), None),
+             (re.compile(r"^blocks\.(\d+)"), (1,), None), (re.compile(r"^norm"), (1,), (99999,))]
+    spec = rules if form == "compiled" else lambda n: next(
+        (p + tuple(map(int, m.groups())) + (s or ()) for r, p, s in rules if (m := r.match(n))), (float("inf"),))
+    model = _MatcherViT(spec)
+    groups = lw.param_groups(model, lr=1.0, layer_decay=0.5, no_decay=None)
+    assert layer_of(groups) == {n: 4 - _vit_layer(n) for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("spec, message", [
+    (None, r"returned NoneType None; timm's form is a dict"),
+    (r"^blocks", r"returned str '\^blocks'; timm's form is a dict"),
+    (dict(stem="^cls_token(", blocks=r"^blocks\.(\d+)"), "a rule's pattern is not a regular expression"),
+    (dict(blocks=[r"^blocks\.(\d+)"]), r"a group's list holds \(regex, suffix\) pairs"),
+    (dict(blocks=r"^(blocks)\.(\d+)"), r"gives 'blocks.0.norm.weight' the ordinal \(0, 'blocks', '0'\); layer decay sorts numbers"),
+    (lambda name: None, r"gives 'cls_token' the ordinal \(None,\)"),
+])
+def test_a_group_matcher_timm_could_not_sort_is_named(spec, message):
+    with pytest.raises(lw.OptionError, match=r"_MatcherViT.group_matcher\(\):? " + message):
+        lw.param_groups(_MatcherViT(spec), lr=1.0, layer_decay=0.5)
+
+
 @pytest.mark.parametrize(("cls", "layers"), [(TimmViT, "blocks.*"), (TimmConvNeXt, "stages.*.blocks.*")],
                          ids=["vit", "convnext"])
 def test_block_pattern_numbers_a_timm_model_as_its_group_matcher(cls, layers):

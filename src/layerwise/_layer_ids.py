@@ -35,7 +35,7 @@ def layer_ids(model: nn.Module, layers: Selector | None, trainable: Sequence[str
     if not callable(matcher):
         raise OptionError(f"layer-wise LR decay needs the blocks: pass layers=<block pattern> (e.g. layers='blocks.*'); "
                           f"{type(model).__name__} has no timm-style group_matcher() to read them from")
-    ids = _from_matcher(matcher(coarse=False), trainable)
+    ids = _from_matcher(matcher(coarse=False), trainable, f"{type(model).__name__}.group_matcher()")
     fallen = unmatched_before_blocks(model, list(trainable))
     if fallen:
         warnings.warn(f"{', '.join(fallen)} match{'es' * (len(fallen) == 1)} no rule of {type(model).__name__}.group_matcher() although blocks "
@@ -51,19 +51,19 @@ def unmatched_before_blocks(model: nn.Module, names: Sequence[str]) -> list[str]
     spec = matcher(coarse=False) if callable(matcher) else None
     if not isinstance(spec, Mapping):
         return []
-    ordinal = _ordinal(spec)
+    ordinal = _ordinal(spec, f"{type(model).__name__}.group_matcher()")
     matched = [ordinal(n)[0] != float("inf") for n in names]
     last = max((i for i, m in enumerate(matched) if m), default=-1)
     return [n for i, (n, m) in enumerate(zip(names, matched)) if not m and i < last]
 
 
-def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequence[str]) -> dict[str, int]:
+def _from_matcher(spec: Any, names: Sequence[str], where: str) -> dict[str, int]:
     """timm's ``group_with_matcher``: ordinals per name, sorted, renumbered; ``(…, 99999)`` joins the group before.
 
     Only trainable names are numbered, so a frozen module (an EMA copy, a frozen stem) shifts no
     trained layer's scale (timm #2691 counts frozen ones, and scales every trained layer down).
     """
-    ordinal = _ordinal(spec)
+    ordinal = _ordinal(spec, where)
     keys = {name: ordinal(name) for name in names}
     ids: dict[tuple[float, ...], int] = {}
     lid = -1
@@ -73,27 +73,57 @@ def _from_matcher(spec: Mapping[str, Any] | Callable[[str], Any], names: Sequenc
     return {name: ids[key] for name, key in keys.items()}
 
 
-def _ordinal(spec: Mapping[str, Any] | Callable[[str], Any]) -> Callable[[str], tuple[float, ...]]:
-    """timm's ordinal of a name: (group index, *regex groups, *suffix) of the first rule that matches."""
+def _ordinal(spec: Any, where: str) -> Callable[[str], tuple[float, ...]]:
+    """timm's ordinal of a name: (group index, *regex groups, *suffix) of the first rule that matches.
+
+    ``spec`` is what timm's ``group_with_matcher`` takes: ``{group: regex or [(regex, suffix), ...]}``,
+    its compiled form ``[(regex, prefix, suffix), ...]``, or a callable ``name -> ordinal``.
+    """
+    def numbers(name: str, parts: Iterable[Any]) -> tuple[float, ...]:
+        parts = tuple(parts)
+        try:
+            return tuple(map(float, parts))
+        except (TypeError, ValueError):  # a None, a word: timm's sort would fail on them too
+            raise OptionError(f"{where} gives {name!r} the ordinal {tuple(parts)!r}; layer decay sorts numbers: "
+                              "give numeric regex groups such as r'^blocks\\.(\\d+)', or numbers") from None
+
     if callable(spec):
         def from_callable(name: str) -> tuple[float, ...]:
             value = spec(name)
-            return tuple(map(float, value)) if isinstance(value, Iterable) else (float(value),)
+            return numbers(name, value if isinstance(value, Iterable) and not isinstance(value, str) else (value,))
         return from_callable
-    rules = []
-    for group, (_, pattern) in enumerate(spec.items()):
-        if pattern is None:
-            continue
-        pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
-        rules += [(re.compile(regex), (group,), suffix) for regex, suffix in pairs]
+    if isinstance(spec, Mapping):
+        rules = []
+        for group, (_, pattern) in enumerate(spec.items()):
+            if pattern is not None:
+                pairs = pattern if isinstance(pattern, (tuple, list)) else [(pattern, None)]
+                rules += [(regex, (group,), suffix) for regex, suffix in _pairs(pairs, where)]
+    elif isinstance(spec, (tuple, list)) and all(isinstance(r, (tuple, list)) and len(r) == 3 for r in spec):
+        rules = list(spec)
+    else:
+        raise OptionError(f"{where} returned {type(spec).__name__} {spec!r:.80}; timm's form is a dict "
+                          "{group: regex or [(regex, suffix), ...]}, a list of (regex, prefix, suffix) or a callable")
+    try:
+        rules = [(re.compile(regex), prefix, suffix) for regex, prefix, suffix in rules]
+    except (re.error, TypeError) as e:
+        raise OptionError(f"{where}: a rule's pattern is not a regular expression ({e})") from None
 
     def from_rules(name: str) -> tuple[float, ...]:
         for regex, prefix, suffix in rules:
             found = regex.match(name)  # re.match, as timm: anchored at the start only
             if found:
-                return tuple(map(float, chain.from_iterable(filter(None, (prefix, found.groups(), suffix)))))
+                return numbers(name, chain.from_iterable(filter(None, (prefix, found.groups(), suffix))))
         return (float("inf"),)  # matched by no rule: the head (and timm #2712's forgotten reg_token)
     return from_rules
+
+
+def _pairs(pairs: Sequence[Any], where: str) -> list[tuple[Any, Any]]:
+    """A group's ``[(regex, suffix), ...]``, as timm unpacks it: a bare pattern in the list is refused by name
+    (unpacked, a two-letter pattern would pass as a regex and a suffix)."""
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise OptionError(f"{where}: a group's list holds (regex, suffix) pairs, e.g. [(r'^blocks\\.(\\d+)', None), "
+                          f"(r'^norm', (99999,))]; got {list(pairs)!r:.80}")
+    return [tuple(p) for p in pairs]
 
 
 def _from_blocks(model: nn.Module, layers: Selector, trainable: set[str]) -> tuple[dict[str, int], int]:
