@@ -75,6 +75,7 @@ def test_compiled_primitives_equal_the_eager_kernels_for_any_size(sizes, dtype, 
 
 @needs_inductor
 def test_one_graph_per_dtype_whatever_the_sizes_and_offsets():
+    torch.manual_seed(0)
     compiled.block([torch.randn(BIG + 5)] * 2, PRIMITIVES, torch.device("cpu"), None)  # compiled (or cached) here
     before = counters["stats"]["unique_graphs"]
     flat = torch.randn(10 * BIG)
@@ -83,12 +84,13 @@ def test_one_graph_per_dtype_whatever_the_sizes_and_offsets():
     got = compiled.block(xs, ("sumsq", "max_abs", "nonzero"), torch.device("cpu"), None)
     want = kernels.block(xs, ("sumsq", "max_abs", "nonzero"), torch.device("cpu"), None)
     assert torch.equal(got[1:], want[1:])
-    assert torch.allclose(got[0], want[0], rtol=2e-6)
+    assert torch.allclose(got[0], want[0], rtol=RTOL[torch.float32])
     assert counters["stats"]["unique_graphs"] == before
 
 
 @needs_inductor
 def test_a_tensor_above_the_piece_size_is_measured_in_pieces_that_pool_exactly(monkeypatch):
+    torch.manual_seed(0)
     monkeypatch.setattr(compiled, "_PIECE", 2 * BIG)  # pieces of 1.8 BIG: above MIN_NUMEL, as real ones
     x = torch.randn(9 * BIG)
     x[5] = 0.0
