@@ -169,18 +169,29 @@ def _task_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 4, generator=gen), torch.randn(8, 3, generator=gen)
 
 
-def _ddp_pcgrad(rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
+def _sharded_pcgrad(rank: int, world_size: int) -> list[dict[str, torch.Tensor]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     x, y = (t.chunk(world_size)[rank] for t in _task_batch())  # each rank its share of the global batch
-    return [_two_task_steps(DistributedDataParallel(_task_net(), **options), x, y, "module.0")
-            for options in ({}, {"find_unused_parameters": True}, {"static_graph": True})]
+    results = [_two_task_steps(DistributedDataParallel(_task_net(), **options), x, y, "module.0")
+               for options in ({}, {"find_unused_parameters": True}, {"static_graph": True})]
+    for reshard in (True, False):
+        model, mesh = _task_net(), init_device_mesh("cpu", (world_size,))
+        fully_shard(model[0], mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        _two_task_steps(model, x, y, "0")
+        results.append({k: v.full_tensor() for k, v in model.state_dict().items()})
+    return results
 
 
-def test_pcgrad_under_ddp_equals_one_process_over_the_global_batch(run_ranks):
-    # The task gradients were local to each rank: the replicas drifted apart, silently.
+def test_pcgrad_under_ddp_and_fsdp2_equals_one_process_over_the_global_batch(run_ranks):
+    # Under DDP the task gradients were local to each rank: the replicas drifted apart, silently. Under
+    # FSDP2 autograd never reaches the sharded parameters: pcgrad said no loss reached any of them.
     want = _two_task_steps(_task_net(), *_task_batch(), "0")
-    for rank in run_ranks(_ddp_pcgrad):
+    for rank in run_ranks(_sharded_pcgrad):
+        assert len(rank) == 5
         for got in rank:
             for name, value in want.items():
                 torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -354,7 +354,7 @@ def _batch(rank: int | None, world_size: int = 2) -> tuple[torch.Tensor, torch.T
     return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
 
 
-def _surgery_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list, str]:
+def _surgery_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[list, list]:
     """scale_grad (a schedule), grad_hook and set_grad over three backward passes, then the hooks removed."""
     def full(t):
         return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -374,13 +374,7 @@ def _surgery_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     model.zero_grad(set_to_none=True)
     nn.functional.mse_loss(model(x), y).backward()
     grads.append({name: full(p.grad).clone() for name, p in model.named_parameters()})
-    try:
-        out = model(x)
-        lw.pcgrad([out[:, 0].mean(), out[:, 1].mean()], model)
-        refusal = ""
-    except lw.GradError as e:
-        refusal = str(e)
-    return grads, seen, refusal
+    return grads, seen
 
 
 def _fsdp_surgery(rank: int, world_size: int) -> list:
@@ -401,9 +395,9 @@ def _fsdp_surgery(rank: int, world_size: int) -> list:
 def test_grad_hooks_and_set_grad_on_fsdp2_equal_one_process_over_the_global_batch(run_ranks):
     # The hooks used to sit on the sharded parameters, which autograd never reaches under FSDP2:
     # scale_grad and grad_hook silently did nothing; set_grad raised torch's mixed Tensor/DTensor error.
-    want, want_seen, _ = _surgery_steps(_mlp(), *_batch(None))
+    want, want_seen = _surgery_steps(_mlp(), *_batch(None))
     for rank in run_ranks(_fsdp_surgery):
-        for grads, seen, refusal in rank:  # reshard_after_forward True, then False
+        for grads, seen in rank:  # reshard_after_forward True, then False
             assert seen == ["4.weight"] * 3 and want_seen == seen  # once per backward, local gradient
             for step, (got, expected) in enumerate(zip(grads, want)):
                 for name, grad in expected.items():
@@ -412,4 +406,3 @@ def test_grad_hooks_and_set_grad_on_fsdp2_equal_one_process_over_the_global_batc
                         assert got[name].abs().max() <= 0.01 + 1e-7, step
                         continue
                     torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
-            assert "sharded by FSDP2" in refusal and "0.weight" in refusal

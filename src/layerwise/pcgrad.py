@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from ._selector import unwrap_compiled
 from ._tensors import buckets, pick
 from .errors import GradError, OptionTypeError
 from .select import Selector, describe, select
-from .surgery import like, trainable
+from .surgery import like, shard_like, trainable
 
 __all__ = ["pcgrad"]
 
@@ -41,7 +41,9 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
     parameters, and nothing waits for the device. Pass a DistributedDataParallel wrapper as
     ``model``: the task gradients are then averaged over its processes before the projections
     (one all-reduce per device and dtype, as DDP's own), so every rank writes the gradients one
-    process would compute over the global batch. Parameters sharded by FSDP2 are refused.
+    process would compute over the global batch. The same holds for a model sharded by FSDP2
+    (``fully_shard``): the task gradients are those of its unsharded parameters, averaged over the
+    mesh, and each rank keeps its shard of the result (call ``pcgrad`` right after the forward).
 
     Example:
         >>> import layerwise as lw, torch
@@ -65,20 +67,21 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
             raise GradError(f"pcgrad: loss {i} must be a one-element tensor, got {got}")
         if not loss.requires_grad:
             raise GradError(f"pcgrad changed nothing: loss {i} does not require grad (it depends on no trainable parameter)")
-    named = trainable(model, selectors, "pcgrad")
-    managed = fsdp_params(unwrap_compiled(model))
-    if sharded := [n for n, p in named if id(p) in managed]:
-        raise GradError(f"pcgrad: {', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''} are sharded by FSDP2 "
-                        "(fully_shard): autograd differentiates FSDP2's unsharded stand-ins, not these, so the task "
-                        "gradients cannot be taken. Apply pcgrad to parameters left out of fully_shard "
-                        "(ignored_params=...), or wrap the model in DistributedDataParallel instead")
-    chosen = [p for _, p in named]
+    chosen = [p for _, p in trainable(model, selectors, "pcgrad")]
     ids = {id(p) for p in chosen}
     others = [p for p in select(model).params() if p.requires_grad and id(p) not in ids]
+    managed = fsdp_params(unwrap_compiled(model))
+    # Under FSDP2 autograd reaches the unsharded stand-in of each parameter: the task gradients are its (full,
+    # this rank's); the result goes to the sharded parameter, each rank keeping its shard.
+    targets = [managed[id(p)].sharded_param if id(p) in managed else p for p in chosen + others]
+    inputs = [_stand_in(managed[id(p)]) if id(p) in managed else p for p in chosen + others]
     tasks = len(losses)
-    grads = [torch.autograd.grad(loss, chosen + others, retain_graph=i < tasks - 1, allow_unused=True)
+    grads = [torch.autograd.grad(loss, inputs, retain_graph=i < tasks - 1, allow_unused=True)
              for i, loss in enumerate(losses)]
     ddp = ddp_wrapper(model)
+    group = ddp.process_group if ddp is not None else _fsdp_group(managed) if managed else None
+    target_of = {id(i): t for i, t in zip(inputs, targets)}
+    chosen, others = inputs[:len(chosen)], inputs[len(chosen):]
     unreached = [str(i) for i, g in enumerate(grads) if all(x is None for x in g[:len(chosen)])]
     if unreached:
         raise GradError(f"pcgrad changed nothing: loss {', '.join(unreached)} reaches none of the selected parameters "
@@ -93,8 +96,8 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
         groups = buckets([p for p, _ in projected])
         mats = {key: _task_matrix(pick(projected, idx), tasks, torch.promote_types(key[1], torch.float32))
                 for key, idx in groups.items()}
-        if ddp is not None:  # the projections of one process over the global batch: on the averaged task gradients
-            _average(list(mats.values()), ddp.process_group)
+        if group is not None:  # the projections of one process over the global batch: on the averaged task gradients
+            _average(list(mats.values()), group)
         first = next(iter(mats.values()))
         gram = sum((m @ m.T).to(first.device) for m in mats.values())
         # Each projected gradient stays a combination of the original ones, pc_i = coef[i] @ G,
@@ -113,17 +116,37 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
             for (p, gs), flat in zip(entries, merged.split([p.numel() for p, _ in entries])):
                 if reduction == "mean" and all(g is not None for g in gs):
                     flat = flat / tasks
-                p.grad = like(p).copy_(flat.view(p.shape))
+                _set_grad(target_of[id(p)], like(p).copy_(flat.view(p.shape)))
         summed = []
         for p, gs in zip(others, by_param[len(chosen):]):
             reached = [g for g in gs if g is not None]
             if reached:
-                p.grad = like(p).copy_(reached[0])
+                summed.append((p, like(p).copy_(reached[0])))
                 for g in reached[1:]:
-                    p.grad.add_(g)
-                summed.append(p.grad)
-        if ddp is not None:
-            _average(summed, ddp.process_group)
+                    summed[-1][1].add_(g)
+        if group is not None:
+            _average([total for _, total in summed], group)
+        for p, total in summed:
+            _set_grad(target_of[id(p)], total)
+
+
+def _set_grad(target: torch.Tensor, grad: torch.Tensor) -> None:
+    target.grad = shard_like(target, grad) if hasattr(target, "_local_tensor") else grad
+
+
+def _stand_in(param: Any) -> torch.Tensor:
+    """The unsharded parameter FSDP2 made for ``param`` (an ``FSDPParam``) at its all-gather in forward."""
+    unsharded = getattr(param, "_unsharded_param", None)
+    if unsharded is None:
+        raise GradError(f"pcgrad: FSDP2 has not unsharded {param._param_fqn or 'a parameter'} yet: call pcgrad "
+                        "with losses computed by a forward of the fully_shard model")
+    return unsharded
+
+
+def _fsdp_group(managed: dict[int, Any]) -> Any:
+    """The process group over every rank of the FSDP2 / HSDP mesh: each of them had its own data."""
+    mesh = next(iter(managed.values())).sharded_param.device_mesh
+    return mesh.get_group() if mesh.ndim == 1 else None  # an HSDP mesh spans the default group
 
 
 def _average(tensors: list[torch.Tensor], group: object) -> None:

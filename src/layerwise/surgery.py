@@ -68,7 +68,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return hasattr(t, "_local_tensor")
 
 
-def _sharded_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def shard_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A full-shape ``value`` laid out as the sharded (FSDP2, DTensor) parameter ``p``: each rank keeps its
     own shard of its own value, with no collective (as a gradient assigned after backward under DDP)."""
     from torch.distributed.tensor import distribute_tensor
@@ -166,7 +166,7 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
                 problems.append(f"the value for {name} is complex but {name} is {p.dtype}; pass its real part")
             elif isinstance(v, torch.Tensor):
                 sharded = _is_dtensor(p) and not _is_dtensor(v)
-                grads.append(_sharded_like(p, v) if sharded else like(p).copy_(v))
+                grads.append(shard_like(p, v) if sharded else like(p).copy_(v))
                 checks.append(v if sharded else grads[-1])
             elif isinstance(v, numbers.Number):
                 grads.append(torch.full_like(p, v, memory_format=torch.preserve_format))
