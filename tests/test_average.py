@@ -280,6 +280,22 @@ def test_della_takes_epsilon_zero_as_mergekit_does():
     assert set(kept.tolist()) <= set(range(6)) and 0 < (kept != 0).sum() < 6
 
 
+def test_greedy_soup_names_an_evaluate_that_is_not_a_callable():
+    nets = [nn.Linear(1, 1, bias=False) for _ in range(2)]
+    vessel = nn.Linear(1, 1, bias=False)
+    held = vessel.weight.detach().clone()
+    with pytest.raises(lw.OptionTypeError, match="greedy_soup: evaluate must be a callable model -> score, got float"):
+        lw.greedy_soup(nets, 0.5, vessel)
+    assert torch.equal(vessel.weight, held)
+
+
+@pytest.mark.parametrize("merge", [lambda ms: lw.average(ms), lambda ms: lw.merge(ms[0], ms[1:], "task_arithmetic")])
+def test_a_model_on_the_meta_device_is_named_before_merging(merge):
+    models = [nn.Linear(2, 2), nn.Linear(2, 2, device="meta"), nn.Linear(2, 2)]
+    with pytest.raises(lw.MergeError, match="'weight' is on the meta device .* materialize the model first"):
+        merge(models)
+
+
 def _soup_member(seed: int) -> nn.Module:
     torch.manual_seed(seed)  # (3, 6): an uneven shard over two ranks
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))

@@ -375,6 +375,20 @@ def test_a_callable_reaches_the_modules_whose_parameters_it_all_selects(convbn):
     assert frozen.names() == ["features.1.weight", "features.1.bias"] and not convbn.train().features[1].training
 
 
+def _one_argument(name):
+    return name.endswith("bias")
+
+
+@pytest.mark.parametrize("selector, message", [
+    (_one_argument, "the selector callable '_one_argument' must take two arguments, \\(name, param\\)"),
+    (lambda name, p: p.detach().sign(), r"answered a tensor of shape \(4, 1, 3, 3\) for 'features.0.weight'; answer True or False"),
+])
+def test_a_callable_selector_it_cannot_call_or_read_is_named(convbn, selector, message):
+    with pytest.raises(lw.SelectionError, match=message):
+        lw.freeze(convbn, selector)
+    assert all(p.requires_grad for p in convbn.parameters())
+
+
 def test_resolution_reports_unmatched_selectors_and_paramless_modules(convbn):
     res = resolve(convbn, "features.4", "!head", "features.9", missing_ok=True)
     assert len(res.groups) == 0 and [p for p, _ in res.modules] == ["features.4"]

@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import functools
 import gc
+import inspect
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -284,6 +285,31 @@ def describe(selector: Selector) -> str:
     if isinstance(selector, type):
         return f"type {selector.__name__}"
     return f"callable {getattr(selector, '__qualname__', selector)!r}"
+
+
+def predicate(selector: Callable[..., object], what: str) -> Callable[[str, torch.Tensor], bool]:
+    """A callable selector as a test of (name, param) whose misuse is a SelectionError naming it: one
+    that cannot take (name, param), or answers with something that is not a truth value (a tensor)."""
+    if what == "the keys":
+        raise SelectionError(f"cannot select {what} with {describe(selector)}: a callable (name, param) "
+                             "needs tensors; use a string selector")
+    try:
+        inspect.signature(selector).bind("name", None)
+    except TypeError:
+        raise SelectionError(f"the selector {describe(selector)} must take two arguments, (name, param), "
+                             "and answer True or False, e.g. lambda name, p: p.ndim == 1") from None
+    except ValueError:  # a builtin without a signature: called as it is
+        pass
+
+    def test(name: str, param: torch.Tensor) -> bool:
+        answer = selector(name, param)
+        try:
+            return bool(answer)
+        except RuntimeError:  # a tensor of several values
+            what = f"a tensor of shape {tuple(answer.shape)}" if isinstance(answer, torch.Tensor) else type(answer).__name__
+            raise SelectionError(f"the selector {describe(selector)} answered {what} for {name!r}; answer True or False "
+                                 "(e.g. bool(p.sum() > 0))") from None
+    return test
 
 
 def closest(text: str, candidates: Sequence[str], n: int = 5) -> list[str]:

@@ -21,7 +21,7 @@ from ._merge_methods import METHODS, REQUIRED, check_method
 from ._merge_options import merge_plan
 from ._model_state import full_tensors, is_dtensor, laid_out_as
 from ._tensors import alias_key
-from .errors import MergeError
+from .errors import MergeError, OptionTypeError
 from .select import Selector
 
 __all__ = ["average", "greedy_soup", "merge"]
@@ -37,10 +37,16 @@ def state_dict_of(model: ModelLike) -> StateDict:
     """A model's state dict; a sharded one's (FSDP2, DTensor) full tensors, every rank calling (a collective)."""
     if isinstance(model, nn.Module):
         state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
-        return full_tensors(state) if any(map(is_dtensor, state.values())) else model.state_dict()
-    if isinstance(model, Mapping) and all(isinstance(t, torch.Tensor) for t in model.values()):
-        return full_tensors(model) if any(map(is_dtensor, model.values())) else model
-    raise MergeError(f"expected an nn.Module or a state dict of tensors, got {type(model).__name__}")
+        state = full_tensors(state) if any(map(is_dtensor, state.values())) else model.state_dict()
+    elif isinstance(model, Mapping) and all(isinstance(t, torch.Tensor) for t in model.values()):
+        state = full_tensors(model) if any(map(is_dtensor, model.values())) else model
+    else:
+        raise MergeError(f"expected an nn.Module or a state dict of tensors, got {type(model).__name__}")
+    meta = next((k for k, t in state.items() if t.device.type == "meta"), None)
+    if meta is not None:  # shapes without values: the merge would fail reading them
+        raise MergeError(f"{meta!r} is on the meta device (a shape without values): materialize the model first "
+                         "(model.to_empty(device='cpu') and load its weights)")
+    return state
 
 
 def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
@@ -256,6 +262,8 @@ def greedy_soup(candidates: Sequence[ModelLike], evaluate: Callable[[nn.Module],
     """
     if not candidates:
         raise MergeError("greedy_soup needs at least one candidate")
+    if not callable(evaluate):
+        raise OptionTypeError(f"greedy_soup: evaluate must be a callable model -> score, got {type(evaluate).__name__}")
     vessel = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     # A candidate that is the vessel (or shares its memory) would be overwritten by the first load.
     sds = [{k: t.clone() for k, t in sd.items()} if any(t.untyped_storage().data_ptr() in vessel for t in sd.values())

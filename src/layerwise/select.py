@@ -47,6 +47,7 @@ from ._selector import (
     mro_names,
     parse,
     path_prefix,
+    predicate,
     unwrap_compiled,
 )
 from ._tensors import named_tensor_groups
@@ -191,10 +192,8 @@ class Walk:
             groups, modules = self._by_type(lambda m: isinstance(m, selector), selector)
             return False, groups, lambda: modules
         if callable(selector) and not isinstance(selector, type):  # a class is a module type or nothing
-            if self.what == "the keys":
-                raise SelectionError(f"cannot select {self.what} with {describe(selector)}: a callable (name, param) "
-                                     "needs tensors; use a string selector")
-            groups = {g for g in range(len(self.tensors)) if any(selector(n, self.tensors[g]) for n in self.group(g)[0])}
+            test = predicate(selector, self.what)
+            groups = {g for g in range(len(self.tensors)) if any(test(n, self.tensors[g]) for n in self.group(g)[0])}
             return False, groups, lambda: self._fully_selected(groups)
         hint = " Pass several selectors as separate arguments." if isinstance(selector, (list, tuple, set)) else ""
         raise SelectionError(f"cannot select with {selector!r} ({type(selector).__name__}): a selector is a string, "
