@@ -21,17 +21,23 @@ that read the same memory finds it in cache, one after a call that wrote 100 MB 
   memory it must move (gradients and weights read once; with the update ratio, the weights
   also copied, then read with their copy).
 
-Last, the kernel table behind the engine's choices on this device (``--compile`` adds a
-``torch.compile``d fused reduction, with its compile time).
+The monitors write to a sink that keeps nothing, so that every log step's rows are built, as
+for any real sink. ``--compile`` adds ``compile=True`` beside each (``grad_stats``, the monitors),
+the breakdown of every=1 by component (statistics, weight snapshot with its norms, ‖Δw‖, the
+non-finite flag, rows and transfer, the rest: hooks and bookkeeping), and the compile time of
+the kernel in a fresh process, with an empty inductor cache (cold) and with the one it filled (warm).
+Last, the kernel table behind the engine's choices on this device.
 Targets: lw ≤ 2× one flat norm; norm-only ≥ 1.2× faster than Lightning; every=1 ≤ 3% of a step.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import subprocess
 import sys
-import time
+import tempfile
 
 import torch
 
@@ -43,6 +49,7 @@ torch.set_num_threads(1)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS = 3
 COLD = "--cold" in sys.argv
+COMPILE = "--compile" in sys.argv
 EVICT = evicter()
 
 
@@ -135,18 +142,35 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
         print(f"  all four per tensor in cache, torch      {t['in cache torch'] / t['flat']:6.2f}")
         print(f"  all four per tensor in cache, lw's path  {t['in cache lw'] / t['flat']:6.2f}   (dot; sum; NumPy max/min, count)")
     print(f"  the engine as called (all four)          {t['lw engine'] / t['flat']:6.2f}")
-    if "--compile" in sys.argv:
-        def fused(xs):
-            return torch.stack([torch.stack([(g * g).sum(), g.sum(), g.abs().amax(), (g != 0).sum().float()])
-                                for g in xs])
-        start = time.perf_counter()
-        compiled = torch.compile(fused, dynamic=False)
-        compiled(grads)
-        seconds = time.perf_counter() - start
-        c = compare({"flat": fns["flat"], "compiled": lambda: (compiled(grads), sync())}, repeats=7, warmup=1,
-                    between=warm)
-        print(f"  torch.compile'd fused reduction          {c['compiled'] / c['flat']:6.2f}   "
-              f"(compiled in {seconds:.1f} s)")
+
+
+class NullSink:
+    """A sink that keeps nothing: the monitor still builds every row, as it does for any sink."""
+
+    def write(self, step, rows, histograms=None):
+        pass
+
+    def close(self):
+        pass
+
+
+def monitor_parts(monitor: lw.GradMonitor, params: list, compile: bool) -> dict:
+    """Each component of one every=1 log step with an optimizer, run as the monitor runs it."""
+    from layerwise import _grad_engine as engine
+
+    grads, weights = [p.grad for p in params], [p.detach() for p in params]
+    shards = [None] * len(params)
+    snapshot = [torch.empty_like(w) for w in weights]
+    prims = engine.local_primitives(grads, shards, monitor._needed, None)
+    record = monitor._done[-1]  # a log step already on the host: its rows, and its transfer again
+    tensors = [t.to(DEVICE) for t in record.tensors()]
+    return {
+        "part_stats": lambda: (engine.local_primitives(grads, shards, monitor._needed, None, compile), sync()),
+        "part_snapshot": lambda: (engine.copy_primitives(snapshot, weights, shards, None), sync()),
+        "part_delta": lambda: (engine.distance_primitives(snapshot, weights, shards, None), sync()),
+        "part_flag": lambda: bool(torch.cat([b[-1] for b in prims.tensors()]).isfinite().all()),
+        "part_rows": lambda: (engine.to_host(tensors), monitor._rows(record)),
+    }
 
 
 def one_round(model, x, flat) -> dict[str, float]:
@@ -158,7 +182,7 @@ def one_round(model, x, flat) -> dict[str, float]:
             flat.norm() if name in ("limit", "flat_norm") else torch._foreach_norm(grads)
         sync()
 
-    t = compare({
+    fns = {
         "lw": lambda: (lw.grad_stats(model), sync()),
         "naive": lambda: naive(model),
         "lw_norm": lambda: (lw.grad_stats(model, stats="norm"), sync()),
@@ -166,7 +190,10 @@ def one_round(model, x, flat) -> dict[str, float]:
         "limit": lambda: flat_limit(flat),
         "flat_norm": lambda: flat.norm().item(),
         "one_pass": lambda: (torch.stack(torch._foreach_norm(grads)).tolist(), sync()),
-    }, repeats=9, between=same_caches)
+    }
+    if COMPILE:
+        fns["lw_compiled"] = lambda: (lw.grad_stats(model, compile=True), sync())
+    t = compare(fns, repeats=9, between=same_caches)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
@@ -185,20 +212,65 @@ def one_round(model, x, flat) -> dict[str, float]:
         flat.norm(), snapshot.copy_(weights), torch.dot(weights, snapshot)
         sync()
 
+    sink = [NullSink()]
+    variants = {"": False, "_compiled": True} if COMPILE else {"": False}
+    monitors, steps = [], {"step": train_step}
+    for suffix, compiled in variants.items():
+        no_step = NoStep(params)  # one per monitor: each times its own hooks
+        monitors.append(lw.GradMonitor(model, every=1, optimizer=no_step, sinks=sink, compile=compiled))
+        grads_only = lw.GradMonitor(model, every=1, sinks=sink, compile=compiled)
+        norms_only = lw.GradMonitor(model, every=1, sinks=sink, compile=compiled, stats="norm")
+        monitors += [grads_only, norms_only]
+        steps[f"every_1{suffix}"] = lambda s=no_step: (s.step(), sync())
+        steps[f"every_1_no_opt{suffix}"] = lambda m=grads_only: (m.step(), sync())
+        steps[f"every_1_norm_no_opt{suffix}"] = lambda m=norms_only: (m.step(), sync())
+    steps["every_1"]()
+    monitors[0].flush()  # a log step on the host, for the breakdown's rows
+    if COMPILE:
+        steps.update(monitor_parts(monitors[0], params, False))
+        steps["part_stats_compiled"] = monitor_parts(monitors[0], params, True)["part_stats"]
+    share = compare({**steps, "floor": floor, "floor_no_opt": lambda: (flat.norm(), weights.norm(), sync())},
+                    repeats=7, warmup=1)
+    for monitor in monitors:
+        monitor.remove()
     no_step = NoStep(params)
-    with_update = lw.GradMonitor(model, every=1, optimizer=no_step)
-    grads_only = lw.GradMonitor(model, every=1)
-    share = compare({"step": train_step, "every_1": lambda: (no_step.step(), sync()),
-                     "every_1_no_opt": lambda: (grads_only.step(), sync()), "floor": floor,
-                     "floor_no_opt": lambda: (flat.norm(), weights.norm(), sync())}, repeats=7, warmup=1)
-    with_update.remove()
-    grads_only.remove()
-    every_50 = lw.GradMonitor(model, every=50, optimizer=no_step)
+    every_50 = lw.GradMonitor(model, every=50, optimizer=no_step, sinks=sink)
     share["every_50"] = compare({"x50": lambda: [no_step.step() for _ in range(50)]}, repeats=3, warmup=1)["x50"] / 50
     every_50.remove()
     model(x).square().mean().backward()  # train_step left fresh gradients; keep them for the next round
     return {**{k: v for k, v in t.items()}, **{f"share_{k}": v / share["step"] for k, v in share.items()},
             "step": share["step"]}
+
+
+def one_large_gradient() -> list[dict[str, float]]:
+    """Where compile=True pays: the four primitives of one 32000 x 1024 gradient (an embedding's, 131 MB),
+    eager and compiled, ÷ its norm; 3 rounds, each call after an evicting read and a read of the gradient."""
+    from layerwise import _grad_engine as engine
+
+    grad = [torch.randn(32000, 1024, device=DEVICE)]
+
+    def same_caches(name: str) -> None:
+        EVICT()
+        grad[0].norm()
+        sync()
+
+    fns = {"norm": lambda: (grad[0].norm(), sync()),
+           "eager": lambda: (engine.local_primitives(grad, [None], engine.PRIMITIVES, None), sync()),
+           "compiled": lambda: (engine.local_primitives(grad, [None], engine.PRIMITIVES, None, True), sync())}
+    return [compare(fns, repeats=5, warmup=1, between=same_caches) for _ in range(ROUNDS)]
+
+
+def compile_seconds() -> tuple[float, float]:
+    """Seconds of the first compile=True call in a fresh process (after `import torch`): with an empty
+    inductor cache, then with the cache that run filled (inductor's FX graph cache, on disk)."""
+    code = ("import time, torch; start = time.perf_counter(); import layerwise as lw; "
+            "net = torch.nn.Linear(256, 256); net(torch.ones(1, 256)).sum().backward(); "
+            f"lw.grad_stats(net, compile=True); {'torch.cuda.synchronize(); ' if DEVICE.type == 'cuda' else ''}"
+            "print(time.perf_counter() - start)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
+        return tuple(float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                                          text=True).stdout.split()[-1]) for _ in range(2))
 
 
 def main() -> None:
@@ -233,10 +305,38 @@ def main() -> None:
     show("GradMonitor every=1, share of a step", [r["share_every_1"] for r in rounds], "{:6.2%}", "   target <= 3%")
     show("  the same without optimizer (no Δw)", [r["share_every_1_no_opt"] for r in rounds], "{:6.2%}",
          "   target <= 3%")
+    show("  without optimizer, stats='norm'", [r["share_every_1_norm_no_opt"] for r in rounds], "{:6.2%}",
+         "   target <= 3%")
+    if COMPILE:
+        show("GradMonitor every=1, compile=True", [r["share_every_1_compiled"] for r in rounds], "{:6.2%}",
+             "   target <= 3%")
+        show("  the same without optimizer (no Δw)", [r["share_every_1_no_opt_compiled"] for r in rounds],
+             "{:6.2%}", "   target <= 3%")
+        show("  without optimizer, stats='norm'", [r["share_every_1_norm_no_opt_compiled"] for r in rounds],
+             "{:6.2%}", "   target <= 3%")
     show("  its floor (gradients and weights read once)", [r["share_floor_no_opt"] for r in rounds], "{:6.2%}")
     show("  its floor (memory moved, as flat kernels)", [r["share_floor"] for r in rounds], "{:6.2%}")
     show("  the 5 stats over one flat buffer", [r["limit"] / r["step"] for r in rounds], "{:6.2%}")
     show("GradMonitor every=50, share of a step", [r["share_every_50"] for r in rounds], "{:6.2%}")
+    if COMPILE:
+        print("GradMonitor every=1 with optimizer, by component (share of a step):")
+        parts = {"part_stats": "statistics of the gradients (eager)", "part_stats_compiled": "  the same, compiled",
+                 "part_snapshot": "weight snapshot, its norms from the copy", "part_delta": "‖Δw‖ after the step",
+                 "part_flag": "non-finite flag (one host read)", "part_rows": "rows and transfer"}
+        for key, label in parts.items():
+            show(f"  {label}", [r[f"share_{key}"] for r in rounds], "{:6.2%}")
+        rest = [r["share_every_1"] - sum(r[f"share_{k}"] for k in parts if k != "part_stats_compiled")
+                for r in rounds]
+        show("  the rest (hooks, bookkeeping)", rest, "{:6.2%}")
+        show("lw.grad_stats(compile=True) ÷ one flat norm", [r["lw_compiled"] / r["flat_norm"] for r in rounds],
+             note="   target <= 2")
+        show("  ÷ lw.grad_stats (eager)", [r["lw_compiled"] / r["lw"] for r in rounds])
+        large = one_large_gradient()
+        show("one 131 MB gradient, 4 primitives eager ÷ its norm", [r["eager"] / r["norm"] for r in large])
+        show("  compiled ÷ its norm", [r["compiled"] / r["norm"] for r in large], note="   target <= 2")
+        cold, warm = compile_seconds()
+        print(f"compile=True, first call in a fresh process: {cold:.1f} s with an empty inductor cache, "
+              f"{warm:.1f} s with a warm one")
     kernel_table([p.grad for p in params])
 
 

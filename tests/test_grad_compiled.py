@@ -24,11 +24,12 @@ from layerwise._grad_engine import PRIMITIVES
 _SKIP = ("LAYERWISE_TEST_INDUCTOR=0" if os.environ.get("LAYERWISE_TEST_INDUCTOR") == "0"
          else "no C++ compiler for inductor" if shutil.which(os.environ.get("CXX", "g++")) is None else None)
 needs_inductor = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
-BIG = kernels._SMALL + 1  # the smallest size the compiled kernel measures
+BIG = compiled.MIN_NUMEL  # the smallest size the compiled kernel measures
 
-# Sums accumulate in float32 (float64 for float64) in another order than the eager kernels: they
-# agree to float32 rounding. Counts of non-zeros and max |x| are exact.
-RTOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float64: 1e-13}
+# Sums accumulate in float32 (float64 for float64 gradients) on both paths, in another order: inductor
+# adds in cascades of 4096 vectors, the eager path by BLAS dots; each is off by up to a few 1e-6 of
+# the sum of |x| (of x²) at 2^18 elements. Counts of non-zeros and max |x| are exact.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float64: 1e-13}
 
 
 def assert_same_primitives(got: torch.Tensor, want: torch.Tensor, xs: list[torch.Tensor]) -> None:
@@ -54,7 +55,7 @@ def test_the_kernel_rows_are_the_engines_primitives_in_order():
 
 @needs_inductor
 @settings(max_examples=15)
-@given(st.lists(st.integers(BIG, 3 * BIG), min_size=1, max_size=3), st.sampled_from([torch.float32, torch.bfloat16]),
+@given(st.lists(st.integers(BIG, 2 * BIG), min_size=1, max_size=3), st.sampled_from([torch.float32, torch.bfloat16]),
        st.floats(0, 1), st.booleans(), st.integers(0, 2**16))
 def test_compiled_primitives_equal_the_eager_kernels_for_any_size(sizes, dtype, zeros, nonfinite, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -74,21 +75,23 @@ def test_compiled_primitives_equal_the_eager_kernels_for_any_size(sizes, dtype, 
 
 @needs_inductor
 def test_one_graph_per_dtype_whatever_the_sizes_and_offsets():
+    torch.manual_seed(0)
     compiled.block([torch.randn(BIG + 5)] * 2, PRIMITIVES, torch.device("cpu"), None)  # compiled (or cached) here
     before = counters["stats"]["unique_graphs"]
     flat = torch.randn(10 * BIG)
     views = [flat[3:3 + BIG], flat[BIG + 1:4 * BIG], flat[5 * BIG:].view(-1, 5)]  # offsets, a 2-D view
-    xs = [*views, torch.randn(2 * BIG + 3), torch.randn(BIG, 9)[:, ::3]]  # a non-contiguous one too
+    xs = [*views, torch.randn(2 * BIG + 3), torch.randn(BIG, 9)[:, ::3], torch.randn(5)]  # non-contiguous, small
     got = compiled.block(xs, ("sumsq", "max_abs", "nonzero"), torch.device("cpu"), None)
     want = kernels.block(xs, ("sumsq", "max_abs", "nonzero"), torch.device("cpu"), None)
     assert torch.equal(got[1:], want[1:])
-    assert torch.allclose(got[0], want[0], rtol=2e-6)
+    assert torch.allclose(got[0], want[0], rtol=RTOL[torch.float32])
     assert counters["stats"]["unique_graphs"] == before
 
 
 @needs_inductor
 def test_a_tensor_above_the_piece_size_is_measured_in_pieces_that_pool_exactly(monkeypatch):
-    monkeypatch.setattr(compiled, "_PIECE", 2 * BIG)
+    torch.manual_seed(0)
+    monkeypatch.setattr(compiled, "_PIECE", 2 * BIG)  # pieces of 1.8 BIG: above MIN_NUMEL, as real ones
     x = torch.randn(9 * BIG)
     x[5] = 0.0
     x[-3] = -50.0  # the maximum sits in the last piece
@@ -114,12 +117,12 @@ def test_norms_alone_and_complex_gradients_stay_on_the_eager_kernels(monkeypatch
 @needs_inductor
 def test_grad_stats_and_the_monitor_give_the_eager_results_with_compile():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(200, 100), torch.nn.ReLU(), torch.nn.Linear(100, 200))
+    net = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 16))
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     monitors = [lw.GradMonitor(net, every=1, optimizer=opt, compile=c) for c in (False, True)]
     for _ in range(2):
         opt.zero_grad()
-        net(torch.randn(8, 200)).square().mean().backward()
+        net(torch.randn(8, 512)).square().mean().backward()
         eager, fused = lw.grad_stats(net), lw.grad_stats(net, compile=True)
         assert eager.dead == fused.dead and eager.no_grad == fused.no_grad
         for (name, want), (_, got) in zip(eager, fused):
@@ -158,8 +161,8 @@ def test_without_a_cxx_compiler_compile_true_names_the_fix_and_eager_still_works
     monkeypatch.setattr(compiled, "_ready", set())
     monkeypatch.setattr(compiled, "_failed", {})
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/g++"))
-    net = torch.nn.Linear(200, 100)
-    net(torch.ones(1, 200)).sum().backward()
+    net = torch.nn.Linear(512, 512)
+    net(torch.ones(1, 512)).sum().backward()
     before = net.weight.grad.clone()
     with fresh_cache():
         for _ in range(2):  # the second call is refused at once, from the first's verdict
