@@ -294,3 +294,36 @@ def test_a_model_on_the_meta_device_is_named_before_merging(merge):
     models = [nn.Linear(2, 2), nn.Linear(2, 2, device="meta"), nn.Linear(2, 2)]
     with pytest.raises(lw.MergeError, match="'weight' is on the meta device .* materialize the model first"):
         merge(models)
+
+
+def _soup_member(seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # (3, 6): an uneven shard over two ranks
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def _sharded_merges(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def sharded(seed):
+        model = _soup_member(seed)
+        fully_shard(model[0], mesh=init_device_mesh("cpu", (world_size,)))
+        return fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+
+    base, a, b, into = sharded(0), sharded(1), sharded(2), sharded(3)
+    mean = lw.average([a, b], weights=[1.0, 3.0], into=into)  # every rank calls: the shards are gathered
+    ties = lw.merge(base, [a, b], "ties", density=0.5)
+    return {"mean": mean, "ties": ties, "into": {k: v.full_tensor() for k, v in into.state_dict().items()},
+            "local": into[2].weight.to_local().clone()}
+
+
+def test_merging_fsdp2_models_equals_merging_the_unsharded_ones(run_ranks):
+    # The sharded state dicts raised torch's "invalid python storage" (a DTensor has no data pointer).
+    members = [_soup_member(seed) for seed in range(3)]
+    mean = lw.average(members[1:], weights=[1.0, 3.0])
+    ties = lw.merge(members[0], members[1:], "ties", density=0.5)
+    for rank, result in enumerate(run_ranks(_sharded_merges)):
+        for k in mean:
+            assert torch.equal(result["mean"][k], mean[k]) and torch.equal(result["into"][k], mean[k]), k
+            assert torch.equal(result["ties"][k], ties[k]), k
+        assert torch.equal(result["local"], mean["2.weight"].tensor_split(2)[rank])

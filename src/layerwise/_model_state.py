@@ -85,6 +85,21 @@ def gathered(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | Non
     return out if rank0 else None
 
 
+@torch.no_grad()
+def full_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each DTensor gathered whole on every rank (one all-gather each; every rank must call);
+    a tensor object under several names (tied parameters) is gathered once and stays shared."""
+    out: dict[str, torch.Tensor] = {}
+    first: dict[int, str] = {}
+    for k, t in state.items():
+        if id(t) in first:
+            out[k] = out[first[id(t)]]
+            continue
+        first[id(t)] = k
+        out[k] = (t.full_tensor() if is_dtensor(t) else t).detach()
+    return out
+
+
 def on_rank0(write: Callable[[], T]) -> T | None:
     """Run ``write`` on rank 0 and give every rank its outcome: rank 0's result, or the error it raised."""
     import torch.distributed as dist

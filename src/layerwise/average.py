@@ -19,6 +19,7 @@ from ._files import parse_dtype
 from ._merge_math import merge_tensor, promoted_dtype
 from ._merge_methods import METHODS, REQUIRED, check_method
 from ._merge_options import merge_plan
+from ._model_state import full_tensors, is_dtensor, laid_out_as
 from ._tensors import alias_key
 from .errors import MergeError, OptionTypeError
 from .select import Selector
@@ -33,10 +34,12 @@ ModelLike = nn.Module | StateDict
 
 
 def state_dict_of(model: ModelLike) -> StateDict:
+    """A model's state dict; a sharded one's (FSDP2, DTensor) full tensors, every rank calling (a collective)."""
     if isinstance(model, nn.Module):
-        state = model.state_dict()
+        state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+        state = full_tensors(state) if any(map(is_dtensor, state.values())) else model.state_dict()
     elif isinstance(model, Mapping) and all(isinstance(t, torch.Tensor) for t in model.values()):
-        state = model
+        state = full_tensors(model) if any(map(is_dtensor, model.values())) else model
     else:
         raise MergeError(f"expected an nn.Module or a state dict of tensors, got {type(model).__name__}")
     meta = next((k for k, t in state.items() if t.device.type == "meta"), None)
@@ -144,7 +147,9 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
     first model). Integer and bool tensors (``num_batches_tracked``) are copied, never averaged.
     Tied tensors are merged once and stay tied. Inputs are never modified; ``into=model`` loads
     the result strictly, after checking that it fits (a failed call leaves ``into`` untouched).
-    Every key, shape or dtype difference is reported in one :class:`MergeError`.
+    Every key, shape or dtype difference is reported in one :class:`MergeError`. Sharded (FSDP2)
+    models are gathered whole on every rank, so every rank calls (a collective); ``into=`` an
+    FSDP2 model keeps on each rank its shards of the result.
 
     Example:
         >>> import layerwise as lw, torch
@@ -190,7 +195,8 @@ def merge(base: ModelLike | None, models: Sequence[ModelLike], method: str = "li
     result = {k: result[k] for k in keys}
     if into is not None:
         _check_into(into, result)
-        into.load_state_dict(result, strict=True)
+        own = into.state_dict()
+        into.load_state_dict({k: laid_out_as(own[k], v) for k, v in result.items()}, strict=True)
     return result
 
 
