@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import layerwise as lw
 from _surgery_helpers import assert_same_grads, backward_interleaved, copy_with_grads, grads_of, random_grads
@@ -238,3 +239,18 @@ def test_flags_are_bools_not_truthy_words(interleaved, flag, value):
     with pytest.raises(lw.OptionTypeError, match=f"clip_grad_norm: {flag}={value!r}: pass"):
         lw.clip_grad_norm(interleaved, 1.0, **{flag: value})
     assert_same_grads(interleaved, before)  # nothing was clipped
+
+
+def test_per_layer_clips_complex_gradients_as_torch_does_layer_by_layer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 2))
+    random_grads(net, scale=5.0)
+    net[0].register_parameter("z", nn.Parameter(torch.randn(4, dtype=torch.complex64)))
+    net[0].z.grad = torch.randn(4, dtype=torch.complex64) * 5
+    reference = copy_with_grads(net)
+    norms = lw.clip_grad_norm(net, 1.0, per="layer")  # the complex norm was cast to complex and clamp failed
+    for layer in ("0", "1"):
+        expected = torch.nn.utils.clip_grad_norm_(list(getattr(reference, layer).parameters()), 1.0)
+        assert norms[layer].dtype == torch.float32 and torch.allclose(norms[layer], expected)
+    for p, q in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

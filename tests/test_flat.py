@@ -145,3 +145,12 @@ def test_a_sparse_embedding_is_refused_before_anything_moves(backward_first):
     with pytest.raises(lw.StateError, match=r"1\.weight gets sparse gradients \(Embedding\(sparse=True\)\)"):
         lw.flatten_parameters(net)
     assert [p.data_ptr() for p in net.parameters()] == pointers  # the Linear before it did not move
+
+
+def test_flattening_under_inference_mode_gives_buffers_that_train():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with torch.inference_mode():  # e.g. set up inside an evaluation block
+        flat = lw.flatten_parameters(net)
+    net(torch.ones(2, 3)).sum().backward()  # "Inference tensors cannot be saved for backward" before
+    grads = flat.grads[(torch.device("cpu"), torch.float32)]
+    assert net[1].bias.grad.data_ptr() == grads[-2:].data_ptr() and net[1].bias.grad.tolist() == [2.0, 2.0]

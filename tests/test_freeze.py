@@ -489,3 +489,15 @@ def test_a_bad_norm_stats_is_an_option_error_and_freezes_nothing(interleaved):
     with pytest.raises(lw.OptionError, match="norm_stats must be 'freeze' or 'train'"):
         lw.freeze(interleaved, "lstm1", norm_stats="fixed")
     assert lw.frozen(interleaved) == []
+
+
+def test_unfreeze_leaves_integer_parameters_frozen_and_refuses_them_alone():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    net[0].register_parameter("codes", nn.Parameter(torch.arange(4), requires_grad=False))  # a quantized weight
+    lw.freeze(net)
+    lw.unfreeze(net)  # RuntimeError half-way before: 0.weight unfrozen, 0.bias and 1 left frozen
+    assert lw.frozen(net) == ["0.codes"]
+    lw.freeze(net)
+    with pytest.raises(lw.SelectionError, match="unfreeze: 0.codes holds torch.int64 values, which cannot require"):
+        lw.unfreeze(net, "0.codes")
+    assert len(lw.frozen(net)) == 5

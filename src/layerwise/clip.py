@@ -75,7 +75,8 @@ def _pooled_norms(grads: Sequence[torch.Tensor], owners: Sequence[int], units: i
         measured, scaled, keys = zip(*(_local(g, dtensor) for g in grads))
     device = measured[0].device
     groups = buckets(measured)
-    dtype = functools.reduce(torch.promote_types, (dt for _, dt in groups), torch.float32)
+    # Norms are real: a complex gradient's norm in its real dtype (complex norms could not be clamped)
+    dtype = functools.reduce(torch.promote_types, (dt.to_real() for _, dt in groups), torch.float32)
     parts = []
     for (dev, _), idx in groups.items():
         gs = pick(measured, idx)

@@ -55,6 +55,7 @@ def _rebind_grad(view: torch.Tensor):
     return hook
 
 
+@torch.inference_mode(False)  # under inference_mode the buffers would be inference tensors: no backward through them
 @torch.no_grad()
 def flatten_parameters(model: nn.Module) -> FlatParameters:
     """Lay the parameters of ``model`` out as views into one contiguous buffer per dtype and device.

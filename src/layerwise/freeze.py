@@ -154,11 +154,16 @@ def unfreeze(model: nn.Module, *selectors: Selector, missing_ok: bool = False) -
     resolution = resolve(model, *selectors, missing_ok=missing_ok)
     chosen = resolution.selection()
     reached = {id(m) for _, m in resolution.modules}
-    newly = [name for name, p in chosen if not p.requires_grad]
+    # Integer and bool parameters (quantized weights, counters) cannot require a gradient: left frozen
+    trainable = [(n, p) for n, p in chosen if p.dtype.is_floating_point or p.dtype.is_complex]
+    if selectors and len(chosen) and not trainable:
+        raise SelectionError(f"unfreeze: {', '.join(chosen.names()[:3])} hold{'s' * (len(chosen) == 1)} "
+                             f"{chosen.params()[0].dtype} values, which cannot require a gradient; select floating ones")
+    newly = [name for name, p in trainable if not p.requires_grad]
     ddp = ddp_wrapper(model)
     if ddp is None:
         _warn_if_distributed(model, newly)
-    for p in chosen.params():
+    for _, p in trainable:
         p.requires_grad_(True)
     for path, (module, parent) in _parents(model).items():
         if _frozen_stats(module) is not None and (
