@@ -462,6 +462,24 @@ def test_default_no_decay_matches_timms_param_groups_weight_decay(names, undecay
     assert got == {"blocks.0.bias", "blocks.1.bias", "blocks.1.attn.bias", "pos_embed.proj.bias"} | undecayed
 
 
+class _SwinNoDecay(_TimmNoDecayNames):
+    """Swin's (and SimMIM's) convention: no_weight_decay() names and no_weight_decay_keywords() name parts."""
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"rel_pos"}
+
+
+def test_no_weight_decay_keywords_keep_every_name_holding_one_from_decay_as_swin():
+    model = _SwinNoDecay({"pos_embed.proj.weight"})
+    groups = lw.param_groups(model, lr=0.1, weight_decay=0.05)
+    got = {n for g in groups for n in g["names"] if g["weight_decay"] == 0.0}
+    # Swin's set_weight_decay: ndim == 1 or .bias or name in skip or any(keyword in name)
+    expected = {n for n, p in model.named_parameters()
+                if p.ndim == 1 or n.endswith(".bias") or n in model.no_weight_decay() or "rel_pos" in n}
+    assert got == expected and "blocks.1.rel_pos" in got
+    assert not lw.audit(model, torch.optim.AdamW(groups))  # audit reads the same rule
+
+
 def test_no_weight_decay_giving_a_non_string_is_refused_naming_it():
     with pytest.raises(lw.OptionTypeError, match=r"_TimmNoDecayNames.no_weight_decay\(\) gave 3"):
         lw.param_groups(_TimmNoDecayNames({3}), lr=0.1)

@@ -100,14 +100,24 @@ def default_no_decay(model: nn.Module, walk: Walk | None = None) -> set[int]:
     """The ``id`` of each parameter that timm's ``param_groups_weight_decay`` (and BEiT) keep from decay:
     1-D tensors, names ending in ``.bias``, and names matching the model's ``no_weight_decay()``,
     as fnmatch patterns, not selectors: ``*`` crosses dots there, a module path is no parameter
-    name, and FocalNet's ``{''}`` matches nothing."""
-    patterns = list(getattr(model, "no_weight_decay", lambda: ())() or ())
-    bad = [p for p in patterns if not isinstance(p, str)]
-    if bad:
-        raise OptionTypeError(f"{type(model).__name__}.no_weight_decay() gave {bad[0]!r}: it must give parameter "
-                              "names (strings, fnmatch patterns as in timm)")
+    name, and FocalNet's ``{''}`` matches nothing. Names holding one of the model's
+    ``no_weight_decay_keywords()`` (Swin's, SimMIM's: ``relative_position_bias_table``) too, as
+    their ``set_weight_decay`` does."""
+    patterns, keywords = _model_names(model, "no_weight_decay"), _model_names(model, "no_weight_decay_keywords")
     return {id(p) for names, p in resolve(walk or Walk(model)).groups
-            if p.ndim <= 1 or any(n.endswith(".bias") or any(fnmatchcase(n, pat) for pat in patterns) for n in names)}
+            if p.ndim <= 1 or any(n.endswith(".bias") or any(fnmatchcase(n, pat) for pat in patterns)
+                                  or any(k in n for k in keywords) for n in names)}
+
+
+def _model_names(model: nn.Module, method: str) -> list[str]:
+    """What ``model.no_weight_decay()`` (or ``..._keywords()``) gives: strings, or an error naming it."""
+    found = getattr(model, method, None)
+    names = list((found() if callable(found) else found) or ())
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        kind = "name parts (strings, as in Swin)" if method.endswith("keywords") else "names (strings, fnmatch patterns as in timm)"
+        raise OptionTypeError(f"{type(model).__name__}.{method}() gave {bad[0]!r}: it must give parameter {kind}")
+    return names
 
 
 def _no_decay_ids(model: nn.Module, walk: Walk, no_decay: str | Iterable[Selector] | None) -> set[int]:
@@ -145,7 +155,8 @@ def param_groups(model: nn.Module, rules: Rules | None = None, *, lr: float | No
 
     No decay: as timm's ``param_groups_weight_decay``, parameters with ``ndim <= 1`` (biases,
     norm weights), names ending in ``.bias``, and names matching the model's ``no_weight_decay()``
-    (fnmatch patterns: ``*`` crosses dots) get ``weight_decay=0.0`` after the rules;
+    (fnmatch patterns: ``*`` crosses dots) or holding one of its ``no_weight_decay_keywords()``
+    (Swin's) get ``weight_decay=0.0`` after the rules;
     ``no_decay=`` takes selectors to use instead, ``no_decay=None`` turns it off.
 
     Layer-wise LR decay (BEiT, ELECTRA, timm), ``layer_decay=d`` in (0, 1]: with
