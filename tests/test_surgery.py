@@ -362,15 +362,16 @@ def _surgery_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
     seen: list[str] = []
     scale = lw.scale_grad(model, "2", factor=0.5)
     hooks = lw.grad_hook(model, "4.weight", fn=lambda name, grad: seen.append(name) or grad.clamp(-0.01, 0.01))
+    tripled = lw.scale_grad(model[4], "bias", factor=3.0)  # a submodule inside the root's fully_shard unit
     grads = []
     for step in range(3):
         scale.factor = 0.5 / (step + 1)
         model.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(x), y).backward()
         lw.set_grad(model, "0.bias", torch.arange(6.0) * step, mode="add")
-        lw.set_grad(model, {"4.bias": torch.tensor([1.0, -2.0, 3.0])})
+        lw.set_grad(model, {"2.bias": torch.arange(6.0) - 2})
         grads.append({name: full(p.grad).clone() for name, p in model.named_parameters()})
-    scale.remove(), hooks.remove()
+    scale.remove(), hooks.remove(), tripled.remove()
     model.zero_grad(set_to_none=True)
     nn.functional.mse_loss(model(x), y).backward()
     grads.append({name: full(p.grad).clone() for name, p in model.named_parameters()})

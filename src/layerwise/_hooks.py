@@ -48,30 +48,38 @@ def grad_hooks(model: nn.Module | None, params: Sequence[tuple[str, torch.Tensor
     units = {path: m for path, m in model.named_modules() if hasattr(m, "_get_fsdp_state")} if managed else {}
     handles: list[Any] = []
     for name, p in params:
-        if id(p) in managed:
-            path = name.rpartition(".")[0]  # the innermost fully_shard module above the parameter manages it
+        path, _, leaf = name.rpartition(".")
+        fn = functools.partial(hook, name)
+        if id(p) in managed:  # the innermost fully_shard module above the parameter manages it
             unit = max((u for u in units if not u or u == path or path.startswith(u + ".")), key=len)
-            handles.append(_UnshardedHook(model.get_submodule(path), name.rpartition(".")[2], units[unit],
-                                          managed[id(p)], functools.partial(hook, name)))
-        else:
-            handles.append(p.register_hook(functools.partial(hook, name)))
+            param = managed[id(p)]
+            handles.append(_UnshardedHook(model.get_submodule(path), leaf, units[unit], param.sharded_param,
+                                          getattr(param, "_unsharded_param", None), fn))
+            continue
+        handles.append(p.register_hook(fn))
+        if hasattr(p, "_local_tensor") and model is not None:
+            # A DTensor: tensor parallel (autograd reaches it, hooked above), or sharded by an FSDP2 module
+            # above ``model``: then the stand-in is in its module when that module's forward starts.
+            owner = model.get_submodule(path)
+            handles.append(_UnshardedHook(owner, leaf, owner, p, None, fn))
     return handles
 
 
 class _UnshardedHook:
     """A gradient hook on the unsharded stand-in FSDP2 swaps in for ``param`` (see :func:`grad_hooks`)."""
 
-    def __init__(self, owner: nn.Module, leaf: str, unit: nn.Module, param: Any, fn: Callable[[torch.Tensor], Any]):
-        self.owner, self.leaf, self.param, self.fn = owner, leaf, param, fn  # param: FSDP2's FSDPParam
+    def __init__(self, owner: nn.Module, leaf: str, unit: nn.Module, sharded: torch.Tensor,
+                 unsharded: torch.Tensor | None, fn: Callable[[torch.Tensor], Any]):
+        self.owner, self.leaf, self.sharded, self.fn = owner, leaf, sharded, fn
         self.hooked: torch.Tensor | None = None
         self.handle: RemovableHandle | None = None
-        if (unsharded := getattr(param, "_unsharded_param", None)) is not None:  # made at the first all-gather
+        if unsharded is not None:  # FSDP2 made it at the first all-gather
             self._hook(unsharded)
         self.pre = unit.register_forward_pre_hook(self._swap_in)
 
     def _swap_in(self, module: nn.Module, args: Any) -> None:
         current = self.owner._parameters.get(self.leaf)
-        if current is not None and current is not self.hooked and current is not self.param.sharded_param:
+        if current is not None and current is not self.hooked and current is not self.sharded:
             self._hook(current)
 
     def _hook(self, unsharded: torch.Tensor) -> None:

@@ -86,7 +86,9 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
     if unreached:
         raise GradError(f"pcgrad changed nothing: loss {', '.join(unreached)} reaches none of the selected parameters "
                         f"({', '.join(map(describe, selectors)) or 'all'}). Select parameters every loss depends on "
-                        "(the shared trunk), or leave those losses out.")
+                        "(the shared trunk), or leave those losses out."
+                        + (" Sharded (DTensor) parameters: pass the module fully_shard was applied to, whose forward "
+                           "FSDP2 unshards them for." if any(hasattr(p, "_local_tensor") for p in chosen) else ""))
     # By parameter: each task's gradient, None where the task does not reach it; a sparse one
     # (Embedding(sparse=True)) dense, as the projections need (.grad becomes dense, as in autograd's sums).
     by_param = [[g.to_dense() if g is not None and g.is_sparse else g for g in gs] for gs in zip(*grads)]
