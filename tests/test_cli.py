@@ -146,6 +146,17 @@ def test_an_output_name_that_is_no_file_or_folder_it_could_be_exits_2(ckpts, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "slerp", "--t", "0.3", "--option", "t=0.9"], "--option t=0.9: t is given twice"),
+    (["--method", "linear", "--option", "normalize=true", "--option", "normalize=false"],
+     "--option normalize=false: normalize is given twice"),
+])
+def test_an_option_given_twice_exits_2_instead_of_the_last_winning(ckpts, tmp_path, capsys, flags, message):
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--quiet", *flags]) == 2
+    assert f"layerwise merge: error: {message} (--" in capsys.readouterr().err and not out.exists()
+
+
 def test_existing_output_needs_force(ckpts, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep me")

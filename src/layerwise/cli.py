@@ -78,6 +78,8 @@ def _merge(args: argparse.Namespace) -> int:
                if getattr(args, name, None) is not None}
     for text in getattr(args, "option", None) or []:
         name, value = _option(text)
+        if name in options:  # the later one silently won
+            raise _usage(f"--option {text}: {name} is given twice (--{name} or an earlier --option); give it once")
         options[name] = value
     out = merge_files(args.inputs, args.output, getattr(args, "method", "linear"), weights=args.weights,
                       base=getattr(args, "base", None), dtype=args.dtype, select=args.select or None, key=args.key,
