@@ -264,7 +264,7 @@ def compile_seconds() -> tuple[float, float]:
     """Seconds of the first compile=True call in a fresh process (after `import torch`): with an empty
     inductor cache, then with the cache that run filled (inductor's FX graph cache, on disk)."""
     code = ("import time, torch; start = time.perf_counter(); import layerwise as lw; "
-            "net = torch.nn.Linear(256, 256); net(torch.ones(1, 256)).sum().backward(); "
+            "net = torch.nn.Linear(1024, 512); net(torch.ones(1, 1024)).sum().backward(); "
             f"lw.grad_stats(net, compile=True); {'torch.cuda.synchronize(); ' if DEVICE.type == 'cuda' else ''}"
             "print(time.perf_counter() - start)")
     with tempfile.TemporaryDirectory() as cache:

@@ -97,6 +97,25 @@ def test_monitor_raises_on_nan_naming_layer_and_step_before_the_update(vit):
     monitor.remove()
 
 
+def test_monitor_of_norms_reads_one_statistic_per_step_and_still_names_nonfinite_layers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(200, 100), torch.nn.Linear(100, 2))  # 20k: float32 sums on CPU
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # the weights stay as they are: each step like the first
+    monitor = lw.GradMonitor(net, every=1, optimizer=opt, stats="norm")
+    assert monitor._needed == ("sumsq",)  # the flag is read from Σx²: one pass over the gradients
+    net(torch.randn(4, 200)).sum().backward()
+    net[0].weight.grad[0, 0] = 1e30  # finite, but Σx² overflows float32: max |x| decides, no error
+    opt.step()
+    net[1].bias.grad[1] = -math.inf
+    before = net[1].bias.detach().clone()
+    with pytest.raises(lw.NonFiniteGradError, match=r"step 1 in 1\.bias\. Run") as e:
+        opt.step()
+    assert e.value.names == ["1.bias"] and torch.equal(net[1].bias, before)
+    rows = {(r["step"], r["layer"]): r for r in monitor.history}
+    assert rows[0, "0.weight"]["grad_norm"] >= 1e30 and math.isinf(rows[1, "1.bias"]["grad_norm"])
+    monitor.remove()
+
+
 def test_monitor_warn_and_ignore_policies(vit):
     backward(vit)
     vit.head.bias.grad[0] = math.inf

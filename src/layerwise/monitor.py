@@ -47,10 +47,6 @@ _BINS = 64  # TensorBoard histogram buckets
 _MAX_PENDING = 64  # log steps a GradMonitor keeps on the device before moving them to the host
 
 
-def _is_writer() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 # --------------------------------------------------------------------------- the monitor
 
 
@@ -171,7 +167,7 @@ class GradMonitor:
         if self._with_histograms and any(local_tensors(self._params, self.names)[1]):
             raise GradError("gradient histograms of sharded (DTensor) parameters are not supported: "
                             "use TensorBoardSink(histograms=False), or select unsharded parameters.")
-        self._needed = needed(self.stats, *(("max_abs",) if on_nonfinite != "ignore" else ()),
+        self._needed = needed(self.stats, *(("max_abs",) if on_nonfinite == "warn" else ()),  # "raise": see _measure
                               *(("sum",) if self._with_histograms else ()))
         if "sum" in self._needed:
             refuse_complex(self.names, self._params, "a signed mean, std or histogram")
@@ -259,7 +255,12 @@ class GradMonitor:
         if self.on_nonfinite != "raise" or scaler_in_charge:
             return record
         # The one host read of a log step: a flag, so that the optimizer step can still be stopped.
-        finite = torch.cat([block[-1] for block in grad.tensors()]).isfinite().all() if have else True
+        row = -1 if "max_abs" in grad.needed else 0  # max |x|, else Σx² (which may also have overflowed)
+        finite = torch.cat([block[row] for block in grad.tensors()]).isfinite().all() if have else True
+        if not bool(finite) and row == 0:  # max |x| decides, and names the layers
+            record.grad = grad = local_primitives(grads, grad_shards, (*grad.needed, "max_abs"), self.foreach)
+            reduce_shards(grad)
+            finite = torch.cat([block[-1] for block in grad.tensors()]).isfinite().all()
         if not bool(finite):
             self._pending.append(record)
             self.flush()
@@ -328,7 +329,7 @@ class GradMonitor:
         for record in pending:
             if self.on_nonfinite == "warn" and "max_abs" in record.grad.needed and self._nonfinite(record):
                 warnings.warn(self._nonfinite_message(record), RuntimeWarning, stacklevel=2)
-            if self.sinks and _is_writer():
+            if self.sinks and (not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0):
                 rows = self._rows(record)
                 histograms = self._histograms(record) if self._with_histograms else None
                 for sink in self.sinks:
