@@ -91,6 +91,24 @@ def test_read_recipe_parses_yaml_and_names_a_syntax_error(models):
         read_recipe(bad)
 
 
+def test_numbers_yaml_leaves_as_text_and_a_single_rule_read_as_mergekit_reads_them(models):
+    # PyYAML reads 1e-3 (no dot) as text; mergekit's validation makes it a number. One {filter, value}
+    # rule alone is a ConditionalParameter, a list of one rule to mergekit (it was taken for a selector map).
+    (models / "r.yml").write_text("merge_method: ties\nbase_model: base\nparameters: {density: 5e-1, lambda: '2'}\n"
+                                  "models:\n  - model: a\n    parameters:\n      weight: {filter: attn, value: [1e-1, 9E-1]}\n"
+                                  "  - model: b\n    parameters: {weight: {value: 3e0}}\n")
+    r = read_recipe(models / "r.yml")
+    assert r.parameters == {"density": 0.5, "lambda": 2}
+    a, b = (s.parameters["weight"] for s in r.slices[0].sources)
+    assert a == [{"filter": "attn", "value": [0.1, 0.9]}] and b == [{"value": 3.0}]
+    from layerwise._merge_options import UNSET, value_at
+    from layerwise._recipe_run import _layered
+
+    assert value_at(_layered(a, 0.25), "model.layers.0.self_attn.q_proj.weight", 0.5) == pytest.approx(0.5)
+    assert value_at(_layered(a, 0.25), "model.layers.0.mlp.up_proj.weight", 0.5) == 0.25  # the rule misses
+    assert value_at(_layered(a), "model.norm.weight", 0.0) is UNSET
+
+
 @pytest.mark.parametrize("levels, name, expected", [
     (([{"filter": "attn", "value": 0.1}], 0.5), "layers.0.mlp.w", 0.5),  # a model's rule misses: the global value
     (([{"filter": "attn", "value": 0.1}], 0.5), "layers.0.attn.w", 0.1),

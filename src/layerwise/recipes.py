@@ -133,34 +133,47 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise OptionError(f"{where}: parameters must be a mapping of option names to values, not {value!r:.200}")
-    for name, setting in value.items():
+    for name in value:
         if not isinstance(name, str):
             raise OptionError(f"{where}: an option name is a string such as 'weight', not {name!r:.100}")
-        _check_setting(setting, f"{where}.{name}")
-    return dict(value)
+    return {name: _setting(setting, f"{where}.{name}") for name, setting in value.items()}
 
 
-def _check_setting(setting: Any, where: str, rules: bool = True) -> None:
-    """mergekit's ``ParameterSetting``: a scalar or gradient, or ``{filter, value}`` rules whose values are
-    scalars or gradients (never rules again: a YAML alias could make them recursive)."""
+def _setting(setting: Any, where: str, rules: bool = True) -> Any:
+    """mergekit's ``ParameterSetting``, checked and in the form the merge reads: a scalar or gradient,
+    or ``{filter, value}`` rules whose values are scalars or gradients (never rules again: a YAML alias
+    could make them recursive); one rule alone is a list of one, as mergekit reads it. A number YAML
+    left as text (``1e-3``: PyYAML wants a dot) is a number, as mergekit's validation makes it."""
     if isinstance(setting, (int, float, str)):  # bool is an int
-        return
+        return _number(setting)
     if isinstance(setting, list) and setting and all(isinstance(e, (int, float, str)) for e in setting):
-        return
+        return [_number(e) for e in setting]
+    if rules and isinstance(setting, Mapping) and "value" in setting and set(setting) <= {"filter", "value"}:
+        setting = [setting]
     if rules and isinstance(setting, list) and setting:
+        out = []
         for i, rule in enumerate(setting):
             if not isinstance(rule, Mapping) or "value" not in rule or set(rule) - {"filter", "value"}:
                 raise OptionError(f"{where}[{i}]: a rule is {{filter: NAME_PART, value: V}}, not {rule!r:.200}")
             if rule.get("filter") is not None and not isinstance(rule["filter"], str):
                 raise OptionError(f"{where}[{i}].filter must be a string, not {rule['filter']!r:.100}")
-            _check_setting(rule["value"], f"{where}[{i}].value", rules=False)
-        return
-    if rules and isinstance(setting, Mapping) and "value" in setting and set(setting) <= {"filter", "value"}:
-        _check_setting(setting["value"], f"{where}.value", rules=False)
-        return
+            out.append({**rule, "value": _setting(rule["value"], f"{where}[{i}].value", rules=False)})
+        return out
     what = ("a value is a number, a list of numbers (a gradient over the layers) or a list of {filter, value} rules"
             if rules else "a rule's value is a number or a list of numbers (a gradient over the layers)")
     raise OptionError(f"{where}: {what}, not {setting!r:.200}")
+
+
+def _number(value: Any) -> Any:
+    """``'1e-3'`` and ``'0.5'`` as numbers (an int where it is one); other text and numbers as they are."""
+    if not isinstance(value, str):
+        return value
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _layer_range(value: Any, where: str) -> tuple[int, int]:
