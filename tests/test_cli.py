@@ -38,13 +38,19 @@ def test_bad_epochs_is_a_usage_error(capsys):
 @pytest.mark.parametrize("option, value, message", [
     ("--device", "tpu", "argument --device: tpu: the demo runs on cpu or cuda"),
     ("--device", "meta", "argument --device: meta: the demo runs on cpu or cuda"),
-    ("--epochs", "x", "argument --epochs: x: a whole number of epochs, at least 1")])
-def test_a_device_or_epochs_the_demo_cannot_use_is_a_usage_error_of_the_demo(tmp_path, capsys, option, value, message):
+    ("--epochs", "x", "argument --epochs: x: a whole number of epochs, at least 1"),
+    ("--out", "", "argument --out: an empty path; give a folder name"),  # the report went into the current folder
+    ("--out", "{tmp}/file", "argument --out: {tmp}/file: exists and is not a folder")])
+def test_a_device_epochs_or_out_the_demo_cannot_use_is_a_usage_error_of_the_demo(tmp_path, capsys, monkeypatch,
+                                                                                 option, value, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("mine")
     with pytest.raises(SystemExit) as e:
-        main(["demo", option, value, "--out", str(tmp_path / "report")])
+        main(["demo", "--out", str(tmp_path / "report"), option, value.format(tmp=tmp_path)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("usage: layerwise demo") and f"layerwise demo: error: {message}" in err
-    assert not (tmp_path / "report").exists()
+    assert e.value.code == 2 and err.startswith("usage: layerwise demo")
+    assert f"layerwise demo: error: {message.format(tmp=tmp_path)}" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 @pytest.mark.parametrize("argv, missing", [(["show"], "file"), (["diff", "a.safetensors"], "b")])
