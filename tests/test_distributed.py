@@ -162,6 +162,9 @@ def _wrapped_too_late(rank, world_size):
         except lw.StateError as e:
             errors[name] = str(e)
     errors["audit"] = [(f.check, len(f.names)) for f in lw.audit(model, opt)]
+    built_after = torch.optim.SGD(lw.param_groups(model), lr=0.1)
+    lw.GradualUnfreeze(model, built_after, {1: "0"})  # the right order: accepted
+    errors["audit after"] = [f.check for f in lw.audit(model, built_after)]
     errors["untied"] = model[2].weight is not model[0].weight
     return errors
 
@@ -171,6 +174,6 @@ def test_wrapping_order_mistakes_under_fsdp2_raise_instead_of_training_silently_
     # built before it trained stale tensors: both silently.
     for errors in run_ranks(_wrapped_too_late):
         assert "0.weight already sharded by FSDP2" in errors["tie"] and errors["untied"]
-        assert "none of them a parameter of FSDPSequential" in errors["unfreeze"]
+        assert "optimizer was built before fully_shard replaced the parameters of FSDPSequential" in errors["unfreeze"]
         assert "0.weight was replaced by a new parameter" in errors["ema"]
-        assert ("not-in-model", 4) in errors["audit"]
+        assert ("not-in-model", 4) in errors["audit"] and errors["audit after"] == []

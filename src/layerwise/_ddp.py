@@ -73,3 +73,13 @@ def fsdp_params(model: nn.Module) -> dict[int, object]:
             if (unsharded := getattr(param, "_unsharded_param", None)) is not None:
                 out[id(unsharded)] = param
     return out
+
+
+def built_before_sharding(model: nn.Module, held: list) -> bool:
+    """Whether an optimizer holding ``held`` was built on ``model`` before ``fully_shard`` replaced its parameters:
+    the model is sharded, and the optimizer holds only plain tensors, none of them the model's. (An optimizer
+    over another model, a GAN's second one, or a head outside ``model``, holds that model's parameters instead.)"""
+    if not held or not fsdp_params(model):
+        return False
+    own = {id(p) for p in model.parameters()}
+    return not any(id(t) in own or hasattr(t, "_local_tensor") for t in held)

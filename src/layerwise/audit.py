@@ -16,6 +16,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from ._ddp import built_before_sharding
 from ._layer_ids import unmatched_before_blocks
 from ._tensors import require_module
 from ._term import console
@@ -85,8 +86,8 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.op
 
     - ``not-in-optimizer``: a trainable parameter no optimizer updates (unfrozen later but never
       added: Lightning ``BaseFinetuning`` without ``unfreeze_and_add_param_group``).
-    - ``not-in-model``: the optimizers hold tensors but none is a parameter of the model: they
-      were built before ``fully_shard`` (or anything else that replaced the parameters).
+    - ``not-in-model``: the optimizer was built before ``fully_shard`` replaced the parameters: it
+      holds only tensors the model no longer uses.
     - ``stale-grad``: a frozen parameter in an optimizer that still holds a ``.grad``: momentum and
       weight decay keep moving it (fairseq #4702, sparseml #965).
     - ``duplicate``: a parameter held twice, updated twice per step (Lightning #6879).
@@ -140,12 +141,10 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.op
     add("not-in-optimizer", [p for _, p in everything if p.requires_grad and id(p) not in held_ids],
         "trainable, but no optimizer updates it",
         "add them with lw.add_param_group(optimizer, model, ...), or freeze them (lw.freeze)")
-    # Only when no optimizer holds any parameter of the model: a GAN's other optimizer holds another model's.
-    add("not-in-model", [] if held_ids & name_of.keys() else held,
-        "held by an optimizer but not a parameter of the model: the model no longer uses it, so training moves "
-        "nothing it computes with (the optimizer was built before fully_shard, model.to() or another step that "
-        "replaced the parameters)",
-        "build the optimizer after wrapping, sharding and moving the model")
+    add("not-in-model", held if built_before_sharding(inner, held) else [],
+        "held by the optimizer, but fully_shard replaced these parameters after it was built: training moves "
+        "nothing the model computes with",
+        "build the optimizer after fully_shard")
     add("stale-grad", [p for p in held if not p.requires_grad and p.grad is not None],
         "frozen but holds a .grad: the optimizer's momentum and weight decay keep moving it",
         "freeze with lw.freeze (it clears .grad), or optimizer.zero_grad(set_to_none=True)")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._ddp import ddp_wrapper, fsdp_sharded, rebuild_reducer
+from ._ddp import built_before_sharding, ddp_wrapper, fsdp_sharded, rebuild_reducer
 from ._tensors import require_module
 from .errors import OptionError, OptionTypeError, StateError
 from .groups import add_group, check_options, group_index
@@ -229,11 +229,9 @@ class GradualUnfreeze:
         self.schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) \
             else [scheduler]
         check_options(group_options, "GradualUnfreeze", optimizer)  # now, not epochs later when a group is added
-        held = [p for g in optimizer.param_groups for p in g["params"]]
-        if held and not {id(p) for p in held} & {id(p) for p in select(model).params()}:
-            raise StateError(f"GradualUnfreeze: the optimizer holds {len(held)} tensors, none of them a parameter of "
-                             f"{type(model).__name__}: it was built before fully_shard, model.to() or another step "
-                             "that replaced the parameters, and would train nothing the model uses. Build it after.")
+        if built_before_sharding(model, [p for g in optimizer.param_groups for p in g["params"]]):
+            raise StateError(f"GradualUnfreeze: the optimizer was built before fully_shard replaced the parameters of "
+                             f"{type(model).__name__}: it would train tensors the model no longer uses. Build it after.")
         for at in schedule:
             if isinstance(at, bool) or not isinstance(at, numbers.Integral):
                 raise OptionTypeError(f"GradualUnfreeze: schedule keys are epochs or steps (ints >= 0), got {at!r} "
