@@ -38,13 +38,19 @@ def test_bad_epochs_is_a_usage_error(capsys):
 @pytest.mark.parametrize("option, value, message", [
     ("--device", "tpu", "argument --device: tpu: the demo runs on cpu or cuda"),
     ("--device", "meta", "argument --device: meta: the demo runs on cpu or cuda"),
-    ("--epochs", "x", "argument --epochs: x: a whole number of epochs, at least 1")])
-def test_a_device_or_epochs_the_demo_cannot_use_is_a_usage_error_of_the_demo(tmp_path, capsys, option, value, message):
+    ("--epochs", "x", "argument --epochs: x: a whole number of epochs, at least 1"),
+    ("--out", "", "argument --out: an empty path; give a folder name"),  # the report went into the current folder
+    ("--out", "{tmp}/file", "argument --out: {tmp}/file: exists and is not a folder")])
+def test_a_device_epochs_or_out_the_demo_cannot_use_is_a_usage_error_of_the_demo(tmp_path, capsys, monkeypatch,
+                                                                                 option, value, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("mine")
     with pytest.raises(SystemExit) as e:
-        main(["demo", option, value, "--out", str(tmp_path / "report")])
+        main(["demo", "--out", str(tmp_path / "report"), option, value.format(tmp=tmp_path)])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("usage: layerwise demo") and f"layerwise demo: error: {message}" in err
-    assert not (tmp_path / "report").exists()
+    assert e.value.code == 2 and err.startswith("usage: layerwise demo")
+    assert f"layerwise demo: error: {message.format(tmp=tmp_path)}" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
 @pytest.mark.parametrize("argv, missing", [(["show"], "file"), (["diff", "a.safetensors"], "b")])
@@ -144,6 +150,17 @@ def test_an_output_name_that_is_no_file_or_folder_it_could_be_exits_2(ckpts, tmp
     assert err.startswith("layerwise average: error:")
     assert message.format(out=out, stem=tmp_path / "merged") in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "slerp", "--t", "0.3", "--option", "t=0.9"], "--option t=0.9: t is given twice"),
+    (["--method", "linear", "--option", "normalize=true", "--option", "normalize=false"],
+     "--option normalize=false: normalize is given twice"),
+])
+def test_an_option_given_twice_exits_2_instead_of_the_last_winning(ckpts, tmp_path, capsys, flags, message):
+    out = tmp_path / "o.safetensors"
+    assert main(["merge", str(ckpts[0]), str(ckpts[1]), "-o", str(out), "--quiet", *flags]) == 2
+    assert f"layerwise merge: error: {message} (--" in capsys.readouterr().err and not out.exists()
 
 
 def test_existing_output_needs_force(ckpts, tmp_path, capsys):

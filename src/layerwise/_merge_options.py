@@ -130,13 +130,15 @@ def value_at(setting: Any, key: str, t: float = 0.0, keys: Sequence[str] | None 
 def _canonical(method: Method, options: Mapping[str, Any]) -> dict[str, Any]:
     names = {o.name for o in method.options}
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # the name each option was given by, for the message
     for name, value in options.items():
         real = ALIASES.get(name, name) if name not in names else name
         if real not in names:
             raise MergeError(f"method {method.name!r} takes no option {name!r}; its options are "
                              f"{', '.join(sorted(names)) or 'none'} (see `layerwise merge --help`)")
         if real in out:
-            raise MergeError(f"{method.name}: {name!r} and {real!r} are the same option; give one")
+            raise MergeError(f"{method.name}: {given[real]!r} and {name!r} are the same option; give one")
+        given[real] = name
         out[real] = value
     return out
 

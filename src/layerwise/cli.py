@@ -10,6 +10,7 @@ torch: commands import the library when they run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -78,6 +79,8 @@ def _merge(args: argparse.Namespace) -> int:
                if getattr(args, name, None) is not None}
     for text in getattr(args, "option", None) or []:
         name, value = _option(text)
+        if name in options:  # the later one silently won
+            raise _usage(f"--option {text}: {name} is given twice (--{name} or an earlier --option); give it once")
         options[name] = value
     out = merge_files(args.inputs, args.output, getattr(args, "method", "linear"), weights=args.weights,
                       base=getattr(args, "base", None), dtype=args.dtype, select=args.select or None, key=args.key,
@@ -154,6 +157,14 @@ def _epochs(text: str) -> int:
     return epochs
 
 
+def _report_folder(text: str) -> str:
+    if not text:  # Path("") is the current folder: the report would land among the user's files
+        raise argparse.ArgumentTypeError("an empty path; give a folder name (created if missing)")
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not a folder; give a folder name")
+    return text
+
+
 def _device(text: str) -> str:
     """cpu, or a CUDA device this machine has: checked while parsing, so the demo's usage line comes with it."""
     if text == "cpu":
@@ -178,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     demo = sub.add_parser("demo", help="walk through the techniques on a Siamese LSTM over the digits data")
-    demo.add_argument("--out", default="layerwise-demo", help="report folder (default: %(default)s)")
+    demo.add_argument("--out", type=_report_folder, default="layerwise-demo", help="report folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed of data, initialization and order (default: %(default)s)")
     demo.add_argument("--epochs", type=_epochs, default=10, help="epochs of the main training run (default: %(default)s)")
     demo.add_argument("--device", type=_device, default="cpu", help="cpu, or cuda where present (default: %(default)s)")
