@@ -407,3 +407,11 @@ def test_grad_hooks_and_set_grad_on_fsdp2_equal_one_process_over_the_global_batc
                         assert got[name].abs().max() <= 0.01 + 1e-7, step
                         continue
                     torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=f"step {step} {name}")
+
+
+@pytest.mark.parametrize("value", [0.5, torch.ones(2, 3)])
+def test_set_grad_names_a_parameter_on_the_meta_device(value):
+    net = torch.nn.Linear(3, 2, device="meta")
+    with pytest.raises(lw.GradError, match=r"set_grad changed nothing: weight is on the meta device; materialize"):
+        lw.set_grad(net, "weight", value)  # NotImplementedError: Cannot copy out of meta tensor
+    assert net.weight.grad is None

@@ -159,6 +159,8 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
         for name, p, v in targets:
             if not (p.requires_grad or allow_frozen):
                 frozen.append(name)
+            elif p.device.type == "meta":  # a shape without values: no gradient can be read or kept
+                problems.append(f"{name} is on the meta device; materialize the model first (model.to_empty(...))")
             elif isinstance(v, torch.Tensor) and v.shape != p.shape:
                 problems.append(f"{name} has shape {tuple(p.shape)} but its value has shape {tuple(v.shape)}")
             elif (v.is_complex() if isinstance(v, torch.Tensor) else isinstance(v, complex)) and not p.is_complex():
