@@ -326,3 +326,11 @@ def test_any_layerwise_set_up_audits_clean(model, data):
     elif scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=3)
     assert lw.audit(model, opt, scheduler) == []
+
+
+def test_a_scheduler_that_is_none_is_named_not_skipped(vit):
+    for g in (groups := lw.param_groups(vit, lr=1.0, weight_decay=0.05)):
+        g["lr_scale"] = 0.5  # a finding that needs the scheduler: lr_scale nothing reads
+    opt = torch.optim.AdamW(groups)
+    with pytest.raises(lw.OptionTypeError, match="scheduler='cosine' is not an LR scheduler"):
+        lw.audit(vit, opt, scheduler="cosine")  # Findings([]) before: the scheduler checks were skipped

@@ -186,6 +186,8 @@ def test_bad_methods_and_options():
         lw.merge(a, [b, c], "dare", density={"0": 0})
     with pytest.raises(lw.MergeError, match="choose one of linear"):
         lw.merge(a, [b], "avg")
+    with pytest.raises(lw.MergeError, match="unknown merge method 3; choose one of linear"):
+        lw.merge(a, [b], 3)  # AttributeError: 'int' object has no attribute 'base'
     with pytest.raises(lw.MergeError, match="takes no option 'density'"):
         lw.merge(a, [b], "task_arithmetic", density=0.5)
     with pytest.raises(lw.SelectionError, match="'attn'"):

@@ -232,6 +232,10 @@ def test_merge_files_progress_is_a_bool_not_a_truthy_word(tmp_path, three, capfd
     (lambda t, three: lw.save({"w": torch.ones(1)}, ""), lw.OptionError, "save: path is an empty path"),
     (lambda t, three: lw.load(None), lw.OptionTypeError, "the checkpoint must be a path"),
     (lambda t, three: lw.diff_files(three[0], ""), lw.OptionError, "the checkpoint is an empty path"),
+    (lambda t, three: lw.load(three[0], into=lw.load(three[0])), lw.OptionTypeError,
+     r"load\(into=...\) takes an nn.Module, got dict: a state dict holds values only"),
+    (lambda t, three: lw.save({"w": torch.ones(1)}, t / "o.safetensors", metadata="step 3"), lw.OptionTypeError,
+     "save: metadata='step 3' must map strings to strings"),
 ])
 def test_paths_of_the_wrong_type_or_empty_are_named(tmp_path, three, monkeypatch, call, error, message):
     monkeypatch.chdir(tmp_path)  # an empty path must not become this folder

@@ -501,3 +501,13 @@ def test_unfreeze_leaves_integer_parameters_frozen_and_refuses_them_alone():
     with pytest.raises(lw.SelectionError, match="unfreeze: 0.codes holds torch.int64 values, which cannot require"):
         lw.unfreeze(net, "0.codes")
     assert len(lw.frozen(net)) == 5
+
+
+def test_gradual_unfreeze_names_a_scheduler_that_is_none_when_given():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    lw.freeze(net, "1")
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    with pytest.raises(lw.OptionTypeError, match="scheduler=<class .*StepLR'> is not an LR scheduler"):
+        lw.GradualUnfreeze(net, opt, {1: "1"}, scheduler=torch.optim.lr_scheduler.StepLR)  # the class, not one
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(opt, 1.0, total_steps=10)  # refused only if a group is added
+    assert lw.GradualUnfreeze(net, opt, {1: "1"}, scheduler=one_cycle).schedulers == [one_cycle]

@@ -446,3 +446,10 @@ def test_foreach_is_none_or_a_bool_not_a_truthy_word(vit, measure):
     backward(vit)
     with pytest.raises(lw.OptionTypeError, match=rf"{measure.__name__}: foreach='no': pass None, True or False"):
         measure(vit, foreach="no")
+
+
+@pytest.mark.parametrize("stats", [3, None])
+def test_stats_that_are_not_names_are_named(vit, stats):
+    backward(vit)
+    with pytest.raises(lw.GradError, match=f"unknown statistic {stats}. Valid: norm"):
+        lw.grad_stats(vit, stats=stats)  # TypeError: 'int' object is not iterable

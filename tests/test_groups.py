@@ -483,3 +483,14 @@ def test_no_weight_decay_keywords_keep_every_name_holding_one_from_decay_as_swin
 def test_no_weight_decay_giving_a_non_string_is_refused_naming_it():
     with pytest.raises(lw.OptionTypeError, match=r"_TimmNoDecayNames.no_weight_decay\(\) gave 3"):
         lw.param_groups(_TimmNoDecayNames({3}), lr=0.1)
+
+
+def test_add_param_group_names_a_scheduler_that_is_none_or_of_another_optimizer():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    opt = torch.optim.SGD(net[0].parameters(), lr=0.1)
+    other = torch.optim.lr_scheduler.StepLR(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), 1)
+    for scheduler, error, message in [("cosine", lw.OptionTypeError, "scheduler='cosine' is not an LR scheduler"),
+                                      (other, lw.OptionError, "scheduler=StepLR schedules another optimizer")]:
+        with pytest.raises(error, match=message):  # it was left behind silently: the new group never scheduled
+            lw.add_param_group(opt, net, "1", scheduler=scheduler)
+        assert len(opt.param_groups) == 1 and other.base_lrs == [1.0]

@@ -177,8 +177,9 @@ def _sharded_pcgrad(rank: int, world_size: int) -> list[dict[str, torch.Tensor]]
     x, y = (t.chunk(world_size)[rank] for t in _task_batch())  # each rank its share of the global batch
     results = [_two_task_steps(DistributedDataParallel(_task_net(), **options), x, y, "module.0")
                for options in ({}, {"find_unused_parameters": True}, {"static_graph": True})]
-    for reshard in (True, False):
-        model, mesh = _task_net(), init_device_mesh("cpu", (world_size,))
+    # FSDP2 both ways, and HSDP replicating over the ranks (its shard group alone holds one rank's data)
+    for reshard, shape in ((True, (world_size,)), (False, (world_size,)), (True, (world_size, 1))):
+        model, mesh = _task_net(), init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
         fully_shard(model[0], mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         _two_task_steps(model, x, y, "0")
@@ -191,7 +192,7 @@ def test_pcgrad_under_ddp_and_fsdp2_equals_one_process_over_the_global_batch(run
     # FSDP2 autograd never reaches the sharded parameters: pcgrad said no loss reached any of them.
     want = _two_task_steps(_task_net(), *_task_batch(), "0")
     for rank in run_ranks(_sharded_pcgrad):
-        assert len(rank) == 5
+        assert len(rank) == 6
         for got in rank:
             for name, value in want.items():
                 torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)

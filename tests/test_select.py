@@ -496,3 +496,12 @@ def test_path_selectors_match_the_reference_semantics(segments):
 def test_missing_ok_must_be_a_bool_not_a_truthy_word(interleaved):
     with pytest.raises(lw.OptionTypeError, match="missing_ok='no': pass True or False"):
         lw.select(interleaved, "lstm9", missing_ok="no")  # it allowed the empty match it meant to refuse
+
+
+@pytest.mark.parametrize("select", [3, 1.5, b"0", {"0": 1}])
+def test_a_select_option_that_is_no_selector_nor_a_list_is_named(select):
+    nets = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    with pytest.raises(lw.OptionTypeError, match=r"select=.*: give a selector \(a string, a module class or a callable"):
+        lw.merge(None, nets, select=select)  # TypeError: 'int' object is not iterable
+    with pytest.raises(lw.OptionTypeError, match="select="):
+        lw.EMA(nets[0], select=select)  # its own message, as before

@@ -42,7 +42,7 @@ _NEEDS = {"norm": {"sumsq"}, "mean": {"sum"}, "std": {"sum", "sumsq"}, "max_abs"
 
 def stat_names(stats: str | Iterable[str]) -> tuple[str, ...]:
     """``stats`` validated and deduplicated, in the caller's order."""
-    names = tuple(dict.fromkeys((stats,) if isinstance(stats, str) else stats))
+    names = tuple(dict.fromkeys((stats,) if isinstance(stats, str) or not isinstance(stats, Iterable) else stats))
     for name in names:
         if name not in STATS:
             near = closest(str(name), STATS, n=1)

@@ -184,7 +184,7 @@ def get_method(name: str) -> Method:
 
 def check_method(method: str | Method, *, has_base: bool, models: int) -> Method:
     """The method exists and has what it needs: a base where it adds task vectors, its count of models."""
-    m = get_method(method) if isinstance(method, str) else method
+    m = method if isinstance(method, Method) else get_method(method)  # not a name: get_method names it
     if not models:
         raise MergeError("no models to merge")
     if m.base == "required" and not has_base:

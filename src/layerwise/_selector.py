@@ -16,7 +16,7 @@ import gc
 import inspect
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from re import _constants as C  # noqa: N812 - the parser's own names, as in _backtracking
 from re import _parser
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ._backtracking import backtracks_exponentially
-from .errors import SelectionError
+from .errors import OptionTypeError, SelectionError
 
 __all__ = ["FAMILIES", "Pattern", "Selector", "as_selectors", "closest", "describe", "gc_paused", "missing", "mro_names", "parse", "path_prefix", "unwrap_compiled"]
 
@@ -275,6 +275,9 @@ def as_selectors(value: Selector | Iterable[Selector] | None) -> tuple[Selector,
         return ()
     if isinstance(value, (str, type)) or callable(value):
         return (value,)
+    if not isinstance(value, Iterable) or isinstance(value, (bytes, Mapping)):  # a TypeError, as before, by name
+        raise OptionTypeError(f"select={value!r:.80}: give a selector (a string, a module class or a callable "
+                              "(name, param) -> bool) or a list of them")
     return tuple(value)
 
 

@@ -21,7 +21,7 @@ from ._layer_ids import unmatched_before_blocks
 from ._tensors import require_module
 from ._term import console
 from .errors import OptionTypeError
-from .groups import default_no_decay
+from .groups import check_schedulers, default_no_decay
 from .select import select
 
 __all__ = ["Finding", "Findings", "audit"]
@@ -158,6 +158,7 @@ def audit(model: nn.Module, optimizer: torch.optim.Optimizer | Sequence[torch.op
         "a bias, norm weight or no_weight_decay() parameter under weight decay: it is pulled toward 0",
         "lw.param_groups(model, ..., weight_decay=wd) gives them weight_decay=0.0 (1-D, .bias and no_weight_decay(), as timm)")
 
+    check_schedulers([scheduler] if scheduler is not None else [], extended=False)  # not silently skipped
     findings += _scheduler_findings(optimizers, scheduler, names)
     if len({g["lr"] * g.get("lr_scale", 1) for g in groups}) > 1:  # some decay: a fallback layer matters
         params = dict(everything)

@@ -44,10 +44,10 @@ from ._model_state import file_state, load_into, on_rank0, unwrapped
 from ._publish import as_path, input_paths, output_path
 from ._reader import Scratch, SliceReader, one_compute_thread
 from ._safetensors import METADATA
-from ._tensors import aliases_of, human_bytes, require_flag
+from ._tensors import aliases_of, human_bytes, require_flag, require_module
 from ._term import byte_progress, console
 from .average import check_compatible
-from .errors import CheckpointError, OptionError
+from .errors import CheckpointError, OptionError, OptionTypeError
 from .select import Selector, select_keys
 
 __all__ = ["Diff", "diff_files", "load", "merge_files", "save"]
@@ -115,6 +115,8 @@ def save(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: Path
     if full is not model_or_state_dict:  # sharded (FSDP2): gathered on rank 0, which writes; all return or raise alike
         return on_rank0(lambda: save(full, path, max_shard_size=max_shard_size, metadata=metadata, overwrite=overwrite))
     state = _state_dict(model_or_state_dict, path)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise OptionTypeError(f"save: metadata={metadata!r:.80} must map strings to strings, e.g. {{'step': '1000'}}")
     bad = [f"{k!r}: {type(v).__name__}" for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise CheckpointError(f"{path}: safetensors metadata maps strings to strings; not {', '.join(bad)}")
@@ -151,6 +153,8 @@ def load(path: PathLike, *, key: str | None = None, into: nn.Module | None = Non
         >>> sorted(lw.load(path))
         ['bias', 'weight']
     """
+    if into is not None:
+        require_module(into, "load(into=...)")  # before reading the file
     with open_checkpoint(path, key=key) as ckpt:
         stored = {k: ckpt.read(k) for k in ckpt.specs if k not in ckpt.aliases}
         state = {k: stored[ckpt.aliases.get(k, k)] for k in ckpt.specs}

@@ -15,7 +15,7 @@ from torch import nn
 from ._ddp import built_before_sharding, ddp_wrapper, fsdp_sharded, rebuild_reducer
 from ._tensors import require_module
 from .errors import OptionError, OptionTypeError, StateError
-from .groups import add_group, check_options, group_index
+from .groups import add_group, check_options, check_schedulers, group_index
 from .select import FAMILIES, Selection, SelectionError, Selector, as_selectors, resolve, select
 
 __all__ = ["GradualUnfreeze", "freeze", "frozen", "unfreeze"]
@@ -229,6 +229,7 @@ class GradualUnfreeze:
         self.schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) \
             else [scheduler]
         check_options(group_options, "GradualUnfreeze", optimizer)  # now, not epochs later when a group is added
+        check_schedulers(self.schedulers, optimizer, extended=False)  # (whether one can follow: if a group is added)
         if built_before_sharding(model, [p for g in optimizer.param_groups for p in g["params"]]):
             raise StateError(f"GradualUnfreeze: the optimizer was built before fully_shard replaced the parameters of "
                              f"{type(model).__name__}: it would train tensors the model no longer uses. Build it after.")

@@ -256,11 +256,21 @@ def group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
 
 
-def check_schedulers(schedulers: Sequence[Any]) -> None:
-    """Refuse, before anything changes, an LR scheduler that cannot follow a group added after it was built."""
+def check_schedulers(schedulers: Sequence[Any], optimizer: Any = None, *, extended: bool = True) -> None:
+    """Refuse, before anything changes, what is no LR scheduler of ``optimizer`` (it would be left behind
+    silently) and, where it will be ``extended``, one that cannot follow a group added after it was built."""
     from torch.optim import lr_scheduler
 
     for scheduler in schedulers:
+        owner = getattr(scheduler, "optimizer", None)  # torch's, ReduceLROnPlateau, timm's: all keep it
+        if not hasattr(owner, "param_groups"):
+            raise OptionTypeError(f"scheduler={scheduler!r:.60} is not an LR scheduler (torch.optim.lr_scheduler's or "
+                                  "timm's, built on the optimizer): it has no optimizer")
+        if optimizer is not None and optimizer not in (owner, getattr(owner, "optimizer", None)):  # or a wrapper's
+            raise OptionError(f"scheduler={type(scheduler).__name__} schedules another optimizer: pass the scheduler "
+                              "built on this one")
+        if not extended:
+            continue
         if isinstance(scheduler, (lr_scheduler.SequentialLR, lr_scheduler.ChainedScheduler)):
             check_schedulers(scheduler._schedulers)
         elif isinstance(scheduler, (lr_scheduler.OneCycleLR, lr_scheduler.CyclicLR)):
@@ -296,7 +306,7 @@ def add_group(optimizer: torch.optim.Optimizer, named: Sequence[tuple[str, torch
         raise SelectionError("cannot add to the optimizer: " + "; ".join(twice)
                              + ". A parameter may be in one group only; select the others.")
     check_options(options, "add_param_group", optimizer)
-    check_schedulers(schedulers)
+    check_schedulers(schedulers, optimizer)
     group = {"params": [p for _, p in named], "names": [n for n, _ in named], **options}
     if optimizer.param_groups and "param_names" in optimizer.param_groups[0]:
         group["param_names"] = list(group["names"])  # torch requires all groups or none to be named

@@ -42,8 +42,8 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
     ``model``: the task gradients are then averaged over its processes before the projections
     (one all-reduce per device and dtype, as DDP's own), so every rank writes the gradients one
     process would compute over the global batch. The same holds for a model sharded by FSDP2
-    (``fully_shard``): the task gradients are those of its unsharded parameters, averaged over the
-    mesh, and each rank keeps its shard of the result (call ``pcgrad`` right after the forward).
+    (``fully_shard``, HSDP too): the task gradients are those of its unsharded parameters, averaged
+    over the mesh, and each rank keeps its shard of the result (call ``pcgrad`` after the forward).
 
     Example:
         >>> import layerwise as lw, torch
@@ -79,7 +79,7 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
     grads = [torch.autograd.grad(loss, inputs, retain_graph=i < tasks - 1, allow_unused=True)
              for i, loss in enumerate(losses)]
     ddp = ddp_wrapper(model)
-    group = ddp.process_group if ddp is not None else _fsdp_group(managed) if managed else None
+    reduce_over = [ddp.process_group] if ddp is not None else _fsdp_groups(managed) if managed else []
     target_of = {id(i): t for i, t in zip(inputs, targets)}
     chosen, others = inputs[:len(chosen)], inputs[len(chosen):]
     unreached = [str(i) for i, g in enumerate(grads) if all(x is None for x in g[:len(chosen)])]
@@ -98,7 +98,7 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
         groups = buckets([p for p, _ in projected])
         mats = {key: _task_matrix(pick(projected, idx), tasks, torch.promote_types(key[1], torch.float32))
                 for key, idx in groups.items()}
-        if group is not None:  # the projections of one process over the global batch: on the averaged task gradients
+        for group in reduce_over:  # the projections of one process over the global batch: on the averaged task gradients
             _average(list(mats.values()), group)
         first = next(iter(mats.values()))
         gram = sum((m @ m.T).to(first.device) for m in mats.values())
@@ -126,7 +126,7 @@ def pcgrad(losses: Sequence[torch.Tensor], model: nn.Module, *selectors: Selecto
                 summed.append((p, like(p).copy_(reached[0])))
                 for g in reached[1:]:
                     summed[-1][1].add_(g)
-        if group is not None:
+        for group in reduce_over:
             _average([total for _, total in summed], group)
         for p, total in summed:
             _set_grad(target_of[id(p)], total)
@@ -145,10 +145,12 @@ def _stand_in(param: Any) -> torch.Tensor:
     return unsharded
 
 
-def _fsdp_group(managed: dict[int, Any]) -> Any:
-    """The process group over every rank of the FSDP2 / HSDP mesh: each of them had its own data."""
-    mesh = next(iter(managed.values())).sharded_param.device_mesh
-    return mesh.get_group() if mesh.ndim == 1 else None  # an HSDP mesh spans the default group
+def _fsdp_groups(managed: dict[int, Any]) -> list[Any]:
+    """The groups whose successive means are the mean over the whole FSDP2 mesh, each rank having had its own data:
+    the shard group, then under HSDP the replicate group."""
+    info = next(iter(managed.values())).mesh_info
+    return [info.shard_process_group] + ([info.replicate_process_group] if hasattr(info, "replicate_process_group")
+                                         else [])
 
 
 def _average(tensors: list[torch.Tensor], group: object) -> None:
