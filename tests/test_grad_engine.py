@@ -123,10 +123,11 @@ def test_cpu_primitives_equal_their_definition_whatever_the_sizes_and_path(sizes
 def test_copy_and_distance_primitives_are_the_weights_and_update_norms():
     gen = torch.Generator().manual_seed(3)
     weights = [torch.randn(n, generator=gen) for n in (3, 40_000)] + [torch.randn(50, 40, generator=gen).t()]
-    buffers = [torch.empty_like(w) for w in weights]
-    copied = copy_primitives(buffers, weights, [None] * 3, None).values()["sumsq"]
-    assert all(torch.equal(b, w) for b, w in zip(buffers, weights))
-    assert copied.tolist() == pytest.approx([w.double().square().sum().item() for w in weights], rel=1e-6)
+    for foreach in (None, True, False):
+        buffers = [torch.empty_like(w) for w in weights]
+        copied = copy_primitives(buffers, weights, [None] * 3, foreach).values()["sumsq"]
+        assert all(torch.equal(b, w) for b, w in zip(buffers, weights))
+        assert copied.tolist() == pytest.approx([w.double().square().sum().item() for w in weights], rel=1e-6)
     after = [w + 0.01 * torch.randn(w.shape, generator=gen) for w in weights]
     for foreach in (None, True, False):
         before = [b.clone() for b in buffers]

@@ -339,6 +339,8 @@ def test_a_step_that_raised_still_counts(vit):
 # --------------------------------------------------------------------------- batched transfers, layouts
 
 
+# The NaN reaches the weights at step 1, so every later step warns too; only step 1's warning is the point.
+@pytest.mark.filterwarnings(r"ignore:non-finite gradient at step ([2-9]|1[0-9]) in:RuntimeWarning")
 def test_every_step_logging_moves_rows_to_the_host_in_batches(vit, tmp_path, monkeypatch):
     transfers = []
     real = monitor_module.to_host

@@ -210,11 +210,10 @@ def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequen
                     foreach: bool | None) -> Prims:
     """Copy ``src`` into ``dst`` and return ``sumsq`` of each (local parts; reduce with :func:`reduce_shards`).
 
-    On CPU each piece of a copy is measured while it is still in cache, so the snapshot of the
-    weights that the update ratio needs gives their norms for almost nothing; elsewhere a fused
-    copy and a fused norm.
-    """
-    return _written_sumsq(dst, src, shards, foreach, kernels.copy_sumsq, torch._foreach_copy_)
+    A fused copy, then a fused norm of the copy, on every device: on CPU that beat measuring each
+    piece of the copy in cache (bench_grad_stats' every=1 breakdown, same caches: 2.9-3.3% of a
+    step vs 3.5-3.6%, load 4-6); ``foreach=False`` still walks the pieces."""
+    return _written_sumsq(dst, src, shards, foreach is not False, kernels.copy_sumsq, torch._foreach_copy_)
 
 
 def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shards: Sequence[tuple | None],
