@@ -148,6 +148,34 @@ def test_a_compiled_model_is_tracked_by_its_inner_names():
     assert set(ema.state_dict()["shadow"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
 
 
+def _ema_of_a_ddp_wrapper(store):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        ddp = nn.parallel.DistributedDataParallel(net)
+        ema = lw.EMA(ddp, decay=0.5)
+        with torch.no_grad():
+            net[0].weight.add_(2.0)
+        ema.update()
+        plain = lw.EMA(net, decay=0.5)
+        plain.load_state_dict(ema.state_dict())  # the names checkpoint files and an unwrapped run use
+        with ema.swapped(ddp):
+            swapped = net[0].weight.clone()
+        target = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        plain.copy_to(target)
+        return ema.names, ema._buffer_names, swapped, ema.shadow[0], target[0].weight.detach()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_wrapper_is_tracked_by_its_inner_names(tmp_path):
+    names, buffers, swapped, shadow, copied = _ema_of_a_ddp_wrapper(tmp_path / "store")
+    assert names == ["0.weight", "0.bias", "1.weight", "1.bias"] and buffers[0] == "1.running_mean"
+    assert torch.equal(swapped, shadow) and torch.equal(copied, shadow)
+
+
 def test_ema_plain_loop_equals_fused():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ._model_state import unwrap_ddp
 from ._shadow import Bucket, acc_dtype, flat_view, local, reshard, shadow_like
 from ._tensors import named_tensor_groups, require_module
 from .errors import OptionError, OptionTypeError, StateError
@@ -61,7 +62,10 @@ class EMA:
     statistics) are copied from the model (``buffers="copy"``, as ``swa_utils.AveragedModel``) or
     averaged too (``"ema"``, as timm's ``ModelEmaV3``; integer buffers are copied).
     ``device=`` keeps the shadows elsewhere (e.g. ``"cpu"`` for a GPU model). Tied parameters
-    are averaged once; a ``torch.compile``d model is tracked by its inner names (no ``_orig_mod.``).
+    are averaged once; a ``torch.compile``d model or a ``DistributedDataParallel`` wrapper is tracked
+    by its inner names (no ``_orig_mod.``, no ``module.``). Create the EMA after wrapping in DDP, or
+    with every rank's model initialized alike: DDP copies rank 0's weights to every rank when it
+    wraps, after an EMA made before has copied each rank's own.
     The average of a float16/bfloat16 model is kept in float32: with a
     decay of 0.999 most half-precision updates would round away.
 
@@ -114,7 +118,7 @@ class EMA:
                 torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
             raise OptionError(f"EMA option device={device!r} is not available here: {e}") from None
-        model = unwrap_compiled(model)  # a torch.compile'd model is tracked by its inner names
+        model = unwrap_compiled(unwrap_ddp(model))  # tracked by the inner names, as checkpoint files hold them
         self.buffers, self.foreach, self.model = buffers, foreach, model
         try:
             self.selectors = as_selectors(select)
@@ -250,7 +254,7 @@ class EMA:
         """The local tensors of ``model`` (default: the tracked one) that the shadows belong in."""
         if model is not None:
             require_module(model, "EMA.copy_to (or swapped)")
-        model = None if model is None else unwrap_compiled(model)
+        model = None if model is None else unwrap_compiled(unwrap_ddp(model))
         if model is not None:
             reshard(model)
         if model is None or model is self.model:
