@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,20 @@ def test_pytorch_model_bin_index_folder_is_read(tmp_path):
     weight_map = {k: f"pytorch_model-0000{1 if i < 4 else 2}-of-00002.bin" for i, k in enumerate(keys)}
     (tmp_path / "hf" / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert same(lw.load(tmp_path / "hf"), state)
+
+
+def test_a_distributed_checkpoint_folder_is_named_with_the_conversion_that_loads_it(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    state = net(0).state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": one process, as meant
+        dcp.save(state, checkpoint_id=tmp_path / "dcp")
+    with pytest.raises(lw.CheckpointError, match=r"torch.distributed.checkpoint folder.*dcp_to_torch_save"):
+        lw.load(tmp_path / "dcp")
+    dcp_to_torch_save(tmp_path / "dcp", tmp_path / "model.pt")  # the fix the message gives
+    assert same(lw.load(tmp_path / "model.pt"), state)
 
 
 def test_nested_checkpoints_and_key(tmp_path):

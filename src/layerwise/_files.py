@@ -45,11 +45,9 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 def parse_dtype(dtype: str | torch.dtype | None, option: str = "dtype") -> torch.dtype | None:
     """``"bf16"``, ``"float16"``, ``torch.float32`` ... to a floating ``torch.dtype``; errors name ``option``."""
-    if dtype is None:
-        return dtype
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:  # casting merged floats to integers would silently truncate them
-            raise OptionError(f"{option}={dtype} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:  # merged floats would be truncated
+        raise OptionError(f"{option}={dtype} is not a floating dtype; use one of {', '.join(_DTYPE_NAMES)}")
+    if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if not isinstance(dtype, str):
         raise OptionTypeError(f"{option} must be a string such as 'bf16' or a torch.dtype, not {type(dtype).__name__}")
@@ -304,7 +302,9 @@ def open_checkpoint(path: PathLike, *, key: str | None = None) -> Checkpoint:
         if index is None:
             single = next((folder / n for n in _SINGLES if (folder / n).is_file()), None)
             if single is None:
-                raise CheckpointError(f"{folder}: no {' or '.join(INDEXES + _SINGLES)} in this folder")
+                raise CheckpointError(f"{folder}: no {' or '.join(INDEXES + _SINGLES)} in this folder" + (
+                    ": it is a torch.distributed.checkpoint folder (.metadata): convert it with torch.distributed."
+                    "checkpoint.format_utils.dcp_to_torch_save(folder, 'model.pt') first" if (folder / ".metadata").is_file() else ""))
             return open_checkpoint(single, key=key)
         return _open_sharded(index, key)
     if key is not None and path.suffix == ".safetensors":
