@@ -176,6 +176,31 @@ def test_a_ddp_wrapper_is_tracked_by_its_inner_names(tmp_path):
     assert torch.equal(swapped, shadow) and torch.equal(copied, shadow)
 
 
+def test_integer_parameters_are_copied_like_integer_buffers():
+    net = nn.Linear(2, 2)
+    net.register_parameter("codes", nn.Parameter(torch.arange(3), requires_grad=False))  # quantized weights
+    ema = lw.EMA(net, decay=0.5)
+    with torch.no_grad():
+        net.weight.add_(2.0)
+        net.codes.add_(5)
+    ema.update()
+    names = dict(zip(ema.names, ema.shadow))
+    assert torch.equal(names["codes"], torch.arange(3) + 5) and names["codes"].dtype == torch.int64
+    assert names["weight"].dtype == torch.float32 and not torch.equal(names["weight"], net.weight)
+    assert set(ema.state_dict()["shadow"]) == {"weight", "bias", "codes"}
+
+
+def test_an_ema_built_under_inference_mode_updates_outside_it():
+    net = nn.Linear(2, 2)
+    with torch.inference_mode():
+        ema = lw.EMA(net, decay=0.5)
+    before = ema.shadow[0].clone()
+    with torch.no_grad():
+        net.weight.add_(2.0)
+    ema.update()
+    assert torch.allclose(ema.shadow[0], (before + net.weight) / 2)
+
+
 def test_ema_plain_loop_equals_fused():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)

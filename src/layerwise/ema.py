@@ -149,16 +149,20 @@ class EMA:
     # ----------------------------------------------------------------------- layout and change checks
 
     @torch.no_grad()
+    @torch.inference_mode(False)  # shadows built under inference_mode() must still take in-place updates
     def _build(self) -> None:
         """Make the shadows and prebuild the hot path: buckets of (shadow, live) local tensors per device
         and dtype; where the live tensors tile one buffer, one flat shadow (allocated once, the
         per-parameter shadows are views of it) averaged with one kernel."""
+        # Integer tensors (step counters, quantized weights) cannot be averaged: they are copied.
+        averaged = [p.is_floating_point() or p.is_complex() for p in self._params]
         floats = [b.is_floating_point() and self.buffers == "ema" for b in self._buffers]
-        self.shadow: list[torch.Tensor] = [shadow_like(p, self.device) if hasattr(p, "_local_tensor") else p
-                                           for p in self._params]  # plain ones are made per bucket below
+        self.shadow: list[torch.Tensor] = [  # plain averaged ones are made per bucket below
+            shadow_like(p, self.device, float_shadow=a) if hasattr(p, "_local_tensor") or not a else p
+            for p, a in zip(self._params, averaged)]
         self.shadow_buffers: list[torch.Tensor] = [
             b if f else shadow_like(b, self.device, float_shadow=False) for b, f in zip(self._buffers, floats)]
-        slots = [(self.shadow, i) for i in range(len(self._params))] + [
+        slots = [(self.shadow, i) for i, a in enumerate(averaged) if a] + [
             (self.shadow_buffers, i) for i, f in enumerate(floats) if f]
         groups: dict[tuple, list[tuple[list, int]]] = {}
         for owner, i in slots:
@@ -184,8 +188,9 @@ class EMA:
             if flat_live is not None:
                 bucket.shadow, bucket.flat = [flat], (flat, flat_live)
             self._buckets.append(bucket)
-        copied = [i for i, f in enumerate(floats) if not f]
-        self._copied = ([local(self.shadow_buffers[i]) for i in copied], [local(self._buffers[i]) for i in copied])
+        copied = [(self.shadow, self._params, i) for i, a in enumerate(averaged) if not a] + [
+            (self.shadow_buffers, self._buffers, i) for i, f in enumerate(floats) if not f]
+        self._copied = ([local(shadow[i]) for shadow, _, i in copied], [local(live[i].detach()) for _, live, i in copied])
         self._walk = _slots(self.model)
         self._tracked = [local(t) for t in self._params + self._buffers]
         self._shapes = [(t.dtype, t.device, t.shape) for t in self._params + self._buffers]
