@@ -453,3 +453,11 @@ def test_stats_that_are_not_names_are_named(vit, stats):
     backward(vit)
     with pytest.raises(lw.GradError, match=f"unknown statistic {stats}. Valid: norm"):
         lw.grad_stats(vit, stats=stats)  # TypeError: 'int' object is not iterable
+
+
+def test_printing_to_something_that_is_not_a_stream_is_named(vit):
+    vit.head(torch.randn(2, 8)).sum().backward()
+    stats = lw.grad_stats(vit)
+    for file in (3, "report.txt"):
+        with pytest.raises(lw.OptionTypeError, match=rf"file={file!r} must be a text stream"):
+            stats.print(file=file)

@@ -134,6 +134,8 @@ def test_monitor_arguments_are_checked_at_construction(vit):
     assert isinstance(e.value, TypeError)
     with pytest.raises(lw.OptionError, match="flush_every=0"):
         lw.GradMonitor(vit, flush_every=0)
+    with pytest.raises(lw.OptionTypeError, match="foreach='no'"):  # truthy: it would run the fused kernels
+        lw.GradMonitor(vit, foreach="no")
     with pytest.raises(lw.OptionError, match="on_nonfinite='stop'"):
         lw.GradMonitor(vit, on_nonfinite="stop")
     with pytest.raises(lw.GradError, match="unknown statistic 'l2'"):

@@ -81,6 +81,15 @@ def require_flag(value: object, name: str, caller: str, *, none: bool = False) -
         raise OptionTypeError(f"{caller}: {name}={value!r}: pass {accepted}")
 
 
+def require_int(value: object, name: str, caller: str, low: int, meaning: str) -> int:
+    """``value`` if it is an int >= ``low`` (a bool is not), else an error naming ``caller`` and ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OptionTypeError(f"{caller} option {name}={value!r} must be an int >= {low} ({meaning})")
+    if value < low:
+        raise OptionError(f"{caller} option {name}={value} must be >= {low} ({meaning})")
+    return value
+
+
 def human_bytes(n: float) -> str:
     """Decimal units (kB = 1000 B), the one convention of the CLI, rich's progress bars and Hugging Face."""
     from rich.filesize import decimal

@@ -16,11 +16,16 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from .errors import OptionTypeError
+
 # Tables of layer names are wide; a pipe or a file gets room instead of rich's 80 columns.
 _PIPE_WIDTH = 160
 
 
 def console(file: IO[str] | None = None, *, stderr: bool = False, quiet: bool = False) -> Console:
+    if file is not None and not callable(getattr(file, "write", None)):  # rich would fail at the first print
+        raise OptionTypeError(f"file={file!r} must be a text stream with write() (sys.stdout, open(path, 'w'), "
+                              "io.StringIO()), or None for the terminal")
     out = Console(file=file, stderr=stderr, quiet=quiet, highlight=False)
     if not out.is_terminal:
         out.width = max(out.width, _PIPE_WIDTH)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._model_state import unwrap_ddp
 from ._shadow import Bucket, acc_dtype, flat_view, local, reshard, shadow_like
-from ._tensors import named_tensor_groups, require_module
+from ._tensors import named_tensor_groups, require_int, require_module
 from .errors import OptionError, OptionTypeError, StateError
 from .select import Selector, as_selectors, unwrap_compiled
 from .select import select as _select
@@ -28,11 +28,7 @@ __all__ = ["EMA"]
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise OptionTypeError(f"EMA option {name}={value!r} must be an int >= {low} (a number of calls)")
-    if value < low:
-        raise OptionError(f"EMA option {name}={value} must be >= {low}")
-    return value
+    return require_int(value, name, "EMA", low, "a number of calls")
 
 
 def _check_decay(value: Any) -> float:

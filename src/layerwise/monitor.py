@@ -36,7 +36,7 @@ from ._grad_engine import (
     to_host,
     unscale,
 )
-from ._tensors import pick, require_flag, require_module
+from ._tensors import pick, require_flag, require_int, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
 from .sinks import Histogram, Sink, checked_sinks, plot_grad_norms, writable_file
@@ -136,11 +136,9 @@ class GradMonitor:
                  flush_every: int = 50, compile: bool = False):
         require_module(model, "GradMonitor")
         for option, value in (("every", every), ("flush_every", flush_every)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise OptionTypeError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
-            if value < 1:
-                raise OptionError(f"{option}={value!r}: pass an integer n >= 1 (every n-th step).")
+            require_int(value, option, "GradMonitor", 1, "every n-th step")
         require_flag(compile, "compile", "GradMonitor")
+        require_flag(foreach, "foreach", "GradMonitor", none=True)
         if on_nonfinite not in ("raise", "warn", "ignore"):
             raise OptionError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):  # not at the first log step
