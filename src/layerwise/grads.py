@@ -197,7 +197,6 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         True
     """
     require_module(model, "grad_stats")
-    require_flag(foreach, "foreach", "grad_stats", none=True)
     stats = stat_names(stats)
     require_flag(compile, "compile", "grad_stats")
     require_flag(foreach, "foreach", "grad_stats", none=True)
