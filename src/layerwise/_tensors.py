@@ -73,12 +73,12 @@ def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: 
     return foreach
 
 
-def require_flag(value: object, name: str, caller: str, *, none: bool = False) -> None:
-    """An error naming ``caller`` and ``name`` unless ``value`` is a bool (or None where ``none``):
+def require_flag(value: object, name: str, caller: str | None = None, *, none: bool = False) -> None:
+    """An error naming ``name`` (and ``caller``) unless ``value`` is a bool (or None where ``none``):
     ``foreach="no"`` or ``quiet="false"`` are truthy, and would do the opposite of what they say."""
     if not (isinstance(value, bool) or (none and value is None)):
         accepted = "None, True or False" if none else "True or False"
-        raise OptionTypeError(f"{caller}: {name}={value!r}: pass {accepted}")
+        raise OptionTypeError(f"{caller + ': ' if caller else ''}{name}={value!r}: pass {accepted}")
 
 
 def require_int(value: object, name: str, caller: str, low: int, meaning: str) -> int:

@@ -22,10 +22,15 @@ from .errors import OptionTypeError
 _PIPE_WIDTH = 160
 
 
+def require_stream(file: object, caller: str | None = None) -> None:
+    """An error naming ``file`` (and ``caller``) unless it is None or has write(): rich would fail at the first print."""
+    if file is not None and not callable(getattr(file, "write", None)):
+        raise OptionTypeError(f"{caller + ': ' if caller else ''}file={file!r} must be a text stream with write() "
+                              "(sys.stdout, open(path, 'w'), io.StringIO()), or None for the terminal")
+
+
 def console(file: IO[str] | None = None, *, stderr: bool = False, quiet: bool = False) -> Console:
-    if file is not None and not callable(getattr(file, "write", None)):  # rich would fail at the first print
-        raise OptionTypeError(f"file={file!r} must be a text stream with write() (sys.stdout, open(path, 'w'), "
-                              "io.StringIO()), or None for the terminal")
+    require_stream(file)
     out = Console(file=file, stderr=stderr, quiet=quiet, highlight=False)
     if not out.is_terminal:
         out.width = max(out.width, _PIPE_WIDTH)

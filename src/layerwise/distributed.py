@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.model_averaging import utils as averaging
 
-from ._tensors import buckets, pick, require_module
-from .errors import DistributedError, OptionError, OptionTypeError, StateError
+from ._tensors import buckets, pick, require_int, require_module
+from .errors import DistributedError, OptionTypeError, StateError
 from .select import Selection, Selector, as_selectors
 from .select import select as _select
 
@@ -126,10 +126,7 @@ class PeriodicAverager:
                  select: Selector | Sequence[Selector] | None = None, group: dist.ProcessGroup | None = None):
         require_module(model, "PeriodicAverager")
         for name, value, low in (("period", period, 1), ("warmup_steps", warmup_steps, 0)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise OptionTypeError(f"PeriodicAverager option {name}={value!r} must be an int >= {low} (steps)")
-            if value < low:
-                raise OptionError(f"PeriodicAverager option {name}={value} must be >= {low}")
+            require_int(value, name, "PeriodicAverager", low, "steps")
         _check_group(group, "PeriodicAverager")  # now, not at the first averaging step
         self.model, self.period, self.warmup_steps, self.group = model, period, warmup_steps, group
         self.selectors = as_selectors(select)

@@ -16,7 +16,7 @@ from rich.text import Text
 from torch import nn
 
 from ._tensors import require_flag
-from ._term import console
+from ._term import console, require_stream
 from .audit import audit as audit_setup
 from .errors import OptionError, OptionTypeError
 from .groups import group_index
@@ -213,9 +213,7 @@ def _check_show_options(file: Any, monitor: Any, ema: Any, **flags: Any) -> None
     """The keyword options of :func:`show` are what they say, before anything runs or prints."""
     for name, value in flags.items():
         require_flag(value, name, "show")
-    if file is not None and not callable(getattr(file, "write", None)):
-        raise OptionTypeError(f"show: file={file!r} must be a text stream with write() (sys.stdout, "
-                              "open(path, 'w'), io.StringIO()), or None for the terminal")
+    require_stream(file, "show")
     if monitor is not None:
         from .monitor import GradMonitor
         if not isinstance(monitor, GradMonitor):

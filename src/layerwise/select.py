@@ -50,7 +50,7 @@ from ._selector import (
     predicate,
     unwrap_compiled,
 )
-from ._tensors import named_tensor_groups
+from ._tensors import named_tensor_groups, require_flag
 from .errors import NotFoundError, OptionTypeError, SelectionError
 
 __all__ = ["FAMILIES", "Resolution", "Selection", "SelectionError", "Selector", "Walk", "as_selectors", "closest",
@@ -141,8 +141,7 @@ class Walk:
 
     def resolve(self, *selectors: Selector, missing_ok: bool = False) -> Resolution:
         """See :func:`resolve`."""
-        if not isinstance(missing_ok, bool):  # missing_ok="no" would be truthy
-            raise OptionTypeError(f"missing_ok={missing_ok!r}: pass True or False")
+        require_flag(missing_ok, "missing_ok")
         with gc_paused():
             return self._resolve(selectors, missing_ok)
 

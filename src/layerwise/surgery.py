@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ._hooks import Hooks, grad_hooks
-from ._tensors import require_module
+from ._model_state import is_dtensor, laid_out_as
+from ._tensors import require_flag, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selection, SelectionError, Selector, closest, describe, select
 
@@ -64,17 +65,10 @@ def like(p: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- set_grad
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "_local_tensor")
-
-
 def shard_like(p: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A full-shape ``value`` laid out as the sharded (FSDP2, DTensor) parameter ``p``: each rank keeps its
     own shard of its own value, with no collective (as a gradient assigned after backward under DDP)."""
-    from torch.distributed.tensor import distribute_tensor
-
-    full = value.detach().to(device=p.device, dtype=p.dtype)
-    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return laid_out_as(p, value.detach().to(dtype=p.dtype))
 
 
 def _by_key(sel: Selection, values: Mapping, what: str, *, exact: bool) -> list[tuple[str, torch.Tensor, Any]]:
@@ -138,9 +132,8 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
     require_module(model, "set_grad")
     if mode not in ("replace", "add"):
         raise GradError(f"mode must be 'replace' or 'add', got {mode!r}")
-    for flag, given in (("allow_frozen", allow_frozen), ("allow_nonfinite", allow_nonfinite)):
-        if not isinstance(given, bool):  # allow_frozen="no" would be truthy: the very thing it refuses
-            raise OptionTypeError(f"set_grad: {flag}={given!r}: pass True or False")
+    require_flag(allow_frozen, "allow_frozen", "set_grad")  # "no" would be truthy: the very thing it refuses
+    require_flag(allow_nonfinite, "allow_nonfinite", "set_grad")
     if isinstance(selector, Mapping):
         if value is not _MISSING:
             raise GradError("set_grad(model, {name: value}) takes no separate value: "
@@ -167,7 +160,7 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
                 # torch would drop the imaginary part with only a warning.
                 problems.append(f"the value for {name} is complex but {name} is {p.dtype}; pass its real part")
             elif isinstance(v, torch.Tensor):
-                sharded = _is_dtensor(p) and not _is_dtensor(v)
+                sharded = is_dtensor(p) and not is_dtensor(v)
                 grads.append(shard_like(p, v) if sharded else like(p).copy_(v))
                 checks.append(v if sharded else grads[-1])
             elif isinstance(v, numbers.Number):
@@ -182,7 +175,7 @@ def set_grad(model: nn.Module, selector: Selector | Mapping[str, Any], value: Gr
         if grads and not allow_nonfinite:
             # One transfer to the host for all the checks, not one per tensor.
             # A sharded (DTensor) gradient is checked through its full value, so that every rank given it agrees.
-            full = [c.full_tensor() if _is_dtensor(c) else c for c in checks]
+            full = [c.full_tensor() if is_dtensor(c) else c for c in checks]
             finite = torch.stack([c.isfinite().all().to(full[0].device) for c in full]).tolist()
             bad = [name for (name, _, _), ok in zip(targets, finite) if not ok]
             if bad:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._tensors import require_flag
 from ..ema import EMA
 from ..errors import OptionError, OptionTypeError
 from ..freeze import GradualUnfreeze, freeze, unfreeze
@@ -72,8 +73,7 @@ class Plan:
                  ema: float | Mapping[str, Any] | None = None, *, unfreeze_warmup_steps: int = 0,
                  unfreeze_warmup_ratio: float = 0.1, ema_apply_at_end: bool = False):
         _check_warmup(unfreeze_warmup_steps, unfreeze_warmup_ratio)
-        if not isinstance(ema_apply_at_end, bool):
-            raise OptionTypeError(f"ema_apply_at_end={ema_apply_at_end!r}: pass True or False.")
+        require_flag(ema_apply_at_end, "ema_apply_at_end")
         if ema_apply_at_end and ema is None:
             raise OptionError("ema_apply_at_end=True keeps the EMA weights at the end: also pass ema=DECAY.")
         self.freeze = as_selectors(freeze)
