@@ -271,7 +271,7 @@ def compile_seconds() -> tuple[float, float]:
             f"lw.grad_stats(net, compile=True); {'torch.cuda.synchronize(); ' if DEVICE.type == 'cuda' else ''}"
             "print(time.perf_counter() - start)")
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "LAYERWISE_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
         return tuple(float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                                           text=True).stdout.split()[-1]) for _ in range(2))
 

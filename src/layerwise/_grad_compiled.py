@@ -1,11 +1,15 @@
-"""The gradient engine's compiled kernel: every primitive of a tensor in ONE loop over its memory.
+"""The gradient engine's compiled kernels: every primitive of a tensor in ONE loop over its memory.
 
 No library kernel computes several reductions in one pass, so the eager engine reads each
-gradient once per primitive (on CPU, once from memory and again from cache). ``torch.compile``
-(inductor: C++ on CPU, Triton on GPUs) fuses the sum of squares, the sum, the non-zero count and
-max |x| into one loop. It is opt-in (``grad_stats(compile=True)``, ``GradMonitor(compile=True)``)
-because the first call compiles: a few seconds per dtype and device, less once inductor's
-on-disk cache holds the kernel (``benchmarks/bench_grad_stats.py --compile`` measures both).
+gradient once per primitive (on CPU, once from memory and again from cache). ``compile=True``
+(``grad_stats``, ``GradMonitor``) reads each once instead, with a kernel compiled on first use:
+
+* on CPU, for float32, float64 and bfloat16, the native kernel of ``_grad_native`` (a C loop
+  the system compiler builds in under a second, all tensors in one call);
+* on other devices, and for other dtypes on CPU, ``torch.compile`` (inductor: Triton on GPUs,
+  C++ on CPU), which fuses the sum of squares, the sum, the non-zero count and max |x| into one
+  loop: a few seconds per dtype and device, less once inductor's on-disk cache holds the kernel
+  (``benchmarks/bench_grad_stats.py --compile`` measures both).
 
 One graph serves every size: the kernel is compiled with dynamic shapes for one 1-D tensor, so
 it recompiles per dtype and device only (dynamo guards on nothing else). Each call costs 25-80 µs
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _grad_kernels as kernels
+from . import _grad_native
 from ._tensors import pick
 from .errors import MissingExtraError
 
@@ -85,8 +90,12 @@ def _run(v: Tensor) -> Tensor:
 def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None) -> Tensor:
     """As :func:`layerwise._grad_kernels.block`, every tensor of at least ``MIN_NUMEL`` elements read
     once by the compiled kernel; the (primitives, tensors) float64 block is the same up to float32 rounding."""
+    if len(needed) == 1 or xs[0].is_complex():
+        return kernels.block(xs, needed, device, foreach)
+    if device.type == "cpu" and xs[0].dtype in _grad_native.DTYPES:  # every tensor, one call: see _grad_native
+        return _grad_native.primitives(xs)[[_grad_native.ORDER.index(p) for p in needed]]
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]
-    if not big or len(needed) == 1 or xs[0].is_complex():
+    if not big:
         return kernels.block(xs, needed, device, foreach)
     columns = []
     for i in big:

@@ -1,0 +1,137 @@
+"""The gradient engine's native CPU kernel: every primitive of every tensor in ONE pass, one call.
+
+``compile=True`` on CPU. Inductor fuses the four reductions into one loop too, but keeps one
+accumulator per statistic, so its loop waits on the latency of each add and NaN-propagating max:
+measured on the benchmark model (2 vCPUs, 1 thread) its kernel runs at 2.5-3x one flat norm,
+within 15% of the eager engine, where this loop (32 independent lanes per statistic, which the C
+compiler vectorizes) runs at the speed of memory, 27 µs per MB in cache against 16 for a BLAS
+dot. Its ~40 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
+``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
+dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
+file's name hashes the source, compiler and flags, and it is published by one atomic rename.
+It is called through ``ctypes`` (which releases the GIL) with all tensors' pointers at once.
+
+Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
+elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
+the float32 cascades of the eager kernels. max |x| is NaN exactly where the sum of squares is,
+i.e. where a NaN is (x² of a finite or infinite value is never NaN).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import MissingExtraError
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#define LANES 32
+#define BLOCK 4096
+#define KERNEL(NAME, T, ACC, LOAD, ABS)                                                       \
+void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* out) {     \
+  for (int64_t t = 0; t < count; ++t) {                                                      \
+    const T* restrict p = (const T*)ptrs[t];                                                 \
+    int64_t n = sizes[t], i = 0;                                                             \
+    double sumsq = 0, sum = 0, nonzero = 0;                                                  \
+    ACC top[LANES] = {0};                                                                    \
+    while (i + LANES <= n) {                                                                 \
+      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
+      ACC sq[LANES] = {0}, s[LANES] = {0}, nz[LANES] = {0};                                  \
+      for (; i < end; i += LANES)                                                            \
+        for (int l = 0; l < LANES; ++l) {                                                    \
+          ACC v = LOAD(p[i + l]), a = ABS(v);                                                \
+          sq[l] += v * v; s[l] += v; nz[l] += v != 0; top[l] = top[l] < a ? a : top[l];      \
+        }                                                                                    \
+      for (int l = 0; l < LANES; ++l) { sumsq += sq[l]; sum += s[l]; nonzero += nz[l]; }     \
+    }                                                                                        \
+    ACC m = 0;                                                                               \
+    for (int l = 0; l < LANES; ++l) m = m < top[l] ? top[l] : m;                             \
+    for (; i < n; ++i) {                                                                     \
+      ACC v = LOAD(p[i]), a = ABS(v);                                                        \
+      sumsq += (double)v * v; sum += v; nonzero += v != 0; m = m < a ? a : m;                \
+    }                                                                                        \
+    out[4 * t] = sumsq; out[4 * t + 1] = sum; out[4 * t + 2] = nonzero;                      \
+    out[4 * t + 3] = isnan(sumsq) ? NAN : m;                                                 \
+  }                                                                                          \
+}
+static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uint32_t)h << 16 }; return x.f; }
+#define SAME(x) (x)
+KERNEL(primitives_float32, float, float, SAME, fabsf)
+KERNEL(primitives_float64, double, double, SAME, fabs)
+KERNEL(primitives_bfloat16, uint16_t, float, bf16, fabsf)
+"""
+# The rows of the kernel's output, in the engine's canonical order (_grad_engine.PRIMITIVES).
+ORDER = ("sumsq", "sum", "nonzero", "max_abs")
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# Vector instructions by the capability torch dispatches to (its own kernels' choice on this CPU).
+_ISA = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "AVX2": ["-mavx2", "-mfma"]}
+
+_library: ctypes.CDLL | None = None
+_failed: str | None = None
+
+
+def _build() -> Path:
+    """The kernel's shared library, compiled into the cache on first use."""
+    compiler = os.environ.get("CC") or next(filter(shutil.which, ("cc", "gcc", "clang")), None)
+    if compiler is None or shutil.which(compiler) is None:
+        raise OSError(f"no C compiler found ({'CC=' + compiler if compiler else 'cc, gcc, clang'})")
+    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        flags += _ISA.get(torch.backends.cpu.get_cpu_capability(), [])
+    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("LAYERWISE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                               Path.home() / ".cache") / "layerwise")
+    target = cache / f"grad-primitives-{key}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as work:
+        source, built = Path(work) / "primitives.c", Path(work) / target.name
+        source.write_text(_SOURCE)
+        done = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[:300]}")
+        os.replace(built, target)  # atomic: a concurrent process finds the whole file or none
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    global _library, _failed
+    if _library is not None:
+        return _library
+    if _failed is not None:
+        raise MissingExtraError(_failed)
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except OSError as e:
+        _failed = (f"compile=True could not build the gradient kernel on CPU: {e}. Install a C compiler "
+                   "(gcc or clang, or set CC), or pass compile=False (the eager kernels give the same statistics).")
+        raise MissingExtraError(_failed) from e
+    for dtype in DTYPES:
+        getattr(library, f"primitives_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
+                                                                     ctypes.c_void_p, ctypes.c_void_p]
+    _library = library
+    return library
+
+
+def primitives(xs: list[Tensor]) -> Tensor:
+    """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
+    as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all."""
+    kernel = getattr(_load(), f"primitives_{str(xs[0].dtype)[6:]}")
+    xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
+    pointers = (ctypes.c_void_p * len(xs))(*map(Tensor.data_ptr, xs))
+    sizes = (ctypes.c_int64 * len(xs))(*map(Tensor.numel, xs))
+    out = torch.empty(len(xs), 4, dtype=torch.float64)
+    kernel(len(xs), pointers, sizes, out.data_ptr())
+    return out.T

@@ -1,0 +1,136 @@
+"""The native CPU kernel behind compile=True: the eager engine's primitives from one pass, one call.
+
+Without a C compiler (or with LAYERWISE_TEST_NATIVE=0) the tests that build it are skipped; those
+of the error path still run.
+"""
+
+import math
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import layerwise as lw
+from layerwise import _grad_kernels as kernels
+from layerwise import _grad_native as native
+from layerwise._grad_engine import PRIMITIVES
+
+_SKIP = ("LAYERWISE_TEST_NATIVE=0" if os.environ.get("LAYERWISE_TEST_NATIVE") == "0"
+         else "no C compiler" if not any(map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))) else None)
+needs_compiler = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+# Sizes around the kernel's lane count (32) and block (4096): the vector loop, its tail, the scalar rest.
+EDGES = [0, 1, 31, 32, 33, 4095, 4096, 4097, 3 * 4096 + 40]
+
+
+def eager(xs: list[torch.Tensor]) -> torch.Tensor:
+    return kernels.block([x if x.numel() else x.new_zeros(1) for x in xs], PRIMITIVES, torch.device("cpu"), False)
+
+
+def assert_matches_eager(got: torch.Tensor, xs: list[torch.Tensor]) -> None:
+    """Counts and max |x| equal the eager kernels'; sums within float32 (float64) rounding of the exact
+    ones, NaN and inf where the elements have them; beyond float32's range, inf or still exact (the
+    kernel adds its lanes in float64, where the eager dot overflows)."""
+    want = eager(xs)
+    assert got.dtype == torch.float64 and got.shape == (4, len(xs))
+    assert torch.equal(got[2:].nan_to_num(), want[2:].nan_to_num()) and torch.equal(got[3].isnan(), want[3].isnan())
+    rtol = 1e-13 if xs[0].dtype == torch.float64 else 1e-5
+    for x, column in zip(xs, got.T):
+        d = x.double()
+        if not d.isfinite().all():  # NaN and inf as the exact sums have them
+            exact = torch.stack([d.square().sum(), d.sum()])
+            assert torch.equal(column[:2].isnan(), exact.isnan())
+            assert torch.equal(column[:2].nan_to_num(), exact.nan_to_num())
+            continue
+        # A square below float32's normal range is rounded to its subnormal spacing, 2^-149.
+        slack = x.numel() * 2.0 ** (-1074 if x.dtype == torch.float64 else -149)
+        for value, exact, scale in ((column[0], d.square().sum(), d.square().sum()), (column[1], d.sum(), d.abs().sum())):
+            if scale > torch.finfo(x.dtype).max and not value.isfinite():  # float32 overflowed, as eager's does
+                continue
+            assert abs(value.item() - exact.item()) <= rtol * scale.item() + slack
+
+
+@needs_compiler
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(EDGES), st.integers(0, 20000)), min_size=1, max_size=5),
+       st.sampled_from(native.DTYPES), st.floats(0, 1), st.sampled_from(["", "nan", "inf", "-0"]), st.integers(0, 2**16))
+def test_primitives_equal_the_eager_kernels(sizes, dtype, zeros, special, seed):
+    gen = torch.Generator().manual_seed(seed)
+    xs = []
+    for n in sizes:
+        x = torch.randn(n, generator=gen, dtype=torch.float64) * 10 ** float(torch.randint(-20, 20, (1,), generator=gen))
+        x[torch.rand(n, generator=gen) < zeros] = 0.0
+        if n and special:
+            where = int(torch.randint(n, (1,), generator=gen))
+            x[where] = {"nan": math.nan, "inf": -math.inf, "-0": -0.0}[special]
+        xs.append(x.to(dtype))
+    assert_matches_eager(native.primitives(xs), xs)
+
+
+@needs_compiler
+def test_negative_zero_is_a_zero_and_nan_wins_the_maximum():
+    x = torch.tensor([-0.0, 0.0, -3.0, 2.0] * 20)
+    got = native.primitives([x, torch.tensor([1.0, math.nan, 5.0] * 20), -torch.ones(70)])
+    assert got[2].tolist() == [40.0, 60.0, 70.0]
+    assert got[3, 0].item() == 3.0 and math.isnan(got[3, 1].item()) and got[3, 2].item() == 1.0
+
+
+@needs_compiler
+def test_views_and_non_contiguous_tensors_are_read_as_their_elements():
+    torch.manual_seed(0)
+    base = torch.randn(300, 70)
+    xs = [base[5:], base[:, ::3], base.t(), base[7, 3:50]]
+    got = native.primitives(xs)
+    assert_matches_eager(got, [x.contiguous() for x in xs])
+    assert torch.equal(base, base.clone())  # read, never written
+
+
+@needs_compiler
+def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    x = [torch.randn(1000)]
+    first = native.primitives(x)
+    built = list(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("grad-primitives-") and built[0].suffix == ".so"
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(native, "_library", None)  # a fresh process: finds the file, compiles nothing
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert torch.equal(native.primitives(x), first)
+    assert list(tmp_path.iterdir()) == built
+
+
+def test_without_a_c_compiler_compile_true_names_the_fix_and_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failed", None)
+    net = torch.nn.Linear(64, 64)
+    net(torch.ones(1, 64)).sum().backward()
+    before = net.weight.grad.clone()
+    for _ in range(2):  # the second call is refused at once, from the first's verdict
+        with pytest.raises(lw.MissingExtraError, match=r"C compiler.*/nonexistent/cc.*compile=False"):
+            lw.grad_stats(net, compile=True)
+    assert torch.equal(net.weight.grad, before) and not any(tmp_path.iterdir())
+    assert lw.grad_stats(net, stats="max_abs")["weight"]["max_abs"] == before.abs().max().item()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", native.DTYPES)
+def test_grad_stats_with_compile_equals_eager_for_each_dtype(dtype):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.ReLU(), torch.nn.Linear(200, 3)).to(dtype)
+    net(torch.randn(16, 300, dtype=dtype)).square().mean().backward()
+    net[2].bias.grad.zero_()
+    eager_stats, compiled = lw.grad_stats(net, by="module"), lw.grad_stats(net, by="module", compile=True)
+    assert compiled.dead == eager_stats.dead == [] and list(compiled) != []
+    for (name, want), (got_name, got) in zip(eager_stats, compiled):
+        assert got_name == name
+        assert got["max_abs"] == want["max_abs"] and got["zero_frac"] == want["zero_frac"]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
