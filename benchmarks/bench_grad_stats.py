@@ -129,6 +129,8 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
         fns["in cache torch"] = lambda: kernels._in_cache_torch(grads, need, acc)
         fns["in cache lw"] = lambda: kernels._in_cache(grads, need, acc)
     fns["lw engine"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None), sync())
+    if COMPILE:
+        fns["lw compiled"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None, True), sync())
     t = compare(fns, repeats=7, warmup=1, between=warm)
     print(f"\nprimitive kernels on {DEVICE.type} ({len(grads)} tensors, {'cold' if COLD else 'warm'} caches), "
           "÷ one flat norm:")
@@ -142,6 +144,9 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
         print(f"  all four per tensor in cache, torch      {t['in cache torch'] / t['flat']:6.2f}")
         print(f"  all four per tensor in cache, lw's path  {t['in cache lw'] / t['flat']:6.2f}   (dot; sum; NumPy max/min, count)")
     print(f"  the engine as called (all four)          {t['lw engine'] / t['flat']:6.2f}")
+    if COMPILE:
+        kernel = "native C kernel, one call" if DEVICE.type == "cpu" else "torch.compile"
+        print(f"  the same, compile=True                   {t['lw compiled'] / t['flat']:6.2f}   ({kernel})")
 
 
 class NullSink:

@@ -134,3 +134,23 @@ def test_grad_stats_with_compile_equals_eager_for_each_dtype(dtype):
         assert got_name == name
         assert got["max_abs"] == want["max_abs"] and got["zero_frac"] == want["zero_frac"]
         assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+@needs_compiler
+def test_threads_split_the_bytes_and_pool_to_the_one_thread_result(monkeypatch):
+    torch.manual_seed(0)
+    xs = [torch.randn(n) for n in (5, 30000, 100, 70001, 0, 1 << 15)]
+    xs[1][29990] = -77.0
+    xs[3][60000] = math.nan
+    xs[5][:1000] = 0
+    one = native.primitives(xs)
+    monkeypatch.setattr(native, "_PER_THREAD", 4096)  # pieces of a few blocks, so tensors split across threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        split = native.primitives(xs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split[2:].nan_to_num(), one[2:].nan_to_num()) and torch.equal(split.isnan(), one.isnan())
+    assert split[3, 1].item() == 77.0 and math.isnan(split[3, 3].item())
+    assert torch.allclose(split[:2], one[:2], rtol=1e-12, equal_nan=True)

@@ -9,7 +9,9 @@ dot. Its ~40 lines of C are compiled once per machine by the system's C compiler
 ``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
 dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
 file's name hashes the source, compiler and flags, and it is published by one atomic rename.
-It is called through ``ctypes`` (which releases the GIL) with all tensors' pointers at once.
+It is called through ``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1``
+and enough bytes, one call per thread over equal shares (ctypes releases the GIL), pieces of one
+tensor pooled after: 1.8x faster on 2 threads.
 
 Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
 elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
@@ -26,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -127,11 +130,54 @@ def _load() -> ctypes.CDLL:
 
 def primitives(xs: list[Tensor]) -> Tensor:
     """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
-    as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all."""
+    as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all, or with
+    ``torch.get_num_threads() > 1`` one call per thread over equal shares of the bytes."""
     kernel = getattr(_load(), f"primitives_{str(xs[0].dtype)[6:]}")
     xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
-    pointers = (ctypes.c_void_p * len(xs))(*map(Tensor.data_ptr, xs))
-    sizes = (ctypes.c_int64 * len(xs))(*map(Tensor.numel, xs))
-    out = torch.empty(len(xs), 4, dtype=torch.float64)
-    kernel(len(xs), pointers, sizes, out.data_ptr())
-    return out.T
+    sizes = list(map(Tensor.numel, xs))
+    threads = min(torch.get_num_threads(), sum(sizes) // _PER_THREAD)
+    if threads <= 1:
+        out = torch.empty(len(xs), 4, dtype=torch.float64)
+        _call(kernel, list(map(Tensor.data_ptr, xs)), sizes, out)
+        return out.T
+    # Pieces of at most an equal share, aligned to the kernel's blocks, pooled by owner afterwards.
+    share, width = -(-sum(sizes) // threads // 4096) * 4096, xs[0].element_size()
+    pointers, lengths, owners = [], [], []
+    for i, (x, n) in enumerate(zip(xs, sizes)):
+        for start in range(0, max(n, 1), share):
+            pointers.append(x.data_ptr() + start * width)
+            lengths.append(min(share, n - start))
+            owners.append(i)
+    out = torch.empty(len(lengths), 4, dtype=torch.float64)
+    cuts, filled = [0], 0
+    for j, n in enumerate(lengths):  # consecutive pieces, about one share per run
+        if filled + n > share and j > cuts[-1]:
+            cuts.append(j)
+            filled = 0
+        filled += n
+    cuts.append(len(lengths))
+    runs = [(pointers[a:b], lengths[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
+    list(_pool(threads).map(lambda run: _call(kernel, *run), runs))  # ctypes releases the GIL
+    if len(owners) == len(xs):
+        return out.T
+    where = torch.tensor(owners)
+    sums = out.new_zeros(len(xs), 3).index_add_(0, where, out[:, :3])
+    top = out.new_zeros(len(xs)).scatter_reduce_(0, where, out[:, 3], "amax")
+    return torch.cat([sums, top[:, None]], 1).T
+
+
+# Elements per thread, at least: below it a thread's start costs more than its share of the pass.
+_PER_THREAD = 1 << 21
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _executor
+    if _executor is None or _executor._max_workers < threads:
+        _executor = ThreadPoolExecutor(threads, thread_name_prefix="layerwise-grad")
+    return _executor
+
+
+def _call(kernel, pointers: list[int], sizes: list[int], out: Tensor) -> None:
+    count = len(sizes)
+    kernel(count, (ctypes.c_void_p * count)(*pointers), (ctypes.c_int64 * count)(*sizes), out.data_ptr())
