@@ -341,7 +341,7 @@ def main() -> None:
         show("one 131 MB gradient, 4 primitives eager ÷ its norm", [r["eager"] / r["norm"] for r in large])
         show("  compiled ÷ its norm", [r["compiled"] / r["norm"] for r in large], note="   target <= 2")
         cold, warm = compile_seconds()
-        print(f"compile=True, first call in a fresh process: {cold:.1f} s with an empty inductor cache, "
+        print(f"compile=True, first call in a fresh process: {cold:.1f} s with an empty kernel cache, "
               f"{warm:.1f} s with a warm one")
     kernel_table([p.grad for p in params])
 

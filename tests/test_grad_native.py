@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 import torch
@@ -154,3 +155,32 @@ def test_threads_split_the_bytes_and_pool_to_the_one_thread_result(monkeypatch):
     assert torch.equal(split[2:].nan_to_num(), one[2:].nan_to_num()) and torch.equal(split.isnan(), one.isnan())
     assert split[3, 1].item() == 77.0 and math.isnan(split[3, 3].item())
     assert torch.allclose(split[:2], one[:2], rtol=1e-12, equal_nan=True)
+
+
+def _threaded_primitives(queue) -> None:
+    torch.set_num_threads(2)
+    queue.put(native.primitives([torch.ones(20000), torch.arange(9000.0)]).tolist())
+
+
+@needs_compiler
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork only")
+def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(native, "_PER_THREAD", 4096)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = native.primitives([torch.ones(20000), torch.arange(9000.0)]).tolist()  # the parent's pool exists
+    finally:
+        torch.set_num_threads(threads)
+    time.sleep(0.2)  # the parent's workers idle, as between two training steps
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_threaded_primitives, args=(queue,))
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "the child hung or failed"
+    assert queue.get(timeout=5) == want

@@ -119,7 +119,8 @@ def _load() -> ctypes.CDLL:
         library = ctypes.CDLL(str(_build()))
     except OSError as e:
         _failed = (f"compile=True could not build the gradient kernel on CPU: {e}. Install a C compiler "
-                   "(gcc or clang, or set CC), or pass compile=False (the eager kernels give the same statistics).")
+                   "(gcc or clang, or set CC; LAYERWISE_CACHE_DIR names a writable folder for it), or pass "
+                   "compile=False (the eager kernels give the same statistics).")
         raise MissingExtraError(_failed) from e
     for dtype in DTYPES:
         getattr(library, f"primitives_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
@@ -168,14 +169,15 @@ def primitives(xs: list[Tensor]) -> Tensor:
 
 # Elements per thread, at least: below it a thread's start costs more than its share of the pass.
 _PER_THREAD = 1 << 21
-_executor: ThreadPoolExecutor | None = None
+_executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, executor)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     global _executor
-    if _executor is None or _executor._max_workers < threads:
-        _executor = ThreadPoolExecutor(threads, thread_name_prefix="layerwise-grad")
-    return _executor
+    # A forked child inherits the executor but not its threads: work sent to it would never run.
+    if _executor is None or _executor[0] != os.getpid() or _executor[1] < threads:
+        _executor = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="layerwise-grad"))
+    return _executor[2]
 
 
 def _call(kernel, pointers: list[int], sizes: list[int], out: Tensor) -> None:
