@@ -312,13 +312,14 @@ def counting_collectives(fn):
 
 
 def module_norms(model: nn.Module) -> dict[str, float]:
-    """Per-module gradient norms with the engine's clipping primitive, and how many collectives they took."""
-    from layerwise._grad_engine import unit_norms
+    """Per-module gradient norms with per-layer clipping's primitive, and how many collectives they took."""
+    from layerwise.clip import _pooled_norms
 
     named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     owners = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in named))
     units = [owners.index(n.rpartition(".")[0]) for n, _ in named]
-    norms, calls = counting_collectives(lambda: unit_norms([p.grad for _, p in named], units, len(owners)))
+    norms, calls = counting_collectives(lambda: _pooled_norms([p.grad for _, p in named], units, len(owners), 2.0,
+                                                              None)[0])
     return dict(zip(owners, norms.tolist())), calls
 
 

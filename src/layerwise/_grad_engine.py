@@ -4,9 +4,10 @@ Every statistic layerwise reports is derived from four per-tensor *primitives* (
 squares, sum, count of non-zeros, largest magnitude) plus the element count. They pool
 exactly over tensors, shards and modules (sums add, maxima take the maximum), so per-module
 statistics and those of sharded (FSDP2 / HSDP DTensor) parameters are those of the full
-tensors. ``grads.py`` (one-shot statistics and checks), ``monitor.py`` (the training monitor)
-and clipping (:func:`unit_norms`) are built on this module, the kernels per device on
-``_grad_kernels.py``; nothing here touches the host unless asked (:func:`to_host`).
+tensors. ``grads.py`` (one-shot statistics and checks) and ``monitor.py`` (the training monitor) are
+built on this module, the kernels per device on ``_grad_kernels.py`` (``_grad_native.py`` and
+``_grad_compiled.py`` with ``compile=True``); nothing here touches the host unless asked
+(:func:`to_host`).
 
 Gradients of every layout are read as what they store: a sparse gradient
 (``Embedding(sparse=True)``) by its coalesced values, its implicit zeros counted by the
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from . import _grad_compiled
 from . import _grad_kernels as kernels
-from ._tensors import pick, use_foreach
+from ._tensors import pick
 from .errors import GradError
 from .select import Selector, closest, select
 
@@ -379,48 +380,3 @@ def pool(values: dict[str, Tensor], numel: Tensor, group: Tensor, count: int) ->
         else:
             pooled[name] = torch.zeros(count, dtype=v.dtype).index_add(0, group, v)
     return pooled, torch.zeros(count, dtype=numel.dtype).index_add(0, group, numel)
-
-
-# --------------------------------------------------------------------------- norms for clipping
-
-
-def unit_norms(grads: Sequence[Tensor], units: Sequence[int], count: int, norm_type: float = 2.0,
-               foreach: bool | None = None, names: Sequence[str] | None = None) -> Tensor:
-    """The ``norm_type``-norm of each of ``count`` units, unit ``units[i]`` holding ``grads[i]``, on the device.
-
-    Exact for sharded (FSDP2 / HSDP DTensor) gradients with ONE all-reduce per sharded mesh
-    dimension for all units together; no host sync. Sparse gradients count their stored values,
-    complex ones their magnitudes. A unit with no gradient has norm 0. The result is a float32
-    (or wider) tensor of shape ``(count,)`` on the first gradient's device.
-    """
-    names = names if names is not None else [str(i) for i in range(len(grads))]
-    local, shards = local_tensors(grads, names)
-    p = float(norm_type)
-    if not local:
-        return torch.zeros(count)
-    device = local[0].device
-    acc = torch.promote_types(*{x.dtype if not x.is_complex() else x.real.dtype for x in local}, torch.float32)
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (x, shard) in enumerate(zip(local, shards)):
-        groups[(x.device, x.dtype, shard)].append(i)
-    totals: dict[tuple | None, Tensor] = {}
-    for (dev, _, shard), idx in groups.items():
-        xs = [torch.view_as_real(x) if x.is_complex() and p == 2 else x for x in pick(local, idx)]
-        xs = [x if x.numel() else x.new_zeros(1) for x in xs]
-        fused = use_foreach(xs, dev, foreach) and (foreach is not None or p == 2 or dev.type != "cpu")
-        norms = torch._foreach_norm(xs, p) if fused else [torch.linalg.vector_norm(x, p) for x in xs]
-        part = torch.stack(norms).to(device=device, dtype=torch.float64)
-        part = part if math.isinf(p) else part.pow(p)
-        where = torch.tensor(pick(units, idx), device=device)
-        total = totals.setdefault(shard, torch.zeros(count, dtype=torch.float64, device=device))
-        if math.isinf(p):
-            total.scatter_reduce_(0, where, part, "amax")
-        else:
-            total.index_add_(0, where, part)
-    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
-    for shard, total in totals.items():
-        for d in shard[1] if shard is not None else ():
-            dist.all_reduce(total, op=op, group=shard[0].get_group(d))
-    combined = torch.stack(list(totals.values()))
-    result = combined.amax(0) if math.isinf(p) else combined.sum(0).pow(1 / p)
-    return result.to(acc)
