@@ -6,6 +6,8 @@ of the error path still run.
 
 import math
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import time
@@ -20,8 +22,9 @@ from layerwise import _grad_kernels as kernels
 from layerwise import _grad_native as native
 from layerwise._grad_engine import PRIMITIVES
 
+_COMPILERS = [shlex.split(os.environ["CC"])[0]] if os.environ.get("CC", "").strip() else ["cc", "gcc", "clang"]
 _SKIP = ("LAYERWISE_TEST_NATIVE=0" if os.environ.get("LAYERWISE_TEST_NATIVE") == "0"
-         else "no C compiler" if not any(map(shutil.which, (os.environ.get("CC") or "cc", "gcc", "clang"))) else None)
+         else "no C compiler" if not any(map(shutil.which, _COMPILERS)) else None)
 needs_compiler = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 # Sizes around the kernel's lane count (32) and block (4096): the vector loop, its tail, the scalar rest.
 EDGES = [0, 1, 31, 32, 33, 4095, 4096, 4097, 3 * 4096 + 40]
@@ -105,6 +108,31 @@ def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypat
     monkeypatch.setattr(subprocess, "run", no_compiler)
     assert torch.equal(native.primitives(x), first)
     assert list(tmp_path.iterdir()) == built
+
+
+@needs_compiler
+def test_cc_may_carry_arguments_and_each_architecture_gets_its_own_file(tmp_path, monkeypatch):
+    compiler = next(filter(shutil.which, _COMPILERS))
+    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", f"{compiler} -O2")  # as make and setuptools take it
+    monkeypatch.setattr(native, "_library", None)
+    assert native.primitives([torch.ones(40)])[0].item() == 40.0
+    here = native._build()
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # the same cache seen from another machine
+    there = native._build()
+    assert there != here and sorted(tmp_path.iterdir()) == sorted([here, there])
+
+
+@needs_compiler
+def test_a_cached_file_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_library", None)
+    cached = native._build()
+    cached.write_bytes(b"\x7fELF cut short")  # a copy interrupted, or another machine's file
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_failed", None)
+    assert native.primitives([torch.full((50,), -2.0)])[:, 0].tolist() == [200.0, -100.0, 50.0, 2.0]
+    assert cached.stat().st_size > 1000
 
 
 def test_without_a_c_compiler_compile_true_names_the_fix_and_changes_nothing(tmp_path, monkeypatch):

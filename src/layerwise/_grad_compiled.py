@@ -33,11 +33,10 @@ from torch import Tensor
 
 from . import _grad_kernels as kernels
 from . import _grad_native
+from ._grad_native import ORDER
 from ._tensors import pick
 from .errors import MissingExtraError
 
-# The kernel's rows, in the engine's canonical order (_grad_engine.PRIMITIVES).
-ORDER = ("sumsq", "sum", "nonzero", "max_abs")
 # Where a compiled call pays for its Python: measured on CPU (2 vCPUs, 1 thread; all four
 # primitives ÷ a norm of the same tensors, 2026-12-06) eager 3.1x and compiled 3.3x at 2^17
 # elements, 2.5x and 2.4x at 2^18, 2.7x and 1.9x at 2^22, 2.6x and 1.4x at 2^25 (a 128 MB gradient).
@@ -88,12 +87,13 @@ def _run(v: Tensor) -> Tensor:
 
 
 def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None) -> Tensor:
-    """As :func:`layerwise._grad_kernels.block`, every tensor of at least ``MIN_NUMEL`` elements read
-    once by the compiled kernel; the (primitives, tensors) float64 block is the same up to float32 rounding."""
+    """As :func:`layerwise._grad_kernels.block`, each tensor read once: on CPU (``_grad_native.DTYPES``) all
+    of them by the native kernel, elsewhere those of at least ``MIN_NUMEL`` elements by the compiled graph;
+    the (primitives, tensors) float64 block is the same up to float32 rounding."""
     if len(needed) == 1 or xs[0].is_complex():
         return kernels.block(xs, needed, device, foreach)
     if device.type == "cpu" and xs[0].dtype in _grad_native.DTYPES:  # every tensor, one call: see _grad_native
-        return _grad_native.primitives(xs)[[_grad_native.ORDER.index(p) for p in needed]]
+        return _grad_native.primitives(xs)[[ORDER.index(p) for p in needed]]
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]
     if not big:
         return kernels.block(xs, needed, device, foreach)

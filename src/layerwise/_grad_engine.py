@@ -86,6 +86,7 @@ class _Remembered:
 _is_none = functools.partial(operator.is_, None)
 _is_not_none = functools.partial(operator.is_not, None)
 _requires_grad = operator.attrgetter("requires_grad")
+_deref = weakref.ref.__call__
 _grad = operator.attrgetter("grad")
 _layout = operator.attrgetter("layout")
 _placement = operator.attrgetter("device", "dtype")
@@ -115,8 +116,8 @@ def chosen(model: nn.Module, selectors: Sequence[Selector]) -> Choice:
     cache = _CHOSEN.setdefault(model, {}) if key is not None else {}
     hit = cache.get(key)
     if (hit is not None and hit.ids == ids and hit.state == state
-            and not any(map(_is_none, map(operator.call, hit.alive)))):
-        return Choice(hit.names, list(map(operator.call, hit.picked)), hit.memo)
+            and not any(map(_is_none, map(_deref, hit.alive)))):
+        return Choice(hit.names, list(map(_deref, hit.picked)), hit.memo)
     pairs = [(n, p) for n, p in select(model, *selectors) if selectors or p.requires_grad]
     choice = Choice([n for n, _ in pairs], [p for _, p in pairs], {})
     if key is not None:
@@ -213,7 +214,7 @@ def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], ne
     """The ``needed`` primitives of each tensor's local part, on its device; sharded ones still unreduced.
 
     Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
-    unchanged; element counts come from the caller. ``compile``: large tensors by the compiled kernel.
+    unchanged; element counts come from the caller. ``compile``: one pass per tensor (``_grad_compiled.block``).
     """
     prims = Prims(needed, len(local))
     for key, idx in _groups(local, shards).items():

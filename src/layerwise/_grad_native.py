@@ -8,14 +8,16 @@ compiler vectorizes) runs at the speed of memory, 27 µs per MB in cache against
 dot. Its ~40 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
 dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
-file's name hashes the source, compiler and flags, and it is published by one atomic rename.
+file's name hashes the source, compiler, flags, OS, architecture and ISA, it is published by one
+atomic rename, and a cached file that does not load is built again.
 It is called through ``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1``
 and enough bytes, one call per thread over equal shares (ctypes releases the GIL), pieces of one
 tensor pooled after: 1.8x faster on 2 threads.
 
 Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
 elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
-the float32 cascades of the eager kernels. max |x| is NaN exactly where the sum of squares is,
+the float32 cascades of the eager kernels; a float32 sum those overflow to inf (a gradient of
+about 1e19 and more) may stay finite here. max |x| is NaN exactly where the sum of squares is,
 i.e. where a NaN is (x² of a finite or infinite value is never NaN).
 """
 
@@ -25,8 +27,10 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -80,31 +84,39 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # Vector instructions by the capability torch dispatches to (its own kernels' choice on this CPU).
 _ISA = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "AVX2": ["-mavx2", "-mfma"]}
 
+_COMPILE_SECONDS = 300
 _library: ctypes.CDLL | None = None
 _failed: str | None = None
 
 
-def _build() -> Path:
-    """The kernel's shared library, compiled into the cache on first use."""
-    compiler = os.environ.get("CC") or next(filter(shutil.which, ("cc", "gcc", "clang")), None)
-    if compiler is None or shutil.which(compiler) is None:
-        raise OSError(f"no C compiler found ({'CC=' + compiler if compiler else 'cc, gcc, clang'})")
+def _build(rebuild: bool = False) -> Path:
+    """The kernel's shared library, compiled into the cache on first use (or again when ``rebuild``)."""
+    compiler = shlex.split(os.environ.get("CC", "")) or [next(filter(shutil.which, ("cc", "gcc", "clang")), "cc")]
+    if shutil.which(compiler[0]) is None:
+        raise OSError(f"no C compiler found ({'CC=' + os.environ['CC'] if os.environ.get('CC') else 'cc, gcc, clang'})")
+    capability = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-shared", "-fPIC", "-std=c99"]
     if platform.machine().lower() in ("x86_64", "amd64"):
-        flags += _ISA.get(torch.backends.cpu.get_cpu_capability(), [])
-    key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
+        flags += _ISA.get(capability, [])
+    # One file per source, compiler, flags, OS, architecture and vector ISA: a cache shared by
+    # several machines (an NFS home) holds one for each.
+    key = "\0".join([_SOURCE, *compiler, *flags, sys.platform, platform.machine(), capability])
     cache = Path(os.environ.get("LAYERWISE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
                                                                Path.home() / ".cache") / "layerwise")
-    target = cache / f"grad-primitives-{key}.so"
-    if target.exists():
+    target = cache / f"grad-primitives-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    if target.exists() and not rebuild:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         source, built = Path(work) / "primitives.c", Path(work) / target.name
         source.write_text(_SOURCE)
-        done = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([*compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True,
+                                  timeout=_COMPILE_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"{' '.join(compiler)} ran over {_COMPILE_SECONDS} s") from None
         if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {(done.stderr or done.stdout).strip()[:300]}")
+            raise OSError(f"{' '.join(compiler)} failed: {(done.stderr or done.stdout).strip()[:300]}")
         os.replace(built, target)  # atomic: a concurrent process finds the whole file or none
     return target
 
@@ -116,7 +128,11 @@ def _load() -> ctypes.CDLL:
     if _failed is not None:
         raise MissingExtraError(_failed)
     try:
-        library = ctypes.CDLL(str(_build()))
+        path = _build()
+        try:
+            library = ctypes.CDLL(str(path))
+        except OSError:  # a cached file this process cannot load (another machine's, cut short): built again
+            library = ctypes.CDLL(str(_build(rebuild=True)))
     except OSError as e:
         _failed = (f"compile=True could not build the gradient kernel on CPU: {e}. Install a C compiler "
                    "(gcc or clang, or set CC; LAYERWISE_CACHE_DIR names a writable folder for it), or pass "
@@ -176,6 +192,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     global _executor
     # A forked child inherits the executor but not its threads: work sent to it would never run.
     if _executor is None or _executor[0] != os.getpid() or _executor[1] < threads:
+        if _executor is not None and _executor[0] == os.getpid():
+            _executor[2].shutdown(wait=False)  # its threads end once idle
         _executor = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="layerwise-grad"))
     return _executor[2]
 

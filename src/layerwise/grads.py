@@ -184,7 +184,8 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     seconds per dtype and device on the first call, less from inductor's on-disk cache. Norms
     alone are one pass already and stay eager. Results equal the eager path's: counts and
     ``max_abs`` exactly, sums within 1e-5 (float32, 16-bit) or 1e-13 (float64) of the sum of
-    their terms' magnitudes. Without a working compiler it raises :class:`MissingExtraError`
+    their terms' magnitudes (the C loop adds in float64 where a float32 sum would overflow).
+    Without a working compiler it raises :class:`MissingExtraError`
     naming what is missing (figures: ``benchmarks/README.md``).
 
     Example:
