@@ -171,10 +171,10 @@ def monitor_parts(monitor: lw.GradMonitor, params: list, compile: bool) -> dict:
     tensors = [t.to(DEVICE) for t in record.tensors()]
     return {
         "part_stats": lambda: (engine.local_primitives(grads, shards, monitor._needed, None, compile), sync()),
-        "part_snapshot": lambda: (engine.copy_primitives(snapshot, weights, shards, None), sync()),
+        "part_snapshot": lambda: (engine.copy_primitives(snapshot, weights, shards, None, compile), sync()),
         # The alternative on CPU (the default before this measurement): each piece copied, then measured in cache.
         "part_snapshot_pieces": lambda: (engine.copy_primitives(snapshot, weights, shards, False), sync()),
-        "part_delta": lambda: (engine.distance_primitives(snapshot, weights, shards, None), sync()),
+        "part_delta": lambda: (engine.distance_primitives(snapshot, weights, shards, None, compile), sync()),
         "part_flag": lambda: bool(torch.cat([b[-1] for b in prims.tensors()]).isfinite().all()),
         "part_rows": lambda: (engine.to_host(tensors), monitor._rows(record)),
     }
@@ -236,8 +236,9 @@ def one_round(model, x, flat) -> dict[str, float]:
     share = compare({**steps, "floor": floor, "floor_no_opt": lambda: (flat.norm(), weights.norm(), sync())},
                     repeats=7, warmup=1)
     if COMPILE:  # each component from the same caches: after an evicting read, the gradients just written
+        compiled = monitor_parts(monitors[0], params, True)
         parts = {**monitor_parts(monitors[0], params, False),
-                 "part_stats_compiled": monitor_parts(monitors[0], params, True)["part_stats"]}
+                 **{f"{k}_compiled": compiled[k] for k in ("part_stats", "part_snapshot", "part_delta")}}
         share.update(compare(parts, repeats=7, warmup=1, between=lambda name: (EVICT(), torch._foreach_norm(grads))))
     for monitor in monitors:
         monitor.remove()
@@ -330,7 +331,9 @@ def main() -> None:
         print("GradMonitor every=1 with optimizer, by component (share of a step):")
         parts = {"part_stats": "statistics of the gradients (eager)", "part_stats_compiled": "  the same, compiled",
                  "part_snapshot": "weight snapshot: fused copy, fused norm",
-                 "part_snapshot_pieces": "  the same, each piece measured in cache", "part_delta": "‖Δw‖ after the step",
+                 "part_snapshot_pieces": "  the same, each piece measured in cache",
+                 "part_snapshot_compiled": "  the same, compiled (copy and norm in one pass)",
+                 "part_delta": "‖Δw‖ after the step", "part_delta_compiled": "  the same, compiled",
                  "part_flag": "non-finite flag (one host read)", "part_rows": "rows and transfer"}
         for key, label in parts.items():
             show(f"  {label}", [r[f"share_{key}"] for r in rounds], "{:6.2%}")

@@ -212,3 +212,49 @@ def test_a_forked_child_gets_threads_of_its_own(monkeypatch):
         child.kill()
     assert child.exitcode == 0, "the child hung or failed"
     assert queue.get(timeout=5) == want
+
+
+@needs_compiler
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(EDGES), st.integers(0, 20000)), min_size=1, max_size=4),
+       st.sampled_from(native.DTYPES), st.booleans(), st.integers(0, 2**16))
+def test_copy_and_distance_measure_what_they_read_and_copy_every_bit(sizes, dtype, special, seed):
+    gen = torch.Generator().manual_seed(seed)
+    before = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    after = [b + torch.randn(b.shape, generator=gen).to(dtype) * 1e-3 for b in before]
+    if special and before[0].numel() > 2:
+        before[0][:3] = torch.tensor([-0.0, math.nan, math.inf])
+    snapshot = [torch.full_like(b, 7.0) for b in before]
+    copied = native.copy_sumsq(snapshot, before)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}[dtype]
+    assert all(torch.equal(s.view(bits), b.view(bits)) for s, b in zip(snapshot, before))  # -0.0, NaN payloads
+    distance = native.distance_sumsq(before, after)
+    rtol = 1e-13 if dtype == torch.float64 else 1e-5
+    for got, want in ((copied, [b.double().square().sum() for b in before]),
+                      (distance, [(a.double() - b.double()).square().sum() for a, b in zip(after, before)])):
+        want = torch.stack(want)
+        assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+        finite = want.isfinite()
+        assert torch.allclose(got[finite], want[finite], rtol=rtol, atol=1e-30)
+        assert torch.equal(got[~finite].nan_to_num(), want[~finite].nan_to_num())
+
+
+@needs_compiler
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_the_monitor_with_compile_snapshots_and_measures_updates_as_eager(contiguous):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(), torch.nn.Linear(300, 4))
+    if not contiguous:  # a transposed weight: the eager kernels copy and measure that group
+        net[2].weight.data = net[2].weight.data.t().contiguous().t()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    monitors = [lw.GradMonitor(net, every=1, optimizer=opt, compile=c) for c in (False, True)]
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(16, 64)).square().mean().backward()
+        opt.step()
+    eager_rows, compiled_rows = (m.history for m in monitors)
+    assert len(compiled_rows) == len(eager_rows) == 12
+    for want, got in zip(eager_rows, compiled_rows):
+        assert got["layer"] == want["layer"] and want["update_ratio"] > 0
+        assert got["update_ratio"] == pytest.approx(want["update_ratio"], rel=1e-5)
+        assert got["weight_norm"] == pytest.approx(want["weight_norm"], rel=1e-6)

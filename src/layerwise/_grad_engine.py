@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _grad_compiled
+from . import _grad_compiled, _grad_native
 from . import _grad_kernels as kernels
 from ._tensors import pick
 from .errors import GradError
@@ -236,34 +236,42 @@ def _groups(tensors: Sequence[Tensor], shards: Sequence[tuple | None]) -> dict[t
 
 
 def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
-                    foreach: bool | None) -> Prims:
+                    foreach: bool | None, compile: bool = False) -> Prims:
     """Copy ``src`` into ``dst`` and return ``sumsq`` of each (local parts; reduce with :func:`reduce_shards`).
 
     A fused copy, then a fused norm of the copy, on every device: on CPU that beat measuring each
     piece of the copy in cache (bench_grad_stats' every=1 breakdown, same caches: 2.9-3.3% of a
-    step vs 3.5-3.6%, load 4-6); ``foreach=False`` still walks the pieces."""
-    return _written_sumsq(dst, src, shards, foreach is not False, kernels.copy_sumsq, torch._foreach_copy_)
+    step vs 3.5-3.6%, load 4-6); ``foreach=False`` still walks the pieces. ``compile``: on CPU the
+    native kernel copies and measures in one pass."""
+    return _written_sumsq(dst, src, shards, foreach is not False, kernels.copy_sumsq, torch._foreach_copy_,
+                          _grad_native.copy_sumsq if compile else None)
 
 
 def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shards: Sequence[tuple | None],
-                        foreach: bool | None) -> Prims:
+                        foreach: bool | None, compile: bool = False) -> Prims:
     """``sumsq`` of ``after - before`` per tensor (local parts; reduce with :func:`reduce_shards`).
 
     ``before`` may be overwritten. On CPU each piece's difference goes to one small scratch buffer
     that stays in cache and is measured there (nothing is written back to memory); elsewhere one
-    fused subtraction and one fused norm beat a launch per tensor.
+    fused subtraction and one fused norm beat a launch per tensor. ``compile``: on CPU the native
+    kernel reads each pair once and writes nothing.
     """
-    return _written_sumsq(before, after, shards, foreach, kernels.distance_sumsq, torch._foreach_sub_)
+    return _written_sumsq(before, after, shards, foreach, kernels.distance_sumsq, torch._foreach_sub_,
+                          _grad_native.distance_sumsq if compile else None)
 
 
 def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
-                   foreach: bool | None, on_cpu: Callable, fused: Callable) -> Prims:
-    """``sumsq`` of what ``fused(out, src)`` writes into ``out``, per tensor: ``on_cpu(out, src)`` computes
-    it piece by piece in cache on CPU; elsewhere ``fused`` runs, then one fused norm."""
+                   foreach: bool | None, on_cpu: Callable, fused: Callable, native: Callable | None) -> Prims:
+    """``sumsq`` of what ``fused(out, src)`` writes into ``out``, per tensor: ``native(out, src)`` in one
+    pass where given (CPU, its dtypes, contiguous tensors), ``on_cpu(out, src)`` piece by piece in
+    cache on CPU; elsewhere ``fused`` runs, then one fused norm."""
     prims = Prims(("sumsq",), len(src))
     for key, idx in _groups(src, shards).items():
         o, s = pick(out, idx), pick(src, idx)
-        if key[0].type == "cpu" and not foreach or foreach is False:
+        if (native is not None and key[0].type == "cpu" and key[1] in _grad_native.DTYPES
+                and all(map(Tensor.is_contiguous, o + s))):
+            block = native(o, s)
+        elif key[0].type == "cpu" and not foreach or foreach is False:
             block = on_cpu(o, s)
         else:
             fused(o, s)

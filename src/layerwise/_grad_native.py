@@ -72,11 +72,42 @@ void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* 
     out[4 * t + 3] = isnan(sumsq) ? NAN : m;                                                 \
   }                                                                                          \
 }
+/* Per pair of tensors a, b: Σb² while copying b into a (copy_), or Σ(b - a)² (distance_); STEP(k)
+   does element k and gives the value to square. */
+#define PAIRWISE(NAME, T, ACC, A, STEP)                                                      \
+void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const int64_t* sizes, \
+          double* out) {                                                                     \
+  for (int64_t t = 0; t < count; ++t) {                                                      \
+    A* restrict a = (A*)ptrs_a[t];                                                           \
+    const T* restrict b = (const T*)ptrs_b[t];                                               \
+    int64_t n = sizes[t], i = 0;                                                             \
+    double total = 0;                                                                        \
+    while (i + LANES <= n) {                                                                 \
+      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
+      ACC sq[LANES] = {0};                                                                   \
+      for (; i < end; i += LANES)                                                            \
+        for (int l = 0; l < LANES; ++l) { ACC v = STEP(i + l); sq[l] += v * v; }             \
+      for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
+    }                                                                                        \
+    for (; i < n; ++i) { ACC v = STEP(i); total += (double)v * v; }                          \
+    out[t] = total;                                                                          \
+  }                                                                                          \
+}
 static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uint32_t)h << 16 }; return x.f; }
 #define SAME(x) (x)
+#define COPY_F(k) (a[k] = b[k], b[k])
+#define COPY_BF(k) (a[k] = b[k], bf16(b[k]))
+#define DIFF_F(k) (b[k] - a[k])
+#define DIFF_BF(k) (bf16(b[k]) - bf16(a[k]))
 KERNEL(primitives_float32, float, float, SAME, fabsf)
 KERNEL(primitives_float64, double, double, SAME, fabs)
 KERNEL(primitives_bfloat16, uint16_t, float, bf16, fabsf)
+PAIRWISE(copy_float32, float, float, float, COPY_F)
+PAIRWISE(copy_float64, double, double, double, COPY_F)
+PAIRWISE(copy_bfloat16, uint16_t, float, uint16_t, COPY_BF)
+PAIRWISE(distance_float32, float, float, const float, DIFF_F)
+PAIRWISE(distance_float64, double, double, const double, DIFF_F)
+PAIRWISE(distance_bfloat16, uint16_t, float, const uint16_t, DIFF_BF)
 """
 # The rows of the kernel's output, in the engine's canonical order (_grad_engine.PRIMITIVES).
 ORDER = ("sumsq", "sum", "nonzero", "max_abs")
@@ -139,8 +170,8 @@ def _load() -> ctypes.CDLL:
                    "compile=False (the eager kernels give the same statistics).")
         raise MissingExtraError(_failed) from e
     for dtype in DTYPES:
-        getattr(library, f"primitives_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, ctypes.c_void_p,
-                                                                     ctypes.c_void_p, ctypes.c_void_p]
+        for name, pointers in (("primitives", 1), ("copy", 2), ("distance", 2)):
+            getattr(library, f"{name}_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
     _library = library
     return library
 
@@ -149,23 +180,43 @@ def primitives(xs: list[Tensor]) -> Tensor:
     """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
     as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all, or with
     ``torch.get_num_threads() > 1`` one call per thread over equal shares of the bytes."""
-    kernel = getattr(_load(), f"primitives_{str(xs[0].dtype)[6:]}")
-    xs = [x if x.is_contiguous() else x.contiguous() for x in xs]
-    sizes = list(map(Tensor.numel, xs))
+    return _launch("primitives", [[x if x.is_contiguous() else x.contiguous() for x in xs]], 4)
+
+
+def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
+    """Copy each ``src`` into ``dst`` (contiguous CPU tensors of one dtype in ``DTYPES``, shapes
+    alike) and return Σx² of each as a (len(src),) float64 tensor, in one pass."""
+    return _launch("copy", [dst, src], 1)[0]
+
+
+def distance_sumsq(before: list[Tensor], after: list[Tensor]) -> Tensor:
+    """Σ(after - before)² of each pair (contiguous CPU tensors of one dtype in ``DTYPES``), as a
+    (len(after),) float64 tensor, in one pass; nothing is written."""
+    return _launch("distance", [before, after], 1)[0]
+
+
+def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:
+    """Run kernel ``name`` over lists of tensors (the kernel's pointer arguments, tensor i of each
+    list alike), as ``(columns, tensors)`` float64: sums pooled, a 4th column (max |x|) maxed."""
+    kernel = getattr(_load(), f"{name}_{str(tensors[0][0].dtype)[6:]}")
+    first = tensors[0]
+    sizes = list(map(Tensor.numel, first))
     threads = min(torch.get_num_threads(), sum(sizes) // _PER_THREAD)
     if threads <= 1:
-        out = torch.empty(len(xs), 4, dtype=torch.float64)
-        _call(kernel, list(map(Tensor.data_ptr, xs)), sizes, out)
+        out = torch.empty(len(sizes), columns, dtype=torch.float64)
+        _call(kernel, [list(map(Tensor.data_ptr, ts)) for ts in tensors], sizes, out)
         return out.T
     # Pieces of at most an equal share, aligned to the kernel's blocks, pooled by owner afterwards.
-    share, width = -(-sum(sizes) // threads // 4096) * 4096, xs[0].element_size()
-    pointers, lengths, owners = [], [], []
-    for i, (x, n) in enumerate(zip(xs, sizes)):
+    share, width = -(-sum(sizes) // threads // 4096) * 4096, first[0].element_size()
+    pointers: list[list[int]] = [[] for _ in tensors]
+    lengths, owners = [], []
+    for i, n in enumerate(sizes):
         for start in range(0, max(n, 1), share):
-            pointers.append(x.data_ptr() + start * width)
+            for column, ts in zip(pointers, tensors):
+                column.append(ts[i].data_ptr() + start * width)
             lengths.append(min(share, n - start))
             owners.append(i)
-    out = torch.empty(len(lengths), 4, dtype=torch.float64)
+    out = torch.empty(len(lengths), columns, dtype=torch.float64)
     cuts, filled = [0], 0
     for j, n in enumerate(lengths):  # consecutive pieces, about one share per run
         if filled + n > share and j > cuts[-1]:
@@ -173,14 +224,15 @@ def primitives(xs: list[Tensor]) -> Tensor:
             filled = 0
         filled += n
     cuts.append(len(lengths))
-    runs = [(pointers[a:b], lengths[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
+    runs = [([p[a:b] for p in pointers], lengths[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
     list(_pool(threads).map(lambda run: _call(kernel, *run), runs))  # ctypes releases the GIL
-    if len(owners) == len(xs):
+    if len(owners) == len(sizes):
         return out.T
     where = torch.tensor(owners)
-    sums = out.new_zeros(len(xs), 3).index_add_(0, where, out[:, :3])
-    top = out.new_zeros(len(xs)).scatter_reduce_(0, where, out[:, 3], "amax")
-    return torch.cat([sums, top[:, None]], 1).T
+    pooled = out.new_zeros(len(sizes), columns).index_add_(0, where, out)
+    if columns == 4:
+        pooled[:, 3] = out.new_zeros(len(sizes)).scatter_reduce_(0, where, out[:, 3], "amax")
+    return pooled.T
 
 
 # Elements per thread, at least: below it a thread's start costs more than its share of the pass.
@@ -198,6 +250,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return _executor[2]
 
 
-def _call(kernel, pointers: list[int], sizes: list[int], out: Tensor) -> None:
+def _call(kernel, pointers: list[list[int]], sizes: list[int], out: Tensor) -> None:
     count = len(sizes)
-    kernel(count, (ctypes.c_void_p * count)(*pointers), (ctypes.c_int64 * count)(*sizes), out.data_ptr())
+    kernel(count, *((ctypes.c_void_p * count)(*column) for column in pointers), (ctypes.c_int64 * count)(*sizes),
+           out.data_ptr())

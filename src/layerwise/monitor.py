@@ -115,7 +115,7 @@ class GradMonitor:
     by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
 
     Sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) get the statistics of the full tensors.
-    ``compile=True``: each gradient read once, by a kernel compiled on the first log step (see :func:`grad_stats`).
+    ``compile=True``: gradients, weight snapshot and ‖Δw‖ in one pass each, by kernels built on first use (see :func:`grad_stats`).
 
     Example:
         >>> import layerwise as lw, torch
@@ -203,7 +203,7 @@ class GradMonitor:
             if buffers is None or [b.shape for b in buffers] != [w.shape for w in weights]:
                 buffers = [torch.empty_like(w) for w in weights]
             # The snapshot's copy gives the weight norms: the weights are not read twice.
-            self._weight = copy_primitives(buffers, weights, shards, self.foreach)
+            self._weight = copy_primitives(buffers, weights, shards, self.foreach, self.compile)
             self._snapshot = buffers
             self._buffers = buffers if self.every == 1 else None
         # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
@@ -230,7 +230,7 @@ class GradMonitor:
         self._current = self._snapshot = self._weight = None
         if record is not None and snapshot is not None:
             weights, shards = local_tensors(self._params, self.names)
-            record.delta = distance_primitives(snapshot, weights, shards, self.foreach)
+            record.delta = distance_primitives(snapshot, weights, shards, self.foreach, self.compile)
             reduce_shards(record.delta)
             self._finish(record)
         self.steps += 1
