@@ -93,7 +93,8 @@ def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, forea
     if len(needed) == 1 or xs[0].is_complex():
         return kernels.block(xs, needed, device, foreach)
     if device.type == "cpu" and xs[0].dtype in _grad_native.DTYPES:  # every tensor, one call: see _grad_native
-        return _grad_native.primitives(xs)[[ORDER.index(p) for p in needed]]
+        measured = _grad_native.primitives(xs)
+        return measured if needed == ORDER else measured[[ORDER.index(p) for p in needed]]
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]
     if not big:
         return kernels.block(xs, needed, device, foreach)

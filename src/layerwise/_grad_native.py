@@ -23,6 +23,7 @@ i.e. where a NaN is (x² of a finite or infinite value is never NaN).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -180,7 +181,9 @@ def primitives(xs: list[Tensor]) -> Tensor:
     """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
     as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all, or with
     ``torch.get_num_threads() > 1`` one call per thread over equal shares of the bytes."""
-    return _launch("primitives", [[x if x.is_contiguous() else x.contiguous() for x in xs]], 4)
+    if not all(map(Tensor.is_contiguous, xs)):
+        xs = [x.contiguous() for x in xs]
+    return _launch("primitives", [xs], 4)
 
 
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
@@ -251,6 +254,5 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _call(kernel, pointers: list[list[int]], sizes: list[int], out: Tensor) -> None:
-    count = len(sizes)
-    kernel(count, *((ctypes.c_void_p * count)(*column) for column in pointers), (ctypes.c_int64 * count)(*sizes),
-           out.data_ptr())
+    arrays = [array.array("q", column) for column in (*pointers, sizes)]  # 3x faster to fill than ctypes arrays
+    kernel(len(sizes), *(a.buffer_info()[0] for a in arrays), out.data_ptr())
