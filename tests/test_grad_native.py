@@ -258,3 +258,51 @@ def test_the_monitor_with_compile_snapshots_and_measures_updates_as_eager(contig
         assert got["layer"] == want["layer"] and want["update_ratio"] > 0
         assert got["update_ratio"] == pytest.approx(want["update_ratio"], rel=1e-5)
         assert got["weight_norm"] == pytest.approx(want["weight_norm"], rel=1e-6)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64, torch.float16])
+def test_a_model_moved_to_another_dtype_between_steps_keeps_its_update_ratios(dtype):
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+    monitors = [lw.GradMonitor(n, every=1, optimizer=o, compile=c) for n, o, c in zip(nets, opts, (False, True))]
+    x = torch.randn(8, 64)
+    for step in range(2):
+        if step == 1:  # the same parameters, in another dtype: the snapshot buffers must follow
+            for net in nets:
+                net.to(dtype)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net(x.to(next(net.parameters()).dtype)).square().mean().backward()
+            opt.step()
+    want, got = (m.history[4:] for m in monitors)
+    assert len(got) == len(want) == 4
+    for w, g in zip(want, got):
+        assert math.isfinite(g["weight_norm"]) and g["update_ratio"] is not None and g["update_ratio"] > 0
+        assert g["weight_norm"] == pytest.approx(w["weight_norm"], rel=1e-5)  # both measured in float32 or wider
+        assert g["update_ratio"] == pytest.approx(w["update_ratio"], rel=1e-3)  # eager subtracts in bf16
+
+
+def test_native_pairs_refuse_tensors_laid_out_differently():
+    with pytest.raises(ValueError, match="laid out alike"):
+        native.copy_sumsq([torch.empty(4, dtype=torch.float64)], [torch.ones(4)])
+    with pytest.raises(ValueError, match="laid out alike"):
+        native.distance_sumsq([torch.ones(6)], [torch.ones(3)])
+    with pytest.raises(ValueError, match="laid out alike"):
+        native.copy_sumsq([torch.empty(3, 2).t()], [torch.ones(2, 3).t().contiguous().t()])
+
+
+@needs_compiler
+def test_the_engine_sends_only_pairs_laid_out_alike_to_the_native_kernels():
+    from layerwise._grad_engine import copy_primitives, distance_primitives
+
+    src = [torch.tensor([1.0, -0.0, 2.5, 3.0]), torch.arange(6.0), torch.ones(2, 3).t()]
+    dst = [torch.empty(4, dtype=torch.float64), torch.empty(6), torch.empty(3, 2)]  # other dtype; alike; other strides
+    prims = copy_primitives(dst, src, [None] * 3, None, compile=True)
+    assert prims.values()["sumsq"].tolist() == pytest.approx([16.25, 55.0, 6.0], rel=1e-6)
+    assert all(torch.equal(d, s.to(d.dtype)) for d, s in zip(dst, src))
+    after = [s + 1 for s in src]
+    assert distance_primitives(dst, after, [None] * 3, None, compile=True).values()["sumsq"].tolist() == pytest.approx(
+        [4.0, 6.0, 6.0], rel=1e-6)

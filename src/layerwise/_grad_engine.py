@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import _grad_compiled, _grad_native
 from . import _grad_kernels as kernels
-from ._tensors import pick
+from ._tensors import laid_out_alike, pick
 from .errors import GradError
 from .select import Selector, closest, select
 
@@ -214,8 +214,7 @@ def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], ne
     """The ``needed`` primitives of each tensor's local part, on its device; sharded ones still unreduced.
 
     Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
-    unchanged; element counts come from the caller. ``compile``: one pass per tensor (``_grad_compiled.block``).
-    """
+    unchanged; element counts come from the caller. ``compile``: one pass per tensor (``_grad_compiled.block``)."""
     prims = Prims(needed, len(local))
     for key, idx in _groups(local, shards).items():
         device, dtype, _ = key
@@ -263,19 +262,29 @@ def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shard
 def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
                    foreach: bool | None, on_cpu: Callable, fused: Callable, native: Callable | None) -> Prims:
     """``sumsq`` of what ``fused(out, src)`` writes into ``out``, per tensor: ``native(out, src)`` in one
-    pass where given (CPU, its dtypes, contiguous tensors), ``on_cpu(out, src)`` piece by piece in
-    cache on CPU; elsewhere ``fused`` runs, then one fused norm."""
+    pass where given, for CPU pairs of its dtypes laid out alike and contiguous (its C loop trusts
+    that); ``on_cpu(out, src)`` piece by piece in cache on CPU; elsewhere ``fused``, then one fused norm."""
+
+    def eager(o: list[Tensor], s: list[Tensor]) -> Tensor:
+        if key[0].type == "cpu" and not foreach or foreach is False:
+            return on_cpu(o, s).reshape(-1)
+        fused(o, s)
+        xs, wide = [x if x.numel() else x.new_zeros(1) for x in o], torch.promote_types(o[0].dtype, torch.float32)
+        norms = torch._foreach_norm(xs, 2) if wide.is_complex else torch._foreach_norm(xs, 2, dtype=wide)  # not bf16
+        return torch.stack(norms).double().square()
+
     prims = Prims(("sumsq",), len(src))
     for key, idx in _groups(src, shards).items():
         o, s = pick(out, idx), pick(src, idx)
-        if (native is not None and key[0].type == "cpu" and key[1] in _grad_native.DTYPES
-                and all(map(Tensor.is_contiguous, o + s))):
-            block = native(o, s)
-        elif key[0].type == "cpu" and not foreach or foreach is False:
-            block = on_cpu(o, s)
-        else:
-            fused(o, s)
-            block = torch.stack(torch._foreach_norm([x if x.numel() else x.new_zeros(1) for x in o], 2)).double().square()
+        fast: list[int] = []
+        if native is not None and key[0].type == "cpu" and key[1] in _grad_native.DTYPES:
+            fast = [j for j, (a, b) in enumerate(zip(o, s)) if laid_out_alike(a, b) and a.is_contiguous()]
+        rest = sorted(set(range(len(idx))).difference(fast))
+        if not fast or not rest:
+            block = native(o, s) if fast else eager(o, s)
+        else:  # some tensors native, the others eager
+            block = torch.empty(len(idx), dtype=torch.float64)
+            block[fast], block[rest] = native(pick(o, fast), pick(s, fast)), eager(pick(o, rest), pick(s, rest))
         prims.groups[key] = (idx, block.reshape(1, -1))
     return prims
 

@@ -11,8 +11,8 @@ dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/lay
 file's name hashes the source, compiler, flags, OS, architecture and ISA, it is published by one
 atomic rename, and a cached file that does not load is built again.
 It is called through ``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1``
-and enough bytes, one call per thread over equal shares (ctypes releases the GIL), pieces of one
-tensor pooled after: 1.8x faster on 2 threads.
+and enough elements, one call per thread over equal shares (ctypes releases the GIL), pieces of
+one tensor pooled after: 1.8x faster on 2 threads.
 
 Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
 elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._tensors import laid_out_alike
 from .errors import MissingExtraError
 
 _SOURCE = r"""
@@ -96,6 +97,7 @@ void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const i
 }
 static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uint32_t)h << 16 }; return x.f; }
 #define SAME(x) (x)
+/* STEP(k) is a comma expression: the copy stores element k of b into a, then yields it. */
 #define COPY_F(k) (a[k] = b[k], b[k])
 #define COPY_BF(k) (a[k] = b[k], bf16(b[k]))
 #define DIFF_F(k) (b[k] - a[k])
@@ -180,22 +182,32 @@ def _load() -> ctypes.CDLL:
 def primitives(xs: list[Tensor]) -> Tensor:
     """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
     as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all, or with
-    ``torch.get_num_threads() > 1`` one call per thread over equal shares of the bytes."""
+    ``torch.get_num_threads() > 1`` one call per thread over equal shares of the elements."""
     if not all(map(Tensor.is_contiguous, xs)):
         xs = [x.contiguous() for x in xs]
     return _launch("primitives", [xs], 4)
 
 
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
-    """Copy each ``src`` into ``dst`` (contiguous CPU tensors of one dtype in ``DTYPES``, shapes
-    alike) and return Σx² of each as a (len(src),) float64 tensor, in one pass."""
-    return _launch("copy", [dst, src], 1)[0]
+    """Copy each ``src`` into ``dst`` (contiguous CPU tensors of one dtype in ``DTYPES``, each pair laid
+    out alike, not overlapping) and return Σx² of each as a (len(src),) float64 tensor, in one pass."""
+    return _launch("copy", _pairs(dst, src), 1)[0]
 
 
 def distance_sumsq(before: list[Tensor], after: list[Tensor]) -> Tensor:
-    """Σ(after - before)² of each pair (contiguous CPU tensors of one dtype in ``DTYPES``), as a
-    (len(after),) float64 tensor, in one pass; nothing is written."""
-    return _launch("distance", [before, after], 1)[0]
+    """Σ(after - before)² of each pair (contiguous CPU tensors of one dtype in ``DTYPES``, each pair
+    laid out alike), as a (len(after),) float64 tensor, in one pass; nothing is written."""
+    return _launch("distance", _pairs(before, after), 1)[0]
+
+
+def _pairs(a: list[Tensor], b: list[Tensor]) -> list[list[Tensor]]:
+    """``[a, b]``, once checked: the C loops read and write each pair as one contiguous layout."""
+    dtype = b[0].dtype
+    for x, y in zip(a, b, strict=True):
+        if not (laid_out_alike(x, y) and y.dtype == dtype and y.device.type == "cpu" and y.is_contiguous()):
+            raise ValueError(f"native kernels take contiguous CPU pairs of one dtype laid out alike, not "
+                             f"{tuple(x.shape)} {x.dtype} {x.device} and {tuple(y.shape)} {y.dtype} {y.device}")
+    return [a, b]
 
 
 def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:

@@ -63,6 +63,11 @@ def pick(items: Sequence[T], indices: Iterable[int]) -> list[T]:
     return [items[i] for i in indices]
 
 
+def laid_out_alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same shape, strides, dtype and device (one can stand for the other's memory)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()
+
+
 def use_foreach(tensors: Sequence[torch.Tensor], device: torch.device, foreach: bool | None) -> bool:
     """torch's own rule (as in ``clip_grad_norm_``): fused by default where supported, always when asked."""
     if foreach is None:

@@ -36,7 +36,7 @@ from ._grad_engine import (
     to_host,
     unscale,
 )
-from ._tensors import pick, require_flag, require_int, require_module
+from ._tensors import laid_out_alike, pick, require_flag, require_int, require_module
 from .errors import GradError, NonFiniteGradError, OptionError, OptionTypeError
 from .select import Selector, select
 from .sinks import Histogram, Sink, checked_sinks, plot_grad_norms, writable_file
@@ -200,7 +200,7 @@ class GradMonitor:
         with torch.no_grad():
             weights, shards = local_tensors(self._params, self.names)
             buffers = self._buffers if self.every == 1 else None  # reused when every step logs
-            if buffers is None or [b.shape for b in buffers] != [w.shape for w in weights]:
+            if buffers is None or not all(map(laid_out_alike, buffers, weights)):  # e.g. after model.to(dtype)
                 buffers = [torch.empty_like(w) for w in weights]
             # The snapshot's copy gives the weight norms: the weights are not read twice.
             self._weight = copy_primitives(buffers, weights, shards, self.foreach, self.compile)
