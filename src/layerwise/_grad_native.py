@@ -1,11 +1,12 @@
-"""The gradient engine's native CPU kernel: every primitive of every tensor in ONE pass, one call.
+"""The gradient engine's native CPU kernels: every primitive of every tensor in ONE pass, one call.
 
-``compile=True`` on CPU. Inductor fuses the four reductions into one loop too, but keeps one
+``compile=True`` on CPU: the statistics (:func:`primitives`), and the monitor's weight snapshot
+(:func:`copy_sumsq`, copied and measured in one pass) and ‖Δw‖ (:func:`distance_sumsq`). Inductor fuses the four reductions into one loop too, but keeps one
 accumulator per statistic, so its loop waits on the latency of each add and NaN-propagating max:
 measured on the benchmark model (2 vCPUs, 1 thread) its kernel runs at 2.5-3x one flat norm,
 within 15% of the eager engine, where this loop (32 independent lanes per statistic, which the C
 compiler vectorizes) runs at the speed of memory, 27 µs per MB in cache against 16 for a BLAS
-dot. Its ~40 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
+dot. Its ~60 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
 dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
 file's name hashes the source, compiler, flags, OS, architecture and ISA, it is published by one
