@@ -15,6 +15,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """compile=True's native kernels built into the session's temporary folder, not the user's ~/.cache."""
+    if "LAYERWISE_CACHE_DIR" not in os.environ:
+        os.environ["LAYERWISE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+
+
 class Interleaved(nn.Module):
     """The mission's interleaved model: lstm1 and linear train, lstm2 may be frozen in between."""
 
