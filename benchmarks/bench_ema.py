@@ -10,6 +10,9 @@ weights it averages read (the optimizer just wrote them) and the model's modules
 forward just ran through them); the averages come from memory. Without
 that, each call inherits whatever its predecessor left in the cache (480 MB of L3 here holds
 every copy), and the order of the calls decides the ratios.
+``compile=True`` (CPU) averages with layerwise's native lerp, bit for bit torch's: torch's CPU
+``lerp_`` computes both of its formulas for every element, so a flat ``lerp_`` is not the memory
+limit; the same flat buffer through the native kernel is ("native limit").
 Three rounds of interleaved repeats; each round's medians are printed, then the range.
 Targets: lw >= 1.5x faster than AveragedModel(multi_avg_fn) in 3 of 3 rounds;
 lw on flat storage <= 1.05x the limit.
@@ -38,6 +41,12 @@ def main(rounds: int = 3) -> None:
     decay = 0.999
 
     ema, ema_flat = lw.EMA(model, decay=decay), lw.EMA(flat_model, decay=decay)
+    native = device == "cpu"
+    if native:
+        from layerwise import _native
+
+        ema_native, ema_flat_native = lw.EMA(model, decay=decay, compile=True), lw.EMA(flat_model, decay=decay,
+                                                                                         compile=True)
     swa_default = AveragedModel(model)
     swa_multi = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
     for averaged in (swa_default, swa_multi):
@@ -49,11 +58,12 @@ def main(rounds: int = 3) -> None:
         return lambda: (fn(), sync())
 
     evict = evicter()
-    model_of = {"lw": model, "lw_flat": flat_model, "swa_multi": model, "swa_default": model, "check": flat_model}
+    model_of = {"lw": model, "lw_flat": flat_model, "swa_multi": model, "swa_default": model, "check": flat_model,
+                "lw_native": model, "lw_flat_native": flat_model}
 
     def after_a_step(name: str) -> None:  # the step wrote the live weights and ran through every module
         evict()
-        if name == "limit":
+        if name in ("limit", "native_limit"):
             flat_live.sum()
         else:
             torch._foreach_norm([p.detach() for _, p in model_of[name].named_parameters()])
@@ -67,6 +77,9 @@ def main(rounds: int = 3) -> None:
         "swa_default": timed(lambda: swa_default.update_parameters(model)),
         "check": ema_flat._check_unchanged,  # lw's fixed cost per update: is the model still the one tracked?
     }
+    if native:
+        fns.update({"native_limit": timed(lambda: _native.lerp_([flat_ema], [flat_live], 1 - decay)),
+                    "lw_native": timed(ema_native.update), "lw_flat_native": timed(ema_flat_native.update)})
     print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads; "
           f"{numel / 1e6:.2f} M parameters in {len(list(model.parameters()))} tensors")
     results = []
@@ -79,6 +92,11 @@ def main(rounds: int = 3) -> None:
               f"lw flat {ms(t['lw_flat'])} = {t['lw_flat'] / t['limit']:.3f}x limit | "
               f"AveragedModel(multi) {ms(t['swa_multi'])}: lw {t['swa_multi'] / t['lw']:.2f}x faster | "
               f"AveragedModel() {ms(t['swa_default'])}: lw {t['swa_default'] / t['lw']:.1f}x faster")
+        if native:
+            print(f"         native limit {ms(t['native_limit'])} ({traffic / t['native_limit'] / 1e9:.1f} GB/s) | "
+                  f"lw compile=True {ms(t['lw_native'])} = {t['lw_native'] / t['native_limit']:.2f}x native limit: "
+                  f"AveragedModel(multi) {t['swa_multi'] / t['lw_native']:.2f}x slower | flat "
+                  f"{ms(t['lw_flat_native'])} = {t['lw_flat_native'] / t['native_limit']:.3f}x native limit")
 
     def spread(f) -> str:
         values = sorted(f(t) for t in results)
@@ -89,13 +107,24 @@ def main(rounds: int = 3) -> None:
     print(f"lw flat ÷ limit:              {spread(lambda t: t['lw_flat'] / t['limit'])}   target <= 1.05")
     print(f"AveragedModel(multi) ÷ lw:    {spread(lambda t: t['swa_multi'] / t['lw'])}   target >= 1.5 in "
           f"{rounds} of {rounds}: {sum(f >= 1.5 for f in faster)} of {rounds}")
-    # Every EMA moves the same bytes, so none can beat AveragedModel(multi) by more than its own
-    # distance from the limit: the ceiling of the speed-up on this device.
     print(f"AveragedModel(multi) ÷ limit: {spread(lambda t: t['swa_multi'] / t['limit'])}   "
-          "(the largest speed-up any EMA can have over it here)")
+          "(torch's flat lerp_: the most an EMA built on it can gain)")
     print(f"AveragedModel() ÷ lw:         {spread(lambda t: t['swa_default'] / t['lw'])}")
     print(f"lw's change check ÷ limit:    {spread(lambda t: t['check'] / t['limit'])}   "
           f"({ms(sorted(t['check'] for t in results)[len(results) // 2])} per update)")
+    if native:
+        faster = [t["swa_multi"] / t["lw_native"] for t in results]
+        print("with compile=True (native lerp, bit for bit torch's):")
+        print(f"AveragedModel(multi) ÷ lw:    {spread(lambda t: t['swa_multi'] / t['lw_native'])}   target >= 1.5 in "
+              f"{rounds} of {rounds}: {sum(f >= 1.5 for f in faster)} of {rounds}")
+        print(f"lw ÷ native limit:            {spread(lambda t: t['lw_native'] / t['native_limit'])}")
+        print(f"lw flat ÷ native limit:       {spread(lambda t: t['lw_flat_native'] / t['native_limit'])}   "
+              "target <= 1.05")
+        print(f"native limit ÷ torch lerp_:   {spread(lambda t: t['native_limit'] / t['limit'])}")
+        # Every EMA moves the same bytes, so none can beat AveragedModel(multi) by more than its own
+        # distance from the memory limit: the ceiling of the speed-up on this device.
+        print(f"AveragedModel(multi) ÷ native limit: {spread(lambda t: t['swa_multi'] / t['native_limit'])}   "
+              "(the largest speed-up any EMA can have over it here)")
 
 
 if __name__ == "__main__":

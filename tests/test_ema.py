@@ -563,3 +563,44 @@ def test_fsdp2_shadows_are_sharded_local_and_resume_bit_identically(run_ranks, t
     assert torch.allclose(r0["after"], model(probe), atol=1e-6)
     with ema.swapped():
         assert torch.allclose(r0["output"], model(probe), atol=1e-6)
+
+
+_HAS_CC = any(map(__import__("shutil").which, ("cc", "gcc", "clang")))
+
+
+@pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("layout", ["plain", "flat", "float64", "bfloat16", "subset"])
+def test_compile_averages_bit_for_bit_as_torchs_lerp(layout, interleaved):
+    """compile=True: the native lerp gives the eager EMA's shadows exactly, through warmup (lerp weights
+    >= 0.5 take torch's other formula) and update_after_step; bf16 models keep the eager float32 path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 300), nn.Tanh(), nn.Linear(300, 7)) if layout != "subset" else interleaved
+    if layout == "flat":
+        lw.flatten_parameters(model)
+    if layout in ("float64", "bfloat16"):
+        model.to(getattr(torch, layout))
+    options = {"warmup": 6, "update_after_step": 1, "select": "lstm*" if layout == "subset" else None}
+    eager, native = lw.EMA(model, decay=0.99, **options), lw.EMA(model, decay=0.99, compile=True, **options)
+    if layout in ("plain", "flat", "float64", "subset"):
+        assert all(b.native is not None for b in native._buckets)
+    for _ in range(9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        eager.update()
+        native.update()
+    assert all(torch.equal(a, b) for a, b in zip(eager.shadow, native.shadow))
+    assert eager.state_dict()["num_updates"] == native.state_dict()["num_updates"] == 9
+
+
+def test_compile_takes_a_bool_and_names_a_missing_compiler(tmp_path, monkeypatch):
+    from layerwise import _native
+
+    with pytest.raises(lw.OptionTypeError, match=r"EMA: compile='yes'"):
+        lw.EMA(nn.Linear(2, 2), compile="yes")
+    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(_native, "_library", None)
+    monkeypatch.setattr(_native, "_failed", None)
+    with pytest.raises(lw.MissingExtraError, match=r"C compiler.*compile=False"):
+        lw.EMA(nn.Linear(2, 2), compile=True)

@@ -1,6 +1,6 @@
 """The compiled gradient kernels (compile=True): the eager engine's statistics from one pass.
 
-On CPU, float32, float64 and bfloat16 gradients take the native C kernel (``_grad_native``), every
+On CPU, float32, float64 and bfloat16 gradients take the native C kernel (``_native``), every
 other device and dtype the torch.compile graph, which on CPU serves float16: the inductor tests use
 it. Inductor needs a C++ compiler on CPU; without one (or with LAYERWISE_TEST_INDUCTOR=0) the tests
 that compile are skipped, those of the error path still run. The first compile of a dtype takes a
@@ -109,7 +109,7 @@ def test_norms_alone_and_complex_gradients_stay_on_the_eager_kernels(monkeypatch
         raise AssertionError("the compiled kernel was called")
 
     monkeypatch.setattr(compiled, "_run", no_compile)
-    monkeypatch.setattr(compiled._grad_native, "primitives", no_compile)
+    monkeypatch.setattr(compiled._native, "primitives", no_compile)
     xs = [torch.randn(BIG + 3), torch.randn(2)]
     assert torch.equal(compiled.block(xs, ("sumsq",), torch.device("cpu"), None),
                        kernels.block(xs, ("sumsq",), torch.device("cpu"), None))

@@ -4,7 +4,7 @@ No library kernel computes several reductions in one pass, so the eager engine r
 gradient once per primitive (on CPU, once from memory and again from cache). ``compile=True``
 (``grad_stats``, ``GradMonitor``) reads each once instead, with a kernel compiled on first use:
 
-* on CPU, for float32, float64 and bfloat16, the native kernel of ``_grad_native`` (a C loop
+* on CPU, for float32, float64 and bfloat16, the native kernel of ``_native`` (a C loop
   the system compiler builds in under a second, all tensors in one call);
 * on other devices, and for other dtypes on CPU, ``torch.compile`` (inductor: Triton on GPUs,
   C++ on CPU), which fuses the sum of squares, the sum, the non-zero count and max |x| into one
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from . import _grad_kernels as kernels
-from . import _grad_native
-from ._grad_native import ORDER
+from . import _native
+from ._native import ORDER
 from ._tensors import pick
 from .errors import MissingExtraError
 
@@ -87,13 +87,13 @@ def _run(v: Tensor) -> Tensor:
 
 
 def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None) -> Tensor:
-    """As :func:`layerwise._grad_kernels.block`, each tensor read once: on CPU (``_grad_native.DTYPES``) all
+    """As :func:`layerwise._grad_kernels.block`, each tensor read once: on CPU (``_native.DTYPES``) all
     of them by the native kernel, elsewhere those of at least ``MIN_NUMEL`` elements by the compiled graph;
     the (primitives, tensors) float64 block is the same up to float32 rounding."""
     if len(needed) == 1 or xs[0].is_complex():
         return kernels.block(xs, needed, device, foreach)
-    if device.type == "cpu" and xs[0].dtype in _grad_native.DTYPES:  # every tensor, one call: see _grad_native
-        measured = _grad_native.primitives(xs)
+    if device.type == "cpu" and xs[0].dtype in _native.DTYPES:  # every tensor, one call: see _native
+        measured = _native.primitives(xs)
         return measured if needed == ORDER else measured[[ORDER.index(p) for p in needed]]
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]
     if not big:

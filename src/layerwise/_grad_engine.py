@@ -5,7 +5,7 @@ squares, sum, count of non-zeros, largest magnitude) plus the element count. The
 exactly over tensors, shards and modules (sums add, maxima take the maximum), so per-module
 statistics and those of sharded (FSDP2 / HSDP DTensor) parameters are those of the full
 tensors. ``grads.py`` (one-shot statistics and checks) and ``monitor.py`` (the training monitor) are
-built on this module, the kernels per device on ``_grad_kernels.py`` (``_grad_native.py`` and
+built on this module, the kernels per device on ``_grad_kernels.py`` (``_native.py`` and
 ``_grad_compiled.py`` with ``compile=True``); nothing here touches the host unless asked
 (:func:`to_host`).
 
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _grad_compiled, _grad_native
+from . import _grad_compiled, _native
 from . import _grad_kernels as kernels
 from ._tensors import laid_out_alike, pick
 from .errors import GradError
@@ -243,7 +243,7 @@ def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequen
     step vs 3.5-3.6%, load 4-6); ``foreach=False`` still walks the pieces. ``compile``: on CPU the
     native kernel copies and measures in one pass."""
     return _written_sumsq(dst, src, shards, foreach is not False, kernels.copy_sumsq, torch._foreach_copy_,
-                          _grad_native.copy_sumsq if compile else None)
+                          _native.copy_sumsq if compile else None)
 
 
 def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shards: Sequence[tuple | None],
@@ -256,7 +256,7 @@ def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shard
     kernel reads each pair once and writes nothing.
     """
     return _written_sumsq(before, after, shards, foreach, kernels.distance_sumsq, torch._foreach_sub_,
-                          _grad_native.distance_sumsq if compile else None)
+                          _native.distance_sumsq if compile else None)
 
 
 def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
@@ -277,7 +277,7 @@ def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequenc
     for key, idx in _groups(src, shards).items():
         o, s = pick(out, idx), pick(src, idx)
         fast: list[int] = []
-        if native is not None and key[0].type == "cpu" and key[1] in _grad_native.DTYPES:
+        if native is not None and key[0].type == "cpu" and key[1] in _native.DTYPES:
             fast = [j for j, (a, b) in enumerate(zip(o, s)) if laid_out_alike(a, b) and a.is_contiguous()]
         rest = sorted(set(range(len(idx))).difference(fast))
         if not fast or not rest:

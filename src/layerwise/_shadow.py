@@ -5,12 +5,12 @@ that tile one buffer, and FSDP2 modules put back in their sharded state."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from ._tensors import use_foreach
+from ._tensors import laid_out_alike, use_foreach
 
 __all__ = ["Bucket", "acc_dtype", "flat_view", "local", "reshard", "shadow_like"]
 
@@ -63,7 +63,7 @@ def flat_view(live: Sequence[torch.Tensor]) -> torch.Tensor | None:
 class Bucket:
     """Shadows and live tensors of one (device, dtype) pair, with the fastest way to average them."""
 
-    __slots__ = ("shadow", "live", "flat", "mixed", "fused", "elsewhere")
+    __slots__ = ("shadow", "live", "flat", "mixed", "fused", "elsewhere", "native")
 
     def __init__(self, shadow: list[torch.Tensor], live: list[torch.Tensor], foreach: bool | None):
         self.shadow, self.live = shadow, live
@@ -71,9 +71,22 @@ class Bucket:
         self.mixed = shadow[0].dtype != live[0].dtype or self.elsewhere
         self.fused = use_foreach(shadow, shadow[0].device, foreach) and not self.elsewhere
         self.flat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.native: Callable[[float], None] | None = None
+
+    def compile(self) -> None:
+        """Average with the native lerp (``_native.lerp_plan``: torch's ``lerp_`` bit for bit, in one pass)
+        where it applies: CPU, shadows of the live tensors' dtype, float32/64, laid out alike, contiguous."""
+        from . import _native
+
+        shadow, live = ([self.flat[0]], [self.flat[1]]) if self.flat is not None else (self.shadow, self.live)
+        if (not self.mixed and live[0].device.type == "cpu" and live[0].dtype in _native.LERP_DTYPES
+                and all(laid_out_alike(a, b) and a.is_contiguous() for a, b in zip(shadow, live))):
+            self.native = _native.lerp_plan(shadow, live)
 
     def average(self, weight: float) -> None:
-        if self.flat is not None:
+        if self.native is not None:
+            self.native(weight)
+        elif self.flat is not None:
             shadow, live = self.flat
             live = live.to(shadow.device) if self.elsewhere else live
             if self.mixed:  # lerp takes one dtype: a float32 average of a half model takes two passes

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._model_state import unwrap_ddp
 from ._shadow import Bucket, acc_dtype, flat_view, local, reshard, shadow_like
-from ._tensors import named_tensor_groups, require_int, require_module
+from ._tensors import named_tensor_groups, require_flag, require_int, require_module
 from .errors import OptionError, OptionTypeError, StateError
 from .select import Selector, as_selectors, unwrap_compiled
 from .select import select as _select
@@ -63,7 +63,10 @@ class EMA:
     with every rank's model initialized alike: DDP copies rank 0's weights to every rank when it
     wraps, after an EMA made before has copied each rank's own.
     The average of a float16/bfloat16 model is kept in float32: with a
-    decay of 0.999 most half-precision updates would round away.
+    decay of 0.999 most half-precision updates would round away. ``compile=True`` averages
+    float32/float64 CPU weights with a C loop built on first use (as ``grad_stats(compile=True)``;
+    :class:`MissingExtraError` without a C compiler): bit for bit torch's ``lerp_``, whose CPU
+    kernel computes both of its formulas for every element, in two thirds of its time.
 
     On an FSDP2 model (``fully_shard``) each shadow is a DTensor sharded like its parameter:
     a rank holds only its shard and ``update()`` runs no collective; ``state_dict()`` holds
@@ -95,7 +98,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
                  buffers: Literal["copy", "ema"] = "copy", select: Selector | Iterable[Selector] | None = None,
                  device: torch.device | str | None = None, foreach: bool | None = None,
-                 update_after_step: int | None = None):
+                 update_after_step: int | None = None, compile: bool = False):
         require_module(model, "EMA")
         self.decay, self.warmup, self.every = _check_decay(decay), _check_int("warmup", warmup, 0), _check_int(
             "every", every, 1)
@@ -105,6 +108,7 @@ class EMA:
             raise OptionError(f"EMA option buffers={buffers!r} must be 'copy' (copy them from the model) or 'ema'")
         if foreach not in (None, True, False):
             raise OptionTypeError(f"EMA option foreach={foreach!r} must be None, True or False")
+        require_flag(compile, "compile", "EMA")
         try:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as e:
@@ -115,7 +119,7 @@ class EMA:
         except (RuntimeError, AssertionError) as e:  # torch asserts when it was built without CUDA
             raise OptionError(f"EMA option device={device!r} is not available here: {e}") from None
         model = unwrap_compiled(unwrap_ddp(model))  # tracked by the inner names, as checkpoint files hold them
-        self.buffers, self.foreach, self.model = buffers, foreach, model
+        self.buffers, self.foreach, self.model, self.compile = buffers, foreach, model, compile
         try:
             self.selectors = as_selectors(select)
         except TypeError:
@@ -183,6 +187,8 @@ class EMA:
             bucket = Bucket([local(owner[i]) for owner, i in members], live, self.foreach)
             if flat_live is not None:
                 bucket.shadow, bucket.flat = [flat], (flat, flat_live)
+            if self.compile:
+                bucket.compile()
             self._buckets.append(bucket)
         copied = [(self.shadow, self._params, i) for i, a in enumerate(averaged) if not a] + [
             (self.shadow_buffers, self._buffers, i) for i, f in enumerate(floats) if not f]

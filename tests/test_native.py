@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import layerwise as lw
 from layerwise import _grad_kernels as kernels
-from layerwise import _grad_native as native
+from layerwise import _native as native
 from layerwise._grad_engine import PRIMITIVES
 
 _COMPILERS = [shlex.split(os.environ["CC"])[0]] if os.environ.get("CC", "").strip() else ["cc", "gcc", "clang"]

@@ -1,12 +1,14 @@
-"""The gradient engine's native CPU kernels: every primitive of every tensor in ONE pass, one call.
+"""Native CPU kernels behind ``compile=True``: each reads every tensor once, all tensors in one call.
 
-``compile=True`` on CPU: the statistics (:func:`primitives`), and the monitor's weight snapshot
-(:func:`copy_sumsq`, copied and measured in one pass) and ‖Δw‖ (:func:`distance_sumsq`). Inductor fuses the four reductions into one loop too, but keeps one
+The gradient engine's statistics (:func:`primitives`), the monitor's weight snapshot (:func:`copy_sumsq`,
+copied and measured in one pass) and ‖Δw‖ (:func:`distance_sumsq`), and ``EMA``'s average
+(:func:`lerp_`: bit for bit torch's ``lerp_``, whose CPU kernel blends both of its formulas for
+every element and runs at 1.5-1.8x the time of this loop). Inductor fuses the four reductions into one loop too, but keeps one
 accumulator per statistic, so its loop waits on the latency of each add and NaN-propagating max:
 measured on the benchmark model (2 vCPUs, 1 thread) its kernel runs at 2.5-3x one flat norm,
 within 15% of the eager engine, where this loop (32 independent lanes per statistic, which the C
 compiler vectorizes) runs at the speed of memory, 27 µs per MB in cache against 16 for a BLAS
-dot. Its ~60 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
+dot. Its ~70 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
 dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
 file's name hashes the source, compiler, flags, OS, architecture and ISA, it is published by one
@@ -34,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +106,20 @@ static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uin
 #define COPY_BF(k) (a[k] = b[k], bf16(b[k]))
 #define DIFF_F(k) (b[k] - a[k])
 #define DIFF_BF(k) (bf16(b[k]) - bf16(a[k]))
+/* torch's lerp_ bit for bit: fma(w, b - a, a) for |w| < 0.5, else fma(w - 1, b - a, b), as its vector kernel. */
+#define LERP(NAME, T, FMA)                                                                   \
+void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const int64_t* sizes, \
+          double weight) {                                                                   \
+  int small = fabs(weight) < 0.5;                                                            \
+  T w = (T)weight, coeff = small ? w : w - (T)1;                                             \
+  for (int64_t t = 0; t < count; ++t) {                                                      \
+    T* restrict a = (T*)ptrs_a[t];                                                           \
+    const T* restrict b = (const T*)ptrs_b[t];                                               \
+    int64_t n = sizes[t];                                                                    \
+    if (small) for (int64_t i = 0; i < n; ++i) a[i] = FMA(coeff, b[i] - a[i], a[i]);         \
+    else for (int64_t i = 0; i < n; ++i) a[i] = FMA(coeff, b[i] - a[i], b[i]);               \
+  }                                                                                          \
+}
 KERNEL(primitives_float32, float, float, SAME, fabsf)
 KERNEL(primitives_float64, double, double, SAME, fabs)
 KERNEL(primitives_bfloat16, uint16_t, float, bf16, fabsf)
@@ -112,10 +129,13 @@ PAIRWISE(copy_bfloat16, uint16_t, float, uint16_t, COPY_BF)
 PAIRWISE(distance_float32, float, float, const float, DIFF_F)
 PAIRWISE(distance_float64, double, double, const double, DIFF_F)
 PAIRWISE(distance_bfloat16, uint16_t, float, const uint16_t, DIFF_BF)
+LERP(lerp_float32, float, fmaf)
+LERP(lerp_float64, double, fma)
 """
 # The rows of the kernel's output, in the engine's canonical order (_grad_engine.PRIMITIVES).
 ORDER = ("sumsq", "sum", "nonzero", "max_abs")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+LERP_DTYPES = (torch.float32, torch.float64)  # torch rounds a bfloat16 lerp from float: not replayed here
 # Vector instructions by the capability torch dispatches to (its own kernels' choice on this CPU).
 _ISA = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "AVX2": ["-mavx2", "-mfma"]}
 
@@ -176,6 +196,8 @@ def _load() -> ctypes.CDLL:
     for dtype in DTYPES:
         for name, pointers in (("primitives", 1), ("copy", 2), ("distance", 2)):
             getattr(library, f"{name}_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
+    for dtype in LERP_DTYPES:
+        getattr(library, f"lerp_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_double]
     _library = library
     return library
 
@@ -201,6 +223,12 @@ def distance_sumsq(before: list[Tensor], after: list[Tensor]) -> Tensor:
     return _launch("distance", _pairs(before, after), 1)[0]
 
 
+def lerp_(shadows: list[Tensor], live: list[Tensor], weight: float) -> None:
+    """``torch._foreach_lerp_(shadows, live, weight)``, bit for bit, in one pass (contiguous CPU pairs of
+    one dtype in ``LERP_DTYPES``, each pair laid out alike, not overlapping)."""
+    lerp_plan(shadows, live)(weight)
+
+
 def _pairs(a: list[Tensor], b: list[Tensor]) -> list[list[Tensor]]:
     """``[a, b]``, once checked: the C loops read and write each pair as one contiguous layout."""
     dtype = b[0].dtype
@@ -211,19 +239,42 @@ def _pairs(a: list[Tensor], b: list[Tensor]) -> list[list[Tensor]]:
     return [a, b]
 
 
-def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:
+def _launch(name: str, tensors: list[list[Tensor]], columns: int, *scalars: float) -> Tensor:
     """Run kernel ``name`` over lists of tensors (the kernel's pointer arguments, tensor i of each
-    list alike), as ``(columns, tensors)`` float64: sums pooled, a 4th column (max |x|) maxed."""
+    list alike) and ``scalars``, as ``(columns, tensors)`` float64: sums pooled, a 4th column
+    (max |x|) maxed; with no columns the kernel only writes its first tensors."""
     kernel = getattr(_load(), f"{name}_{str(tensors[0][0].dtype)[6:]}")
-    first = tensors[0]
-    sizes = list(map(Tensor.numel, first))
+    runs, owners = _runs(tensors)
+    out = torch.empty(len(owners), columns, dtype=torch.float64)
+    _run(kernel, runs, out, scalars)
+    if len(owners) == len(tensors[0]):
+        return out.T
+    where = torch.tensor(owners)
+    pooled = out.new_zeros(len(tensors[0]), columns).index_add_(0, where, out)
+    if columns == 4:
+        pooled[:, 3] = out.new_zeros(len(tensors[0])).scatter_reduce_(0, where, out[:, 3], "amax")
+    return pooled.T
+
+
+def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], None]:
+    """:func:`lerp_` for tensors that stay where they are (``EMA`` checks that before every update),
+    checked and laid out once: each call is one kernel call per thread, with no Python per tensor."""
+    kernel = getattr(_load(), f"lerp_{str(live[0].dtype)[6:]}")
+    runs, owners = _runs(_pairs(shadows, live))
+    none = torch.empty(len(owners), 0)
+    return lambda weight: _run(kernel, runs, none, (weight,))
+
+
+def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[int]]:
+    """The kernel calls over ``tensors``: one, or with ``torch.get_num_threads() > 1`` and enough
+    elements one per thread over equal shares (pieces aligned to the kernel's blocks, pooled by
+    owner afterwards), each as (pointer arrays..., sizes); and each piece's owner."""
+    sizes = list(map(Tensor.numel, tensors[0]))
     threads = min(torch.get_num_threads(), sum(sizes) // _PER_THREAD)
     if threads <= 1:
-        out = torch.empty(len(sizes), columns, dtype=torch.float64)
-        _call(kernel, [list(map(Tensor.data_ptr, ts)) for ts in tensors], sizes, out)
-        return out.T
-    # Pieces of at most an equal share, aligned to the kernel's blocks, pooled by owner afterwards.
-    share, width = -(-sum(sizes) // threads // 4096) * 4096, first[0].element_size()
+        return [[array.array("q", map(Tensor.data_ptr, ts)) for ts in tensors] + [array.array("q", sizes)]], \
+            list(range(len(sizes)))
+    share, width = -(-sum(sizes) // threads // 4096) * 4096, tensors[0][0].element_size()
     pointers: list[list[int]] = [[] for _ in tensors]
     lengths, owners = [], []
     for i, n in enumerate(sizes):
@@ -232,7 +283,6 @@ def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:
                 column.append(ts[i].data_ptr() + start * width)
             lengths.append(min(share, n - start))
             owners.append(i)
-    out = torch.empty(len(lengths), columns, dtype=torch.float64)
     cuts, filled = [0], 0
     for j, n in enumerate(lengths):  # consecutive pieces, about one share per run
         if filled + n > share and j > cuts[-1]:
@@ -240,15 +290,21 @@ def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:
             filled = 0
         filled += n
     cuts.append(len(lengths))
-    runs = [([p[a:b] for p in pointers], lengths[a:b], out[a:b]) for a, b in zip(cuts, cuts[1:])]
-    list(_pool(threads).map(lambda run: _call(kernel, *run), runs))  # ctypes releases the GIL
-    if len(owners) == len(sizes):
-        return out.T
-    where = torch.tensor(owners)
-    pooled = out.new_zeros(len(sizes), columns).index_add_(0, where, out)
-    if columns == 4:
-        pooled[:, 3] = out.new_zeros(len(sizes)).scatter_reduce_(0, where, out[:, 3], "amax")
-    return pooled.T
+    return [[array.array("q", column[a:b]) for column in (*pointers, lengths)] for a, b in zip(cuts, cuts[1:])], owners
+
+
+def _run(kernel, runs: list[list[array.array]], out: Tensor, scalars: tuple[float, ...]) -> None:
+    """Each run's kernel call, its rows of ``out`` next (a thread each when several: ctypes releases the GIL)."""
+    calls, row = [], 0
+    for arrays in runs:
+        count = len(arrays[-1])
+        tail = (out[row:row + count].data_ptr(),) if out.shape[1] else ()
+        calls.append((count, *(a.buffer_info()[0] for a in arrays), *tail, *scalars))
+        row += count
+    if len(calls) == 1:
+        kernel(*calls[0])
+    else:
+        list(_pool(len(calls)).map(lambda call: kernel(*call), calls))
 
 
 # Elements per thread, at least: below it a thread's start costs more than its share of the pass.
@@ -262,10 +318,5 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     if _executor is None or _executor[0] != os.getpid() or _executor[1] < threads:
         if _executor is not None and _executor[0] == os.getpid():
             _executor[2].shutdown(wait=False)  # its threads end once idle
-        _executor = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="layerwise-grad"))
+        _executor = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="layerwise-native"))
     return _executor[2]
-
-
-def _call(kernel, pointers: list[list[int]], sizes: list[int], out: Tensor) -> None:
-    arrays = [array.array("q", column) for column in (*pointers, sizes)]  # 3x faster to fill than ctypes arrays
-    kernel(len(sizes), *(a.buffer_info()[0] for a in arrays), out.data_ptr())
