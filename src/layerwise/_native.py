@@ -262,7 +262,7 @@ def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], No
     kernel = getattr(_load(), f"lerp_{str(live[0].dtype)[6:]}")
     runs, owners = _runs(_pairs(shadows, live))
     none = torch.empty(len(owners), 0)
-    return lambda weight: _run(kernel, runs, none, (weight,))
+    return lambda weight, _keep=(shadows, live): _run(kernel, runs, none, (weight,))  # _keep: the memory it points at
 
 
 def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[int]]:
