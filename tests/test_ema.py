@@ -604,3 +604,49 @@ def test_compile_takes_a_bool_and_names_a_missing_compiler(tmp_path, monkeypatch
     monkeypatch.setattr(_native, "_failed", None)
     with pytest.raises(lw.MissingExtraError, match=r"C compiler.*compile=False"):
         lw.EMA(nn.Linear(2, 2), compile=True)
+
+
+@pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("decay", [0.50000001, 0.49999999, 0.5, 1 - 2.0**-30])
+def test_compile_matches_torch_where_the_lerp_weight_rounds_to_one_half(decay):
+    """torch rounds the weight to the tensors' dtype before choosing its formula; so does the native lerp."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 200), nn.Linear(200, 3))
+    eager, native = lw.EMA(model, decay=decay), lw.EMA(model, decay=decay, compile=True)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-3.7).add_(1.3)
+        eager.update()
+        native.update()
+    assert all(torch.equal(a, b) for a, b in zip(eager.shadow, native.shadow))
+
+
+@pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
+@pytest.mark.parametrize("how", ["data", "set_"])
+def test_a_shadow_given_new_memory_is_averaged_there(how):
+    """The native plan writes by address: a shadow whose memory is replaced gets a new plan, as eager
+    follows it (before, the plan wrote into the freed memory)."""
+    torch.manual_seed(0)
+    model = nn.Linear(1000, 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    emas = [lw.EMA(model, decay=0.5, compile=c) for c in (False, True)]
+    for ema in emas:
+        fresh = torch.zeros(2, 1000)
+        if how == "data":
+            ema.shadow[0].data = fresh
+        else:
+            ema.shadow[0].set_(fresh)
+        del fresh
+        ema.update()
+        ema.update()
+    assert emas[1].shadow[0][0, :3].tolist() == [0.75] * 3
+    assert all(torch.equal(a, b) for a, b in zip(*(e.shadow for e in emas)))
+
+
+@pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
+def test_compile_keeps_torchs_kernels_where_torch_does_not_fuse_its_lerp(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2: unfused in torch
+    ema = lw.EMA(nn.Linear(4, 4), compile=True)
+    assert all(b.native is None for b in ema._buckets)

@@ -178,6 +178,7 @@ def test_threads_split_the_bytes_and_pool_to_the_one_thread_result(monkeypatch):
     try:
         torch.set_num_threads(3)
         split = native.primitives(xs)
+        assert len(native._runs([xs])[0]) == 3  # one call per thread, whatever the tensors' sizes
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(split[2:].nan_to_num(), one[2:].nan_to_num()) and torch.equal(split.isnan(), one.isnan())

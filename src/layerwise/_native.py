@@ -110,8 +110,9 @@ static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uin
 #define LERP(NAME, T, FMA)                                                                   \
 void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const int64_t* sizes, \
           double weight) {                                                                   \
-  int small = fabs(weight) < 0.5;                                                            \
-  T w = (T)weight, coeff = small ? w : w - (T)1;                                             \
+  T w = (T)weight; /* torch converts the weight to the tensors' type, then picks the formula */ \
+  int small = fabs((double)w) < 0.5;                                                         \
+  T coeff = small ? w : w - (T)1;                                                            \
   for (int64_t t = 0; t < count; ++t) {                                                      \
     T* restrict a = (T*)ptrs_a[t];                                                           \
     const T* restrict b = (const T*)ptrs_b[t];                                               \
@@ -136,6 +137,8 @@ LERP(lerp_float64, double, fma)
 ORDER = ("sumsq", "sum", "nonzero", "max_abs")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 LERP_DTYPES = (torch.float32, torch.float64)  # torch rounds a bfloat16 lerp from float: not replayed here
+# torch's vector lerp fuses its multiply-add (as this loop does) only in its AVX2 and AVX-512 kernels.
+LERP_CAPABILITIES = ("AVX2", "AVX512")
 # Vector instructions by the capability torch dispatches to (its own kernels' choice on this CPU).
 _ISA = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "AVX2": ["-mavx2", "-mfma"]}
 
@@ -171,7 +174,8 @@ def _build(rebuild: bool = False) -> Path:
         except subprocess.TimeoutExpired:
             raise OSError(f"{' '.join(compiler)} ran over {_COMPILE_SECONDS} s") from None
         if done.returncode != 0:
-            raise OSError(f"{' '.join(compiler)} failed: {(done.stderr or done.stdout).strip()[:300]}")
+            raise OSError(f"{' '.join(compiler)} failed (exit {done.returncode}): "
+                          f"{(done.stderr or done.stdout).strip()[:300] or 'no message'}")
         os.replace(built, target)  # atomic: a concurrent process finds the whole file or none
     return target
 
@@ -189,9 +193,9 @@ def _load() -> ctypes.CDLL:
         except OSError:  # a cached file this process cannot load (another machine's, cut short): built again
             library = ctypes.CDLL(str(_build(rebuild=True)))
     except OSError as e:
-        _failed = (f"compile=True could not build the gradient kernel on CPU: {e}. Install a C compiler "
+        _failed = (f"compile=True could not build its native CPU kernels: {e}. Install a C compiler "
                    "(gcc or clang, or set CC; LAYERWISE_CACHE_DIR names a writable folder for it), or pass "
-                   "compile=False (the eager kernels give the same statistics).")
+                   "compile=False (the eager kernels give the same results).")
         raise MissingExtraError(_failed) from e
     for dtype in DTYPES:
         for name, pointers in (("primitives", 1), ("copy", 2), ("distance", 2)):
@@ -262,35 +266,40 @@ def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], No
     kernel = getattr(_load(), f"lerp_{str(live[0].dtype)[6:]}")
     runs, owners = _runs(_pairs(shadows, live))
     none = torch.empty(len(owners), 0)
-    return lambda weight, _keep=(shadows, live): _run(kernel, runs, none, (weight,))  # _keep: the memory it points at
+    # Aliases of their own hold the memory the pointers name, whatever is later done to the tensors.
+    keep = [t.detach() for t in (*shadows, *live)]
+    return lambda weight, _keep=keep: _run(kernel, runs, none, (weight,))
 
 
 def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[int]]:
     """The kernel calls over ``tensors``: one, or with ``torch.get_num_threads() > 1`` and enough
-    elements one per thread over equal shares (pieces aligned to the kernel's blocks, pooled by
-    owner afterwards), each as (pointer arrays..., sizes); and each piece's owner."""
+    elements one per thread over equal shares (pieces of a tensor pooled by owner afterwards),
+    each as (pointer arrays..., sizes); and each piece's owner, in call order."""
     sizes = list(map(Tensor.numel, tensors[0]))
     threads = min(torch.get_num_threads(), sum(sizes) // _PER_THREAD)
     if threads <= 1:
         return [[array.array("q", map(Tensor.data_ptr, ts)) for ts in tensors] + [array.array("q", sizes)]], \
             list(range(len(sizes)))
-    share, width = -(-sum(sizes) // threads // 4096) * 4096, tensors[0][0].element_size()
-    pointers: list[list[int]] = [[] for _ in tensors]
-    lengths, owners = [], []
+    # Runs of equal shares of all elements in order: a tensor across a share's boundary is cut near it.
+    share, width = -(-sum(sizes) // threads), tensors[0][0].element_size()
+    columns: list[list[list[int]]] = [[[] for _ in range(len(tensors) + 1)] for _ in range(threads)]
+    owners, done = [], 0
     for i, n in enumerate(sizes):
-        for start in range(0, max(n, 1), share):
-            for column, ts in zip(pointers, tensors):
+        start = 0
+        while True:
+            run = min(done // share, threads - 1)
+            # Cut at a multiple of the kernels' block (4096) from the tensor's start: the sums of each
+            # block then add as on one thread, and a run exceeds its share by less than a block.
+            left = (run + 1) * share - done
+            length = n - start if run == threads - 1 else min(n - start, max(4096, left // 4096 * 4096))
+            for column, ts in zip(columns[run], tensors):
                 column.append(ts[i].data_ptr() + start * width)
-            lengths.append(min(share, n - start))
+            columns[run][-1].append(length)
             owners.append(i)
-    cuts, filled = [0], 0
-    for j, n in enumerate(lengths):  # consecutive pieces, about one share per run
-        if filled + n > share and j > cuts[-1]:
-            cuts.append(j)
-            filled = 0
-        filled += n
-    cuts.append(len(lengths))
-    return [[array.array("q", column[a:b]) for column in (*pointers, lengths)] for a, b in zip(cuts, cuts[1:])], owners
+            start, done = start + length, done + length
+            if start >= n:
+                break
+    return [[array.array("q", column) for column in run] for run in columns if run[-1]], owners
 
 
 def _run(kernel, runs: list[list[array.array]], out: Tensor, scalars: tuple[float, ...]) -> None:

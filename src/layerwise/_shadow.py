@@ -78,10 +78,16 @@ class Bucket:
         where it applies: CPU, shadows of the live tensors' dtype, float32/64, laid out alike, contiguous."""
         from . import _native
 
-        shadow, live = ([self.flat[0]], [self.flat[1]]) if self.flat is not None else (self.shadow, self.live)
+        shadow, live = self.pairs()
+        self.native = None
         if (not self.mixed and live[0].device.type == "cpu" and live[0].dtype in _native.LERP_DTYPES
+                and torch.backends.cpu.get_cpu_capability() in _native.LERP_CAPABILITIES
                 and all(laid_out_alike(a, b) and a.is_contiguous() for a, b in zip(shadow, live))):
             self.native = _native.lerp_plan(shadow, live)
+
+    def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The (shadows, live tensors) one average writes and reads."""
+        return ([self.flat[0]], [self.flat[1]]) if self.flat is not None else (self.shadow, self.live)
 
     def average(self, weight: float) -> None:
         if self.native is not None:

@@ -195,6 +195,8 @@ class EMA:
         self._copied = ([local(shadow[i]) for shadow, _, i in copied], [local(live[i].detach()) for _, live, i in copied])
         self._walk = _slots(self.model)
         self._tracked = [local(t) for t in self._params + self._buffers]
+        # The shadows a native plan writes by address: if their memory moves, the plan is made again.
+        self._planned = [t for b in self._buckets if b.native is not None for t in b.pairs()[0]]
         self._shapes = [(t.dtype, t.device, t.shape) for t in self._params + self._buffers]
         self._layout = self._signature()
 
@@ -204,7 +206,7 @@ class EMA:
         stays referenced by the prebuilt buckets, so a re-allocated tensor cannot reuse its address).
         Iterated by C functions (map, chain): a Python loop over 400 slots costs as much as the rest."""
         return (tuple(map(id, chain.from_iterable(map(dict.values, self._walk)))),
-                tuple(map(torch.Tensor.data_ptr, self._tracked)))
+                tuple(map(torch.Tensor.data_ptr, self._tracked)), tuple(map(torch.Tensor.data_ptr, self._planned)))
 
     def _check_unchanged(self) -> None:
         if self._signature() == self._layout or (reshard(self.model) and self._signature() == self._layout):
@@ -224,8 +226,12 @@ class EMA:
                 changes.append(f"{name} was {dtype} {tuple(shape)} on {device}, is now {t.dtype} {tuple(t.shape)} "
                                f"on {t.device}")
         if not changes:
-            if self._signature()[1] == self._layout[1]:  # only untracked tensors or modules came or went
+            if self._signature()[1] == self._layout[1]:  # only untracked tensors, modules or shadows moved
                 self._walk = _slots(self.model)
+                if self._signature()[2] != self._layout[2]:  # a shadow's memory was replaced (shadow.data = ...)
+                    for bucket in [b for b in self._buckets if b.native is not None]:
+                        bucket.compile()
+                    self._planned = [t for b in self._buckets if b.native is not None for t in b.pairs()[0]]
                 self._layout = self._signature()
                 return
             changes = ["parameters were moved to new memory (model.to(), load_state_dict(assign=True), re-flattened)"]
