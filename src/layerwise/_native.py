@@ -1,21 +1,25 @@
 """Native CPU kernels behind ``compile=True``: each reads every tensor once, all tensors in one call.
 
-The gradient engine's statistics (:func:`primitives`), the monitor's weight snapshot (:func:`copy_sumsq`,
-copied and measured in one pass) and ‖Δw‖ (:func:`distance_sumsq`), and ``EMA``'s average
-(:func:`lerp_`: bit for bit torch's ``lerp_``, whose CPU kernel blends both of its formulas for
-every element: on the benchmark model it takes 1.1x this loop's time from memory, 1.7x in cache). Inductor fuses the four reductions into one loop too, but keeps one
-accumulator per statistic, so its loop waits on the latency of each add and NaN-propagating max:
-measured on the benchmark model (2 vCPUs, 1 thread) its kernel runs at 2.5-3x one flat norm,
-within 15% of the eager engine, where this loop (32 independent lanes per statistic, which the C
-compiler vectorizes) runs at the speed of memory, 27 µs per MB in cache against 16 for a BLAS
-dot. Its ~70 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
+The kernels: the gradient engine's statistics (:func:`primitives`), the monitor's weight snapshot
+(:func:`copy_sumsq`, copied and measured in one pass) and ‖Δw‖ (:func:`distance_sumsq`), and
+``EMA``'s average (:func:`lerp_`, bit for bit torch's ``lerp_``, whose CPU kernel blends both of
+its formulas for every element: on the benchmark model it takes 1.1x this loop's time from
+memory, 1.7x in cache).
+
+Why not inductor: it fuses the four reductions into one loop too, but keeps one accumulator per
+statistic, so its loop waits on the latency of each add and NaN-propagating max: measured on the
+benchmark model (2 vCPUs, 1 thread) its kernel runs at 2.5-3x one flat norm, within 15% of the
+eager engine, where this loop (32 independent lanes per statistic, which the C compiler
+vectorizes) runs at the speed of memory, 27 µs per MB in cache against 16 for a BLAS dot.
+
+Its ~70 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
 ``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
 dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
 file's name hashes the source, compiler, flags, OS, architecture and ISA, it is published by one
-atomic rename, and a cached file that does not load is built again.
-It is called through ``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1``
-and enough elements, one call per thread over equal shares (ctypes releases the GIL), pieces of
-one tensor pooled after: 1.8x faster on 2 threads.
+atomic rename, and a cached file that does not load is built again. It is called through
+``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1`` and enough
+elements, one call per thread over equal shares (ctypes releases the GIL), pieces of one tensor
+pooled after: 1.8x faster on 2 threads.
 
 Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
 elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
