@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import _grad_compiled, _native
 from . import _grad_kernels as kernels
-from ._tensors import laid_out_alike, pick
+from ._tensors import pick
 from .errors import GradError
 from .select import Selector, closest, select
 
@@ -262,8 +262,8 @@ def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shard
 def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
                    foreach: bool | None, on_cpu: Callable, fused: Callable, native: Callable | None) -> Prims:
     """``sumsq`` of what ``fused(out, src)`` writes into ``out``, per tensor: ``native(out, src)`` in one
-    pass where given, for CPU pairs of its dtypes laid out alike and contiguous (its C loop trusts
-    that); ``on_cpu(out, src)`` piece by piece in cache on CPU; elsewhere ``fused``, then one fused norm."""
+    pass where given, for the pairs that :func:`_native.fits`; ``on_cpu(out, src)`` piece by piece in
+    cache on CPU; elsewhere ``fused``, then one fused norm."""
 
     def eager(o: list[Tensor], s: list[Tensor]) -> Tensor:
         if key[0].type == "cpu" and not foreach or foreach is False:
@@ -276,9 +276,7 @@ def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequenc
     prims = Prims(("sumsq",), len(src))
     for key, idx in _groups(src, shards).items():
         o, s = pick(out, idx), pick(src, idx)
-        fast: list[int] = []
-        if native is not None and key[0].type == "cpu" and key[1] in _native.DTYPES:
-            fast = [j for j, (a, b) in enumerate(zip(o, s)) if laid_out_alike(a, b) and a.is_contiguous()]
+        fast = [j for j, (a, b) in enumerate(zip(o, s)) if _native.fits(a, b, _native.DTYPES)] if native else []
         rest = sorted(set(range(len(idx))).difference(fast))
         if not fast or not rest:
             block = native(o, s) if fast else eager(o, s)

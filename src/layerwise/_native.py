@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ._tensors import laid_out_alike
-from .errors import MissingExtraError
+from .errors import GradError, MissingExtraError
 
 _SOURCE = r"""
 #include <math.h>
@@ -222,13 +222,13 @@ def primitives(xs: list[Tensor]) -> Tensor:
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
     """Copy each ``src`` into ``dst`` (contiguous CPU tensors of one dtype in ``DTYPES``, each pair laid
     out alike, not overlapping) and return Σx² of each as a (len(src),) float64 tensor, in one pass."""
-    return _launch("copy", _pairs(dst, src), 1)[0]
+    return _launch("copy", _pairs(dst, src, DTYPES), 1)[0]
 
 
 def distance_sumsq(before: list[Tensor], after: list[Tensor]) -> Tensor:
     """Σ(after - before)² of each pair (contiguous CPU tensors of one dtype in ``DTYPES``, each pair
     laid out alike), as a (len(after),) float64 tensor, in one pass; nothing is written."""
-    return _launch("distance", _pairs(before, after), 1)[0]
+    return _launch("distance", _pairs(before, after, DTYPES), 1)[0]
 
 
 def lerp_(shadows: list[Tensor], live: list[Tensor], weight: float) -> None:
@@ -237,13 +237,19 @@ def lerp_(shadows: list[Tensor], live: list[Tensor], weight: float) -> None:
     lerp_plan(shadows, live)(weight)
 
 
-def _pairs(a: list[Tensor], b: list[Tensor]) -> list[list[Tensor]]:
-    """``[a, b]``, once checked: the C loops read and write each pair as one contiguous layout."""
+def fits(a: Tensor, b: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether a pairwise kernel may take ``a`` and ``b``: CPU tensors of one of ``dtypes``, laid out
+    alike and contiguous, which its C loop reads and writes as one flat layout without checking."""
+    return a.device.type == "cpu" and a.dtype in dtypes and laid_out_alike(a, b) and a.is_contiguous()
+
+
+def _pairs(a: list[Tensor], b: list[Tensor], dtypes: tuple[torch.dtype, ...]) -> list[list[Tensor]]:
+    """``[a, b]``, once every pair :func:`fits` and all share one dtype (the kernel is chosen by it)."""
     dtype = b[0].dtype
     for x, y in zip(a, b, strict=True):
-        if not (laid_out_alike(x, y) and y.dtype == dtype and y.device.type == "cpu" and y.is_contiguous()):
-            raise ValueError(f"native kernels take contiguous CPU pairs of one dtype laid out alike, not "
-                             f"{tuple(x.shape)} {x.dtype} {x.device} and {tuple(y.shape)} {y.dtype} {y.device}")
+        if not (fits(x, y, dtypes) and y.dtype == dtype):
+            raise GradError(f"native kernels take contiguous CPU pairs of one dtype laid out alike, not "
+                            f"{tuple(x.shape)} {x.dtype} {x.device} and {tuple(y.shape)} {y.dtype} {y.device}")
     return [a, b]
 
 
@@ -268,7 +274,7 @@ def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], No
     """:func:`lerp_` for tensors that stay where they are (``EMA`` checks that before every update),
     checked and laid out once: each call is one kernel call per thread, with no Python per tensor."""
     kernel = getattr(_load(), f"lerp_{str(live[0].dtype)[6:]}")
-    runs, owners = _runs(_pairs(shadows, live))
+    runs, owners = _runs(_pairs(shadows, live, LERP_DTYPES))
     none = torch.empty(len(owners), 0)
     # Aliases of their own hold the memory the pointers name, whatever is later done to the tensors.
     keep = [t.detach() for t in (*shadows, *live)]

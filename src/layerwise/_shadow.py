@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ._tensors import laid_out_alike, use_foreach
+from ._tensors import use_foreach
 
-__all__ = ["Bucket", "acc_dtype", "flat_view", "local", "reshard", "shadow_like"]
+__all__ = ["Bucket", "acc_dtype", "flat_view", "local", "planned", "reshard", "shadow_like"]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -75,14 +75,13 @@ class Bucket:
 
     def compile(self) -> None:
         """Average with the native lerp (``_native.lerp_plan``: torch's ``lerp_`` bit for bit, in one pass)
-        where it applies: CPU, shadows of the live tensors' dtype, float32/64, laid out alike, contiguous."""
+        where every (shadow, live) pair :func:`_native.fits` it (which rules out mixed dtypes and devices)."""
         from . import _native
 
         shadow, live = self.pairs()
         self.native = None
-        if (not self.mixed and live[0].device.type == "cpu" and live[0].dtype in _native.LERP_DTYPES
-                and torch.backends.cpu.get_cpu_capability() in _native.LERP_CAPABILITIES
-                and all(laid_out_alike(a, b) and a.is_contiguous() for a, b in zip(shadow, live))):
+        if (torch.backends.cpu.get_cpu_capability() in _native.LERP_CAPABILITIES
+                and all(_native.fits(a, b, _native.LERP_DTYPES) for a, b in zip(shadow, live))):
             self.native = _native.lerp_plan(shadow, live)
 
     def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -107,3 +106,8 @@ class Bucket:
         else:
             for s, t in zip(self.shadow, self.live):  # per tensor: no foreach kernels, or shadows elsewhere
                 s.mul_(1.0 - weight).add_(t.to(s.device), alpha=weight) if self.mixed else s.lerp_(t, weight)
+
+
+def planned(buckets: Sequence[Bucket]) -> list[torch.Tensor]:
+    """The shadows that native plans write by address (their memory must not move under the plans)."""
+    return [t for b in buckets if b.native is not None for t in b.pairs()[0]]

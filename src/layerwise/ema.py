@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._model_state import unwrap_ddp
-from ._shadow import Bucket, acc_dtype, flat_view, local, reshard, shadow_like
+from ._shadow import Bucket, acc_dtype, flat_view, local, planned, reshard, shadow_like
 from ._tensors import named_tensor_groups, require_flag, require_int, require_module
 from .errors import OptionError, OptionTypeError, StateError
 from .select import Selector, as_selectors, unwrap_compiled
@@ -195,8 +195,7 @@ class EMA:
         self._copied = ([local(shadow[i]) for shadow, _, i in copied], [local(live[i].detach()) for _, live, i in copied])
         self._walk = _slots(self.model)
         self._tracked = [local(t) for t in self._params + self._buffers]
-        # The shadows a native plan writes by address: if their memory moves, the plan is made again.
-        self._planned = [t for b in self._buckets if b.native is not None for t in b.pairs()[0]]
+        self._planned = planned(self._buckets)  # if their memory moves, the plans are made again
         self._shapes = [(t.dtype, t.device, t.shape) for t in self._params + self._buffers]
         self._layout = self._signature()
 
@@ -231,7 +230,7 @@ class EMA:
                 if self._signature()[2] != self._layout[2]:  # a shadow's memory was replaced (shadow.data = ...)
                     for bucket in [b for b in self._buckets if b.native is not None]:
                         bucket.compile()
-                    self._planned = [t for b in self._buckets if b.native is not None for t in b.pairs()[0]]
+                    self._planned = planned(self._buckets)
                 self._layout = self._signature()
                 return
             changes = ["parameters were moved to new memory (model.to(), load_state_dict(assign=True), re-flattened)"]

@@ -26,6 +26,7 @@ from ._grad_engine import (
     copy_primitives,
     derive,
     distance_primitives,
+    gradients,
     histogram,
     local_primitives,
     local_tensors,
@@ -55,7 +56,7 @@ class _Record:
     """One log step, on the device until a transfer moves it to the host."""
 
     step: int
-    have: list[int]  # indices of the monitored parameters that had a gradient
+    have: Sequence[int]  # indices of the monitored parameters that had a gradient
     grad: Prims
     weight: Prims
     hist: list[Tensor]
@@ -239,8 +240,8 @@ class GradMonitor:
 
     @torch.no_grad()
     def _measure(self, scale: Tensor | None, scaler_in_charge: bool) -> _Record:
-        have = [i for i, p in enumerate(self._params) if p.grad is not None]
-        grads, grad_shards = local_tensors([self._params[i].grad for i in have], pick(self.names, have))
+        grads, have = gradients(self._params)
+        grads, grad_shards = local_tensors(grads, pick(self.names, have))
         grad = local_primitives(grads, grad_shards, self._needed, self.foreach, self.compile)
         weight, self._weight = self._weight, None  # measured with the snapshot, if one was taken
         if weight is None:
