@@ -602,8 +602,11 @@ def test_compile_takes_a_bool_and_names_a_missing_compiler(tmp_path, monkeypatch
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setattr(_native, "_library", None)
     monkeypatch.setattr(_native, "_failed", None)
+    net = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(lw.MissingExtraError, match=r"C compiler.*compile=False"):
-        lw.EMA(nn.Linear(2, 2), compile=True)
+        lw.EMA(net, compile=True)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
