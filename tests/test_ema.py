@@ -653,3 +653,26 @@ def test_compile_keeps_torchs_kernels_where_torch_does_not_fuse_its_lerp(monkeyp
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2: unfused in torch
     ema = lw.EMA(nn.Linear(4, 4), compile=True)
     assert all(b.native is None for b in ema._buckets)
+
+
+def fsdp_ema_compiled(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = _sharded_mlp(init_device_mesh("cpu", (world_size,)), seed=0)
+    emas = [lw.EMA(model, decay=0.8, warmup=2, compile=c) for c in (False, True)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        model(torch.randn(4, 5, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        for ema in emas:
+            ema.update()
+    eager, native = ([s.to_local() for s in ema.shadow] for ema in emas)
+    return [b.native is not None for b in emas[1]._buckets], all(map(torch.equal, eager, native))
+
+
+@pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
+def test_compile_averages_fsdp2_shards_as_eager(run_ranks):
+    for natives, equal in run_ranks(fsdp_ema_compiled):
+        assert natives and all(natives) and equal
