@@ -110,9 +110,9 @@ def test_norms_alone_and_complex_gradients_stay_on_the_eager_kernels(monkeypatch
 
     monkeypatch.setattr(compiled, "_run", no_compile)
     monkeypatch.setattr(compiled._native, "primitives", no_compile)
-    xs = [torch.randn(BIG + 3), torch.randn(2)]
-    assert torch.equal(compiled.block(xs, ("sumsq",), torch.device("cpu"), None),
-                       kernels.block(xs, ("sumsq",), torch.device("cpu"), None))
+    halves = [torch.randn(BIG + 3, dtype=torch.float16), torch.randn(2, dtype=torch.float16)]  # the graph's dtype
+    assert torch.equal(compiled.block(halves, ("sumsq",), torch.device("cpu"), None),
+                       kernels.block(halves, ("sumsq",), torch.device("cpu"), None))
     z = [torch.randn(BIG + 3, dtype=torch.complex64)]
     assert torch.equal(compiled.block(z, ("sumsq", "max_abs"), torch.device("cpu"), None),
                        kernels.block(z, ("sumsq", "max_abs"), torch.device("cpu"), None))

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import layerwise as lw
+from layerwise import _grad_compiled as compiled
 from layerwise import _grad_kernels as kernels
 from layerwise import _native as native
 from layerwise._grad_engine import PRIMITIVES
@@ -28,6 +29,7 @@ _SKIP = ("LAYERWISE_TEST_NATIVE=0" if os.environ.get("LAYERWISE_TEST_NATIVE") ==
 needs_compiler = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
 # Sizes around the kernel's lane count (32) and block (4096): the vector loop, its tail, the scalar rest.
 EDGES = [0, 1, 31, 32, 33, 4095, 4096, 4097, 3 * 4096 + 40]
+BIG = 3 * 4096 + 40
 
 
 def eager(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -71,7 +73,10 @@ def test_primitives_equal_the_eager_kernels(sizes, dtype, zeros, special, seed):
             where = int(torch.randint(n, (1,), generator=gen))
             x[where] = {"nan": math.nan, "inf": -math.inf, "-0": -0.0}[special]
         xs.append(x.to(dtype))
-    assert_matches_eager(native.primitives(xs), xs)
+    measured = native.primitives(xs)
+    assert_matches_eager(measured, xs)
+    # A norm request reads only the sum of squares, added in the same order: the same bits.
+    torch.testing.assert_close(native.sumsq(xs), measured[0], rtol=0, atol=0, equal_nan=True)
 
 
 @needs_compiler
@@ -163,6 +168,21 @@ def test_grad_stats_with_compile_equals_eager_for_each_dtype(dtype):
         assert got_name == name
         assert got["max_abs"] == want["max_abs"] and got["zero_frac"] == want["zero_frac"]
         assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    norms, want = lw.grad_stats(net, stats="norm", compile=True), lw.grad_stats(net, stats="norm")  # norm-only kernel
+    assert [name for name, _ in norms] == [name for name, _ in want] and len(want.to_dict()) == 4
+    for (_, got), (_, expected) in zip(norms, want):
+        assert list(got) == ["norm"] and got == pytest.approx(expected, rel=1e-5)
+
+
+@needs_compiler
+def test_norms_alone_take_one_native_call_over_all_tensors(monkeypatch):
+    called = []
+    monkeypatch.setattr(native, "sumsq", lambda xs, real=native.sumsq: called.append(xs) or real(xs))
+    monkeypatch.setattr(native, "primitives", lambda xs: pytest.fail("norms alone read all four statistics"))
+    xs = [torch.randn(BIG), torch.randn(2, 3).t(), torch.randn(1)]
+    got = compiled.block(xs, ("sumsq",), torch.device("cpu"), None)
+    assert len(called) == 1 and got.shape == (1, 3)
+    torch.testing.assert_close(got, kernels.block(xs, ("sumsq",), torch.device("cpu"), None), rtol=1e-6, atol=0)
 
 
 @needs_compiler
@@ -177,13 +197,14 @@ def test_threads_split_the_bytes_and_pool_to_the_one_thread_result(monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        split = native.primitives(xs)
+        split, split_sumsq = native.primitives(xs), native.sumsq(xs)
         assert len(native._runs([xs])[0]) == 3  # one call per thread, whatever the tensors' sizes
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(split[2:].nan_to_num(), one[2:].nan_to_num()) and torch.equal(split.isnan(), one.isnan())
     assert split[3, 1].item() == 77.0 and math.isnan(split[3, 3].item())
     assert torch.allclose(split[:2], one[:2], rtol=1e-12, equal_nan=True)
+    torch.testing.assert_close(split_sumsq, split[0], rtol=0, atol=0, equal_nan=True)
 
 
 def _threaded_primitives(queue) -> None:

@@ -15,8 +15,9 @@ One graph serves every size: the kernel is compiled with dynamic shapes for one 
 it recompiles per dtype and device only (dynamo guards on nothing else). Each call costs 25-80 µs
 of Python (dynamo's and inductor's wrappers), so only tensors of at least ``MIN_NUMEL`` elements
 take it; smaller ones keep the eager kernels (and sizes 0 and 1, which dynamo specializes, never
-reach the graph). Norms alone, or any single primitive, are one pass already and stay eager; so
-do complex gradients.
+reach the graph). There, norms alone, or any single primitive, are one pass already and stay
+eager; so do complex gradients. The native kernel takes norms alone too: its one call over all
+tensors reads them at the speed of one flat norm, where eager's call per tensor takes ~1.4x.
 
 Results equal the eager engine's: non-zero counts and max |x| exactly. Sums accumulate in float32
 (float64 for float64 gradients) on both paths, in another order (inductor's cascades of 4096
@@ -90,11 +91,13 @@ def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, forea
     """As :func:`layerwise._grad_kernels.block`, each tensor read once: on CPU (``_native.DTYPES``) all
     of them by the native kernel, elsewhere those of at least ``MIN_NUMEL`` elements by the compiled graph;
     the (primitives, tensors) float64 block is the same up to float32 rounding."""
-    if len(needed) == 1 or xs[0].is_complex():
-        return kernels.block(xs, needed, device, foreach)
     if device.type == "cpu" and xs[0].dtype in _native.DTYPES:  # every tensor, one call: see _native
+        if needed == ("sumsq",):  # a norm request: one stream, 1.0x one flat norm where eager takes 1.4x
+            return _native.sumsq(xs)[None]
         measured = _native.primitives(xs)
         return measured if needed == ORDER else measured[[ORDER.index(p) for p in needed]]
+    if len(needed) == 1 or xs[0].is_complex():
+        return kernels.block(xs, needed, device, foreach)
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]
     if not big:
         return kernels.block(xs, needed, device, foreach)

@@ -82,6 +82,24 @@ void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* 
     out[4 * t + 3] = isnan(sumsq) ? NAN : m;                                                 \
   }                                                                                          \
 }
+/* Σx² alone (a norm request): the statistics kernel's sum of squares, its only load a stream. */
+#define SUMSQ(NAME, T, ACC, LOAD)                                                            \
+void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* out) {     \
+  for (int64_t t = 0; t < count; ++t) {                                                      \
+    const T* restrict p = (const T*)ptrs[t];                                                 \
+    int64_t n = sizes[t], i = 0;                                                             \
+    double total = 0;                                                                        \
+    while (i + LANES <= n) {                                                                 \
+      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
+      ACC sq[LANES] = {0};                                                                   \
+      for (; i < end; i += LANES)                                                            \
+        for (int l = 0; l < LANES; ++l) { ACC v = LOAD(p[i + l]); sq[l] += v * v; }          \
+      for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
+    }                                                                                        \
+    for (; i < n; ++i) { ACC v = LOAD(p[i]); total += (double)v * v; }                       \
+    out[t] = total;                                                                          \
+  }                                                                                          \
+}
 /* Per pair of tensors a, b: Σb² while copying b into a (copy_), or Σ(b - a)² (distance_); STEP(k)
    does element k and gives the value to square. */
 #define PAIRWISE(NAME, T, ACC, A, STEP)                                                      \
@@ -128,6 +146,9 @@ void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const i
 KERNEL(primitives_float32, float, float, SAME, fabsf)
 KERNEL(primitives_float64, double, double, SAME, fabs)
 KERNEL(primitives_bfloat16, uint16_t, float, bf16, fabsf)
+SUMSQ(sumsq_float32, float, float, SAME)
+SUMSQ(sumsq_float64, double, double, SAME)
+SUMSQ(sumsq_bfloat16, uint16_t, float, bf16)
 PAIRWISE(copy_float32, float, float, float, COPY_F)
 PAIRWISE(copy_float64, double, double, double, COPY_F)
 PAIRWISE(copy_bfloat16, uint16_t, float, uint16_t, COPY_BF)
@@ -202,7 +223,7 @@ def _load() -> ctypes.CDLL:
                    "compile=False (the eager kernels give the same results).")
         raise MissingExtraError(_failed) from e
     for dtype in DTYPES:
-        for name, pointers in (("primitives", 1), ("copy", 2), ("distance", 2)):
+        for name, pointers in (("primitives", 1), ("sumsq", 1), ("copy", 2), ("distance", 2)):
             getattr(library, f"{name}_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
     for dtype in LERP_DTYPES:
         getattr(library, f"lerp_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_double]
@@ -217,6 +238,14 @@ def primitives(xs: list[Tensor]) -> Tensor:
     if not all(map(Tensor.is_contiguous, xs)):
         xs = [x.contiguous() for x in xs]
     return _launch("primitives", [xs], 4)
+
+
+def sumsq(xs: list[Tensor]) -> Tensor:
+    """Σx² of each CPU tensor of one dtype in ``DTYPES``, as a (len(xs),) float64 tensor: the sum of
+    squares of :func:`primitives`, its other three statistics left out (one stream, like a BLAS dot)."""
+    if not all(map(Tensor.is_contiguous, xs)):
+        xs = [x.contiguous() for x in xs]
+    return _launch("sumsq", [xs], 1)[0]
 
 
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
