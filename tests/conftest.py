@@ -22,6 +22,18 @@ def _kernel_cache(tmp_path_factory):
         os.environ["LAYERWISE_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
 
 
+@pytest.fixture
+def unpackaged(monkeypatch, tmp_path):
+    """As an install without the native kernels (no C compiler when setup.py ran): the default runs
+    torch's kernels, and compile=True builds them into ``tmp_path``."""
+    from layerwise import _native
+
+    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+    for name, value in (("_kernels", None), ("_packaged", False), ("_failed", None)):
+        monkeypatch.setattr(_native, name, value)
+    return tmp_path
+
+
 class Interleaved(nn.Module):
     """The mission's interleaved model: lstm1 and linear train, lstm2 may be frozen in between."""
 

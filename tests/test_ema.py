@@ -593,20 +593,15 @@ def test_compile_averages_bit_for_bit_as_torchs_lerp(layout, interleaved):
     assert eager.state_dict()["num_updates"] == native.state_dict()["num_updates"] == 9
 
 
-def test_compile_takes_a_bool_and_names_a_missing_compiler(tmp_path, monkeypatch):
-    from layerwise import _native
-
-    with pytest.raises(lw.OptionTypeError, match=r"EMA: compile='yes'"):
+def test_compile_takes_a_bool_or_none_and_names_a_missing_compiler(unpackaged, monkeypatch):
+    with pytest.raises(lw.OptionTypeError, match=r"EMA: compile='yes': pass None, True or False"):
         lw.EMA(nn.Linear(2, 2), compile="yes")
-    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(_native, "_library", None)
-    monkeypatch.setattr(_native, "_failed", None)
     net = nn.Linear(2, 2)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(lw.MissingExtraError, match=r"C compiler.*compile=False"):
+    with pytest.raises(lw.MissingExtraError, match=r"C compiler.*compile=None or False"):
         lw.EMA(net, compile=True)
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not any(tmp_path.iterdir())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and not any(unpackaged.iterdir())
 
 
 @pytest.mark.skipif(not _HAS_CC, reason="no C compiler")

@@ -98,61 +98,90 @@ def test_views_and_non_contiguous_tensors_are_read_as_their_elements():
 
 
 @needs_compiler
-def test_the_library_is_built_once_into_the_cache_and_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_library", None)
+def test_the_library_is_built_once_into_the_cache_and_reused(unpackaged, monkeypatch):
     x = [torch.randn(1000)]
     first = native.primitives(x)
-    built = list(tmp_path.iterdir())
-    assert len(built) == 1 and built[0].name.startswith("grad-primitives-") and built[0].suffix == ".so"
+    built = list(unpackaged.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("kernels-") and built[0].suffix == ".so"
 
     def no_compiler(*args, **kwargs):
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(native, "_library", None)  # a fresh process: finds the file, compiles nothing
+    monkeypatch.setattr(native, "_kernels", None)  # a fresh process: finds the file, compiles nothing
     monkeypatch.setattr(subprocess, "run", no_compiler)
     assert torch.equal(native.primitives(x), first)
-    assert list(tmp_path.iterdir()) == built
+    assert list(unpackaged.iterdir()) == built
 
 
 @needs_compiler
-def test_cc_may_carry_arguments_and_each_architecture_gets_its_own_file(tmp_path, monkeypatch):
+def test_cc_may_carry_arguments_and_each_architecture_gets_its_own_file(unpackaged, monkeypatch):
     compiler = next(filter(shutil.which, _COMPILERS))
-    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", f"{compiler} -O2")  # as make and setuptools take it
-    monkeypatch.setattr(native, "_library", None)
     assert native.primitives([torch.ones(40)])[0].item() == 40.0
     here = native._build()
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # the same cache seen from another machine
     there = native._build()
-    assert there != here and sorted(tmp_path.iterdir()) == sorted([here, there])
+    assert there != here and sorted(unpackaged.iterdir()) == sorted([here, there])
 
 
 @needs_compiler
-def test_a_cached_file_that_does_not_load_is_built_again(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_library", None)
+def test_a_cached_file_that_does_not_load_is_built_again(unpackaged, monkeypatch):
     cached = native._build()
     cached.write_bytes(b"\x7fELF cut short")  # a copy interrupted, or another machine's file
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_failed", None)
     assert native.primitives([torch.full((50,), -2.0)])[:, 0].tolist() == [200.0, -100.0, 50.0, 2.0]
     assert cached.stat().st_size > 1000
 
 
-def test_without_a_c_compiler_compile_true_names_the_fix_and_changes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERWISE_CACHE_DIR", str(tmp_path))
+def test_without_a_c_compiler_compile_true_names_the_fix_and_changes_nothing(unpackaged, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_failed", None)
     net = torch.nn.Linear(64, 64)
     net(torch.ones(1, 64)).sum().backward()
     before = net.weight.grad.clone()
     for _ in range(2):  # the second call is refused at once, from the first's verdict
-        with pytest.raises(lw.MissingExtraError, match=r"C compiler.*/nonexistent/cc.*compile=False"):
+        with pytest.raises(lw.MissingExtraError, match=r"C compiler.*/nonexistent/cc.*compile=None or False"):
             lw.grad_stats(net, compile=True)
-    assert torch.equal(net.weight.grad, before) and not any(tmp_path.iterdir())
+    assert torch.equal(net.weight.grad, before) and not any(unpackaged.iterdir())
     assert lw.grad_stats(net, stats="max_abs")["weight"]["max_abs"] == before.abs().max().item()
+
+
+@needs_compiler
+def test_an_install_with_a_c_compiler_carries_the_kernels_and_the_default_uses_them(monkeypatch):
+    """setup.py built them beside the package (make's editable install too): no compiler runs at all."""
+    assert native._from_package(), "setup.py built no native kernels: reinstall (make) and read its output"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a compiler ran"))
+    calls = []
+    monkeypatch.setattr(native, "primitives", lambda xs, real=native.primitives: calls.append(len(xs)) or real(xs))
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    net(torch.randn(4, 8)).square().mean().backward()
+    got, eager_stats = lw.grad_stats(net), lw.grad_stats(net, compile=False)
+    assert calls == [4]  # one call, every gradient
+    for (name, want), (got_name, value) in zip(eager_stats, got):
+        assert got_name == name and value == pytest.approx(want, rel=1e-5, abs=1e-7)
+    ema = lw.EMA(net, decay=0.9)
+    assert all(b.native is not None for b in ema._buckets) == native.lerps(None)
+
+
+def test_an_install_without_the_kernels_runs_torchs_and_never_compiles(unpackaged, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a compiler ran"))
+    monkeypatch.setattr(native, "primitives", lambda xs: pytest.fail("native kernels without an install"))
+    net = torch.nn.Linear(8, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    monitor, ema = lw.GradMonitor(net, every=1, optimizer=opt), lw.EMA(net, decay=0.5)
+    net(torch.randn(4, 8)).square().mean().backward()
+    want = net.weight.grad.norm().item()
+    assert lw.grad_stats(net)["weight"]["norm"] == pytest.approx(want)
+    opt.step()
+    ema.update()
+    assert monitor.history[0]["grad_norm"] == pytest.approx(want) and ema._buckets[0].native is None
+    assert not any(unpackaged.iterdir())
+
+
+@needs_compiler
+def test_a_packaged_library_built_from_another_source_is_never_used(monkeypatch):
+    for name, value in (("_kernels", None), ("_packaged", None), ("_failed", None)):
+        monkeypatch.setattr(native, name, value)
+    monkeypatch.setattr(native, "_source_hash", lambda: "0" * 64)  # _native.c edited since the install
+    assert not native.wanted(None) and native._kernels is None
 
 
 @needs_compiler

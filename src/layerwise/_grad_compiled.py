@@ -87,16 +87,18 @@ def _run(v: Tensor) -> Tensor:
     return out
 
 
-def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None) -> Tensor:
+def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, foreach: bool | None,
+          compile: bool | None = True) -> Tensor:
     """As :func:`layerwise._grad_kernels.block`, each tensor read once: on CPU (``_native.DTYPES``) all
-    of them by the native kernel, elsewhere those of at least ``MIN_NUMEL`` elements by the compiled graph;
-    the (primitives, tensors) float64 block is the same up to float32 rounding."""
-    if device.type == "cpu" and xs[0].dtype in _native.DTYPES:  # every tensor, one call: see _native
+    of them by the native kernel (with ``compile=None`` only where the package was built with it),
+    and with ``compile=True`` elsewhere those of at least ``MIN_NUMEL`` elements by the compiled
+    graph; the (primitives, tensors) float64 block is the same up to float32 rounding."""
+    if device.type == "cpu" and xs[0].dtype in _native.DTYPES and _native.wanted(compile):  # one call: see _native
         if needed == ("sumsq",):  # a norm request: one stream, 1.0x one flat norm where eager takes 1.4x
             return _native.sumsq(xs)[None]
         measured = _native.primitives(xs)
         return measured if needed == ORDER else measured[[ORDER.index(p) for p in needed]]
-    if len(needed) == 1 or xs[0].is_complex():
+    if compile is not True or len(needed) == 1 or xs[0].is_complex():
         return kernels.block(xs, needed, device, foreach)
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]
     if not big:

@@ -210,18 +210,20 @@ class Prims:
 
 
 def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
-                     foreach: bool | None, compile: bool = False) -> Prims:
+                     foreach: bool | None, compile: bool | None = None) -> Prims:
     """The ``needed`` primitives of each tensor's local part, on its device; sharded ones still unreduced.
 
     Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
-    unchanged; element counts come from the caller. ``compile``: one pass per tensor (``_grad_compiled.block``)."""
+    unchanged; element counts come from the caller. ``compile`` (see ``grad_stats``): one pass per
+    tensor where ``_grad_compiled.block`` has a kernel for it."""
     prims = Prims(needed, len(local))
     for key, idx in _groups(local, shards).items():
         device, dtype, _ = key
         xs = pick(local, idx)
         if not all(map(Tensor.numel, xs)):
             xs = [x if x.numel() else x.new_zeros(1) for x in xs]
-        prims.groups[key] = (idx, (_grad_compiled.block if compile else kernels.block)(xs, needed, device, foreach))
+        prims.groups[key] = (idx, kernels.block(xs, needed, device, foreach) if compile is False
+                             else _grad_compiled.block(xs, needed, device, foreach, compile))
     return prims
 
 
@@ -235,28 +237,28 @@ def _groups(tensors: Sequence[Tensor], shards: Sequence[tuple | None]) -> dict[t
 
 
 def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
-                    foreach: bool | None, compile: bool = False) -> Prims:
+                    foreach: bool | None, compile: bool | None = None) -> Prims:
     """Copy ``src`` into ``dst`` and return ``sumsq`` of each (local parts; reduce with :func:`reduce_shards`).
 
     A fused copy, then a fused norm of the copy, on every device: on CPU that beat measuring each
     piece of the copy in cache (bench_grad_stats' every=1 breakdown, same caches: 2.9-3.3% of a
-    step vs 3.5-3.6%, load 4-6); ``foreach=False`` still walks the pieces. ``compile``: on CPU the
-    native kernel copies and measures in one pass."""
+    step vs 3.5-3.6%, load 4-6); ``foreach=False`` still walks the pieces. Where ``_native.wanted(compile)``,
+    on CPU the native kernel copies and measures in one pass."""
     return _written_sumsq(dst, src, shards, foreach is not False, kernels.copy_sumsq, torch._foreach_copy_,
-                          _native.copy_sumsq if compile else None)
+                          _native.copy_sumsq if _native.wanted(compile) else None)
 
 
 def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shards: Sequence[tuple | None],
-                        foreach: bool | None, compile: bool = False) -> Prims:
+                        foreach: bool | None, compile: bool | None = None) -> Prims:
     """``sumsq`` of ``after - before`` per tensor (local parts; reduce with :func:`reduce_shards`).
 
     ``before`` may be overwritten. On CPU each piece's difference goes to one small scratch buffer
     that stays in cache and is measured there (nothing is written back to memory); elsewhere one
-    fused subtraction and one fused norm beat a launch per tensor. ``compile``: on CPU the native
-    kernel reads each pair once and writes nothing.
+    fused subtraction and one fused norm beat a launch per tensor. Where ``_native.wanted(compile)``,
+    on CPU the native kernel reads each pair once and writes nothing.
     """
     return _written_sumsq(before, after, shards, foreach, kernels.distance_sumsq, torch._foreach_sub_,
-                          _native.distance_sumsq if compile else None)
+                          _native.distance_sumsq if _native.wanted(compile) else None)
 
 
 def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],

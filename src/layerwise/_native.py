@@ -1,4 +1,4 @@
-"""Native CPU kernels behind ``compile=True``: each reads every tensor once, all tensors in one call.
+"""Native CPU kernels behind ``compile``: each reads every tensor once, all tensors in one call.
 
 The kernels: the gradient engine's statistics (:func:`primitives`), the monitor's weight snapshot
 (:func:`copy_sumsq`, copied and measured in one pass) and ‖Δw‖ (:func:`distance_sumsq`), and
@@ -12,14 +12,19 @@ benchmark model (2 vCPUs, 1 thread) its kernel runs at 2.5-3x one flat norm, wit
 eager engine, where this loop (32 independent lanes per statistic, which the C compiler
 vectorizes) runs at the speed of memory, 27 µs per MB in cache against 16 for a BLAS dot.
 
-Its ~70 lines of C are compiled once per machine by the system's C compiler (``$CC``, else
-``cc``/``gcc``/``clang``) in about half a second, with the vector instructions torch itself
-dispatches to on this CPU, into ``$LAYERWISE_CACHE_DIR`` (default ``~/.cache/layerwise``); the
-file's name hashes the source, compiler, flags, OS, architecture and ISA, it is published by one
-atomic rename, and a cached file that does not load is built again. It is called through
-``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1`` and enough
-elements, one call per thread over equal shares (ctypes releases the GIL), pieces of one tensor
-pooled after: 1.8x faster on 2 threads.
+Its ~100 lines of C (``_native.c``, instantiated for the baseline ISA, AVX2+FMA and AVX-512;
+each call takes the one torch itself dispatches to) are built with the package by ``setup.py``
+when a C compiler is there: then the default (``compile=None``) uses them, and nothing is ever
+compiled at run time. Without them, the default runs torch's kernels, and ``compile=True``
+builds the library once per machine with the system's C compiler (``$CC``, else
+``cc``/``gcc``/``clang``), in about a second, into ``$LAYERWISE_CACHE_DIR`` (default
+``~/.cache/layerwise``); the file's name hashes the source, compiler, flags, OS and
+architecture, it is published by one atomic rename, and a cached file that does not load is
+built again. A library built from another version of ``_native.c`` (an in-place build left
+behind by an edit) is never used: it names the hash of its source. The kernels are called
+through ``ctypes`` with all tensors' pointers at once; with ``torch.get_num_threads() > 1`` and
+enough elements, one call per thread over equal shares (ctypes releases the GIL), pieces of one
+tensor pooled after: 1.8x faster on 2 threads.
 
 Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
 elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
@@ -50,152 +55,85 @@ from torch import Tensor
 from ._tensors import laid_out_alike
 from .errors import GradError, MissingExtraError
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#define LANES 32
-#define BLOCK 4096
-#define KERNEL(NAME, T, ACC, LOAD, ABS)                                                       \
-void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* out) {     \
-  for (int64_t t = 0; t < count; ++t) {                                                      \
-    const T* restrict p = (const T*)ptrs[t];                                                 \
-    int64_t n = sizes[t], i = 0;                                                             \
-    double sumsq = 0, sum = 0, nonzero = 0;                                                  \
-    ACC top[LANES] = {0};                                                                    \
-    while (i + LANES <= n) {                                                                 \
-      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
-      ACC sq[LANES] = {0}, s[LANES] = {0}, nz[LANES] = {0};                                  \
-      for (; i < end; i += LANES)                                                            \
-        for (int l = 0; l < LANES; ++l) {                                                    \
-          ACC v = LOAD(p[i + l]), a = ABS(v);                                                \
-          sq[l] += v * v; s[l] += v; nz[l] += v != 0; top[l] = top[l] < a ? a : top[l];      \
-        }                                                                                    \
-      for (int l = 0; l < LANES; ++l) { sumsq += sq[l]; sum += s[l]; nonzero += nz[l]; }     \
-    }                                                                                        \
-    ACC m = 0;                                                                               \
-    for (int l = 0; l < LANES; ++l) m = m < top[l] ? top[l] : m;                             \
-    for (; i < n; ++i) {                                                                     \
-      ACC v = LOAD(p[i]), a = ABS(v);                                                        \
-      sumsq += (double)v * v; sum += v; nonzero += v != 0; m = m < a ? a : m;                \
-    }                                                                                        \
-    out[4 * t] = sumsq; out[4 * t + 1] = sum; out[4 * t + 2] = nonzero;                      \
-    out[4 * t + 3] = isnan(sumsq) ? NAN : m;                                                 \
-  }                                                                                          \
-}
-/* Σx² alone (a norm request): the statistics kernel's sum of squares, its only load a stream. */
-#define SUMSQ(NAME, T, ACC, LOAD)                                                            \
-void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* out) {     \
-  for (int64_t t = 0; t < count; ++t) {                                                      \
-    const T* restrict p = (const T*)ptrs[t];                                                 \
-    int64_t n = sizes[t], i = 0;                                                             \
-    double total = 0;                                                                        \
-    while (i + LANES <= n) {                                                                 \
-      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
-      ACC sq[LANES] = {0};                                                                   \
-      for (; i < end; i += LANES)                                                            \
-        for (int l = 0; l < LANES; ++l) { ACC v = LOAD(p[i + l]); sq[l] += v * v; }          \
-      for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
-    }                                                                                        \
-    for (; i < n; ++i) { ACC v = LOAD(p[i]); total += (double)v * v; }                       \
-    out[t] = total;                                                                          \
-  }                                                                                          \
-}
-/* Per pair of tensors a, b: Σb² while copying b into a (copy_), or Σ(b - a)² (distance_); STEP(k)
-   does element k and gives the value to square. */
-#define PAIRWISE(NAME, T, ACC, A, STEP)                                                      \
-void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const int64_t* sizes, \
-          double* out) {                                                                     \
-  for (int64_t t = 0; t < count; ++t) {                                                      \
-    A* restrict a = (A*)ptrs_a[t];                                                           \
-    const T* restrict b = (const T*)ptrs_b[t];                                               \
-    int64_t n = sizes[t], i = 0;                                                             \
-    double total = 0;                                                                        \
-    while (i + LANES <= n) {                                                                 \
-      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
-      ACC sq[LANES] = {0};                                                                   \
-      for (; i < end; i += LANES)                                                            \
-        for (int l = 0; l < LANES; ++l) { ACC v = STEP(i + l); sq[l] += v * v; }             \
-      for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
-    }                                                                                        \
-    for (; i < n; ++i) { ACC v = STEP(i); total += (double)v * v; }                          \
-    out[t] = total;                                                                          \
-  }                                                                                          \
-}
-static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uint32_t)h << 16 }; return x.f; }
-#define SAME(x) (x)
-/* STEP(k) is a comma expression: the copy stores element k of b into a, then yields it. */
-#define COPY_F(k) (a[k] = b[k], b[k])
-#define COPY_BF(k) (a[k] = b[k], bf16(b[k]))
-#define DIFF_F(k) (b[k] - a[k])
-#define DIFF_BF(k) (bf16(b[k]) - bf16(a[k]))
-/* torch's lerp_ bit for bit: fma(w, b - a, a) for |w| < 0.5, else fma(w - 1, b - a, b), as its vector kernel. */
-#define LERP(NAME, T, FMA)                                                                   \
-void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const int64_t* sizes, \
-          double weight) {                                                                   \
-  T w = (T)weight; /* torch converts the weight to the tensors' type, then picks the formula */ \
-  int small = fabs((double)w) < 0.5;                                                         \
-  T coeff = small ? w : w - (T)1;                                                            \
-  for (int64_t t = 0; t < count; ++t) {                                                      \
-    T* restrict a = (T*)ptrs_a[t];                                                           \
-    const T* restrict b = (const T*)ptrs_b[t];                                               \
-    int64_t n = sizes[t];                                                                    \
-    if (small) for (int64_t i = 0; i < n; ++i) a[i] = FMA(coeff, b[i] - a[i], a[i]);         \
-    else for (int64_t i = 0; i < n; ++i) a[i] = FMA(coeff, b[i] - a[i], b[i]);               \
-  }                                                                                          \
-}
-KERNEL(primitives_float32, float, float, SAME, fabsf)
-KERNEL(primitives_float64, double, double, SAME, fabs)
-KERNEL(primitives_bfloat16, uint16_t, float, bf16, fabsf)
-SUMSQ(sumsq_float32, float, float, SAME)
-SUMSQ(sumsq_float64, double, double, SAME)
-SUMSQ(sumsq_bfloat16, uint16_t, float, bf16)
-PAIRWISE(copy_float32, float, float, float, COPY_F)
-PAIRWISE(copy_float64, double, double, double, COPY_F)
-PAIRWISE(copy_bfloat16, uint16_t, float, uint16_t, COPY_BF)
-PAIRWISE(distance_float32, float, float, const float, DIFF_F)
-PAIRWISE(distance_float64, double, double, const double, DIFF_F)
-PAIRWISE(distance_bfloat16, uint16_t, float, const uint16_t, DIFF_BF)
-LERP(lerp_float32, float, fmaf)
-LERP(lerp_float64, double, fma)
-"""
 # The rows of the kernel's output, in the engine's canonical order (_grad_engine.PRIMITIVES).
 ORDER = ("sumsq", "sum", "nonzero", "max_abs")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 LERP_DTYPES = (torch.float32, torch.float64)  # torch rounds a bfloat16 lerp from float: not replayed here
 # torch's vector lerp fuses its multiply-add (as this loop does) only in its AVX2 and AVX-512 kernels.
 LERP_CAPABILITIES = ("AVX2", "AVX512")
-# Vector instructions by the capability torch dispatches to (its own kernels' choice on this CPU).
-_ISA = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"], "AVX2": ["-mavx2", "-mfma"]}
+# The kernels' instance for the vector ISA torch dispatches to on this CPU (its own kernels' choice).
+_SUFFIX = {"AVX512": "_avx512", "AVX2": "_avx2"}
+# Each kernel's dtypes and pointer arguments (besides its sizes and output).
+_SIGNATURES = (("primitives", DTYPES, 1), ("sumsq", DTYPES, 1), ("copy", DTYPES, 2), ("distance", DTYPES, 2))
 
+_SOURCE = Path(__file__).with_name("_native.c")
 _COMPILE_SECONDS = 300
-_library: ctypes.CDLL | None = None
+_kernels: dict[str, Callable] | None = None
+_packaged: bool | None = None  # whether the library built with the package loaded (None: not tried)
 _failed: str | None = None
 
 
+def wanted(compile: bool | None) -> bool:
+    """Whether a ``compile`` flag sends CPU work of ``DTYPES`` to these kernels: ``None`` (the default)
+    where they were built with the package, ``True`` always, building them now if needed (and raising
+    :class:`MissingExtraError` where that fails), ``False`` never."""
+    if compile is None:
+        return _from_package()
+    if compile:
+        _load()
+    return compile
+
+
+def lerps(compile: bool | None) -> bool:
+    """Whether :func:`lerp_plan` serves ``compile`` here: as :func:`wanted`, on a CPU where torch's own
+    ``lerp_`` fuses its multiply-add (``LERP_CAPABILITIES``), as the kernel's AVX2/AVX-512 instances do."""
+    return (wanted(compile) and torch.backends.cpu.get_cpu_capability() in LERP_CAPABILITIES
+            and "lerp_float32" in _kernels)
+
+
+def _source_hash() -> str:
+    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()
+
+
+def _from_package() -> bool:
+    """Load the library ``setup.py`` built beside the package, once; False where there is none (or it
+    is from another source: an in-place build older than ``_native.c``)."""
+    global _kernels, _packaged
+    if _packaged is None:
+        _packaged = False
+        try:
+            from . import _native_kernels  # an empty extension module: the kernels are for ctypes
+
+            library = ctypes.CDLL(_native_kernels.__file__)
+            if ctypes.c_char_p.in_dll(library, "layerwise_source_sha256").value.decode() == _source_hash():
+                _kernels, _packaged = _bind(library), True
+        except (ImportError, OSError, ValueError, AttributeError):
+            pass
+    return _packaged
+
+
 def _build(rebuild: bool = False) -> Path:
-    """The kernel's shared library, compiled into the cache on first use (or again when ``rebuild``)."""
+    """The kernels' shared library, compiled into the cache on first use (or again when ``rebuild``)."""
     compiler = shlex.split(os.environ.get("CC", "")) or [next(filter(shutil.which, ("cc", "gcc", "clang")), "cc")]
     if shutil.which(compiler[0]) is None:
         raise OSError(f"no C compiler found ({'CC=' + os.environ['CC'] if os.environ.get('CC') else 'cc, gcc, clang'})")
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags += _ISA.get(capability, [])
-    # One file per source, compiler, flags, OS, architecture and vector ISA: a cache shared by
-    # several machines (an NFS home) holds one for each.
-    key = "\0".join([_SOURCE, *compiler, *flags, sys.platform, platform.machine(), capability])
+    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]  # as setup.py's
+    source = _SOURCE.read_text()
+    # One file per source, compiler, flags, OS and architecture: a cache shared by several machines
+    # (an NFS home) holds one for each.
+    key = "\0".join([source, *compiler, *flags, sys.platform, platform.machine()])
     cache = Path(os.environ.get("LAYERWISE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or
                                                                Path.home() / ".cache") / "layerwise")
-    target = cache / f"grad-primitives-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+    target = cache / f"kernels-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
     if target.exists() and not rebuild:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
-        source, built = Path(work) / "primitives.c", Path(work) / target.name
-        source.write_text(_SOURCE)
+        copy, built = Path(work) / _SOURCE.name, Path(work) / target.name
+        copy.write_text(source)
         try:
-            done = subprocess.run([*compiler, *flags, str(source), "-o", str(built)], capture_output=True, text=True,
-                                  timeout=_COMPILE_SECONDS)
+            done = subprocess.run([*compiler, *flags, str(copy), "-o", str(built), "-lm"], capture_output=True,
+                                  text=True, timeout=_COMPILE_SECONDS)
         except subprocess.TimeoutExpired:
             raise OSError(f"{' '.join(compiler)} ran over {_COMPILE_SECONDS} s") from None
         if done.returncode != 0:
@@ -205,10 +143,11 @@ def _build(rebuild: bool = False) -> Path:
     return target
 
 
-def _load() -> ctypes.CDLL:
-    global _library, _failed
-    if _library is not None:
-        return _library
+def _load() -> dict[str, Callable]:
+    """The kernels by name (``primitives_float32``, ...): the package's, else built into the cache."""
+    global _kernels, _failed
+    if _kernels is not None or _from_package():
+        return _kernels
     if _failed is not None:
         raise MissingExtraError(_failed)
     try:
@@ -220,15 +159,26 @@ def _load() -> ctypes.CDLL:
     except OSError as e:
         _failed = (f"compile=True could not build its native CPU kernels: {e}. Install a C compiler "
                    "(gcc or clang, or set CC; LAYERWISE_CACHE_DIR names a writable folder for it), or pass "
-                   "compile=False (the eager kernels give the same results).")
+                   "compile=None or False (torch's kernels give the same results).")
         raise MissingExtraError(_failed) from e
-    for dtype in DTYPES:
-        for name, pointers in (("primitives", 1), ("sumsq", 1), ("copy", 2), ("distance", 2)):
-            getattr(library, f"{name}_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
-    for dtype in LERP_DTYPES:
-        getattr(library, f"lerp_{str(dtype)[6:]}").argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_double]
-    _library = library
-    return library
+    _kernels = _bind(library)
+    return _kernels
+
+
+def _bind(library: ctypes.CDLL) -> dict[str, Callable]:
+    """Each kernel's instance for this CPU's ISA, typed; the lerp only where it fuses as torch's does."""
+    suffix = _SUFFIX.get(torch.backends.cpu.get_cpu_capability(), "")
+    found = {name: getattr(library, name + suffix, None) or getattr(library, name) for name in (
+        f"{kernel}_{str(dtype)[6:]}" for kernel, dtypes, _ in _SIGNATURES for dtype in dtypes)}
+    for kernel, dtypes, pointers in _SIGNATURES:
+        for dtype in dtypes:
+            found[f"{kernel}_{str(dtype)[6:]}"].argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
+    for dtype in LERP_DTYPES if suffix else ():  # the vector instances only: the baseline's fma is libm's
+        lerp = getattr(library, f"lerp_{str(dtype)[6:]}{suffix}", None)
+        if lerp is not None:
+            lerp.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 3, ctypes.c_double]
+            found[f"lerp_{str(dtype)[6:]}"] = lerp
+    return found
 
 
 def primitives(xs: list[Tensor]) -> Tensor:
@@ -286,7 +236,7 @@ def _launch(name: str, tensors: list[list[Tensor]], columns: int, *scalars: floa
     """Run kernel ``name`` over lists of tensors (the kernel's pointer arguments, tensor i of each
     list alike) and ``scalars``, as ``(columns, tensors)`` float64: sums pooled, a 4th column
     (max |x|) maxed; with no columns the kernel only writes its first tensors."""
-    kernel = getattr(_load(), f"{name}_{str(tensors[0][0].dtype)[6:]}")
+    kernel = _load()[f"{name}_{str(tensors[0][0].dtype)[6:]}"]
     runs, owners = _runs(tensors)
     out = torch.empty(len(owners), columns, dtype=torch.float64)
     _run(kernel, runs, out, scalars)
@@ -302,12 +252,27 @@ def _launch(name: str, tensors: list[list[Tensor]], columns: int, *scalars: floa
 def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], None]:
     """:func:`lerp_` for tensors that stay where they are (``EMA`` checks that before every update),
     checked and laid out once: each call is one kernel call per thread, with no Python per tensor."""
-    kernel = getattr(_load(), f"lerp_{str(live[0].dtype)[6:]}")
-    runs, owners = _runs(_pairs(shadows, live, LERP_DTYPES))
-    none = torch.empty(len(owners), 0)
-    # Aliases of their own hold the memory the pointers name, whatever is later done to the tensors.
-    keep = [t.detach() for t in (*shadows, *live)]
-    return lambda weight, _keep=keep: _run(kernel, runs, none, (weight,))
+    return _LerpPlan(shadows, live)
+
+
+class _LerpPlan:
+    """A prebuilt :func:`lerp_`; pickled or deep-copied, it is planned again over the copied tensors."""
+
+    __slots__ = ("tensors", "kernel", "runs", "none", "keep")
+
+    def __init__(self, shadows: list[Tensor], live: list[Tensor]):
+        self.tensors = (shadows, live)
+        self.kernel = _load()[f"lerp_{str(live[0].dtype)[6:]}"]
+        self.runs, owners = _runs(_pairs(shadows, live, LERP_DTYPES))
+        self.none = torch.empty(len(owners), 0)
+        # Aliases of their own hold the memory the pointers name, whatever is later done to the tensors.
+        self.keep = [t.detach() for t in (*shadows, *live)]
+
+    def __call__(self, weight: float) -> None:
+        _run(self.kernel, self.runs, self.none, (weight,))
+
+    def __reduce__(self):
+        return lerp_plan, self.tensors
 
 
 def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[int]]:

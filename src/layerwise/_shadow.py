@@ -73,15 +73,15 @@ class Bucket:
         self.flat: tuple[torch.Tensor, torch.Tensor] | None = None
         self.native: Callable[[float], None] | None = None
 
-    def compile(self) -> None:
+    def compile(self, compile: bool | None) -> None:
         """Average with the native lerp (``_native.lerp_plan``: torch's ``lerp_`` bit for bit, in one pass)
-        where every (shadow, live) pair :func:`_native.fits` it (which rules out mixed dtypes and devices)."""
+        where ``_native.lerps(compile)`` and every (shadow, live) pair :func:`_native.fits` it (which rules
+        out mixed dtypes and devices)."""
         from . import _native
 
         shadow, live = self.pairs()
         self.native = None
-        if (torch.backends.cpu.get_cpu_capability() in _native.LERP_CAPABILITIES
-                and all(_native.fits(a, b, _native.LERP_DTYPES) for a, b in zip(shadow, live))):
+        if _native.lerps(compile) and all(_native.fits(a, b, _native.LERP_DTYPES) for a, b in zip(shadow, live)):
             self.native = _native.lerp_plan(shadow, live)
 
     def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

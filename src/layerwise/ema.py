@@ -63,10 +63,11 @@ class EMA:
     with every rank's model initialized alike: DDP copies rank 0's weights to every rank when it
     wraps, after an EMA made before has copied each rank's own.
     The average of a float16/bfloat16 model is kept in float32: with a
-    decay of 0.999 most half-precision updates would round away. ``compile=True`` averages
-    float32/float64 CPU weights with a C loop built on first use (as ``grad_stats(compile=True)``;
-    :class:`MissingExtraError` without a C compiler): bit for bit torch's ``lerp_``, whose CPU
-    kernel computes both of its formulas for every element, in 0.9x its time from memory (benchmarks/README.md).
+    decay of 0.999 most half-precision updates would round away. ``compile`` as in
+    :func:`grad_stats`: float32/float64 CPU weights are averaged by a C loop (by default where
+    installed with layerwise, on CPUs where torch's ``lerp_`` fuses its multiply-add): bit for bit
+    torch's ``lerp_``, whose CPU kernel computes both of its formulas for every element, in 0.9x
+    its time from memory (benchmarks/README.md).
 
     On an FSDP2 model (``fully_shard``) each shadow is a DTensor sharded like its parameter:
     a rank holds only its shard and ``update()`` runs no collective; ``state_dict()`` holds
@@ -98,7 +99,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.9999, *, warmup: int = 0, every: int = 1,
                  buffers: Literal["copy", "ema"] = "copy", select: Selector | Iterable[Selector] | None = None,
                  device: torch.device | str | None = None, foreach: bool | None = None,
-                 update_after_step: int | None = None, compile: bool = False):
+                 update_after_step: int | None = None, compile: bool | None = None):
         require_module(model, "EMA")
         self.decay, self.warmup, self.every = _check_decay(decay), _check_int("warmup", warmup, 0), _check_int(
             "every", every, 1)
@@ -108,7 +109,7 @@ class EMA:
             raise OptionError(f"EMA option buffers={buffers!r} must be 'copy' (copy them from the model) or 'ema'")
         if foreach not in (None, True, False):
             raise OptionTypeError(f"EMA option foreach={foreach!r} must be None, True or False")
-        require_flag(compile, "compile", "EMA")
+        require_flag(compile, "compile", "EMA", none=True)
         try:
             self.device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as e:
@@ -187,8 +188,8 @@ class EMA:
             bucket = Bucket([local(owner[i]) for owner, i in members], live, self.foreach)
             if flat_live is not None:
                 bucket.shadow, bucket.flat = [flat], (flat, flat_live)
-            if self.compile:
-                bucket.compile()
+            if self.compile is not False:
+                bucket.compile(self.compile)
             self._buckets.append(bucket)
         copied = [(self.shadow, self._params, i) for i, a in enumerate(averaged) if not a] + [
             (self.shadow_buffers, self._buffers, i) for i, f in enumerate(floats) if not f]
@@ -229,7 +230,7 @@ class EMA:
                 self._walk = _slots(self.model)
                 if self._signature()[2] != self._layout[2]:  # a shadow's memory was replaced (shadow.data = ...)
                     for bucket in [b for b in self._buckets if b.native is not None]:
-                        bucket.compile()
+                        bucket.compile(self.compile)
                     self._planned = planned(self._buckets)
                 self._layout = self._signature()
                 return

@@ -116,7 +116,8 @@ class GradMonitor:
     by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
 
     Sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) get the statistics of the full tensors.
-    ``compile=True``: gradients, weight snapshot and ‖Δw‖ in one pass each, by kernels built on first use (see :func:`grad_stats`).
+    ``compile`` as in :func:`grad_stats`: the native CPU kernels (by default, where installed with layerwise) read
+    the gradients, copy the weight snapshot and measure ‖Δw‖ in one pass each.
 
     Example:
         >>> import layerwise as lw, torch
@@ -134,11 +135,11 @@ class GradMonitor:
     def __init__(self, model: nn.Module, *selectors: Selector, every: int = 50, stats: str | Iterable[str] = STATS,
                  sinks: Sequence[Sink] = (), optimizer: torch.optim.Optimizer | None = None,
                  on_nonfinite: str = "raise", scaler: torch.amp.GradScaler | None = None, foreach: bool | None = None,
-                 flush_every: int = 50, compile: bool = False):
+                 flush_every: int = 50, compile: bool | None = None):
         require_module(model, "GradMonitor")
         for option, value in (("every", every), ("flush_every", flush_every)):
             require_int(value, option, "GradMonitor", 1, "every n-th step")
-        require_flag(compile, "compile", "GradMonitor")
+        require_flag(compile, "compile", "GradMonitor", none=True)
         require_flag(foreach, "foreach", "GradMonitor", none=True)
         if on_nonfinite not in ("raise", "warn", "ignore"):
             raise OptionError(f"on_nonfinite={on_nonfinite!r}: use 'raise', 'warn' or 'ignore'.")
