@@ -16,7 +16,7 @@ kernels = Extension(
     # The hash of the source: layerwise uses the library only while _native.c is the file it was built from.
     define_macros=[("LAYERWISE_EXTENSION", None), ("Py_LIMITED_API", "0x030A0000"),
                    ("LAYERWISE_SOURCE_SHA256", f'"{hashlib.sha256(Path(SOURCE).read_bytes()).hexdigest()}"')],
-    # -std=c99: ISO C, so the compiler contracts no multiply-add on its own (the lerp's fused ones are
-    # explicit, to give torch's bits); each vector ISA's instance is chosen in the source.
-    extra_compile_args=["-O3", "-std=c99"] if unix else [], libraries=["m"] if unix else [])
+    # No multiply-add contracted by the compiler (the lerp's fused ones are explicit, to give torch's
+    # bits; clang contracts by default); each vector ISA's instance is chosen in the source.
+    extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off"] if unix else [], libraries=["m"] if unix else [])
 setup(ext_modules=[kernels], options={"bdist_wheel": {"py_limited_api": "cp310"}})

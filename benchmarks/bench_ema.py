@@ -10,9 +10,11 @@ weights it averages read (the optimizer just wrote them) and the model's modules
 forward just ran through them); the averages come from memory. Without
 that, each call inherits whatever its predecessor left in the cache (480 MB of L3 here holds
 every copy), and the order of the calls decides the ratios.
-``compile=True`` (CPU) averages with layerwise's native lerp, bit for bit torch's: torch's CPU
-``lerp_`` computes both of its formulas for every element, so a flat ``lerp_`` is not the memory
-limit; the same flat buffer through the native kernel is ("native limit").
+By default (``compile=None``) lw averages with its native lerp where layerwise was installed with
+its kernels (CPU), bit for bit torch's: torch's CPU ``lerp_`` computes both of its formulas for
+every element, so a flat ``lerp_`` is not the memory limit; the same flat buffer through the
+native kernel is ("native limit"), and the default's own limit. ``compile=False`` (torch's
+``lerp_``) runs beside it, against torch's flat ``lerp_``.
 Three rounds of interleaved repeats; each round's medians are printed, then the range.
 Targets: lw >= 1.5x faster than AveragedModel(multi_avg_fn) in 3 of 3 rounds;
 lw on flat storage <= 1.05x the limit.
@@ -27,6 +29,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import layerwise as lw
+from layerwise import _native
 
 from _timing import compare, encoder, evicter, ms
 
@@ -40,13 +43,12 @@ def main(rounds: int = 3) -> None:
     numel = sum(p.numel() for p in model.parameters())
     decay = 0.999
 
+    # By default (compile=None) the native lerp where layerwise was installed with its kernels; compile=False
+    # keeps torch's lerp_. Both give the same bits.
     ema, ema_flat = lw.EMA(model, decay=decay), lw.EMA(flat_model, decay=decay)
-    native = device == "cpu"
-    if native:
-        from layerwise import _native
-
-        ema_native, ema_flat_native = lw.EMA(model, decay=decay, compile=True), lw.EMA(flat_model, decay=decay,
-                                                                                         compile=True)
+    ema_eager, ema_flat_eager = lw.EMA(model, decay=decay, compile=False), lw.EMA(flat_model, decay=decay,
+                                                                                  compile=False)
+    native = device == "cpu" and _native.lerps(None)
     swa_default = AveragedModel(model)
     swa_multi = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
     for averaged in (swa_default, swa_multi):
@@ -59,7 +61,7 @@ def main(rounds: int = 3) -> None:
 
     evict = evicter()
     model_of = {"lw": model, "lw_flat": flat_model, "swa_multi": model, "swa_default": model, "check": flat_model,
-                "lw_native": model, "lw_flat_native": flat_model}
+                "lw_eager": model, "lw_flat_eager": flat_model}
 
     def after_a_step(name: str) -> None:  # the step wrote the live weights and ran through every module
         evict()
@@ -73,53 +75,52 @@ def main(rounds: int = 3) -> None:
         "limit": timed(lambda: flat_ema.lerp_(flat_live, 1 - decay)),
         "lw": timed(ema.update),
         "lw_flat": timed(ema_flat.update),
+        "lw_eager": timed(ema_eager.update),
+        "lw_flat_eager": timed(ema_flat_eager.update),
         "swa_multi": timed(lambda: swa_multi.update_parameters(model)),
         "swa_default": timed(lambda: swa_default.update_parameters(model)),
         "check": ema_flat._check_unchanged,  # lw's fixed cost per update: is the model still the one tracked?
     }
     if native:
-        fns.update({"native_limit": timed(lambda: _native.lerp_([flat_ema], [flat_live], 1 - decay)),
-                    "lw_native": timed(ema_native.update), "lw_flat_native": timed(ema_flat_native.update)})
+        fns["native_limit"] = timed(lambda: _native.lerp_([flat_ema], [flat_live], 1 - decay))
+    kernels = "native lerp, installed with layerwise" if native else "torch's lerp_"
     print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads; "
-          f"{numel / 1e6:.2f} M parameters in {len(list(model.parameters()))} tensors")
+          f"{numel / 1e6:.2f} M parameters in {len(list(model.parameters()))} tensors; by default: {kernels}")
     results = []
     for r in range(rounds):
         t = compare(fns, repeats=30, warmup=3, between=after_a_step)
+        t["own_limit"] = t["native_limit"] if native else t["limit"]  # the limit of the default's kernel
         results.append(t)
         traffic = 3 * 4 * numel
-        print(f"round {r + 1}: limit {ms(t['limit'])} ({traffic / t['limit'] / 1e9:.1f} GB/s) | "
-              f"lw {ms(t['lw'])} = {t['lw'] / t['limit']:.2f}x limit | "
-              f"lw flat {ms(t['lw_flat'])} = {t['lw_flat'] / t['limit']:.3f}x limit | "
+        print(f"round {r + 1}: limit {ms(t['own_limit'])} ({traffic / t['own_limit'] / 1e9:.1f} GB/s) | "
+              f"lw {ms(t['lw'])} = {t['lw'] / t['own_limit']:.2f}x limit | "
+              f"lw flat {ms(t['lw_flat'])} = {t['lw_flat'] / t['own_limit']:.3f}x limit | "
               f"AveragedModel(multi) {ms(t['swa_multi'])}: lw {t['swa_multi'] / t['lw']:.2f}x faster | "
               f"AveragedModel() {ms(t['swa_default'])}: lw {t['swa_default'] / t['lw']:.1f}x faster")
-        if native:
-            print(f"         native limit {ms(t['native_limit'])} ({traffic / t['native_limit'] / 1e9:.1f} GB/s) | "
-                  f"lw compile=True {ms(t['lw_native'])} = {t['lw_native'] / t['native_limit']:.2f}x native limit: "
-                  f"AveragedModel(multi) {t['swa_multi'] / t['lw_native']:.2f}x slower | flat "
-                  f"{ms(t['lw_flat_native'])} = {t['lw_flat_native'] / t['native_limit']:.3f}x native limit")
+        print(f"         compile=False: torch lerp_ limit {ms(t['limit'])} | lw {ms(t['lw_eager'])} = "
+              f"{t['lw_eager'] / t['limit']:.2f}x its limit, AveragedModel(multi) {t['swa_multi'] / t['lw_eager']:.2f}x "
+              f"slower | flat {ms(t['lw_flat_eager'])} = {t['lw_flat_eager'] / t['limit']:.3f}x its limit")
 
     def spread(f) -> str:
         values = sorted(f(t) for t in results)
         return f"median {values[len(values) // 2]:.3f} (range {values[0]:.3f}-{values[-1]:.3f})"
 
     faster = [t["swa_multi"] / t["lw"] for t in results]
-    print(f"lw ÷ limit:                   {spread(lambda t: t['lw'] / t['limit'])}")
-    print(f"lw flat ÷ limit:              {spread(lambda t: t['lw_flat'] / t['limit'])}   target <= 1.05")
+    print(f"by default ({kernels}):")
     print(f"AveragedModel(multi) ÷ lw:    {spread(lambda t: t['swa_multi'] / t['lw'])}   target >= 1.5 in "
           f"{rounds} of {rounds}: {sum(f >= 1.5 for f in faster)} of {rounds}")
-    print(f"AveragedModel(multi) ÷ limit: {spread(lambda t: t['swa_multi'] / t['limit'])}   "
-          "(torch's flat lerp_: the most an EMA built on it can gain)")
+    print(f"lw ÷ limit:                   {spread(lambda t: t['lw'] / t['own_limit'])}")
+    print(f"lw flat ÷ limit:              {spread(lambda t: t['lw_flat'] / t['own_limit'])}   target <= 1.05")
     print(f"AveragedModel() ÷ lw:         {spread(lambda t: t['swa_default'] / t['lw'])}")
-    print(f"lw's change check ÷ limit:    {spread(lambda t: t['check'] / t['limit'])}   "
+    print(f"lw's change check ÷ limit:    {spread(lambda t: t['check'] / t['own_limit'])}   "
           f"({ms(sorted(t['check'] for t in results)[len(results) // 2])} per update)")
+    print("compile=False (torch's lerp_):")
+    print(f"AveragedModel(multi) ÷ lw:    {spread(lambda t: t['swa_multi'] / t['lw_eager'])}")
+    print(f"lw ÷ torch's flat lerp_:      {spread(lambda t: t['lw_eager'] / t['limit'])}")
+    print(f"lw flat ÷ torch's flat lerp_: {spread(lambda t: t['lw_flat_eager'] / t['limit'])}")
+    print(f"AveragedModel(multi) ÷ torch's flat lerp_: {spread(lambda t: t['swa_multi'] / t['limit'])}   "
+          "(the most an EMA built on torch's lerp_ can gain)")
     if native:
-        faster = [t["swa_multi"] / t["lw_native"] for t in results]
-        print("with compile=True (native lerp, bit for bit torch's):")
-        print(f"AveragedModel(multi) ÷ lw:    {spread(lambda t: t['swa_multi'] / t['lw_native'])}   target >= 1.5 in "
-              f"{rounds} of {rounds}: {sum(f >= 1.5 for f in faster)} of {rounds}")
-        print(f"lw ÷ native limit:            {spread(lambda t: t['lw_native'] / t['native_limit'])}")
-        print(f"lw flat ÷ native limit:       {spread(lambda t: t['lw_flat_native'] / t['native_limit'])}   "
-              "target <= 1.05")
         print(f"native limit ÷ torch lerp_:   {spread(lambda t: t['native_limit'] / t['limit'])}")
         # Every EMA moves the same bytes: about the most any can gain over AveragedModel(multi) here (the
         # 144 separate tensors sometimes stream a little faster than the one flat pair of the limit).

@@ -21,6 +21,8 @@ that read the same memory finds it in cache, one after a call that wrote 100 MB 
   memory it must move (gradients and weights read once; with the update ratio, the weights
   also copied, then read with their copy).
 
+Each lw call runs by default (``compile=None``: the native kernels where layerwise was installed
+with them, as the first line printed says) and with ``compile=False`` (torch's kernels).
 The monitors write to a sink that keeps nothing, so that every log step's rows are built, as
 for any real sink. ``--compile`` adds ``compile=True`` beside each (``grad_stats``, the monitors),
 the breakdown of every=1 by component (statistics, weight snapshot with its norms, ‖Δw‖, the
@@ -42,6 +44,7 @@ import tempfile
 import torch
 
 import layerwise as lw
+from layerwise import _native
 
 from _timing import compare, encoder, evicter, ms
 
@@ -51,6 +54,8 @@ ROUNDS = 3
 COLD = "--cold" in sys.argv
 COMPILE = "--compile" in sys.argv
 EVICT = evicter()
+KERNELS = ("native C, installed with layerwise" if _native.wanted(None) and DEVICE.type == "cpu"
+           else "torch's (layerwise was installed without its native kernels)" if DEVICE.type == "cpu" else "torch's")
 
 
 def sync() -> None:
@@ -128,7 +133,8 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
     if DEVICE.type == "cpu":
         fns["in cache torch"] = lambda: kernels._in_cache_torch(grads, need, acc)
         fns["in cache lw"] = lambda: kernels._in_cache(grads, need, acc)
-    fns["lw engine"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None), sync())
+    fns["lw engine"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None, False), sync())
+    fns["lw default"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None, None), sync())
     if COMPILE:
         fns["lw compiled"] = lambda: (engine.local_primitives(grads, [None] * len(grads), need, None, True), sync())
     t = compare(fns, repeats=7, warmup=1, between=warm)
@@ -143,7 +149,8 @@ def kernel_table(grads: list[torch.Tensor]) -> None:
     if DEVICE.type == "cpu":
         print(f"  all four per tensor in cache, torch      {t['in cache torch'] / t['flat']:6.2f}")
         print(f"  all four per tensor in cache, lw's path  {t['in cache lw'] / t['flat']:6.2f}   (dot; sum; NumPy max/min, count)")
-    print(f"  the engine as called (all four)          {t['lw engine'] / t['flat']:6.2f}")
+    print(f"  the engine, compile=False (all four)     {t['lw engine'] / t['flat']:6.2f}")
+    print(f"  the engine by default                    {t['lw default'] / t['flat']:6.2f}   ({KERNELS})")
     if COMPILE:
         kernel = "native C kernel, one call" if DEVICE.type == "cpu" else "torch.compile"
         print(f"  the same, compile=True                   {t['lw compiled'] / t['flat']:6.2f}   ({kernel})")
@@ -159,21 +166,21 @@ class NullSink:
         pass
 
 
-def monitor_parts(monitor: lw.GradMonitor, params: list, compile: bool) -> dict:
+def monitor_parts(monitor: lw.GradMonitor, params: list, compile: bool | None) -> dict:
     """Each component of one every=1 log step with an optimizer, run as the monitor runs it."""
     from layerwise import _grad_engine as engine
 
     grads, weights = [p.grad for p in params], [p.detach() for p in params]
     shards = [None] * len(params)
     snapshot = [torch.empty_like(w) for w in weights]
-    prims = engine.local_primitives(grads, shards, monitor._needed, None)
+    prims = engine.local_primitives(grads, shards, monitor._needed, None, compile)
     record = monitor._done[-1]  # a log step already on the host: its rows, and its transfer again
     tensors = [t.to(DEVICE) for t in record.tensors()]
     return {
         "part_stats": lambda: (engine.local_primitives(grads, shards, monitor._needed, None, compile), sync()),
         "part_snapshot": lambda: (engine.copy_primitives(snapshot, weights, shards, None, compile), sync()),
         # The alternative on CPU (the default before this measurement): each piece copied, then measured in cache.
-        "part_snapshot_pieces": lambda: (engine.copy_primitives(snapshot, weights, shards, False), sync()),
+        "part_snapshot_pieces": lambda: (engine.copy_primitives(snapshot, weights, shards, False, False), sync()),
         "part_delta": lambda: (engine.distance_primitives(snapshot, weights, shards, None, compile), sync()),
         "part_flag": lambda: bool(torch.cat([b[-1] for b in prims.tensors()]).isfinite().all()),
         "part_rows": lambda: (engine.to_host(tensors), monitor._rows(record)),
@@ -191,8 +198,10 @@ def one_round(model, x, flat) -> dict[str, float]:
 
     fns = {
         "lw": lambda: (lw.grad_stats(model), sync()),
+        "lw_eager": lambda: (lw.grad_stats(model, compile=False), sync()),
         "naive": lambda: naive(model),
         "lw_norm": lambda: (lw.grad_stats(model, stats="norm"), sync()),
+        "lw_norm_eager": lambda: (lw.grad_stats(model, stats="norm", compile=False), sync()),
         "lightning": lambda: lightning_like(model),
         "limit": lambda: flat_limit(flat),
         "flat_norm": lambda: flat.norm().item(),
@@ -200,7 +209,6 @@ def one_round(model, x, flat) -> dict[str, float]:
     }
     if COMPILE:
         fns["lw_compiled"] = lambda: (lw.grad_stats(model, compile=True), sync())
-        fns["lw_norm_compiled"] = lambda: (lw.grad_stats(model, stats="norm", compile=True), sync())
     t = compare(fns, repeats=9, between=same_caches)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
@@ -221,7 +229,7 @@ def one_round(model, x, flat) -> dict[str, float]:
         sync()
 
     sink = [NullSink()]
-    variants = {"": False, "_compiled": True} if COMPILE else {"": False}
+    variants = {"": None, "_eager": False, **({"_compiled": True} if COMPILE else {})}
     monitors, steps = [], {"step": train_step}
     for suffix, compiled in variants.items():
         no_step = NoStep(params)  # one per monitor: each times its own hooks
@@ -237,9 +245,9 @@ def one_round(model, x, flat) -> dict[str, float]:
     share = compare({**steps, "floor": floor, "floor_no_opt": lambda: (flat.norm(), weights.norm(), sync())},
                     repeats=7, warmup=1)
     if COMPILE:  # each component from the same caches: after an evicting read, the gradients just written
-        compiled = monitor_parts(monitors[0], params, True)
+        default = monitor_parts(monitors[0], params, None)
         parts = {**monitor_parts(monitors[0], params, False),
-                 **{f"{k}_compiled": compiled[k] for k in ("part_stats", "part_snapshot", "part_delta")}}
+                 **{f"{k}_default": default[k] for k in ("part_stats", "part_snapshot", "part_delta")}}
         share.update(compare(parts, repeats=7, warmup=1, between=lambda name: (EVICT(), torch._foreach_norm(grads))))
     for monitor in monitors:
         monitor.remove()
@@ -265,7 +273,7 @@ def one_large_gradient() -> list[dict[str, float]]:
         sync()
 
     fns = {"norm": lambda: (grad[0].norm(), sync()),
-           "eager": lambda: (engine.local_primitives(grad, [None], engine.PRIMITIVES, None), sync()),
+           "eager": lambda: (engine.local_primitives(grad, [None], engine.PRIMITIVES, None, False), sync()),
            "compiled": lambda: (engine.local_primitives(grad, [None], engine.PRIMITIVES, None, True), sync())}
     return [compare(fns, repeats=5, warmup=1, between=same_caches) for _ in range(ROUNDS)]
 
@@ -302,52 +310,47 @@ def main() -> None:
     print(f"one flat.norm() {ms(statistics.median(r['flat_norm'] for r in rounds)).strip()}, "
           f"lw.grad_stats {ms(statistics.median(r['lw'] for r in rounds)).strip()}, "
           f"training step {ms(statistics.median(r['step'] for r in rounds)).strip()}")
+    print(f"kernels by default (compile=None): {KERNELS}")
     show("lw.grad_stats, 5 stats ÷ one flat norm", [r["lw"] / r["flat_norm"] for r in rounds], note="   target <= 2")
+    show("  compile=False (torch's kernels)", [r["lw_eager"] / r["flat_norm"] for r in rounds])
     show("  ÷ one pass over the 144 tensors (_foreach_norm)", [r["lw"] / r["one_pass"] for r in rounds])
     show("lw.grad_stats ÷ the 5 stats over the flat buffer", [r["lw"] / r["limit"] for r in rounds])
     show("naive per-parameter loop ÷ lw.grad_stats", [r["naive"] / r["lw"] for r in rounds])
     show("Lightning-style grad_norm ÷ lw (norm only)", [r["lightning"] / r["lw_norm"] for r in rounds],
          note="   target >= 1.2")
+    show("  compile=False", [r["lightning"] / r["lw_norm_eager"] for r in rounds])
     show("lw norm only ÷ one flat norm", [r["lw_norm"] / r["flat_norm"] for r in rounds])
-    if COMPILE:
-        show("Lightning-style grad_norm ÷ lw (norm only, compile=True)",
-             [r["lightning"] / r["lw_norm_compiled"] for r in rounds], note="   target >= 1.2")
-        show("  lw norm only, compile=True ÷ one flat norm", [r["lw_norm_compiled"] / r["flat_norm"] for r in rounds])
+    show("  compile=False", [r["lw_norm_eager"] / r["flat_norm"] for r in rounds])
     # Both read every gradient once, so no norm can beat the Lightning loop by more than that loop's own
     # distance from one flat norm: the ceiling of the speed-up on this device.
     show("  Lightning-style ÷ one flat norm (the ceiling)", [r["lightning"] / r["flat_norm"] for r in rounds])
-    show("GradMonitor every=1, share of a step", [r["share_every_1"] for r in rounds], "{:6.2%}", "   target <= 3%")
-    show("  the same without optimizer (no Δw)", [r["share_every_1_no_opt"] for r in rounds], "{:6.2%}",
-         "   target <= 3%")
-    show("  without optimizer, stats='norm'", [r["share_every_1_norm_no_opt"] for r in rounds], "{:6.2%}",
-         "   target <= 3%")
-    if COMPILE:
-        show("GradMonitor every=1, compile=True", [r["share_every_1_compiled"] for r in rounds], "{:6.2%}",
+    for suffix, label in (("", ""), ("_eager", ", compile=False"), *((("_compiled", ", compile=True"),) if COMPILE else ())):
+        show(f"GradMonitor every=1{label}, share of a step", [r[f"share_every_1{suffix}"] for r in rounds], "{:6.2%}",
              "   target <= 3%")
-        show("  the same without optimizer (no Δw)", [r["share_every_1_no_opt_compiled"] for r in rounds],
-             "{:6.2%}", "   target <= 3%")
-        show("  without optimizer, stats='norm'", [r["share_every_1_norm_no_opt_compiled"] for r in rounds],
-             "{:6.2%}", "   target <= 3%")
+        show("  the same without optimizer (no Δw)", [r[f"share_every_1_no_opt{suffix}"] for r in rounds], "{:6.2%}",
+             "   target <= 3%")
+        show("  without optimizer, stats='norm'", [r[f"share_every_1_norm_no_opt{suffix}"] for r in rounds], "{:6.2%}",
+             "   target <= 3%")
     show("  its floor (gradients and weights read once)", [r["share_floor_no_opt"] for r in rounds], "{:6.2%}")
     show("  its floor (memory moved, as flat kernels)", [r["share_floor"] for r in rounds], "{:6.2%}")
     show("  the 5 stats over one flat buffer", [r["limit"] / r["step"] for r in rounds], "{:6.2%}")
     show("GradMonitor every=50, share of a step", [r["share_every_50"] for r in rounds], "{:6.2%}")
     if COMPILE:
         print("GradMonitor every=1 with optimizer, by component (share of a step):")
-        parts = {"part_stats": "statistics of the gradients (eager)", "part_stats_compiled": "  the same, compiled",
-                 "part_snapshot": "weight snapshot: fused copy, fused norm",
+        parts = {"part_stats": "statistics of the gradients (compile=False)", "part_stats_default": "  by default",
+                 "part_snapshot": "weight snapshot: fused copy, fused norm (compile=False)",
                  "part_snapshot_pieces": "  the same, each piece measured in cache",
-                 "part_snapshot_compiled": "  the same, compiled (copy and norm in one pass)",
-                 "part_delta": "‖Δw‖ after the step", "part_delta_compiled": "  the same, compiled",
+                 "part_snapshot_default": "  by default (native: copy and norm in one pass)",
+                 "part_delta": "‖Δw‖ after the step (compile=False)", "part_delta_default": "  by default",
                  "part_flag": "non-finite flag (one host read)", "part_rows": "rows and transfer"}
         for key, label in parts.items():
             show(f"  {label}", [r[f"share_{key}"] for r in rounds], "{:6.2%}")
         show("lw.grad_stats(compile=True) ÷ one flat norm", [r["lw_compiled"] / r["flat_norm"] for r in rounds],
              note="   target <= 2")
-        show("  ÷ lw.grad_stats (eager)", [r["lw_compiled"] / r["lw"] for r in rounds])
+        show("  ÷ lw.grad_stats (compile=False)", [r["lw_compiled"] / r["lw_eager"] for r in rounds])
         large = one_large_gradient()
-        show("one 131 MB gradient, 4 primitives eager ÷ its norm", [r["eager"] / r["norm"] for r in large])
-        show("  compiled ÷ its norm", [r["compiled"] / r["norm"] for r in large], note="   target <= 2")
+        show("one 131 MB gradient, 4 primitives compile=False ÷ its norm", [r["eager"] / r["norm"] for r in large])
+        show("  compile=True ÷ its norm", [r["compiled"] / r["norm"] for r in large], note="   target <= 2")
         cold, warm = compile_seconds()
         print(f"compile=True, first call in a fresh process: {cold:.1f} s with an empty kernel cache, "
               f"{warm:.1f} s with a warm one")

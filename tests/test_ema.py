@@ -580,16 +580,19 @@ def test_compile_averages_bit_for_bit_as_torchs_lerp(layout, interleaved):
     if layout in ("float64", "bfloat16"):
         model.to(getattr(torch, layout))
     options = {"warmup": 6, "update_after_step": 1, "select": "lstm*" if layout == "subset" else None}
-    eager, native = lw.EMA(model, decay=0.99, **options), lw.EMA(model, decay=0.99, compile=True, **options)
+    eager, native = lw.EMA(model, decay=0.99, compile=False, **options), lw.EMA(model, decay=0.99, compile=True,
+                                                                                 **options)
+    default = lw.EMA(model, decay=0.99, **options)  # native where installed with layerwise
     if layout in ("plain", "flat", "float64", "subset"):
         assert all(b.native is not None for b in native._buckets)
+    assert all(b.native is None for b in eager._buckets)
     for _ in range(9):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
-        eager.update()
-        native.update()
-    assert all(torch.equal(a, b) for a, b in zip(eager.shadow, native.shadow))
+        for ema in (eager, native, default):
+            ema.update()
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(eager.shadow, native.shadow, default.shadow))
     assert eager.state_dict()["num_updates"] == native.state_dict()["num_updates"] == 9
 
 
@@ -610,7 +613,7 @@ def test_compile_matches_torch_where_the_lerp_weight_rounds_to_one_half(decay):
     """torch rounds the weight to the tensors' dtype before choosing its formula; so does the native lerp."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 200), nn.Linear(200, 3))
-    eager, native = lw.EMA(model, decay=decay), lw.EMA(model, decay=decay, compile=True)
+    eager, native = lw.EMA(model, decay=decay, compile=False), lw.EMA(model, decay=decay, compile=True)
     for _ in range(3):
         with torch.no_grad():
             for p in model.parameters():
@@ -646,8 +649,8 @@ def test_a_shadow_given_new_memory_is_averaged_there(how):
 @pytest.mark.skipif(not _HAS_CC, reason="no C compiler")
 def test_compile_keeps_torchs_kernels_where_torch_does_not_fuse_its_lerp(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2: unfused in torch
-    ema = lw.EMA(nn.Linear(4, 4), compile=True)
-    assert all(b.native is None for b in ema._buckets)
+    emas = [lw.EMA(nn.Linear(4, 4), compile=c) for c in (None, True)]
+    assert all(b.native is None for ema in emas for b in ema._buckets)
 
 
 def fsdp_ema_compiled(rank, world_size):

@@ -13,15 +13,16 @@ from layerwise._grad_engine import (
     copy_primitives,
     distance_primitives,
     local_primitives,
-    primitives,
+    local_tensors,
     to_host,
 )
 from layerwise._grad_kernels import _SMALL
 
 
-def test_primitives_of_a_sparse_gradient_are_those_of_its_dense_form():
+@pytest.mark.parametrize("compile", [False, None])
+def test_primitives_of_a_sparse_gradient_are_those_of_its_dense_form(compile):
     sparse = torch.sparse_coo_tensor([[1, 1, 3]], [[2.0, 0.0], [-1.0, 0.0], [0.0, 5.0]], (4, 2))
-    prims = primitives([sparse], ["w"], PRIMITIVES)
+    prims = local_primitives(*local_tensors([sparse], ["w"]), PRIMITIVES, None, compile)
     prims.load(to_host(prims.tensors()))
     values = {name: v.item() for name, v in prims.values().items()}
     assert values == pytest.approx({"sumsq": 26.0, "sum": 6.0, "nonzero": 2.0, "max_abs": 5.0}, rel=1e-7)
@@ -38,7 +39,7 @@ def definition(x: torch.Tensor) -> dict[str, float]:
 
 
 def engine_values(tensors: list[torch.Tensor], foreach=None) -> list[dict[str, float]]:
-    prims = local_primitives(tensors, [None] * len(tensors), PRIMITIVES, foreach)
+    prims = local_primitives(tensors, [None] * len(tensors), PRIMITIVES, foreach, False)
     values = {k: v.tolist() for k, v in prims.values().items()}
     return [{k: values[k][i] for k in PRIMITIVES} for i in range(len(tensors))]
 
@@ -102,13 +103,13 @@ def test_copy_and_distance_primitives_are_the_weights_and_update_norms():
     weights = [torch.randn(n, generator=gen) for n in (3, 40_000)] + [torch.randn(50, 40, generator=gen).t()]
     for foreach in (None, True, False):
         buffers = [torch.empty_like(w) for w in weights]
-        copied = copy_primitives(buffers, weights, [None] * 3, foreach).values()["sumsq"]
+        copied = copy_primitives(buffers, weights, [None] * 3, foreach, False).values()["sumsq"]
         assert all(torch.equal(b, w) for b, w in zip(buffers, weights))
         assert copied.tolist() == pytest.approx([w.double().square().sum().item() for w in weights], rel=1e-6)
     after = [w + 0.01 * torch.randn(w.shape, generator=gen) for w in weights]
     for foreach in (None, True, False):
         before = [b.clone() for b in buffers]
-        moved = distance_primitives(before, after, [None] * 3, foreach).values()["sumsq"]
+        moved = distance_primitives(before, after, [None] * 3, foreach, False).values()["sumsq"]
         want = [(a.double() - w.double()).square().sum().item() for a, w in zip(after, weights)]
         assert moved.tolist() == pytest.approx(want, rel=1e-4)
 
@@ -135,11 +136,11 @@ def test_copy_and_distance_of_tensors_in_pieces_pool_exactly(monkeypatch):
     weights = [torch.randn(3 * _SMALL + 7, generator=gen), torch.randn(4, generator=gen),
                torch.randn(2 * _SMALL, 3, generator=gen).t()]  # large, small, large and strided
     buffers = [torch.empty_like(w) for w in weights]
-    copied = copy_primitives(buffers, weights, [None] * 3, False).values()["sumsq"]
+    copied = copy_primitives(buffers, weights, [None] * 3, False, False).values()["sumsq"]
     assert all(torch.equal(b, w) for b, w in zip(buffers, weights))
     assert copied.tolist() == pytest.approx([w.double().square().sum().item() for w in weights], rel=1e-6)
     after = [w + torch.randn(w.shape, generator=gen) for w in weights]
-    moved = distance_primitives(buffers, after, [None] * 3, None).values()["sumsq"]
+    moved = distance_primitives(buffers, after, [None] * 3, None, False).values()["sumsq"]
     want = [(a.double() - w.double()).square().sum().item() for a, w in zip(after, weights)]
     assert moved.tolist() == pytest.approx(want, rel=1e-5)
 
@@ -149,6 +150,6 @@ def test_cpu_primitives_asked_for_alone_are_those_of_the_full_set():
     tensors = [torch.randn(n, generator=gen) for n in (5, 7, 3 * _SMALL)]
     full = engine_values(tensors)
     for name in PRIMITIVES:
-        alone = local_primitives(tensors, [None] * 3, (name,), None).values()[name].tolist()
+        alone = local_primitives(tensors, [None] * 3, (name,), None, False).values()[name].tolist()
         # Norms alone take _foreach_norm, whose float32 sums may split across threads: not bit-equal to the dot.
         assert alone == pytest.approx([f[name] for f in full], rel=1e-5)

@@ -191,13 +191,13 @@ def test_grad_stats_with_compile_equals_eager_for_each_dtype(dtype):
     net = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.ReLU(), torch.nn.Linear(200, 3)).to(dtype)
     net(torch.randn(16, 300, dtype=dtype)).square().mean().backward()
     net[2].bias.grad.zero_()
-    eager_stats, compiled = lw.grad_stats(net, by="module"), lw.grad_stats(net, by="module", compile=True)
+    eager_stats, compiled = lw.grad_stats(net, by="module", compile=False), lw.grad_stats(net, by="module", compile=True)
     assert compiled.dead == eager_stats.dead == [] and list(compiled) != []
     for (name, want), (got_name, got) in zip(eager_stats, compiled):
         assert got_name == name
         assert got["max_abs"] == want["max_abs"] and got["zero_frac"] == want["zero_frac"]
         assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
-    norms, want = lw.grad_stats(net, stats="norm", compile=True), lw.grad_stats(net, stats="norm")  # norm-only kernel
+    norms, want = lw.grad_stats(net, stats="norm", compile=True), lw.grad_stats(net, stats="norm", compile=False)
     assert [name for name, _ in norms] == [name for name, _ in want] and len(want.to_dict()) == 4
     for (_, got), (_, expected) in zip(norms, want):
         assert list(got) == ["norm"] and got == pytest.approx(expected, rel=1e-5)
@@ -357,3 +357,75 @@ def test_the_engine_sends_only_pairs_laid_out_alike_to_the_native_kernels():
     after = [s + 1 for s in src]
     assert distance_primitives(dst, after, [None] * 3, None, compile=True).values()["sumsq"].tolist() == pytest.approx(
         [4.0, 6.0, 6.0], rel=1e-6)
+
+
+@needs_compiler
+def test_tensor_subclasses_and_negative_views_are_left_to_torchs_kernels():
+    """A wrapper subclass has no memory of its own (data_ptr() is 0) and a negative view stores the
+    values it negates: the C loops would read null or the wrong sign."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    net = torch.nn.Linear(3, 4, bias=False)
+    net.weight.grad = torch._neg_view(torch.arange(12.0).reshape(4, 3))
+    want = {"norm": torch.arange(12.0).norm().item(), "mean": -5.5, "max_abs": 11.0}
+    for compile in (None, True, False):
+        got = lw.grad_stats(net, stats=list(want), compile=compile)["weight"]
+        assert got == pytest.approx(want), compile
+    assert lw.grad_stats(net, stats="norm", compile=True)["weight"]["norm"] == pytest.approx(want["norm"])
+    assert not native.takes([torch.ones(2), TwoTensor(torch.ones(2), torch.ones(2))])
+    assert not native.fits(TwoTensor(torch.ones(2), torch.ones(2)), torch.ones(2), native.DTYPES)
+    with pytest.raises(lw.GradError, match="plain tensors"):
+        native.sumsq([TwoTensor(torch.ones(2), torch.ones(2))])
+    net.weight.grad = TwoTensor(torch.ones(4, 3), 2 * torch.ones(4, 3))
+    try:
+        eager = lw.grad_stats(net, stats="norm", compile=False)["weight"]
+    except RuntimeError as e:  # what torch's kernels make of it, the same with every flag
+        with pytest.raises(type(e)):
+            lw.grad_stats(net, stats="norm")
+    else:
+        assert lw.grad_stats(net, stats="norm")["weight"] == eager
+
+
+@needs_compiler
+def test_a_monitor_with_compile_false_never_calls_the_native_kernels(monkeypatch):
+    for name in ("primitives", "sumsq", "copy_sumsq", "distance_sumsq"):
+        monkeypatch.setattr(native, name, lambda *a, name=name: pytest.fail(f"native {name} with compile=False"))
+    net = torch.nn.Linear(6, 3)
+    monitor = lw.GradMonitor(net, every=1, stats="norm", compile=False)  # weight norms without a snapshot
+    net(torch.randn(2, 6)).square().mean().backward()
+    net.bias.grad[0] = math.nan  # the re-measure that names the non-finite layers
+    with pytest.raises(lw.NonFiniteGradError):
+        monitor.step()
+
+
+@needs_compiler
+@pytest.mark.parametrize("n", [31, 32, 64, 65, 4097])
+def test_sums_of_squares_do_not_depend_on_where_an_element_falls(n):
+    """Every square is rounded to the tensor's float type, in the vector lanes and in the scalar tail:
+    squares below float32's range are zero wherever they are, as in torch's kernels."""
+    tiny = torch.full((n,), 1e-30)
+    huge = torch.full((n,), 3e19)  # its square overflows float32
+    for x in (tiny, huge):
+        eager = kernels.block([x], ("sumsq",), torch.device("cpu"), False)[0, 0].item()
+        assert native.sumsq([x]).item() == native.primitives([x])[0, 0].item() == eager
+    net = torch.nn.Linear(n, 1, bias=False)
+    net.weight.grad = tiny[None].clone()
+    assert lw.grad_stats(net).dead == lw.grad_stats(net, compile=False).dead == ["weight"]
+
+
+@needs_compiler
+def test_a_pickled_or_copied_ema_has_no_plan_and_never_compiles(monkeypatch):
+    import copy
+    import io
+    import pickle
+
+    net = torch.nn.Linear(30, 20)
+    ema = lw.EMA(net, decay=0.9, compile=True)
+    assert all(b.native is not None for b in ema._buckets) == native.lerps(True)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a compiler ran"))
+    buffer = io.BytesIO()
+    torch.save(ema, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(ema), pickle.loads(pickle.dumps(ema))):
+        assert all(b.native is None for b in twin._buckets)
+        assert all(torch.equal(a, b) for a, b in zip(twin.shadow, ema.shadow))

@@ -210,7 +210,7 @@ class Prims:
 
 
 def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
-                     foreach: bool | None, compile: bool | None = None) -> Prims:
+                     foreach: bool | None, compile: bool | None) -> Prims:
     """The ``needed`` primitives of each tensor's local part, on its device; sharded ones still unreduced.
 
     Empty tensors (a rank's empty shard) count as one zero, which leaves every sum and maximum
@@ -237,7 +237,7 @@ def _groups(tensors: Sequence[Tensor], shards: Sequence[tuple | None]) -> dict[t
 
 
 def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequence[tuple | None],
-                    foreach: bool | None, compile: bool | None = None) -> Prims:
+                    foreach: bool | None, compile: bool | None) -> Prims:
     """Copy ``src`` into ``dst`` and return ``sumsq`` of each (local parts; reduce with :func:`reduce_shards`).
 
     A fused copy, then a fused norm of the copy, on every device: on CPU that beat measuring each
@@ -249,7 +249,7 @@ def copy_primitives(dst: Sequence[Tensor], src: Sequence[Tensor], shards: Sequen
 
 
 def distance_primitives(before: Sequence[Tensor], after: Sequence[Tensor], shards: Sequence[tuple | None],
-                        foreach: bool | None, compile: bool | None = None) -> Prims:
+                        foreach: bool | None, compile: bool | None) -> Prims:
     """``sumsq`` of ``after - before`` per tensor (local parts; reduce with :func:`reduce_shards`).
 
     ``before`` may be overwritten. On CPU each piece's difference goes to one small scratch buffer
@@ -316,14 +316,6 @@ def reduce_shards(*all_prims: Prims) -> None:
         for (prims, key), b, s, m in zip(members, blocks, sum_parts, max_parts):
             cols = prims.groups[key][0]
             prims.groups[key] = (cols, torch.cat([s, m]).view(b.shape))
-
-
-def primitives(tensors: Sequence[Tensor], names: Sequence[str], needed: tuple[str, ...],
-               foreach: bool | None = None) -> Prims:
-    """The ``needed`` primitives of each whole tensor (sharded ones reduced), kept on the device."""
-    prims = local_primitives(*local_tensors(tensors, names), needed, foreach)
-    reduce_shards(prims)
-    return prims
 
 
 def to_host(tensors: Sequence[Tensor]) -> list[Tensor]:

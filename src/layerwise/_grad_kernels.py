@@ -97,6 +97,8 @@ def _in_cache(xs: list[Tensor], needed: tuple[str, ...], acc: torch.dtype) -> Te
     np = _numpy()
     if np is None:
         return _in_cache_torch(xs, needed, acc)
+    if any(map(Tensor.is_neg, xs)):  # NumPy reads memory: a negative view's values made real first
+        xs = [x.resolve_neg() for x in xs]
     out = np.empty((len(needed), len(xs)))
     small = [i for i, x in enumerate(xs) if x.numel() <= _SMALL]
     big: Sequence[int] = range(len(xs))

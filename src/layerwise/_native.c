@@ -3,8 +3,8 @@
 Built by setup.py beside the package when a C compiler is there, else by compile=True on first use.
 On x86-64 the kernels are instantiated three times, for the baseline ISA, AVX2+FMA and AVX-512
 (names ending in _avx2 and _avx512), so one library serves every CPU: _native.py calls the
-instance of the ISA torch itself dispatches to. Built with -std=c99: no contraction into fused
-multiply-adds beyond the lerp's explicit ones, so every instance gives the same bits. */
+instance of the ISA torch itself dispatches to. Built with -ffp-contract=off: no fused
+multiply-add beyond the lerp's explicit ones, so every instance and compiler gives the same bits. */
 #ifdef LAYERWISE_EXTENSION
 /* setup.py builds this file as a Python extension module, empty, so that the file it installs beside
    the package is one Python can import (tools walking the package do); its kernels are for ctypes. */
@@ -41,7 +41,8 @@ void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* 
     for (int l = 0; l < LANES; ++l) m = m < top[l] ? top[l] : m;                             \
     for (; i < n; ++i) {                                                                     \
       ACC v = LOAD(p[i]), a = ABS(v);                                                        \
-      sumsq += (double)v * v; sum += v; nonzero += v != 0; m = m < a ? a : m;                \
+      ACC square = v * v; /* squared as in the lanes, whatever the length */                 \
+      sumsq += square; sum += v; nonzero += v != 0; m = m < a ? a : m;                       \
     }                                                                                        \
     out[4 * t] = sumsq; out[4 * t + 1] = sum; out[4 * t + 2] = nonzero;                      \
     out[4 * t + 3] = isnan(sumsq) ? NAN : m;                                                 \
@@ -61,7 +62,7 @@ void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* 
         for (int l = 0; l < LANES; ++l) { ACC v = LOAD(p[i + l]); sq[l] += v * v; }          \
       for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
     }                                                                                        \
-    for (; i < n; ++i) { ACC v = LOAD(p[i]); total += (double)v * v; }                       \
+    for (; i < n; ++i) { ACC v = LOAD(p[i]), square = v * v; total += square; }              \
     out[t] = total;                                                                          \
   }                                                                                          \
 }
@@ -82,7 +83,7 @@ void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const i
         for (int l = 0; l < LANES; ++l) { ACC v = STEP(i + l); sq[l] += v * v; }             \
       for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
     }                                                                                        \
-    for (; i < n; ++i) { ACC v = STEP(i); total += (double)v * v; }                          \
+    for (; i < n; ++i) { ACC v = STEP(i), square = v * v; total += square; }                 \
     out[t] = total;                                                                          \
   }                                                                                          \
 }

@@ -26,10 +26,11 @@ through ``ctypes`` with all tensors' pointers at once; with ``torch.get_num_thre
 enough elements, one call per thread over equal shares (ctypes releases the GIL), pieces of one
 tensor pooled after: 1.8x faster on 2 threads.
 
-Exactness: non-zero counts and max |x| are exact. Sums add 32 float lanes over blocks of 4096
-elements, then the blocks in float64 (float64 lanes for float64), which is more accurate than
-the float32 cascades of the eager kernels; a float32 sum those overflow to inf (a gradient of
-about 1e19 and more) may stay finite here. max |x| is NaN exactly where the sum of squares is,
+Exactness: non-zero counts and max |x| are exact. Each square is rounded to the tensor's float
+type, as in torch's kernels; sums add 32 float lanes over blocks of 4096 elements, then the
+blocks in float64 (float64 lanes for float64), which is more accurate than the float32 cascades
+of the eager kernels: a float32 sum whose total passes float32's range while each block's stays
+below it is finite here, inf there. max |x| is NaN exactly where the sum of squares is,
 i.e. where a NaN is (x² of a finite or infinite value is never NaN).
 """
 
@@ -117,7 +118,7 @@ def _build(rebuild: bool = False) -> Path:
     compiler = shlex.split(os.environ.get("CC", "")) or [next(filter(shutil.which, ("cc", "gcc", "clang")), "cc")]
     if shutil.which(compiler[0]) is None:
         raise OSError(f"no C compiler found ({'CC=' + os.environ['CC'] if os.environ.get('CC') else 'cc, gcc, clang'})")
-    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]  # as setup.py's
+    flags = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off"]  # as setup.py's
     source = _SOURCE.read_text()
     # One file per source, compiler, flags, OS and architecture: a cache shared by several machines
     # (an NFS home) holds one for each.
@@ -181,21 +182,35 @@ def _bind(library: ctypes.CDLL) -> dict[str, Callable]:
     return found
 
 
+# What the C loops may read through data_ptr(): tensors and parameters holding their own strided
+# memory. A wrapper subclass (DTensor, TwoTensor) has none (data_ptr() is 0), and a negative view
+# stores the values it negates: both are left to torch's kernels.
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+
+
+def takes(xs: list[Tensor]) -> bool:
+    """Whether :func:`primitives` and :func:`sumsq` may read ``xs``: plain tensors, no negative view."""
+    return _PLAIN.issuperset(map(type, xs)) and not any(map(Tensor.is_neg, xs))
+
+
 def primitives(xs: list[Tensor]) -> Tensor:
-    """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
-    as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all, or with
-    ``torch.get_num_threads() > 1`` one call per thread over equal shares of the elements."""
-    if not all(map(Tensor.is_contiguous, xs)):
-        xs = [x.contiguous() for x in xs]
-    return _launch("primitives", [xs], 4)
+    """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``
+    that it :func:`takes`, as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one
+    call for all, or with ``torch.get_num_threads() > 1`` one call per thread over equal shares."""
+    return _launch("primitives", [_readable(xs)], 4)
 
 
 def sumsq(xs: list[Tensor]) -> Tensor:
-    """Σx² of each CPU tensor of one dtype in ``DTYPES``, as a (len(xs),) float64 tensor: the sum of
-    squares of :func:`primitives`, its other three statistics left out (one stream, like a BLAS dot)."""
-    if not all(map(Tensor.is_contiguous, xs)):
-        xs = [x.contiguous() for x in xs]
-    return _launch("sumsq", [xs], 1)[0]
+    """Σx² of each CPU tensor of one dtype in ``DTYPES`` that it :func:`takes`, as a (len(xs),) float64
+    tensor: the sum of squares of :func:`primitives`, the other three left out (one stream, as a BLAS dot)."""
+    return _launch("sumsq", [_readable(xs)], 1)[0]
+
+
+def _readable(xs: list[Tensor]) -> list[Tensor]:
+    if not takes(xs):
+        raise GradError(f"native kernels read plain tensors, not {sorted({type(x).__name__ for x in xs})} "
+                        "or negative views")
+    return xs if all(map(Tensor.is_contiguous, xs)) else [x.contiguous() for x in xs]
 
 
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
@@ -217,9 +232,10 @@ def lerp_(shadows: list[Tensor], live: list[Tensor], weight: float) -> None:
 
 
 def fits(a: Tensor, b: Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
-    """Whether a pairwise kernel may take ``a`` and ``b``: CPU tensors of one of ``dtypes``, laid out
-    alike and contiguous, which its C loop reads and writes as one flat layout without checking."""
-    return a.device.type == "cpu" and a.dtype in dtypes and laid_out_alike(a, b) and a.is_contiguous()
+    """Whether a pairwise kernel may take ``a`` and ``b``: plain CPU tensors (see :func:`takes`) of one of
+    ``dtypes``, laid out alike and contiguous, which its C loop reads and writes as one flat layout."""
+    return (a.device.type == "cpu" and a.dtype in dtypes and laid_out_alike(a, b) and a.is_contiguous()
+            and takes([a, b]))
 
 
 def _pairs(a: list[Tensor], b: list[Tensor], dtypes: tuple[torch.dtype, ...]) -> list[list[Tensor]]:
@@ -256,12 +272,12 @@ def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], No
 
 
 class _LerpPlan:
-    """A prebuilt :func:`lerp_`; pickled or deep-copied, it is planned again over the copied tensors."""
+    """A prebuilt :func:`lerp_`. Its pointers name the memory it was built over, so a copy (pickle,
+    ``copy.deepcopy``) has no plan: the copied ``EMA`` averages with torch's kernels, to the same bits."""
 
-    __slots__ = ("tensors", "kernel", "runs", "none", "keep")
+    __slots__ = ("kernel", "runs", "none", "keep")
 
     def __init__(self, shadows: list[Tensor], live: list[Tensor]):
-        self.tensors = (shadows, live)
         self.kernel = _load()[f"lerp_{str(live[0].dtype)[6:]}"]
         self.runs, owners = _runs(_pairs(shadows, live, LERP_DTYPES))
         self.none = torch.empty(len(owners), 0)
@@ -272,7 +288,11 @@ class _LerpPlan:
         _run(self.kernel, self.runs, self.none, (weight,))
 
     def __reduce__(self):
-        return lerp_plan, self.tensors
+        return _no_plan, ()
+
+
+def _no_plan() -> None:
+    return None
 
 
 def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[int]]:
@@ -327,9 +347,10 @@ _executor: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, e
 
 def _pool(threads: int) -> ThreadPoolExecutor:
     global _executor
-    # A forked child inherits the executor but not its threads: work sent to it would never run.
-    if _executor is None or _executor[0] != os.getpid() or _executor[1] < threads:
-        if _executor is not None and _executor[0] == os.getpid():
-            _executor[2].shutdown(wait=False)  # its threads end once idle
-        _executor = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="layerwise-native"))
-    return _executor[2]
+    # A forked child inherits the executor but not its threads: work sent to it would never run. A
+    # smaller one is dropped, not shut down (another thread may be sending it work): its threads end
+    # once it is collected.
+    executor = _executor
+    if executor is None or executor[0] != os.getpid() or executor[1] < threads:
+        executor = _executor = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="layerwise-native"))
+    return executor[2]

@@ -116,8 +116,8 @@ class GradMonitor:
     by the scale on the device, and non-finite gradients only recorded (the scaler skips those steps).
 
     Sharded parameters (FSDP2 ``fully_shard``, HSDP, DTensor) get the statistics of the full tensors.
-    ``compile`` as in :func:`grad_stats`: the native CPU kernels (by default, where installed with layerwise) read
-    the gradients, copy the weight snapshot and measure ‖Δw‖ in one pass each.
+    ``compile`` as in :func:`grad_stats`: native CPU kernels (by default where installed with layerwise) read the
+    gradients, copy the weight snapshot and measure ‖Δw‖ in one pass each.
 
     Example:
         >>> import layerwise as lw, torch
@@ -206,8 +206,7 @@ class GradMonitor:
                 buffers = [torch.empty_like(w) for w in weights]
             # The snapshot's copy gives the weight norms: the weights are not read twice.
             self._weight = copy_primitives(buffers, weights, shards, self.foreach, self.compile)
-            self._snapshot = buffers
-            self._buffers = buffers if self.every == 1 else None
+            self._snapshot, self._buffers = buffers, buffers if self.every == 1 else None
         # The hook sees step()'s own arguments: (optimizer, closure?) and its keywords.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
@@ -246,7 +245,7 @@ class GradMonitor:
         grad = local_primitives(grads, grad_shards, self._needed, self.foreach, self.compile)
         weight, self._weight = self._weight, None  # measured with the snapshot, if one was taken
         if weight is None:
-            weight = local_primitives(*local_tensors(self._params, self.names), ("sumsq",), self.foreach)
+            weight = local_primitives(*local_tensors(self._params, self.names), ("sumsq",), self.foreach, self.compile)
         reduce_shards(grad, weight)  # one collective for both, if any parameter is sharded
         hist = []
         if self._with_histograms:
@@ -258,7 +257,8 @@ class GradMonitor:
         row = -1 if "max_abs" in grad.needed else 0  # max |x|, else Σx² (which may also have overflowed)
         finite = torch.cat([block[row] for block in grad.tensors()]).isfinite().all() if have else True
         if not bool(finite) and row == 0:  # max |x| decides, and names the layers
-            record.grad = grad = local_primitives(grads, grad_shards, (*grad.needed, "max_abs"), self.foreach)
+            needed = (*grad.needed, "max_abs")
+            record.grad = grad = local_primitives(grads, grad_shards, needed, self.foreach, self.compile)
             reduce_shards(grad)
             finite = torch.cat([block[-1] for block in grad.tensors()]).isfinite().all()
         if not bool(finite):
