@@ -48,26 +48,8 @@ void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* 
     out[4 * t + 3] = isnan(sumsq) ? NAN : m;                                                 \
   }                                                                                          \
 }
-/* Σx² alone (a norm request): the statistics kernel's sum of squares, its only load a stream. */
-#define SUMSQ(NAME, T, ACC, LOAD)                                                            \
-void NAME(int64_t count, const void* const* ptrs, const int64_t* sizes, double* out) {     \
-  for (int64_t t = 0; t < count; ++t) {                                                      \
-    const T* restrict p = (const T*)ptrs[t];                                                 \
-    int64_t n = sizes[t], i = 0;                                                             \
-    double total = 0;                                                                        \
-    while (i + LANES <= n) {                                                                 \
-      int64_t end = i + BLOCK <= n ? i + BLOCK : n - (n - i) % LANES;                        \
-      ACC sq[LANES] = {0};                                                                   \
-      for (; i < end; i += LANES)                                                            \
-        for (int l = 0; l < LANES; ++l) { ACC v = LOAD(p[i + l]); sq[l] += v * v; }          \
-      for (int l = 0; l < LANES; ++l) total += sq[l];                                        \
-    }                                                                                        \
-    for (; i < n; ++i) { ACC v = LOAD(p[i]), square = v * v; total += square; }              \
-    out[t] = total;                                                                          \
-  }                                                                                          \
-}
-/* Per pair of tensors a, b: Σb² while copying b into a (copy_), or Σ(b - a)² (distance_); STEP(k)
-   does element k and gives the value to square. */
+/* Per pair of tensors a, b: Σb² alone (sumsq_, a norm request: a is b, never touched), Σb² while
+   copying b into a (copy_), or Σ(b - a)² (distance_); STEP(k) does element k, gives the value to square. */
 #define PAIRWISE(NAME, T, ACC, A, STEP)                                                      \
 void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const int64_t* sizes, \
           double* out) {                                                                     \
@@ -89,6 +71,8 @@ void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const i
 }
 static inline float bf16(uint16_t h) { union { uint32_t u; float f; } x = { (uint32_t)h << 16 }; return x.f; }
 #define SAME(x) (x)
+#define READ_F(k) (b[k])
+#define READ_BF(k) bf16(b[k])
 /* STEP(k) is a comma expression: the copy stores element k of b into a, then yields it. */
 #define COPY_F(k) (a[k] = b[k], b[k])
 #define COPY_BF(k) (a[k] = b[k], bf16(b[k]))
@@ -114,9 +98,9 @@ void NAME(int64_t count, void* const* ptrs_a, const void* const* ptrs_b, const i
   KERNEL(primitives_float32##S, float, float, SAME, fabsf) \
   KERNEL(primitives_float64##S, double, double, SAME, fabs) \
   KERNEL(primitives_bfloat16##S, uint16_t, float, bf16, fabsf) \
-  SUMSQ(sumsq_float32##S, float, float, SAME) \
-  SUMSQ(sumsq_float64##S, double, double, SAME) \
-  SUMSQ(sumsq_bfloat16##S, uint16_t, float, bf16) \
+  PAIRWISE(sumsq_float32##S, float, float, const float, READ_F) \
+  PAIRWISE(sumsq_float64##S, double, double, const double, READ_F) \
+  PAIRWISE(sumsq_bfloat16##S, uint16_t, float, const uint16_t, READ_BF) \
   PAIRWISE(copy_float32##S, float, float, float, COPY_F) \
   PAIRWISE(copy_float64##S, double, double, double, COPY_F) \
   PAIRWISE(copy_bfloat16##S, uint16_t, float, uint16_t, COPY_BF) \

@@ -65,7 +65,7 @@ LERP_CAPABILITIES = ("AVX2", "AVX512")
 # The kernels' instance for the vector ISA torch dispatches to on this CPU (its own kernels' choice).
 _SUFFIX = {"AVX512": "_avx512", "AVX2": "_avx2"}
 # Each kernel's dtypes and pointer arguments (besides its sizes and output).
-_SIGNATURES = (("primitives", DTYPES, 1), ("sumsq", DTYPES, 1), ("copy", DTYPES, 2), ("distance", DTYPES, 2))
+_SIGNATURES = (("primitives", DTYPES, 1), ("sumsq", DTYPES, 2), ("copy", DTYPES, 2), ("distance", DTYPES, 2))
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _COMPILE_SECONDS = 300
@@ -203,7 +203,8 @@ def primitives(xs: list[Tensor]) -> Tensor:
 def sumsq(xs: list[Tensor]) -> Tensor:
     """Σx² of each CPU tensor of one dtype in ``DTYPES`` that it :func:`takes`, as a (len(xs),) float64
     tensor: the sum of squares of :func:`primitives`, the other three left out (one stream, as a BLAS dot)."""
-    return _launch("sumsq", [_readable(xs)], 1)[0]
+    xs = _readable(xs)
+    return _launch("sumsq", [xs, xs], 1)[0]  # a pairwise kernel that reads the second of each pair
 
 
 def _readable(xs: list[Tensor]) -> list[Tensor]:

@@ -386,10 +386,8 @@ def _state_problems(ema: EMA, state: Any) -> list[str]:
             continue
         problems += [f"{part} lacks {n}" for n in names if n not in given]
         problems += [f"{part} has {n}, which this EMA does not track" for n in given if n not in names]
-        for n, mine in zip(names, ours):
-            t = given.get(n)
-            if n not in given:
-                continue
+        for n, mine in [(n, mine) for n, mine in zip(names, ours) if n in given]:  # the missing are named above
+            t = given[n]
             if not isinstance(t, torch.Tensor):
                 problems.append(f"{part}[{n!r}] is a {type(t).__name__}, not a tensor")
             elif t.shape != mine.shape or t.dtype != mine.dtype:
