@@ -674,3 +674,20 @@ def fsdp_ema_compiled(rank, world_size):
 def test_compile_averages_fsdp2_shards_as_eager(run_ranks):
     for natives, equal in run_ranks(fsdp_ema_compiled):
         assert natives and all(natives) and equal
+
+
+@pytest.mark.parametrize("view", ["neg", "conj"])
+@pytest.mark.parametrize("compile", [None, False])
+def test_negative_and_conjugate_views_are_averaged_as_their_values(view, compile):
+    """A flat view rebuilt over their storage would drop the bit: the shadows started with the wrong sign."""
+    model = nn.Module()
+    if view == "neg":
+        model.w = nn.Parameter(torch._neg_view(torch.arange(1.0, 5.0)))
+    else:
+        model.w = nn.Parameter(torch.tensor([1 - 2j, 3 + 1j]).conj())
+    ema = lw.EMA(model, decay=0.5, compile=compile)
+    assert torch.equal(ema.shadow[0], model.w.detach().resolve_neg().resolve_conj())
+    with torch.no_grad():
+        model.w.mul_(3)
+    ema.update()
+    assert torch.allclose(ema.shadow[0], 2 * model.w.detach().resolve_neg().resolve_conj() / 3)

@@ -429,3 +429,14 @@ def test_a_pickled_or_copied_ema_has_no_plan_and_never_compiles(monkeypatch):
     for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(ema), pickle.loads(pickle.dumps(ema))):
         assert all(b.native is None for b in twin._buckets)
         assert all(torch.equal(a, b) for a, b in zip(twin.shadow, ema.shadow))
+
+
+def test_a_zerotensor_gradient_is_measured_by_torchs_kernels():
+    """autograd leaves an all-zero ZeroTensor (no memory: data_ptr() is 0) as the gradient of torch.sgn's input."""
+    net = torch.nn.Linear(4, 4)
+    (torch.randn(2, 4) @ torch.sgn(net.weight).T + net.bias).square().sum().backward()
+    assert net.weight.grad._is_zerotensor() and not native.takes([net.weight.grad])
+    for compile in (None, False):
+        stats = lw.grad_stats(net, compile=compile)
+        assert stats["weight"] == {"norm": 0.0, "mean": 0.0, "std": 0.0, "max_abs": 0.0, "zero_frac": 1.0}
+        assert stats.dead == ["weight"]

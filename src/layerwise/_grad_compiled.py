@@ -1,12 +1,13 @@
 """The gradient engine's compiled kernels: every primitive of a tensor in ONE loop over its memory.
 
 No library kernel computes several reductions in one pass, so the eager engine reads each
-gradient once per primitive (on CPU, once from memory and again from cache). ``compile=True``
-(``grad_stats``, ``GradMonitor``) reads each once instead, with a kernel compiled on first use:
+gradient once per primitive (on CPU, once from memory and again from cache). These kernels
+read each once instead (``compile`` of ``grad_stats`` and ``GradMonitor``):
 
-* on CPU, for float32, float64 and bfloat16, the native kernel of ``_native`` (a C loop
-  the system compiler builds in under a second, all tensors in one call);
-* on other devices, and for other dtypes on CPU, ``torch.compile`` (inductor: Triton on GPUs,
+* on CPU, for float32, float64 and bfloat16, the native kernel of ``_native`` (a C loop, all
+  tensors in one call): by default where it was built with the package, with ``compile=True``
+  also built on first use;
+* with ``compile=True``, on other devices and for other dtypes on CPU, ``torch.compile`` (inductor: Triton on GPUs,
   C++ on CPU), which fuses the sum of squares, the sum, the non-zero count and max |x| into one
   loop: a few seconds per dtype and device, less once inductor's on-disk cache holds the kernel
   (``benchmarks/bench_grad_stats.py --compile`` measures both).
@@ -19,10 +20,11 @@ reach the graph). There, norms alone, or any single primitive, are one pass alre
 eager; so do complex gradients. The native kernel takes norms alone too: its one call over all
 tensors reads them at 1.0-1.2x one flat norm, where torch's call per tensor takes 1.3-1.4x.
 
-Results equal the eager engine's: non-zero counts and max |x| exactly. Sums accumulate in float32
-(float64 for float64 gradients) on both paths, in another order (inductor's cascades of 4096
-vectors, BLAS dots): they agree within 1e-5 of the sum of |x| (of x²) for float32 and 16-bit
-gradients, 1e-13 for float64. Accumulating float32 in float64 here would cost 2.6x the time.
+Results equal the eager engine's: non-zero counts and max |x| exactly. The graph's sums
+accumulate in float32 (float64 for float64 gradients), as the eager kernels do, in another order
+(inductor's cascades of 4096 vectors, BLAS dots); the native kernel adds its blocks in float64
+(see ``_native``). They agree within 1e-5 of the sum of |x| (of x²) for float32 and 16-bit
+gradients, 1e-13 for float64. Accumulating float32 in float64 in the graph would cost 2.6x the time.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ squares, sum, count of non-zeros, largest magnitude) plus the element count. The
 exactly over tensors, shards and modules (sums add, maxima take the maximum), so per-module
 statistics and those of sharded (FSDP2 / HSDP DTensor) parameters are those of the full
 tensors. ``grads.py`` (one-shot statistics and checks) and ``monitor.py`` (the training monitor) are
-built on this module, the kernels per device on ``_grad_kernels.py`` (``_native.py`` and
-``_grad_compiled.py`` with ``compile=True``); nothing here touches the host unless asked
+built on this module, the kernels per device on ``_grad_kernels.py`` and ``_grad_compiled.py``
+(``_native.py``'s C loops on CPU, by default where installed); nothing here touches the host unless asked
 (:func:`to_host`).
 
 Gradients of every layout are read as what they store: a sparse gradient

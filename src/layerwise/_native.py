@@ -189,8 +189,10 @@ _PLAIN = frozenset({Tensor, torch.nn.Parameter})
 
 
 def takes(xs: list[Tensor]) -> bool:
-    """Whether :func:`primitives` and :func:`sumsq` may read ``xs``: plain tensors, no negative view."""
-    return _PLAIN.issuperset(map(type, xs)) and not any(map(Tensor.is_neg, xs))
+    """Whether :func:`primitives` and :func:`sumsq` may read ``xs``: plain tensors, no negative view and
+    no ZeroTensor (autograd's all-zero gradient, e.g. of ``torch.sgn``, with no memory either)."""
+    return (_PLAIN.issuperset(map(type, xs)) and not any(map(Tensor.is_neg, xs))
+            and not any(map(Tensor._is_zerotensor, xs)))
 
 
 def primitives(xs: list[Tensor]) -> Tensor:
@@ -274,7 +276,7 @@ def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], No
 
 class _LerpPlan:
     """A prebuilt :func:`lerp_`. Its pointers name the memory it was built over, so a copy (pickle,
-    ``copy.deepcopy``) has no plan: the copied ``EMA`` averages with torch's kernels, to the same bits."""
+    ``copy.deepcopy``) has no plan, and never builds one while being loaded."""
 
     __slots__ = ("kernel", "runs", "none", "keep")
 

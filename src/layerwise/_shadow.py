@@ -48,8 +48,9 @@ def reshard(model: nn.Module) -> bool:
 
 
 def flat_view(live: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """One 1-D view over ``live`` when they tile a range of one storage in order, else None."""
-    if not live or any(not t.is_contiguous() for t in live):
+    """One 1-D view over ``live`` when they tile a range of one storage in order, else None (also for
+    negative and conjugate views: a view rebuilt over their storage would lose the bit)."""
+    if not live or any(not t.is_contiguous() or t.is_neg() or t.is_conj() for t in live):
         return None
     storage = live[0].untyped_storage()
     start = offset = live[0].storage_offset()

@@ -63,13 +63,13 @@ class EMA:
     with every rank's model initialized alike: DDP copies rank 0's weights to every rank when it
     wraps, after an EMA made before has copied each rank's own.
     The average of a float16/bfloat16 model is kept in float32: with a
-    decay of 0.999 most half-precision updates would round away. float32/float64 CPU weights are
-    averaged by a C loop, bit for bit torch's ``lerp_`` (whose CPU kernel computes both of its
-    formulas for every element) in 0.9x its time from memory, on CPUs where torch's own kernel
-    fuses its multiply-add (AVX2, AVX-512): by default (``compile=None``) where layerwise was
-    installed with its native kernels; ``compile=True`` builds them if needed (as in
-    :func:`grad_stats`; :class:`MissingExtraError` without a C compiler); ``compile=False`` keeps
-    torch's ``lerp_``. A copy of the EMA (pickle, ``copy.deepcopy``) averages with torch's kernels.
+    decay of 0.999 most half-precision updates would round away. float32/float64 CPU weights, all
+    contiguous in a dtype, are averaged by a C loop, bit for bit torch's ``lerp_`` (whose CPU
+    kernel computes both of its formulas for every element) in 0.9x its time from memory, on CPUs
+    where torch's own kernel fuses its multiply-add (AVX2, AVX-512): by default (``compile=None``)
+    where layerwise was installed with its native kernels; ``compile=True`` builds them if needed
+    (as in :func:`grad_stats`; :class:`MissingExtraError` without a C compiler); ``compile=False``
+    keeps torch's ``lerp_``.
 
     On an FSDP2 model (``fully_shard``) each shadow is a DTensor sharded like its parameter:
     a rank holds only its shard and ``update()`` runs no collective; ``state_dict()`` holds
