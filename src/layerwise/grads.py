@@ -179,8 +179,8 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     gradient once for all statistics, every gradient in one call: on the benchmark model the five
     statistics cost 1.6-1.8 flat norms instead of 2.8-3.3 (norms alone 1.3-1.5 instead of 1.45-1.65,
     Python included). Tensor subclasses and negative views keep torch's kernels. By default
-    (``None``) it runs where layerwise was installed with it (``setup.py`` builds it when a C
-    compiler is there; nothing is ever compiled at run time), else torch's kernels do. ``True``
+    (``None``) it runs where layerwise was installed with it (``setup.py`` builds it where a C
+    compiler and Python's headers are; nothing is ever compiled at run time), else torch's kernels do. ``True``
     builds it now if needed, with the system's C compiler (``$CC``, else ``cc``) in about a
     second into ``~/.cache/layerwise`` (or ``$LAYERWISE_CACHE_DIR``), and elsewhere uses
     ``torch.compile`` (Triton on GPUs; inductor's C++ for float16 on CPU) for gradients of at
