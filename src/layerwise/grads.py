@@ -177,10 +177,11 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
 
     ``compile`` picks the kernels. On CPU (float32, float64, bfloat16) a small C loop reads each
     gradient once for all statistics, every gradient in one call: on the benchmark model the five
-    statistics cost 1.6-1.8 flat norms instead of 2.8-3.3 (norms alone 1.3-1.5 instead of 1.45-1.65,
-    Python included). Tensor subclasses and negative views keep torch's kernels. By default
-    (``None``) it runs where layerwise was installed with it (``setup.py`` builds it where a C
-    compiler and Python's headers are; nothing is ever compiled at run time), else torch's kernels do. ``True``
+    statistics cost 1.6-2.0 flat norms instead of 2.8-4.5 (norms alone 1.3-1.8 instead of
+    1.45-2.0, Python included). Tensor subclasses and negative views keep torch's kernels. By
+    default (``None``) it runs where layerwise was installed with it (``setup.py`` builds it where
+    a C compiler and Python's headers are; nothing is compiled at run time), else torch's kernels
+    do. ``True``
     builds it now if needed, with the system's C compiler (``$CC``, else ``cc``) in about a
     second into ``~/.cache/layerwise`` (or ``$LAYERWISE_CACHE_DIR``), and elsewhere uses
     ``torch.compile`` (Triton on GPUs; inductor's C++ for float16 on CPU) for gradients of at
