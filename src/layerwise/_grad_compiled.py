@@ -96,12 +96,13 @@ def block(xs: list[Tensor], needed: tuple[str, ...], device: torch.device, forea
     and with ``compile=True`` elsewhere those of at least ``MIN_NUMEL`` elements by the compiled
     graph; the (primitives, tensors) float64 block is the same up to float32 rounding."""
     if device.type == "cpu" and xs[0].dtype in _native.DTYPES and _native.wanted(compile):  # one call: see _native
-        if not _native.takes(xs):  # tensor subclasses, negative views
-            return kernels.block(xs, needed, device, foreach)
         if needed == ("sumsq",):  # a norm request: one stream, 1.0x one flat norm where eager takes 1.4x
-            return _native.sumsq(xs)[None]
-        measured = _native.primitives(xs)
-        return measured if needed == ORDER else measured[[ORDER.index(p) for p in needed]]
+            measured = _native.sumsq(xs)
+            if measured is not None:
+                return measured[None]
+        elif (measured := _native.primitives(xs)) is not None:
+            return measured if needed == ORDER else measured[[ORDER.index(p) for p in needed]]
+        return kernels.block(xs, needed, device, foreach)  # what the kernels do not take (see _native.takes)
     if compile is not True or len(needed) == 1 or xs[0].is_complex():
         return kernels.block(xs, needed, device, foreach)
     big = [i for i, x in enumerate(xs) if x.numel() >= MIN_NUMEL]

@@ -195,37 +195,40 @@ def takes(xs: list[Tensor]) -> bool:
             and not any(map(Tensor._is_zerotensor, xs)))
 
 
-def primitives(xs: list[Tensor]) -> Tensor:
-    """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``
-    that it :func:`takes`, as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one
-    call for all, or with ``torch.get_num_threads() > 1`` one call per thread over equal shares."""
-    return _launch("primitives", [_readable(xs)], 4)
-
-
-def sumsq(xs: list[Tensor]) -> Tensor:
-    """Σx² of each CPU tensor of one dtype in ``DTYPES`` that it :func:`takes`, as a (len(xs),) float64
-    tensor: the sum of squares of :func:`primitives`, the other three left out (one stream, as a BLAS dot)."""
-    xs = _readable(xs)
-    return _launch("sumsq", [xs, xs], 1)[0]  # a pairwise kernel that reads the second of each pair
-
-
-def _readable(xs: list[Tensor]) -> list[Tensor]:
+def primitives(xs: list[Tensor]) -> Tensor | None:
+    """(sum of squares, sum, non-zero count, max |x|) of each CPU tensor of one dtype in ``DTYPES``,
+    as a (4, len(xs)) float64 tensor: one pass over each tensor's memory, one call for all, or with
+    ``torch.get_num_threads() > 1`` one call per thread over equal shares. None unless it
+    :func:`takes` them (checked here, where a wrong pointer would be read: callers need not)."""
     if not takes(xs):
-        raise GradError(f"native kernels read plain tensors, not {sorted({type(x).__name__ for x in xs})} "
-                        "or negative views")
+        return None
+    return _launch("primitives", [_contiguous(xs)], 4)
+
+
+def sumsq(xs: list[Tensor]) -> Tensor | None:
+    """Σx² of each CPU tensor of one dtype in ``DTYPES``, as a (len(xs),) float64 tensor: the sum of
+    squares of :func:`primitives`, the other three left out (one stream, as a BLAS dot). None unless
+    it :func:`takes` them."""
+    if not takes(xs):
+        return None
+    xs = _contiguous(xs)
+    return _launch("sumsq", [xs, xs], 1)  # a pairwise kernel that reads the second of each pair
+
+
+def _contiguous(xs: list[Tensor]) -> list[Tensor]:
     return xs if all(map(Tensor.is_contiguous, xs)) else [x.contiguous() for x in xs]
 
 
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
     """Copy each ``src`` into ``dst`` (contiguous CPU tensors of one dtype in ``DTYPES``, each pair laid
     out alike, not overlapping) and return Σx² of each as a (len(src),) float64 tensor, in one pass."""
-    return _launch("copy", _pairs(dst, src, DTYPES), 1)[0]
+    return _launch("copy", _pairs(dst, src, DTYPES), 1)
 
 
 def distance_sumsq(before: list[Tensor], after: list[Tensor]) -> Tensor:
     """Σ(after - before)² of each pair (contiguous CPU tensors of one dtype in ``DTYPES``, each pair
     laid out alike), as a (len(after),) float64 tensor, in one pass; nothing is written."""
-    return _launch("distance", _pairs(before, after, DTYPES), 1)[0]
+    return _launch("distance", _pairs(before, after, DTYPES), 1)
 
 
 def lerp_(shadows: list[Tensor], live: list[Tensor], weight: float) -> None:
@@ -251,21 +254,21 @@ def _pairs(a: list[Tensor], b: list[Tensor], dtypes: tuple[torch.dtype, ...]) ->
     return [a, b]
 
 
-def _launch(name: str, tensors: list[list[Tensor]], columns: int, *scalars: float) -> Tensor:
+def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:
     """Run kernel ``name`` over lists of tensors (the kernel's pointer arguments, tensor i of each
-    list alike) and ``scalars``, as ``(columns, tensors)`` float64: sums pooled, a 4th column
-    (max |x|) maxed; with no columns the kernel only writes its first tensors."""
+    list alike), as a float64 ``(tensors,)`` for one column, else ``(columns, tensors)``: pieces
+    of a tensor pooled, sums added, a 4th column (max |x|) maxed."""
     kernel = _load()[f"{name}_{str(tensors[0][0].dtype)[6:]}"]
     runs, owners = _runs(tensors)
-    out = torch.empty(len(owners), columns, dtype=torch.float64)
-    _run(kernel, runs, out, scalars)
-    if len(owners) == len(tensors[0]):
-        return out.T
-    where = torch.tensor(owners)
-    pooled = out.new_zeros(len(tensors[0]), columns).index_add_(0, where, out)
-    if columns == 4:
-        pooled[:, 3] = out.new_zeros(len(tensors[0])).scatter_reduce_(0, where, out[:, 3], "amax")
-    return pooled.T
+    out = torch.empty((len(owners), columns) if columns > 1 else len(owners), dtype=torch.float64)
+    _run(kernel, runs, out.data_ptr(), columns, ())
+    if len(owners) != len(tensors[0]):
+        where = torch.tensor(owners)
+        pooled = out.new_zeros(len(tensors[0]), *out.shape[1:]).index_add_(0, where, out)
+        if columns == 4:
+            pooled[:, 3] = out.new_zeros(len(tensors[0])).scatter_reduce_(0, where, out[:, 3], "amax")
+        out = pooled
+    return out.T if columns > 1 else out
 
 
 def lerp_plan(shadows: list[Tensor], live: list[Tensor]) -> Callable[[float], None]:
@@ -278,17 +281,16 @@ class _LerpPlan:
     """A prebuilt :func:`lerp_`. Its pointers name the memory it was built over, so a copy (pickle,
     ``copy.deepcopy``) has no plan, and never builds one while being loaded."""
 
-    __slots__ = ("kernel", "runs", "none", "keep")
+    __slots__ = ("kernel", "runs", "keep")
 
     def __init__(self, shadows: list[Tensor], live: list[Tensor]):
         self.kernel = _load()[f"lerp_{str(live[0].dtype)[6:]}"]
-        self.runs, owners = _runs(_pairs(shadows, live, LERP_DTYPES))
-        self.none = torch.empty(len(owners), 0)
+        self.runs = _runs(_pairs(shadows, live, LERP_DTYPES))[0]
         # Aliases of their own hold the memory the pointers name, whatever is later done to the tensors.
         self.keep = [t.detach() for t in (*shadows, *live)]
 
     def __call__(self, weight: float) -> None:
-        _run(self.kernel, self.runs, self.none, (weight,))
+        _run(self.kernel, self.runs, 0, 0, (weight,))
 
     def __reduce__(self):
         return _no_plan, ()
@@ -305,8 +307,8 @@ def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[in
     sizes = list(map(Tensor.numel, tensors[0]))
     threads = min(torch.get_num_threads(), sum(sizes) // _PER_THREAD)
     if threads <= 1:
-        return [[array.array("q", map(Tensor.data_ptr, ts)) for ts in tensors] + [array.array("q", sizes)]], \
-            list(range(len(sizes)))
+        pointers = {id(ts): array.array("q", map(Tensor.data_ptr, ts)) for ts in tensors}  # sumsq passes one list twice
+        return [[pointers[id(ts)] for ts in tensors] + [array.array("q", sizes)]], list(range(len(sizes)))
     # Runs of equal shares of all elements in order: a tensor across a share's boundary is cut near it.
     share, width = -(-sum(sizes) // threads), tensors[0][0].element_size()
     columns: list[list[list[int]]] = [[[] for _ in range(len(tensors) + 1)] for _ in range(threads)]
@@ -329,12 +331,13 @@ def _runs(tensors: list[list[Tensor]]) -> tuple[list[list[array.array]], list[in
     return [[array.array("q", column) for column in run] for run in columns if run[-1]], owners
 
 
-def _run(kernel, runs: list[list[array.array]], out: Tensor, scalars: tuple[float, ...]) -> None:
-    """Each run's kernel call, its rows of ``out`` next (a thread each when several: ctypes releases the GIL)."""
+def _run(kernel, runs: list[list[array.array]], out: int, columns: int, scalars: tuple[float, ...]) -> None:
+    """Each run's kernel call, its rows of the float64 output at address ``out`` next (none without
+    ``columns``); a thread each when several: ctypes releases the GIL."""
     calls, row = [], 0
     for arrays in runs:
         count = len(arrays[-1])
-        tail = (out[row:row + count].data_ptr(),) if out.shape[1] else ()
+        tail = (out + 8 * columns * row,) if columns else ()
         calls.append((count, *(a.buffer_info()[0] for a in arrays), *tail, *scalars))
         row += count
     if len(calls) == 1:
