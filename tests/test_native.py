@@ -444,3 +444,35 @@ def test_a_zerotensor_gradient_is_measured_by_torchs_kernels():
         stats = lw.grad_stats(net, compile=compile)
         assert stats["weight"] == {"norm": 0.0, "mean": 0.0, "std": 0.0, "max_abs": 0.0, "zero_frac": 1.0}
         assert stats.dead == ["weight"]
+
+
+@needs_compiler
+@pytest.mark.skipif(not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists(), reason="no Python headers")
+def test_a_wheel_carries_the_kernels_and_their_source_and_its_install_uses_them(tmp_path):
+    """What pip installs from a wheel (not make's editable install): the library beside the package,
+    _native.c with it (the hash it is checked against), and the default that takes them."""
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    project = tmp_path / "project"
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, project / name)
+    shutil.copytree(root / "src" / "layerwise", project / "src" / "layerwise",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(project)],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("layerwise-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "layerwise/_native.c" in names and any(n.startswith("layerwise/_native_kernels") for n in names)
+    assert "-abi3-" in wheel.name  # one wheel for every Python from 3.10
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    probe = ("import layerwise, layerwise._native as n; "
+             "print(layerwise.__file__, n.wanted(None), sorted(n._kernels)[0])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    where, used, first = done.stdout.split()
+    assert where.startswith(str(tmp_path / "site")) and used == "True" and first == "copy_bfloat16"
