@@ -64,8 +64,8 @@ LERP_DTYPES = (torch.float32, torch.float64)  # torch rounds a bfloat16 lerp fro
 LERP_CAPABILITIES = ("AVX2", "AVX512")
 # The kernels' instance for the vector ISA torch dispatches to on this CPU (its own kernels' choice).
 _SUFFIX = {"AVX512": "_avx512", "AVX2": "_avx2"}
-# Each kernel's dtypes and pointer arguments (besides its sizes and output).
-_SIGNATURES = (("primitives", DTYPES, 1), ("sumsq", DTYPES, 2), ("copy", DTYPES, 2), ("distance", DTYPES, 2))
+# Each kernel of DTYPES, and its pointer arguments (besides its sizes and output).
+_POINTERS = {"primitives": 1, "sumsq": 2, "copy": 2, "distance": 2}
 
 _SOURCE = Path(__file__).with_name("_native.c")
 _COMPILE_SECONDS = 300
@@ -169,11 +169,12 @@ def _load() -> dict[str, Callable]:
 def _bind(library: ctypes.CDLL) -> dict[str, Callable]:
     """Each kernel's instance for this CPU's ISA, typed; the lerp only where it fuses as torch's does."""
     suffix = _SUFFIX.get(torch.backends.cpu.get_cpu_capability(), "")
-    found = {name: getattr(library, name + suffix, None) or getattr(library, name) for name in (
-        f"{kernel}_{str(dtype)[6:]}" for kernel, dtypes, _ in _SIGNATURES for dtype in dtypes)}
-    for kernel, dtypes, pointers in _SIGNATURES:
-        for dtype in dtypes:
-            found[f"{kernel}_{str(dtype)[6:]}"].argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
+    found = {}
+    for kernel, pointers in _POINTERS.items():
+        for dtype in DTYPES:
+            name = f"{kernel}_{str(dtype)[6:]}"
+            found[name] = getattr(library, name + suffix, None) or getattr(library, name)
+            found[name].argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * (pointers + 2)]
     for dtype in LERP_DTYPES if suffix else ():  # the vector instances only: the baseline's fma is libm's
         lerp = getattr(library, f"lerp_{str(dtype)[6:]}{suffix}", None)
         if lerp is not None:

@@ -190,8 +190,7 @@ class EMA:
             bucket = Bucket([local(owner[i]) for owner, i in members], live, self.foreach)
             if flat_live is not None:
                 bucket.shadow, bucket.flat = [flat], (flat, flat_live)
-            if self.compile is not False:
-                bucket.compile(self.compile)
+            bucket.compile(self.compile)
             self._buckets.append(bucket)
         copied = [(self.shadow, self._params, i) for i, a in enumerate(averaged) if not a] + [
             (self.shadow_buffers, self._buffers, i) for i, f in enumerate(floats) if not f]
