@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from layerwise import _grad_kernels as grad_kernels
 from layerwise._grad_engine import (
     PRIMITIVES,
+    STATS,
     copy_primitives,
+    derive,
     distance_primitives,
     local_primitives,
     local_tensors,
@@ -153,3 +155,32 @@ def test_cpu_primitives_asked_for_alone_are_those_of_the_full_set():
         alone = local_primitives(tensors, [None] * 3, (name,), None, False).values()[name].tolist()
         # Norms alone take _foreach_norm, whose float32 sums may split across threads: not bit-equal to the dot.
         assert alone == pytest.approx([f[name] for f in full], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- statistics from primitives
+
+_SPECIAL = st.sampled_from([0.0, -0.0, math.nan, math.inf, -math.inf, 1e-300, 1e300])
+_FLOAT = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), _SPECIAL)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_FLOAT.map(abs), _FLOAT, _FLOAT.map(abs), _FLOAT.map(abs),
+                          st.sampled_from([0.0, 1.0, 2.0, 3.0, 1e6, 2.0**53])), min_size=1, max_size=6))
+def test_statistics_from_primitives_are_those_of_torch(rows):
+    """``derive`` works on host floats (no torch call to dispatch): every statistic is the float64
+    tensor arithmetic of torch.std's definition, to the last bit but one (Python's sqrt rounds
+    correctly, torch's float64 sqrt not always), with NaN, infinities and empty tensors alike."""
+    sumsq, total, nonzero, max_abs, numel = (list(column) for column in zip(*rows))
+    got = derive({"sumsq": sumsq, "sum": total, "nonzero": nonzero, "max_abs": max_abs}, numel, STATS)
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in
+         (("sumsq", sumsq), ("sum", total), ("nonzero", nonzero), ("max_abs", max_abs), ("numel", numel))}
+    var = (t["sumsq"] - t["sum"].square() / t["numel"]).clamp_min(0) / (t["numel"] - 1)
+    want = {"norm": t["sumsq"].sqrt(), "mean": t["sum"] / t["numel"],
+            "std": torch.where(t["numel"] > 1, var.sqrt(), math.nan), "max_abs": t["max_abs"],
+            "zero_frac": 1 - t["nonzero"] / t["numel"]}
+    for stat in STATS:
+        expected = want[stat]
+        if stat in ("mean", "zero_frac"):  # an empty tensor (numel 0) has a sum and a count of 0: 0 / 0
+            expected = torch.where(t["numel"] == 0, math.nan, expected)
+        torch.testing.assert_close(torch.tensor(got[stat], dtype=torch.float64), expected, rtol=2.3e-16, atol=0,
+                                   equal_nan=True, msg=stat)

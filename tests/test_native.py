@@ -78,7 +78,7 @@ def test_primitives_equal_the_eager_kernels(sizes, dtype, zeros, special, seed):
     measured = native.primitives(xs)
     assert_matches_eager(measured, xs)
     # A norm request reads only the sum of squares, added in the same order: the same bits.
-    torch.testing.assert_close(native.sumsq(xs), measured[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(native.sumsq(xs), measured[:1], rtol=0, atol=0, equal_nan=True)
 
 
 @needs_compiler
@@ -237,7 +237,7 @@ def test_threads_split_the_bytes_and_pool_to_the_one_thread_result(monkeypatch):
     assert torch.equal(split[2:].nan_to_num(), one[2:].nan_to_num()) and torch.equal(split.isnan(), one.isnan())
     assert split[3, 1].item() == 77.0 and math.isnan(split[3, 3].item())
     assert torch.allclose(split[:2], one[:2], rtol=1e-12, equal_nan=True)
-    torch.testing.assert_close(split_sumsq, split[0], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(split_sumsq, split[:1], rtol=0, atol=0, equal_nan=True)
 
 
 def _threaded_primitives(queue) -> None:
@@ -287,7 +287,7 @@ def test_copy_and_distance_measure_what_they_read_and_copy_every_bit(sizes, dtyp
     rtol = 1e-13 if dtype == torch.float64 else 1e-5
     for got, want in ((copied, [b.double().square().sum() for b in before]),
                       (distance, [(a.double() - b.double()).square().sum() for a, b in zip(after, before)])):
-        want = torch.stack(want)
+        want = torch.stack(want)[None]  # a block's one row
         assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
         finite = want.isfinite()
         assert torch.allclose(got[finite], want[finite], rtol=rtol, atol=1e-30)

@@ -198,15 +198,19 @@ class Prims:
         """Replace the blocks by ``blocks`` (as :meth:`tensors` ordered them), e.g. once on the host."""
         self.groups = {key: (cols, block) for (key, (cols, _)), block in zip(self.groups.items(), blocks)}
 
-    def values(self) -> dict[str, Tensor]:
-        """Primitive name -> (count,) tensor, in the tensors' order (call once the blocks are on the host)."""
+    def block(self) -> Tensor:
+        """The (needed, count) float64 block of every tensor, in the tensors' order (call once on the host)."""
         blocks = list(self.groups.values())
         if len(blocks) == 1 and len(blocks[0][0]) == self.count:  # one group holds every tensor, in order
-            return dict(zip(self.needed, blocks[0][1]))
+            return blocks[0][1]
         out = torch.full((len(self.needed), self.count), math.nan, dtype=torch.float64)
         for cols, block in blocks:
             out[:, cols] = block
-        return dict(zip(self.needed, out))
+        return out
+
+    def values(self) -> dict[str, Tensor]:
+        """Primitive name -> (count,) tensor, in the tensors' order (call once the blocks are on the host)."""
+        return dict(zip(self.needed, self.block()))
 
 
 def local_primitives(local: Sequence[Tensor], shards: Sequence[tuple | None], needed: tuple[str, ...],
@@ -283,8 +287,8 @@ def _written_sumsq(out: Sequence[Tensor], src: Sequence[Tensor], shards: Sequenc
         if not fast or not rest:
             block = native(o, s) if fast else eager(o, s)
         else:  # some tensors native, the others eager
-            block = torch.empty(len(idx), dtype=torch.float64)
-            block[fast], block[rest] = native(pick(o, fast), pick(s, fast)), eager(pick(o, rest), pick(s, rest))
+            block = torch.empty(1, len(idx), dtype=torch.float64)
+            block[:, fast], block[:, rest] = native(pick(o, fast), pick(s, fast)), eager(pick(o, rest), pick(s, rest))
         prims.groups[key] = (idx, block.reshape(1, -1))
     return prims
 
@@ -363,22 +367,30 @@ def unscale(values: dict[str, Tensor], scale: Tensor | None) -> None:
                 values[name] = values[name] / scale ** power
 
 
-def derive(values: dict[str, Tensor], numel: Tensor, stats: Sequence[str]) -> dict[str, Tensor]:
-    """Statistics from primitives; ``std`` with Bessel's correction, like ``torch.std``."""
+def derive(values: dict[str, list[float]], numel: Sequence[float], stats: Sequence[str]) -> dict[str, list[float]]:
+    """Statistics from primitives on the host; ``std`` with Bessel's correction, like ``torch.std``.
+
+    Python floats: the IEEE double operations torch's would do, in the same order, with nothing to
+    dispatch (right after a backward each torch call runs from cold caches: about 0.1 ms).
+    """
     out = {}
     for stat in stats:
         if stat == "norm":
-            out[stat] = values["sumsq"].sqrt()
+            out[stat] = list(map(math.sqrt, values["sumsq"]))
         elif stat == "mean":
-            out[stat] = values["sum"] / numel
+            out[stat] = list(map(_divide, values["sum"], numel))
         elif stat == "std":
-            var = (values["sumsq"] - values["sum"].square() / numel).clamp_min(0) / (numel - 1)
-            out[stat] = torch.where(numel > 1, var.sqrt(), math.nan)
+            out[stat] = [math.sqrt(max(sq - s * s / n, 0.0) / (n - 1)) if n > 1 else math.nan
+                         for sq, s, n in zip(values["sumsq"], values["sum"], numel)]
         elif stat == "max_abs":
-            out[stat] = values["max_abs"]
+            out[stat] = list(values["max_abs"])
         else:
-            out[stat] = 1 - values["nonzero"] / numel
+            out[stat] = [1 - _divide(k, n) for k, n in zip(values["nonzero"], numel)]
     return out
+
+
+def _divide(a: float, b: float) -> float:
+    return a / b if b else math.nan  # only an empty tensor counts 0 elements: 0 / 0, as torch gives it
 
 
 def pool(values: dict[str, Tensor], numel: Tensor, group: Tensor, count: int) -> tuple[dict[str, Tensor], Tensor]:

@@ -207,9 +207,9 @@ def primitives(xs: list[Tensor]) -> Tensor | None:
 
 
 def sumsq(xs: list[Tensor]) -> Tensor | None:
-    """Σx² of each CPU tensor of one dtype in ``DTYPES``, as a (len(xs),) float64 tensor: the sum of
-    squares of :func:`primitives`, the other three left out (one stream, as a BLAS dot). None unless
-    it :func:`takes` them."""
+    """Σx² of each CPU tensor of one dtype in ``DTYPES``, as a (1, len(xs)) float64 tensor: the first
+    row of :func:`primitives`, the other three left out (one stream, as a BLAS dot). None unless it
+    :func:`takes` them."""
     if not takes(xs):
         return None
     xs = _contiguous(xs)
@@ -222,13 +222,13 @@ def _contiguous(xs: list[Tensor]) -> list[Tensor]:
 
 def copy_sumsq(dst: list[Tensor], src: list[Tensor]) -> Tensor:
     """Copy each ``src`` into ``dst`` (contiguous CPU tensors of one dtype in ``DTYPES``, each pair laid
-    out alike, not overlapping) and return Σx² of each as a (len(src),) float64 tensor, in one pass."""
+    out alike, not overlapping) and return Σx² of each as a (1, len(src)) float64 tensor, in one pass."""
     return _launch("copy", _pairs(dst, src, DTYPES), 1)
 
 
 def distance_sumsq(before: list[Tensor], after: list[Tensor]) -> Tensor:
     """Σ(after - before)² of each pair (contiguous CPU tensors of one dtype in ``DTYPES``, each pair
-    laid out alike), as a (len(after),) float64 tensor, in one pass; nothing is written."""
+    laid out alike), as a (1, len(after)) float64 tensor, in one pass; nothing is written."""
     return _launch("distance", _pairs(before, after, DTYPES), 1)
 
 
@@ -257,18 +257,19 @@ def _pairs(a: list[Tensor], b: list[Tensor], dtypes: tuple[torch.dtype, ...]) ->
 
 def _launch(name: str, tensors: list[list[Tensor]], columns: int) -> Tensor:
     """Run kernel ``name`` over lists of tensors (the kernel's pointer arguments, tensor i of each
-    list alike), as a float64 ``(tensors,)`` for one column, else ``(columns, tensors)``: pieces
-    of a tensor pooled, sums added, a 4th column (max |x|) maxed."""
+    list alike), as a float64 ``(columns, tensors)``: pieces of a tensor pooled, sums added, a 4th
+    column (max |x|) maxed."""
     kernel = _load()[f"{name}_{str(tensors[0][0].dtype)[6:]}"]
     runs, owners = _runs(tensors)
-    out = torch.empty((len(owners), columns) if columns > 1 else len(owners), dtype=torch.float64)
+    # One column is laid out as its transpose: made in its final shape, with no view to dispatch.
+    out = torch.empty((len(owners), columns) if columns > 1 else (1, len(owners)), dtype=torch.float64)
     _run(kernel, runs, out.data_ptr(), columns, ())
     if len(owners) != len(tensors[0]):
-        where = torch.tensor(owners)
-        pooled = out.new_zeros(len(tensors[0]), *out.shape[1:]).index_add_(0, where, out)
+        rows, where = out.view(len(owners), columns), torch.tensor(owners)
+        pooled = rows.new_zeros(len(tensors[0]), columns).index_add_(0, where, rows)
         if columns == 4:
-            pooled[:, 3] = out.new_zeros(len(tensors[0])).scatter_reduce_(0, where, out[:, 3], "amax")
-        out = pooled
+            pooled[:, 3] = rows.new_zeros(len(tensors[0])).scatter_reduce_(0, where, rows[:, 3], "amax")
+        return pooled.T
     return out.T if columns > 1 else out
 
 

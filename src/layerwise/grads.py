@@ -24,7 +24,7 @@ from typing import IO
 
 import torch
 from rich.table import Table
-from torch import nn
+from torch import Tensor, nn
 
 from ._grad_engine import (
     STATS,
@@ -65,14 +65,16 @@ def _grouper(by: str | int) -> Callable[[str], str]:
 
 
 def _measure(names: list[str], params: list[nn.Parameter], need: tuple[str, ...], foreach: bool | None,
-             compile: bool | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """The indices of the parameters that have a gradient, and their gradients' primitives, on the host."""
+             compile: bool | None = None) -> tuple[list[int], Tensor]:
+    """The indices of the parameters that have a gradient, and their gradients' primitives: a
+    (need, len(indices)) float64 block on the host."""
     grads, have = gradients(params)
     grads = local_tensors(grads, pick(names, have))
     prims = local_primitives(*grads, need, foreach, compile)
     reduce_shards(prims)
-    prims.load(to_host(prims.tensors()))
-    return have, prims.values()
+    if any(block.device.type != "cpu" for block in prims.tensors()):  # a CPU block is already float64 and ours
+        prims.load(to_host(prims.tensors()))
+    return have, prims.block()
 
 
 class GradStats:
@@ -216,25 +218,27 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     need = needed(stats)
     if "sum" in need:
         refuse_complex(names, [p.grad for p in params], "a signed mean or std")
-    have, values = _measure(names, params, need, foreach, compile)
+    have, block = _measure(names, params, need, foreach, compile)
     every = len(have) == len(params)
     if layout.group is None:  # one row per parameter: nothing to pool
         present = [True] * len(names) if every else [p.grad is not None for p in params]
+        columns = dict(zip(need, block.tolist()))
         if not every:
-            at = torch.tensor(have, dtype=torch.long)
-            values = {k: torch.full((len(names),), math.nan, dtype=v.dtype).index_copy_(0, at, v)
-                      for k, v in values.items()}
-        numel = layout.numel
+            columns = {k: _spread(v, have, len(names)) for k, v in columns.items()}
+        numel = layout.sizes
     else:
         group = layout.group if every else layout.group[have]
-        values, numel = pool(values, layout.numel if every else layout.numel[have], group, len(layout.rows))
+        values, pooled = pool(dict(zip(need, block)), layout.numel if every else layout.numel[have], group,
+                              len(layout.rows))
+        columns, numel = {k: v.tolist() for k, v in values.items()}, pooled.tolist()
         present = [False] * len(layout.rows)
         for r in group.tolist():
             present[r] = True
-    derived = {s: v.tolist() for s, v in derive(values, numel, stats).items()}
-    sumsq = values["sumsq"]
-    dead = (sumsq == 0).tolist()
-    finite = (sumsq.isfinite() & values.get("max_abs", sumsq).isfinite()).tolist()
+    derived = derive(columns, numel, stats)
+    sumsq = columns["sumsq"]
+    dead = [s == 0 for s in sumsq]
+    finite = list(map(math.isfinite, sumsq)) if "max_abs" not in columns else [
+        math.isfinite(s) and math.isfinite(m) for s, m in zip(sumsq, columns["max_abs"])]
     rows = layout.rows
     return GradStats(
         rows, derived, present, numel=layout.row_numel, stats=stats,
@@ -244,6 +248,14 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
         frozen=layout.frozen, title=layout.title)
 
 
+def _spread(values: list[float], at: list[int], count: int) -> list[float]:
+    """``values`` at indices ``at`` of ``count`` rows, NaN in the others."""
+    out = [math.nan] * count
+    for i, v in zip(at, values):
+        out[i] = v
+    return out
+
+
 class _Layout:
     """The rows of :func:`grad_stats` for one choice of parameters and one ``by``: built once per choice."""
 
@@ -251,7 +263,8 @@ class _Layout:
         group_of = _grouper(by)
         keys = [group_of(n) for n in names]
         self.rows = list(dict.fromkeys(keys))
-        self.numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+        self.sizes = [float(p.numel()) for p in params]
+        self.numel = torch.tensor(self.sizes, dtype=torch.float64)
         index = {row: r for r, row in enumerate(self.rows)}
         self.group = None if by == "param" else torch.tensor([index[k] for k in keys], dtype=torch.long)
         row_numel: dict[str, int] = defaultdict(int)
@@ -309,8 +322,8 @@ def check_grads(model: nn.Module, *selectors: Selector, foreach: bool | None = N
     require_module(model, "check_grads")
     require_flag(foreach, "foreach", "check_grads", none=True)
     names, params, _ = chosen(model, selectors)
-    have, values = _measure(names, params, ("max_abs",), foreach)
-    finite = values["max_abs"].isfinite().tolist()
+    have, block = _measure(names, params, ("max_abs",), foreach)
+    finite = map(math.isfinite, block[0].tolist())
     return GradCheck(nonfinite=[names[i] for i, ok in zip(have, finite) if not ok],
                      no_grad=[names[i] for i, p in enumerate(params) if p.grad is None])
 
@@ -344,8 +357,8 @@ class NonFiniteWatch(Hooks):
     @torch.no_grad()
     def _check(self) -> None:
         order, self._order = self._order, []
-        _, values = _measure(pick(self._names, order), pick(self._params, order), ("max_abs",), None)
-        finite = values["max_abs"].isfinite().tolist()
+        _, block = _measure(pick(self._names, order), pick(self._params, order), ("max_abs",), None)
+        finite = list(map(math.isfinite, block[0].tolist()))
         bad = [self._names[i] for i, ok in zip(order, finite) if not ok]
         if bad:
             then = f" (then, in backward order: {', '.join(bad[1:])})" if bad[1:] else ""

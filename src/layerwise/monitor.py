@@ -287,9 +287,9 @@ class GradMonitor:
     def _rows(self, record: _Record) -> list[dict[str, Any]]:
         grad = record.grad.values()
         unscale(grad, record.scale)
-        numel = torch.tensor([float(self._params[i].numel()) for i in record.have], dtype=torch.float64)
-        derived = {s: v.tolist() for s, v in derive(grad, numel, self.stats).items()}
-        sumsq = grad["sumsq"].tolist()
+        columns = {k: v.tolist() for k, v in grad.items()}
+        derived = derive(columns, [float(self._params[i].numel()) for i in record.have], self.stats)
+        sumsq = columns["sumsq"]
         weight = record.weight.values()["sumsq"].sqrt().tolist()
         delta = record.delta.values()["sumsq"].sqrt().tolist() if record.delta else None
         column = {i: j for j, i in enumerate(record.have)}
