@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _pages
 from ._grad_engine import (
     STATS,
     Prims,
@@ -203,7 +204,7 @@ class GradMonitor:
             weights, shards = local_tensors(self._params, self.names)
             buffers = self._buffers if self.every == 1 else None  # reused when every step logs
             if buffers is None or not all(map(laid_out_alike, buffers, weights)):  # e.g. after model.to(dtype)
-                buffers = [torch.empty_like(w) for w in weights]
+                buffers = _pages.packed_like(weights)  # in huge pages on CPU: see _pages
             # The snapshot's copy gives the weight norms: the weights are not read twice.
             self._weight = copy_primitives(buffers, weights, shards, self.foreach, self.compile)
             self._snapshot, self._buffers = buffers, buffers if self.every == 1 else None
@@ -289,7 +290,6 @@ class GradMonitor:
         unscale(grad, record.scale)
         columns = {k: v.tolist() for k, v in grad.items()}
         derived = derive(columns, [float(self._params[i].numel()) for i in record.have], self.stats)
-        sumsq = columns["sumsq"]
         weight = record.weight.values()["sumsq"].sqrt().tolist()
         delta = record.delta.values()["sumsq"].sqrt().tolist() if record.delta else None
         column = {i: j for j, i in enumerate(record.have)}
@@ -301,7 +301,7 @@ class GradMonitor:
             row["weight_norm"] = weight[i]
             if self.optimizer is not None:
                 row["update_ratio"] = delta[i] / weight[i] if delta is not None and weight[i] > 0 else None
-            row["dead"] = None if j is None else sumsq[j] == 0
+            row["dead"] = None if j is None else columns["sumsq"][j] == 0
             rows.append(row)
         return rows
 
