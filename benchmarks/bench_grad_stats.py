@@ -19,7 +19,7 @@ that read the same memory finds it in cache, one after a call that wrote 100 MB 
   at every=1 (default stats, weight norms, update ratios, non-finite check), at every=1
   without an optimizer (no update ratio), and at every=50; and the floors of every=1: the
   memory it must move (gradients and weights read once; with the update ratio, the weights
-  also copied, then read with their copy).
+  also copied, then read with their copy: the copy in huge pages, as the monitor keeps it).
 
 Each lw call runs by default (``compile=None``: the native kernels where layerwise was installed
 with them, as the first line printed says) and with ``compile=False`` (torch's kernels).
@@ -44,7 +44,7 @@ import tempfile
 import torch
 
 import layerwise as lw
-from layerwise import _native
+from layerwise import _native, _pages
 
 from _timing import compare, encoder, evicter, ms
 
@@ -172,7 +172,7 @@ def monitor_parts(monitor: lw.GradMonitor, params: list, compile: bool | None) -
 
     grads, weights = [p.grad for p in params], [p.detach() for p in params]
     shards = [None] * len(params)
-    snapshot = [torch.empty_like(w) for w in weights]
+    snapshot = _pages.packed_like(weights)  # as the monitor lays it out
     prims = engine.local_primitives(grads, shards, monitor._needed, None, compile)
     record = monitor._done[-1]  # a log step already on the host: its rows, and its transfer again
     tensors = [t.to(DEVICE) for t in record.tensors()]
@@ -222,7 +222,7 @@ def one_round(model, x, flat) -> dict[str, float]:
     # The memory every=1 must move, as flat kernels: the gradients read once, the weights copied,
     # then read beside their copy (for ‖Δw‖ after the step).
     weights = torch.cat([p.detach().flatten() for p in params])
-    snapshot = torch.empty_like(weights)
+    snapshot = _pages.empty(weights.numel(), weights.dtype, weights.device)  # in huge pages, as the monitor's
 
     def floor():
         flat.norm(), snapshot.copy_(weights), torch.dot(weights, snapshot)
