@@ -10,7 +10,7 @@ import layerwise as lw
 from layerwise import _pages
 
 _MB = 1 << 20
-huge_pages = pytest.mark.skipif(_pages.madvise() is None or not _pages._huge_pages_allowed(),
+huge_pages = pytest.mark.skipif(not _pages.huge_page_size(),
                                 reason="transparent huge pages are a Linux feature the system may turn off")
 
 
@@ -30,17 +30,31 @@ def advised_huge(address: int) -> bool:
 
 
 @huge_pages
-def test_a_large_buffer_starts_on_a_huge_page_advised_for_huge_pages():
+def test_a_large_buffer_starts_on_a_huge_page_advised_for_huge_pages_and_holds_nothing_more():
     x = _pages.empty(5 * _MB // 4, torch.float32, "cpu")
     assert x.shape == (5 * _MB // 4,) and x.dtype == torch.float32 and x.is_contiguous()
-    assert x.data_ptr() % (2 * _MB) == 0 and advised_huge(x.data_ptr())
+    assert x.untyped_storage().nbytes() == 5 * _MB  # a saved tensor writes its own bytes only
+    assert x.data_ptr() % _pages.huge_page_size() == 0 and advised_huge(x.data_ptr())
     x.fill_(3.0)  # all of it is ours to write
     assert x.sum().item() == 3.0 * x.numel()
+    shared = x[:8].share_memory_()  # what DataLoader workers and Hogwild do
+    assert shared.is_shared() and torch.equal(shared, torch.full((8,), 3.0))
 
 
 def test_a_small_buffer_is_a_plain_allocation():
     x = _pages.empty(1000, torch.float64, "cpu")
     assert x.untyped_storage().nbytes() == 8000 and x.shape == (1000,)
+
+
+def test_buffers_go_where_they_are_asked_whatever_the_default_device():
+    model, source = torch.nn.Linear(1024, 1024), torch.ones(2, _MB // 2)  # 4 MiB of CPU weights; 4 MiB
+    with torch.device("meta"):  # as under torch.set_default_device("cuda")
+        assert _pages.empty(_MB, torch.float32, "cpu").device.type == "cpu"
+        assert _pages.packed_like([source])[0].device.type == "cpu"
+        ema = lw.EMA(model, decay=0.9)
+        lw.flatten_parameters(model)
+    assert all(s.device.type == "cpu" for s in ema.shadow)
+    assert model.weight.device.type == "cpu"
 
 
 def test_packed_tensors_are_disjoint_aligned_views_of_one_buffer_and_keep_their_layout():
@@ -66,7 +80,9 @@ def test_ema_shadows_share_one_buffer_in_huge_pages_and_save_as_separate_tensors
     ema = lw.EMA(model, decay=0.9)
     shadows = list(ema.state_dict()["shadow"].values())
     assert len({s.untyped_storage().data_ptr() for s in shadows}) == 1
-    assert advised_huge(max(shadows, key=torch.Tensor.numel).data_ptr())
+    storage = shadows[0].untyped_storage()
+    assert storage.nbytes() <= 4 * sum(s.numel() + 15 for s in shadows)  # no more than each view's alignment
+    assert advised_huge(storage.data_ptr())
     reference = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():

@@ -1,5 +1,5 @@
-"""Memory layerwise streams through itself (EMA shadows, the monitor's weight snapshot): one buffer
-per device and dtype, in transparent huge pages on Linux CPUs.
+"""Memory layerwise streams through itself (EMA shadows, the monitor's weight snapshot, flat parameter
+storage): one buffer per device and dtype, in transparent huge pages on Linux CPUs.
 
 A CPU kernel streaming tens of MB through 4 KiB pages misses the TLB every 4 KiB, and under a
 hypervisor each miss walks two page tables. On the benchmark VM an EMA update whose shadows sit in
@@ -10,59 +10,50 @@ its allocations (``THP_MEM_ALLOC_ENABLE=1``, read once at start-up); this does i
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import mmap
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["empty", "madvise", "packed_like"]
+__all__ = ["empty", "huge_page_size", "packed_like"]
 
-_HUGE = 1 << 21  # a huge page on x86-64, and on arm64 with 4 KiB pages
-_MADV_HUGEPAGE = 14  # linux/mman.h
 _ALIGN = 64  # each packed tensor starts on a cache line, as torch's own allocations do
 
 
 @functools.cache
-def madvise() -> Any:
-    """libc's madvise, called through ctypes so the GIL is released meanwhile; None off Linux."""
-    if sys.platform != "linux":
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
-
-
-@functools.cache
-def _huge_pages_allowed() -> bool:
+def huge_page_size() -> int:
+    """The size of a transparent huge page, or 0 where the system has none to give (off Linux, or
+    with them turned off): 2 MiB on x86-64 and on arm64 with 4 KiB pages."""
+    folder = Path("/sys/kernel/mm/transparent_hugepage")
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
     try:  # "always [madvise] never": the bracketed mode is the system's
-        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
+        if "[never]" in (folder / "enabled").read_text():
+            return 0
+        return int((folder / "hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def empty(numel: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
-    """An uninitialized 1-D tensor. On a Linux CPU, from 2 MiB up and where the system allows
-    transparent huge pages, its memory from the first 2 MiB boundary on is advised ``MADV_HUGEPAGE``
-    before anything touches it: the kernel backs it with huge pages where it has them, else with
-    4 KiB pages as usual. Up to 2 MiB more is allocated (its storage) to find that boundary."""
-    device = torch.device(device)
-    width = dtype.itemsize
-    if device.type != "cpu" or numel * width < _HUGE or madvise() is None or not _huge_pages_allowed():
+    """An uninitialized 1-D tensor. On a Linux CPU, from one huge page up, its memory is a private
+    anonymous mapping that starts on a huge page, whose whole huge pages are advised
+    ``MADV_HUGEPAGE`` before anything touches them: the kernel backs them with huge pages where it
+    has them, else with 4 KiB pages as usual. Its storage is exactly ``numel`` elements (a saved
+    tensor writes no more); the mapping's unused head is never touched, so it takes no memory."""
+    huge = huge_page_size() if torch.device(device).type == "cpu" else 0
+    size = numel * dtype.itemsize
+    if size < huge or not huge:
         return torch.empty(numel, dtype=dtype, device=device)
-    raw = torch.empty(numel + _HUGE // width, dtype=dtype)
-    address = raw.data_ptr()
-    start = -(-address // _HUGE) * _HUGE
-    madvise()(start, (address + raw.numel() * width - start) // _HUGE * _HUGE, _MADV_HUGEPAGE)  # best effort
-    offset = (start - address) // width  # torch aligns to 64 bytes: a whole number of elements
-    return raw[offset:offset + numel]
+    mapping = mmap.mmap(-1, size + huge, flags=mmap.MAP_PRIVATE)  # anonymous: zero pages, mapped on first touch
+    start = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % huge
+    mapping.madvise(mmap.MADV_HUGEPAGE, start, size // huge * huge)
+    # The tensor holds the mapping (a buffer export) and unmaps it when its storage is freed.
+    return torch.frombuffer(mapping, dtype=dtype, count=numel, offset=start)
 
 
 def packed_like(tensors: Sequence[Tensor], dtype: torch.dtype | None = None,

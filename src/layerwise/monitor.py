@@ -202,9 +202,9 @@ class GradMonitor:
         scale, scaler_in_charge = getattr(optimizer, "grad_scale", None), hasattr(optimizer, "found_inf")
         with torch.no_grad():
             weights, shards = local_tensors(self._params, self.names)
-            buffers = self._buffers if self.every == 1 else None  # reused when every step logs
+            buffers = self._buffers if self.every == 1 else None  # reused (in huge pages: _pages) when every step logs
             if buffers is None or not all(map(laid_out_alike, buffers, weights)):  # e.g. after model.to(dtype)
-                buffers = _pages.packed_like(weights)  # in huge pages on CPU: see _pages
+                buffers = _pages.packed_like(weights) if self.every == 1 else [torch.empty_like(w) for w in weights]
             # The snapshot's copy gives the weight norms: the weights are not read twice.
             self._weight = copy_primitives(buffers, weights, shards, self.foreach, self.compile)
             self._snapshot, self._buffers = buffers, buffers if self.every == 1 else None
