@@ -97,3 +97,12 @@ def test_ema_shadows_share_one_buffer_in_huge_pages_and_save_as_separate_tensors
     again = lw.EMA(copy.deepcopy(model), decay=0.9)
     again.load_state_dict(torch.load(tmp_path / "ema.pt"))
     assert all(torch.equal(a, b) for a, b in zip(again.shadow, ema.shadow))
+
+
+def test_a_buffer_the_system_will_not_map_comes_from_torch_allocator(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_pages.mmap, "mmap", refuse)
+    x = _pages.empty(5 * _MB // 4, torch.float32, "cpu")
+    assert x.shape == (5 * _MB // 4,) and x.untyped_storage().resizable()  # torch's own allocation

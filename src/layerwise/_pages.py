@@ -49,7 +49,10 @@ def empty(numel: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     size = numel * dtype.itemsize
     if size < huge or not huge:
         return torch.empty(numel, dtype=dtype, device=device)
-    mapping = mmap.mmap(-1, size + huge, flags=mmap.MAP_PRIVATE)  # anonymous: zero pages, mapped on first touch
+    try:
+        mapping = mmap.mmap(-1, size + huge, flags=mmap.MAP_PRIVATE)  # anonymous: zero pages, mapped on first touch
+    except OSError:  # no address space or map left: torch's allocator says why, or manages
+        return torch.empty(numel, dtype=dtype, device=device)
     start = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % huge
     mapping.madvise(mmap.MADV_HUGEPAGE, start, size // huge * huge)
     # The tensor holds the mapping (a buffer export) and unmaps it when its storage is freed.
