@@ -1,4 +1,4 @@
-"""Memory layerwise streams through itself (EMA shadows, the monitor's weight snapshot, flat parameter
+"""Memory layerwise streams through itself (EMA shadows, the monitor's kept snapshot, flat parameter
 storage): one buffer per device and dtype, in transparent huge pages on Linux CPUs.
 
 A CPU kernel streaming tens of MB through 4 KiB pages misses the TLB every 4 KiB, and under a
