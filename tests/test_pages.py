@@ -30,15 +30,18 @@ def advised_huge(address: int) -> bool:
 
 
 @huge_pages
-def test_a_large_buffer_starts_on_a_huge_page_advised_for_huge_pages_and_holds_nothing_more():
+def test_the_huge_pages_inside_a_large_buffer_are_advised_and_it_stays_torch_s_own_allocation():
     x = _pages.empty(5 * _MB // 4, torch.float32, "cpu")
     assert x.shape == (5 * _MB // 4,) and x.dtype == torch.float32 and x.is_contiguous()
     assert x.untyped_storage().nbytes() == 5 * _MB  # a saved tensor writes its own bytes only
-    assert x.data_ptr() % _pages.huge_page_size() == 0 and advised_huge(x.data_ptr())
+    huge = _pages.huge_page_size()
+    first = -(-x.data_ptr() // huge) * huge  # 5 MiB hold at least one whole huge page
+    assert advised_huge(first) and advised_huge(first + huge - 1)
     x.fill_(3.0)  # all of it is ours to write
     assert x.sum().item() == 3.0 * x.numel()
     shared = x[:8].share_memory_()  # what DataLoader workers and Hogwild do
     assert shared.is_shared() and torch.equal(shared, torch.full((8,), 3.0))
+    x.untyped_storage().resize_(0)  # as code that frees a tensor's memory does
 
 
 def test_a_small_buffer_is_a_plain_allocation():
@@ -80,9 +83,9 @@ def test_ema_shadows_share_one_buffer_in_huge_pages_and_save_as_separate_tensors
     ema = lw.EMA(model, decay=0.9)
     shadows = list(ema.state_dict()["shadow"].values())
     assert len({s.untyped_storage().data_ptr() for s in shadows}) == 1
-    storage = shadows[0].untyped_storage()
+    storage = shadows[0].untyped_storage()  # 4 MiB: at least one whole huge page inside
     assert storage.nbytes() <= 4 * sum(s.numel() + 15 for s in shadows)  # no more than each view's alignment
-    assert advised_huge(storage.data_ptr())
+    assert advised_huge(-(-storage.data_ptr() // _pages.huge_page_size()) * _pages.huge_page_size())
     reference = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -99,10 +102,7 @@ def test_ema_shadows_share_one_buffer_in_huge_pages_and_save_as_separate_tensors
     assert all(torch.equal(a, b) for a, b in zip(again.shadow, ema.shadow))
 
 
-def test_a_buffer_the_system_will_not_map_comes_from_torch_allocator(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError(12, "Cannot allocate memory")
-
-    monkeypatch.setattr(_pages.mmap, "mmap", refuse)
-    x = _pages.empty(5 * _MB // 4, torch.float32, "cpu")
-    assert x.shape == (5 * _MB // 4,) and x.untyped_storage().resizable()  # torch's own allocation
+def test_only_a_cpu_packs_tensors_into_one_buffer():
+    meta = _pages.packed_like([torch.ones(3, 4), torch.ones(5)], device="meta")
+    assert [t.shape for t in meta] == [(3, 4), (5,)] and all(t.device.type == "meta" for t in meta)
+    assert meta[0].untyped_storage() is not meta[1].untyped_storage()

@@ -22,35 +22,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import mmap
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ._files import Checkpoint
+from ._pages import madvise as _madvise
 from ._stream import no_signals
 from .errors import CheckpointError
 
 _POPULATE_READ, _DONTNEED = 22, 4  # linux/mman.h (MADV_POPULATE_READ: Linux 5.14)
 
-
-@functools.cache
-def _madvise() -> Any:
-    """libc's madvise, called through ctypes so the GIL is released meanwhile; None off Linux."""
-    if sys.platform != "linux":
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
 
 Read = tuple[str, Sequence[Checkpoint], int, int]  # key, the checkpoints to read it from, element range
 

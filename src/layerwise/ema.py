@@ -70,9 +70,9 @@ class EMA:
     where torch's own kernel fuses its multiply-add (AVX2, AVX-512): by default (``compile=None``)
     where layerwise was installed with its native kernels; ``compile=True`` builds them if needed
     (as in :func:`grad_stats`; :class:`MissingExtraError` without a C compiler); ``compile=False``
-    keeps torch's ``lerp_``. Shadows of one dtype are views into one buffer, on Linux CPUs in huge
-    pages where the system allows them: fewer TLB misses (on the benchmark VM an update is 1.7x faster
-    than ``AveragedModel(multi_avg_fn)``; separate shadows gave 1.2x-1.55x by where they landed).
+    keeps torch's ``lerp_``. On CPUs the shadows of one dtype are views into one buffer, in huge pages
+    where Linux allows them: fewer TLB misses (on the benchmark VM an update is 1.7x faster than
+    ``AveragedModel(multi_avg_fn)``; separate shadows gave 1.2x-1.55x by where they landed).
 
     On an FSDP2 model (``fully_shard``) each shadow is a DTensor sharded like its parameter:
     a rank holds only its shard and ``update()`` runs no collective; ``state_dict()`` holds
@@ -186,7 +186,7 @@ class EMA:
                 for (owner, i), t in zip(members, live):
                     owner[i] = flat[offset:offset + t.numel()].view(t.shape)
                     offset += t.numel()
-            elif not sharded:  # one buffer, in huge pages on CPU: see _pages
+            elif not sharded:  # on CPU one buffer, in huge pages: see _pages
                 for (owner, i), shadow, t in zip(members, _pages.packed_like(live, dtype, device), live):
                     owner[i] = shadow.copy_(t)
             bucket = Bucket([local(owner[i]) for owner, i in members], live, self.foreach)
