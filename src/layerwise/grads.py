@@ -237,8 +237,7 @@ def grad_stats(model: nn.Module, *selectors: Selector, stats: str | Iterable[str
     derived = derive(columns, numel, stats)
     sumsq = columns["sumsq"]
     dead = [s == 0 for s in sumsq]
-    finite = list(map(math.isfinite, sumsq)) if "max_abs" not in columns else [
-        math.isfinite(s) and math.isfinite(m) for s, m in zip(sumsq, columns["max_abs"])]
+    finite = [math.isfinite(s) and math.isfinite(m) for s, m in zip(sumsq, columns.get("max_abs", sumsq))]
     rows = layout.rows
     return GradStats(
         rows, derived, present, numel=layout.row_numel, stats=stats,
